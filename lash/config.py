@@ -1,0 +1,196 @@
+"""Configuration: LASH's three options (layer weights, per-layer learning rates, routing) and ASHEM.
+
+Layers are numbered from 1 (the first transformer block) to ``num_layers`` (the last), as in
+``layer_weights={1: 0.5, 3: 0.5}``. Each config validates its own fields on construction and
+names the field, the value and the allowed range when one is wrong; what depends on the model's
+depth is checked by :meth:`TrainingConfig.validate_for` when training starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+
+
+def _check_layer_index(name: str, layer: object, num_layers: int | None = None) -> None:
+    upper = "num_layers" if num_layers is None else str(num_layers)
+    if isinstance(layer, bool) or not isinstance(layer, Integral):
+        raise ValueError(f"{name}: layer index {layer!r} must be an int in [1, {upper}]")
+    if layer < 1 or (num_layers is not None and layer > num_layers):
+        raise ValueError(f"{name}: layer index {layer} is outside [1, {upper}]")
+
+
+def _check_real(
+    name: str, value: object, low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False
+) -> None:
+    """Raise unless ``value`` is a finite real number in the interval from ``low`` to ``high``."""
+    high_open = high_open or not math.isfinite(high)
+    allowed = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number in {allowed}")
+    if value < low or value > high or (low_open and value == low) or (high_open and value == high):
+        raise ValueError(f"{name}={value} is outside {allowed}")
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
+        raise ValueError(f"{name}={value!r} must be an int >= {low}")
+
+
+@dataclass
+class TrainingConfig:
+    """LASH's three options.
+
+    Args:
+        layer_weights: loss weight per layer; loss = Σ_l w_l · CE(head(h_l), y). Missing layers
+            weigh 0; weights are used as given (not renormalised).
+        layer_lr_scales: learning-rate multiplier per layer (missing layers: 1.0); ``None`` means
+            one learning rate for everything.
+        routing_threshold: early exit at evaluation and inference: a token whose confidence at
+            ``exit_layer`` is >= this takes that layer's prediction. 0 turns routing off.
+        exit_layer: the layer tokens may exit at; must be shallower than the output layer.
+    """
+
+    layer_weights: dict[int, float]
+    layer_lr_scales: dict[int, float] | None = None
+    routing_threshold: float = 0.0
+    exit_layer: int = 1
+    _checked_depth: int | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layer_weights, dict) or not self.layer_weights:
+            raise ValueError(f"layer_weights={self.layer_weights!r} must be a non-empty dict {{layer: weight}}")
+        for layer, weight in self.layer_weights.items():
+            _check_layer_index("layer_weights", layer)
+            _check_real(f"layer_weights[{layer}]", weight, 0.0)
+        if not any(weight > 0 for weight in self.layer_weights.values()):
+            raise ValueError(f"layer_weights={self.layer_weights}: at least one weight must be > 0")
+        if self.layer_lr_scales is not None:
+            if not isinstance(self.layer_lr_scales, dict):
+                raise ValueError(f"layer_lr_scales={self.layer_lr_scales!r} must be a dict {{layer: scale}} or None")
+            for layer, scale in self.layer_lr_scales.items():
+                _check_layer_index("layer_lr_scales", layer)
+                _check_real(f"layer_lr_scales[{layer}]", scale, 0.0, low_open=True)
+        _check_real("routing_threshold", self.routing_threshold, 0.0, 1.0)
+        _check_layer_index("exit_layer", self.exit_layer)
+
+    @property
+    def has_routing(self) -> bool:
+        """Whether evaluation routes confident tokens out at ``exit_layer``."""
+        return self.routing_threshold > 0
+
+    @property
+    def has_layer_lr(self) -> bool:
+        """Whether layers train at different learning rates."""
+        return self.layer_lr_scales is not None
+
+    @property
+    def active_layers(self) -> list[int]:
+        """The layers with a positive loss weight, shallow to deep."""
+        return sorted(layer for layer, weight in self.layer_weights.items() if weight > 0)
+
+    @property
+    def output_layer(self) -> int:
+        """The deepest supervised layer: training never runs past it, inference answers from it."""
+        return self.active_layers[-1]
+
+    def weight(self, layer: int) -> float:
+        return float(self.layer_weights.get(layer, 0.0))
+
+    def lr_scale(self, layer: int) -> float:
+        return 1.0 if self.layer_lr_scales is None else float(self.layer_lr_scales.get(layer, 1.0))
+
+    def is_final_layer_only(self, num_layers: int) -> bool:
+        """The fast path: only the model's last layer carries loss, so no intermediate head runs."""
+        return self.active_layers == [num_layers]
+
+    def validate_for(self, num_layers: int) -> None:
+        """Check the layer indices against a model with ``num_layers`` layers.
+
+        Raises:
+            ValueError: a layer index outside [1, num_layers], or routing on with an
+                ``exit_layer`` that is not shallower than the output layer.
+        """
+        if self._checked_depth == num_layers:
+            return
+        for layer in self.layer_weights:
+            _check_layer_index("layer_weights", layer, num_layers)
+        for layer in self.layer_lr_scales or {}:
+            _check_layer_index("layer_lr_scales", layer, num_layers)
+        if self.has_routing and not 1 <= self.exit_layer < self.output_layer:
+            raise ValueError(
+                f"exit_layer={self.exit_layer} must be a shallower layer than the output layer "
+                f"{self.output_layer}, i.e. in [1, {self.output_layer - 1}]"
+            )
+        if not self.has_routing:
+            _check_layer_index("exit_layer", self.exit_layer, num_layers)
+        self._checked_depth = num_layers
+
+    def describe(self) -> str:
+        """A short human-readable summary of the three options."""
+        weights = ", ".join(f"L{layer}={self.layer_weights[layer]:g}" for layer in sorted(self.layer_weights))
+        lines = [f"layer_weights: {weights}"]
+        if self.has_layer_lr:
+            scales = ", ".join(f"L{layer}={self.layer_lr_scales[layer]:g}" for layer in sorted(self.layer_lr_scales))
+            lines.append(f"layer_lr_scales: {scales}")
+        else:
+            lines.append("layer_lr_scales: off (one learning rate)")
+        if self.has_routing:
+            lines.append(f"routing: exit at layer {self.exit_layer} when confidence >= {self.routing_threshold:g}")
+        else:
+            lines.append("routing: off")
+        return "\n".join(lines)
+
+
+def create_standard_config(num_layers: int, **options) -> TrainingConfig:
+    """A conventional LM: loss on the last layer only, e.g. ``{1: 0, 2: 0, 3: 1}``.
+
+    ``options`` are passed on to :class:`TrainingConfig` (``layer_lr_scales``, routing, ...).
+    """
+    _check_int("num_layers", num_layers, 1)
+    weights = {layer: 0.0 for layer in range(1, num_layers)} | {num_layers: 1.0}
+    return TrainingConfig(layer_weights=weights, **options)
+
+
+def create_deep_supervision_config(num_layers: int, **options) -> TrainingConfig:
+    """Deep supervision: every layer weighs ``1 / num_layers`` (the seed shows 0.33 for 3 layers)."""
+    _check_int("num_layers", num_layers, 1)
+    weights = {layer: 1.0 / num_layers for layer in range(1, num_layers + 1)}
+    return TrainingConfig(layer_weights=weights, **options)
+
+
+@dataclass
+class ASHEMConfig:
+    """Adaptive Supervision via Hard Example Mining: a shallow model, then deeper layers on hard tokens.
+
+    Args:
+        phase1_layers: depth of the phase-1 model trained on all data.
+        phase1_lr: phase-1 learning rate.
+        phase1_patience: early-stopping patience of phase 1 (epochs without improvement).
+        hard_example_ratio: fraction of training tokens called hard (the confidence quantile).
+        phase2_layers: depth of the phase-2 model (the phase-1 layers plus new ones).
+        phase2_lr: phase-2 learning rate.
+        phase2_patience: early-stopping patience of phase 2.
+    """
+
+    phase1_layers: int = 2
+    phase1_lr: float = 1e-3
+    phase1_patience: int = 1
+    hard_example_ratio: float = 0.5
+    phase2_layers: int = 4
+    phase2_lr: float = 1e-4
+    phase2_patience: int = 3
+
+    def __post_init__(self) -> None:
+        _check_int("phase1_layers", self.phase1_layers, 1)
+        _check_int("phase2_layers", self.phase2_layers, 1)
+        if self.phase2_layers <= self.phase1_layers:
+            raise ValueError(
+                f"phase2_layers={self.phase2_layers} must be greater than phase1_layers={self.phase1_layers}"
+            )
+        _check_real("phase1_lr", self.phase1_lr, 0.0, low_open=True)
+        _check_real("phase2_lr", self.phase2_lr, 0.0, low_open=True)
+        _check_int("phase1_patience", self.phase1_patience, 1)
+        _check_int("phase2_patience", self.phase2_patience, 1)
+        _check_real("hard_example_ratio", self.hard_example_ratio, 0.0, 1.0, low_open=True, high_open=True)

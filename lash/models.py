@@ -1,0 +1,180 @@
+"""Transformer language models with one output head shared by every layer.
+
+Layout (fixed so reference checkpoints load): ``embedding`` → ``layers`` (post-norm
+:class:`TransformerBlock`) → ``output_head`` (``Linear(dim, vocab, bias=False)``), no final norm.
+Any layer's hidden state goes through the same head, which is what makes layer-wise supervision
+and early exit possible. Layers are numbered from 1 in every public method.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lash.modules import TransformerBlock
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int, name: str = "token id", ignore_index: int | None = None) -> None:
+    """Raise ``ValueError`` if any id is outside ``[0, vocab_size)`` (``ignore_index`` allowed).
+
+    One host sync; skipped while ``torch.compile`` traces, where it would break the graph.
+    """
+    if torch.compiler.is_compiling():
+        return
+    bad = (ids < 0) | (ids >= vocab_size)
+    if ignore_index is not None:
+        bad &= ids != ignore_index
+    if bool(bad.any()):
+        value = int(ids[bad][0])
+        allowed = f"[0, {vocab_size})" + ("" if ignore_index is None else f" or {ignore_index}")
+        raise ValueError(f"{name} {value} is outside {allowed}")
+
+
+class StandardTransformer(nn.Module):
+    """A decoder-only LM; trained conventionally it uses only the last layer's output.
+
+    Args:
+        vocab_size: number of token ids.
+        dim: model width.
+        num_layers: number of transformer blocks.
+        num_heads: attention heads per block.
+        ffn_dim: FFN hidden width (default ``4 * dim``).
+        max_seq_len: the longest input sequence accepted.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int = 64,
+        num_layers: int = 3,
+        num_heads: int = 4,
+        ffn_dim: int | None = None,
+        max_seq_len: int = 1024,
+    ) -> None:
+        super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("dim", dim), ("num_layers", num_layers),
+                            ("num_heads", num_heads), ("max_seq_len", max_seq_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an int >= 1")
+        self.vocab_size = vocab_size
+        self.dim = dim
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.max_seq_len = max_seq_len
+        self.embedding = nn.Embedding(vocab_size, dim)
+        self.layers = nn.ModuleList(TransformerBlock(dim, num_heads, ffn_dim, max_seq_len) for _ in range(num_layers))
+        self.output_head = nn.Linear(dim, vocab_size, bias=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=1.0 / math.sqrt(self.dim))
+        elif isinstance(module, nn.Embedding):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Check the input ids and embed them: ``(B, T)`` → ``(B, T, D)``."""
+        if x.dim() != 2:
+            raise ValueError(f"input ids must have shape (batch, seq_len); got {tuple(x.shape)}")
+        if x.shape[1] > self.max_seq_len:
+            raise ValueError(f"sequence length {x.shape[1]} is outside [1, max_seq_len={self.max_seq_len}]")
+        check_token_ids(x, self.vocab_size)
+        return self.embedding(x)
+
+    def hidden_states(self, x: torch.Tensor, layers: Iterable[int] | None = None) -> list[torch.Tensor]:
+        """Hidden states after the given layers, running no layer deeper than the deepest asked.
+
+        Args:
+            x: token ids ``(B, T)``.
+            layers: 1-based layer indices (default: all layers).
+
+        Returns:
+            One ``(B, T, D)`` tensor per requested layer, in the order requested.
+        """
+        wanted = list(range(1, self.num_layers + 1)) if layers is None else list(layers)
+        if not wanted:
+            raise ValueError("layers must name at least one layer")
+        for layer in wanted:
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= self.num_layers:
+                raise ValueError(f"layer {layer!r} is outside [1, {self.num_layers}]")
+        h = self.embed(x)  # (B, T, D)
+        kept: dict[int, torch.Tensor] = {}
+        for index, block in enumerate(self.layers[: max(wanted)], start=1):
+            h = block(h)
+            if index in wanted:
+                kept[index] = h
+        return [kept[layer] for layer in wanted]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the last layer, ``(B, T, V)``."""
+        return self.output_head(self.hidden_states(x, [self.num_layers])[0])
+
+    def forward_all_layers(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every layer through the shared head: a list of ``num_layers`` ``(B, T, V)``."""
+        return [self.output_head(h) for h in self.hidden_states(x)]
+
+
+class DeepSupervisionTransformer(StandardTransformer):
+    """A :class:`StandardTransformer` whose intermediate layers are trained and can answer early.
+
+    Args:
+        exit_layer: the layer confident tokens exit at in :meth:`forward_inference`.
+        routing_threshold: the confidence (max softmax probability) needed to exit, in [0, 1].
+        Other arguments as :class:`StandardTransformer`.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int = 64,
+        num_layers: int = 3,
+        num_heads: int = 4,
+        ffn_dim: int | None = None,
+        max_seq_len: int = 1024,
+        exit_layer: int = 1,
+        routing_threshold: float = 0.8,
+    ) -> None:
+        super().__init__(vocab_size, dim, num_layers, num_heads, ffn_dim, max_seq_len)
+        if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or not 1 <= exit_layer <= num_layers:
+            raise ValueError(f"exit_layer={exit_layer!r} is outside [1, {num_layers}]")
+        if not 0.0 <= routing_threshold <= 1.0:
+            raise ValueError(f"routing_threshold={routing_threshold!r} is outside [0, 1]")
+        self.exit_layer = exit_layer
+        self.routing_threshold = routing_threshold
+
+    def compute_confidence(self, h: torch.Tensor) -> torch.Tensor:
+        """Max softmax probability of the shared head at hidden state ``h``: ``(B, T, D)`` → ``(B, T)``."""
+        return F.softmax(self.output_head(h).float(), dim=-1).amax(dim=-1)
+
+    def forward_train(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every layer (for deep supervision), as :meth:`forward_all_layers`."""
+        return self.forward_all_layers(x)
+
+    @torch.no_grad()
+    def forward_inference(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Two-stage routing: confident tokens take the exit layer's logits, the rest the last layer's.
+
+        Every token still attends over the full sequence, so the deeper layers run for the whole
+        sequence unless every token exits (then they are skipped). ``compute_cost`` is the seed's
+        accounting, (shallow · exit_layer + deep · num_layers) / (tokens · num_layers).
+
+        Returns:
+            ``(logits (B, T, V), stats)`` with ``shallow_ratio`` and ``compute_cost``.
+        """
+        h = self.hidden_states(x, [self.exit_layer])[0]  # (B, T, D)
+        shallow_logits = self.output_head(h)  # (B, T, V)
+        confidence = F.softmax(shallow_logits.float(), dim=-1).amax(dim=-1)  # (B, T)
+        exits = confidence >= self.routing_threshold if self.routing_threshold > 0 else torch.zeros_like(confidence, dtype=torch.bool)
+        shallow_ratio = exits.float().mean().item()
+        if shallow_ratio < 1.0:
+            for block in self.layers[self.exit_layer :]:
+                h = block(h)
+            logits = torch.where(exits.unsqueeze(-1), shallow_logits, self.output_head(h))
+        else:
+            logits = shallow_logits
+        compute_cost = (shallow_ratio * self.exit_layer + (1 - shallow_ratio) * self.num_layers) / self.num_layers
+        return logits, {"shallow_ratio": shallow_ratio, "compute_cost": compute_cost}

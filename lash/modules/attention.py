@@ -1,0 +1,93 @@
+"""Causal multi-head self-attention with rotary position embeddings (Su et al., 2021)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``cat(-x2, x1)`` for ``x = cat(x1, x2)`` split in halves along the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryPositionalEmbedding(nn.Module):
+    """Rotate-half RoPE with ``inv_freq = 1 / base^(2i / head_dim)`` at positions 0..T-1.
+
+    The cos/sin tables are cached for ``max_seq_len`` positions as non-persistent buffers, so the
+    state dict holds no RoPE entries.
+
+    Args:
+        head_dim: per-head width (even).
+        max_seq_len: the longest sequence the tables cover.
+        base: the frequency base.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int = 1024, base: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"head_dim={head_dim} must be even for rotary embeddings")
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hs/2,)
+        freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (L, hs/2)
+        angles = torch.cat((freqs, freqs), dim=-1)  # (L, hs)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q and k.
+
+        Args:
+            q: queries ``(B, nh, T, hs)``.
+            k: keys ``(B, nh, T, hs)``.
+
+        Returns:
+            The rotated ``(q, k)``, same shapes and dtypes.
+        """
+        T = q.shape[-2]
+        cos = self.cos[:T].to(q.dtype)  # (T, hs)
+        sin = self.sin[:T].to(q.dtype)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal self-attention: ``o_proj(softmax(q kᵀ / sqrt(hs) + causal) v)`` with RoPE on q, k.
+
+    Args:
+        dim: model width.
+        num_heads: number of heads; ``dim`` must divide evenly.
+        max_seq_len: longest sequence the RoPE tables cover.
+    """
+
+    def __init__(self, dim: int, num_heads: int, max_seq_len: int = 1024) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.rope = RotaryPositionalEmbedding(self.head_dim, max_seq_len)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints of the reference implementation also saved these two derived buffers;
+        # they are recomputed here, so a strict load simply drops them.
+        state_dict.pop(prefix + "rope.inv_freq", None)
+        state_dict.pop(prefix + "causal_mask", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q = self.split_heads(self.q_proj(x))  # (B, nh, T, hs)
+        k = self.split_heads(self.k_proj(x))
+        v = self.split_heads(self.v_proj(x))
+        q, k = self.rope(q, k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)

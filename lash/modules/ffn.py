@@ -1,0 +1,26 @@
+"""The gated feed-forward network: ``w2(silu(w1(x)) * w3(x))`` (SwiGLU, Shazeer 2020)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GatedLinearUnit(nn.Module):
+    """SwiGLU feed-forward block.
+
+    Args:
+        dim: model width.
+        ffn_dim: hidden width of the gate and value projections (default ``4 * dim``).
+    """
+
+    def __init__(self, dim: int, ffn_dim: int | None = None) -> None:
+        super().__init__()
+        ffn_dim = 4 * dim if ffn_dim is None else ffn_dim
+        self.w1 = nn.Linear(dim, ffn_dim, bias=False)  # gate
+        self.w2 = nn.Linear(ffn_dim, dim, bias=False)  # down projection
+        self.w3 = nn.Linear(dim, ffn_dim, bias=False)  # value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, D)

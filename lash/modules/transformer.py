@@ -1,0 +1,32 @@
+"""The post-norm transformer block: ``h = norm1(h + attn(h)); h = norm2(h + ffn(h))``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lash.modules.attention import MultiHeadAttention
+from lash.modules.ffn import GatedLinearUnit
+from lash.modules.norm import RMSNorm
+
+
+class TransformerBlock(nn.Module):
+    """One post-norm layer: attention and a gated FFN, each followed by residual add + RMSNorm.
+
+    Args:
+        dim: model width.
+        num_heads: attention heads.
+        ffn_dim: FFN hidden width (default ``4 * dim``).
+        max_seq_len: longest sequence the RoPE tables cover.
+    """
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int | None = None, max_seq_len: int = 1024) -> None:
+        super().__init__()
+        self.attn = MultiHeadAttention(dim, num_heads, max_seq_len)
+        self.ffn = GatedLinearUnit(dim, ffn_dim)
+        self.norm1 = RMSNorm(dim)
+        self.norm2 = RMSNorm(dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(h + self.attn(h))  # (B, T, D)
+        return self.norm2(h + self.ffn(h))

@@ -1,0 +1,58 @@
+"""The one place that decides whether an op runs its Triton kernels or its torch reference.
+
+``LASH_KERNELS`` selects the backend:
+
+* ``auto`` (default): Triton for CUDA tensors, torch for everything else;
+* ``triton``: always Triton. On the CPU this needs the Triton interpreter
+  (``TRITON_INTERPRET=1`` set before ``lash_kernels`` is imported), which is how the kernels are
+  tested without a GPU;
+* ``torch``: always the pure-torch reference implementations.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backend(device: torch.device | str | None = None) -> str:
+    """Return ``"triton"`` or ``"torch"`` for tensors on ``device``.
+
+    Args:
+        device: where the op's inputs live; ``None`` means the default CUDA device if there is
+            one, else the CPU.
+
+    Raises:
+        ValueError: ``LASH_KERNELS`` holds something other than auto/triton/torch.
+        RuntimeError: Triton was asked for but cannot run here (not installed, or CPU tensors
+            without the interpreter).
+    """
+    choice = os.environ.get("LASH_KERNELS", "auto").strip().lower()
+    if choice not in BACKENDS:
+        raise ValueError(f"LASH_KERNELS={choice!r}; allowed values are {', '.join(BACKENDS)}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_cuda = torch.device(device).type == "cuda"
+    if choice == "torch":
+        return "torch"
+    if choice == "auto":
+        return "triton" if HAS_TRITON and on_cuda else "torch"
+    if not HAS_TRITON:
+        raise RuntimeError("LASH_KERNELS=triton but the triton package is not installed")
+    if not on_cuda and not interpreting():
+        raise RuntimeError(
+            f"LASH_KERNELS=triton with tensors on {device}: Triton runs on CUDA, or on the CPU "
+            "through its interpreter (set TRITON_INTERPRET=1 before importing lash_kernels)"
+        )
+    return "triton"

@@ -1,0 +1,125 @@
+import math
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+import lash.data
+from lash import create_wikitext_dataloaders, load_dataset
+from lash.data import OfflineCorpus, TokenBatches, WordTokenizer
+
+TRAIN = ["The cat sat on the mat .", "", " = Heading = ", "the dog sat on the log ."] * 40
+VALID = ["the cat saw a zebra .", "the dog sat ."] * 30
+
+
+def test_tokenizer_lowercases_caps_and_uses_train_vocab_only():
+    tok = WordTokenizer(["B a a", "c B b"], max_vocab=3)
+    assert tok.vocab == ["<unk>", "b", "a"]
+    assert tok.encode(["A B c zebra"]).tolist() == [2, 1, 0, 0]
+    with pytest.raises(ValueError, match="max_vocab=1"):
+        WordTokenizer(["a"], max_vocab=1)
+
+
+@pytest.fixture
+def local_wikitext(monkeypatch):
+    calls = []
+
+    def fake_load_dataset(path, name):
+        calls.append((path, name))
+        return datasets.DatasetDict(
+            train=datasets.Dataset.from_dict({"text": TRAIN}), validation=datasets.Dataset.from_dict({"text": VALID})
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    return calls
+
+
+def test_wikitext_code_path_on_local_data(local_wikitext):
+    train, val, vocab_size = create_wikitext_dataloaders(num_samples=20, batch_size=8, seq_len=6, seed=3)
+    assert local_wikitext == [("wikitext", "wikitext-2-raw-v1")]
+    words = {w for line in TRAIN for w in line.lower().split()}
+    assert vocab_size == len(words) + 1
+    assert train.inputs.shape == (20, 6) and len(train) == 3
+    assert torch.equal(train.inputs[:, 1:], train.targets[:, :-1])  # y is x shifted by one
+    assert val.inputs.shape[1] == 6 and val.inputs.shape[0] >= 1
+    data = load_dataset("wikitext-2", num_samples=20, batch_size=8, seq_len=6, seed=3)
+    assert "zebra" not in data.vocab and "saw" not in data.vocab
+    assert (data.val.inputs == 0).any()  # val-only words map to <unk>
+    capped = load_dataset("wikitext-2", num_samples=20, batch_size=8, seq_len=6, max_vocab=5)
+    assert capped.vocab_size == 5 and int(capped.train.inputs.max()) < 5
+
+
+def test_local_file_and_directory(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(TRAIN + VALID))
+    data = load_dataset(str(text), num_samples=10, batch_size=4, seq_len=5)
+    assert data.source == str(text) and data.train.inputs.shape == (10, 5)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.txt").write_text("\n".join(TRAIN))
+    (tmp_path / "d" / "valid.txt").write_text("\n".join(VALID))
+    data = load_dataset(str(tmp_path / "d"), num_samples=10, batch_size=4, seq_len=5)
+    assert "zebra" not in data.vocab
+    with pytest.raises(ValueError, match="nor an existing file or directory"):
+        load_dataset(str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="needs train.txt"):
+        load_dataset(str(tmp_path))
+    with pytest.raises(ValueError, match="batch_size=0"):
+        load_dataset("offline", batch_size=0)
+
+
+def test_auto_falls_back_to_offline_with_one_warning(monkeypatch):
+    monkeypatch.setattr(lash.data, "_hub_reachable", lambda: False)
+    with pytest.warns(UserWarning, match="unreachable; using the offline generated corpus") as record:
+        data = load_dataset("auto", num_samples=16, batch_size=4, seq_len=8)
+    assert len(record) == 1 and data.source == "offline" and data.entropy_rate > 0
+
+
+def test_auto_uses_wikitext_when_reachable(monkeypatch, local_wikitext):
+    monkeypatch.setattr(lash.data, "_hub_reachable", lambda: True)
+    assert load_dataset("auto", num_samples=8, batch_size=4, seq_len=6).source == "wikitext-2"
+
+
+def test_offline_corpus_is_seeded_and_states_its_entropy():
+    a = load_dataset("offline", num_samples=64, batch_size=16, seq_len=12, seed=1, max_vocab=300)
+    b = load_dataset("offline", num_samples=64, batch_size=16, seq_len=12, seed=1, max_vocab=300)
+    c = load_dataset("offline", num_samples=64, batch_size=16, seq_len=12, seed=2, max_vocab=300)
+    assert torch.equal(a.train.inputs, b.train.inputs) and not torch.equal(a.train.inputs, c.train.inputs)
+    assert a.vocab_size == 300 and 0 < a.entropy_rate < math.log(300)
+    assert torch.equal(a.train.inputs[:, 1:], a.train.targets[:, :-1])
+
+
+def test_offline_log_probs_equal_brute_force_marginal():
+    corpus = OfflineCorpus(vocab_size=64, num_topics=5, pool_size=8, seed=0)
+    tokens, logp = corpus.sample(6, 9, seed=1)
+    for doc, lp in zip(tokens, logp):
+        joint = np.zeros(corpus.num_topics)  # log p(prefix | topic)
+        for t in range(1, len(doc)):
+            before = np.logaddexp.reduce(joint)
+            joint = joint + np.log(corpus._prob(doc[t - 1 : t], doc[t : t + 1])[0])
+            assert lp[t - 1] == pytest.approx(np.logaddexp.reduce(joint) - before, abs=1e-9)
+
+
+def test_offline_sampler_follows_its_tables():
+    corpus = OfflineCorpus(vocab_size=200, num_topics=4, pool_size=10, seed=0)
+    tokens, logp = corpus.sample(4000, 20, seed=1)
+    prev, nxt = tokens[:, :-1].ravel(), tokens[:, 1:].ravel()
+    func = corpus.is_function[prev]
+    top = corpus.bigram_next[prev, corpus.bigram_prob[prev].argmax(-1)]
+    observed = (nxt[func] == top[func]).mean()
+    expected = ((1 - corpus.smoothing) * corpus.bigram_prob[prev[func]].max(-1) + corpus.smoothing / 200).mean()
+    assert observed == pytest.approx(expected, abs=0.03)
+    # Context helps: topic words get more predictable later in the document.
+    topic_word = corpus.in_pool.any(0)[tokens[:, 1:]] & ~corpus.is_function[tokens[:, :-1]]
+    early, late = -logp[:, :3][topic_word[:, :3]].mean(), -logp[:, -5:][topic_word[:, -5:]].mean()
+    assert late < early - 0.5
+
+
+def test_token_batches_shuffle_per_epoch_and_cover_everything():
+    x = torch.arange(10).view(10, 1)
+    batches = TokenBatches(x, x + 100, batch_size=4, shuffle=True, seed=0)
+    first = torch.cat([bx for bx, _ in batches]).view(-1)
+    second = torch.cat([bx for bx, _ in batches]).view(-1)
+    assert sorted(first.tolist()) == list(range(10)) and not torch.equal(first, second)
+    assert [by - bx for bx, by in batches][0].eq(100).all()
+    assert [len(bx) for bx, _ in TokenBatches(x, x, batch_size=4)] == [4, 4, 2]

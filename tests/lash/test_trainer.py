@@ -1,0 +1,218 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lash.trainer
+from lash import DeepSupervisionTransformer, StandardTransformer, Trainer, TrainingConfig
+from lash.trainer import NonFiniteLossError
+
+V = 41
+
+
+def make_batches(n=4, B=3, T=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        seq = torch.randint(0, V, (B, T + 1), generator=g)
+        out.append((seq[:, :-1], seq[:, 1:]))
+    return out
+
+
+def tiny(num_layers=3, cls=DeepSupervisionTransformer):
+    return cls(vocab_size=V, dim=16, num_layers=num_layers, num_heads=2)
+
+
+def spy_loss(monkeypatch):
+    calls = []
+    real = lash.trainer.multi_exit_loss
+
+    def spy(hiddens, *args, **kwargs):
+        calls.append(len(hiddens))
+        return real(hiddens, *args, **kwargs)
+
+    monkeypatch.setattr(lash.trainer, "multi_exit_loss", spy)
+    return calls
+
+
+def test_fast_path_applies_head_once_and_equals_forward(monkeypatch):
+    model = tiny()
+    trainer = Trainer(TrainingConfig(layer_weights={1: 0, 2: 0, 3: 1}), vocab_size=V)
+    calls = spy_loss(monkeypatch)
+    x, y = make_batches(1)[0]
+    loss = trainer.compute_loss(model, x, y)
+    assert calls == [1]
+    torch.testing.assert_close(loss, F.cross_entropy(model(x).reshape(-1, V), y.reshape(-1)))
+
+
+def test_weighted_loss_skips_zero_weight_heads_and_deep_layers(monkeypatch):
+    model = tiny(num_layers=6)
+    calls = [0] * 6
+    for i, layer in enumerate(model.layers):
+        layer.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    config = TrainingConfig(layer_weights={1: 0.7, 2: 0, 3: 0.3, 4: 0, 5: 0, 6: 0})
+    trainer = Trainer(config, vocab_size=V)
+    heads = spy_loss(monkeypatch)
+    x, y = make_batches(1)[0]
+    loss = trainer.compute_loss(model, x, y)
+    assert calls == [1, 1, 1, 0, 0, 0] and heads == [2]
+    logits = model.forward_all_layers(x)
+    expected = 0.7 * F.cross_entropy(logits[0].reshape(-1, V), y.reshape(-1)) + 0.3 * F.cross_entropy(
+        logits[2].reshape(-1, V), y.reshape(-1)
+    )
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert all(p.grad is None for p in model.layers[3:].parameters())
+
+
+def test_param_groups_follow_layer_lr_scales():
+    model = tiny(num_layers=6)
+    scales = {1: 1.0, 2: 0.8, 3: 0.6, 4: 0.4, 5: 0.2, 6: 0.1}
+    trainer = Trainer(TrainingConfig(layer_weights={6: 1}, layer_lr_scales=scales), vocab_size=V)
+    opt = trainer.create_optimizer(model, base_lr=1e-3, weight_decay=0.01)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert list(groups) == [f"layer_{i}" for i in range(1, 7)] + ["embedding_head"]
+    for layer, scale in scales.items():
+        assert groups[f"layer_{layer}"]["lr"] == pytest.approx(1e-3 * scale)
+        assert {id(p) for p in groups[f"layer_{layer}"]["params"]} == {id(p) for p in model.layers[layer - 1].parameters()}
+    assert groups["embedding_head"]["lr"] == 1e-3
+    assert {id(p) for p in groups["embedding_head"]["params"]} == {id(model.embedding.weight), id(model.output_head.weight)}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="base_lr=0"):
+        trainer.create_optimizer(model, base_lr=0)
+
+
+def test_lr_scales_change_per_layer_step_size():
+    model = tiny(num_layers=2)
+    config = TrainingConfig(layer_weights={1: 0.5, 2: 0.5}, layer_lr_scales={1: 1.0, 2: 1e-6})
+    trainer = Trainer(config, vocab_size=V, progress=False)
+    opt = trainer.create_optimizer(model, base_lr=1e-2)
+    before = [p.detach().clone() for p in model.layers.parameters()]
+    trainer.train_epoch(model, make_batches(1), opt)
+    n1 = len(list(model.layers[0].parameters()))
+    moved = [(p - b).abs().max().item() for p, b in zip(model.layers.parameters(), before)]
+    assert min(moved[:n1]) > 1e-4 > max(moved[n1:]) * 10
+
+
+def test_trainer_checks_model_and_device():
+    trainer = Trainer(TrainingConfig(layer_weights={4: 1}), vocab_size=V)
+    x, y = make_batches(1)[0]
+    with pytest.raises(ValueError, match=r"layer index 4 is outside \[1, 3\]"):
+        trainer.compute_loss(tiny(), x, y)
+    with pytest.raises(ValueError, match="model vocab_size=41 but Trainer vocab_size=40"):
+        Trainer(TrainingConfig(layer_weights={3: 1}), vocab_size=40).compute_loss(tiny(), x, y)
+    with pytest.raises(ValueError, match="Trainer device is meta"):
+        Trainer(TrainingConfig(layer_weights={3: 1}), vocab_size=V, device="meta").compute_loss(tiny(), x, y)
+    y = y.clone()
+    y[0, 0] = V
+    with pytest.raises(ValueError, match=rf"target {V} is outside"):
+        Trainer(TrainingConfig(layer_weights={3: 1}), vocab_size=V).compute_loss(tiny(), x, y)
+
+
+def test_evaluate_reports_every_exit():
+    model = tiny()
+    batches = make_batches(2)
+    trainer = Trainer(TrainingConfig(layer_weights={1: 0.5, 3: 0.5}), vocab_size=V)
+    stats = trainer.evaluate(model, batches)
+    with torch.no_grad():
+        for layer in (1, 2, 3):
+            logits = torch.cat([model.forward_all_layers(x)[layer - 1].reshape(-1, V) for x, _ in batches])
+            y = torch.cat([y.reshape(-1) for _, y in batches])
+            loss = F.cross_entropy(logits, y).item()
+            assert stats["per_layer"][layer]["loss"] == pytest.approx(loss, rel=1e-5)
+            assert stats["per_layer"][layer]["ppl"] == pytest.approx(math.exp(loss), rel=1e-5)
+            assert stats["per_layer"][layer]["acc"] == pytest.approx((logits.argmax(-1) == y).float().mean().item())
+    assert stats["loss"] == stats["per_layer"][3]["loss"] and stats["tokens"] == 2 * 3 * 9
+    assert stats["weighted_loss"] == pytest.approx(0.5 * stats["per_layer"][1]["loss"] + 0.5 * stats["per_layer"][3]["loss"])
+    assert (stats["shallow_ratio"], stats["compute_cost"]) == (0.0, 1.0)
+    assert model.training
+
+
+def test_routing_extremes_and_mix():
+    model = tiny()
+    batches = make_batches(2)
+    off = Trainer(TrainingConfig(layer_weights={1: 0.5, 3: 0.5}, routing_threshold=0.0), vocab_size=V).evaluate(model, batches)
+    assert off["shallow_ratio"] == 0.0 and off["compute_cost"] == 1.0
+    config = TrainingConfig(layer_weights={1: 0.5, 3: 0.5}, routing_threshold=1e-9, exit_layer=1)
+    everyone = Trainer(config, vocab_size=V).evaluate(model, batches)
+    assert everyone["shallow_ratio"] == 1.0 and everyone["compute_cost"] == pytest.approx(1 / 3)
+    assert everyone["loss"] == pytest.approx(everyone["per_layer"][1]["loss"])
+    with torch.no_grad():
+        conf = torch.cat([model.compute_confidence(model.hidden_states(x, [2])[0]).reshape(-1) for x, _ in batches])
+    threshold = conf.median().item()
+    config = TrainingConfig(layer_weights={2: 0.5, 3: 0.5}, routing_threshold=threshold, exit_layer=2)
+    mixed = Trainer(config, vocab_size=V).evaluate(model, batches)
+    shallow = (conf >= threshold).float().mean().item()
+    assert mixed["shallow_ratio"] == pytest.approx(shallow)
+    assert mixed["compute_cost"] == pytest.approx((shallow * 2 + (1 - shallow) * 3) / 3)
+
+
+def test_early_stopping_with_patience_one_restores_best(monkeypatch):
+    model = tiny()
+    trainer = Trainer(TrainingConfig(layer_weights={3: 1}), vocab_size=V, progress=False)
+    opt = trainer.create_optimizer(model, base_lr=1e-3)
+    val_losses = iter([3.0, 2.0, 2.5, 1.0])
+    snapshots = []
+    real_evaluate = trainer.evaluate
+
+    def scripted_evaluate(m, batches):
+        stats = real_evaluate(m, batches)
+        snapshots.append(m.output_head.weight.detach().clone())
+        return stats | {"loss": next(val_losses)}
+
+    monkeypatch.setattr(trainer, "evaluate", scripted_evaluate)
+    result = trainer.train_with_early_stopping(model, make_batches(2), make_batches(1, seed=1), opt, max_epochs=10, verbose=False)
+    assert result["val_losses"] == [3.0, 2.0, 2.5]
+    assert (result["best_epoch"], result["total_epochs"], result["stopped_early"]) == (2, 3, True)
+    assert len(result["train_losses"]) == 3 and len(result["history"]) == 3
+    assert not torch.equal(snapshots[1], snapshots[2])
+    torch.testing.assert_close(model.output_head.weight, snapshots[1], rtol=0, atol=0)
+
+
+def test_early_stopping_runs_to_max_epochs_while_improving(monkeypatch):
+    model = tiny()
+    trainer = Trainer(TrainingConfig(layer_weights={3: 1}), vocab_size=V, progress=False)
+    opt = trainer.create_optimizer(model, base_lr=1e-3)
+    result = trainer.train_with_early_stopping(model, make_batches(2), make_batches(2), opt, max_epochs=2, patience=5, verbose=True)
+    assert result["total_epochs"] == 2 and not result["stopped_early"]
+    with pytest.raises(ValueError, match="patience=0 must be an int >= 1"):
+        trainer.train_with_early_stopping(model, make_batches(1), make_batches(1), opt, patience=0)
+
+
+def test_non_finite_loss_names_epoch_and_step_and_keeps_best(monkeypatch):
+    model = tiny()
+    trainer = Trainer(TrainingConfig(layer_weights={3: 1}), vocab_size=V, progress=False)
+    opt = trainer.create_optimizer(model, base_lr=1e-3)
+    real = lash.trainer.multi_exit_loss
+    count = [0]
+
+    def poisoned(*args, **kwargs):
+        count[0] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if count[0] == 6 else loss
+
+    monkeypatch.setattr(lash.trainer, "multi_exit_loss", poisoned)
+    best = {}
+    with pytest.raises(NonFiniteLossError, match="at epoch 2, step 2"):
+        real_eval = trainer.evaluate
+
+        def remember(m, b):
+            best.setdefault("w", m.output_head.weight.detach().clone())
+            return real_eval(m, b)
+
+        monkeypatch.setattr(trainer, "evaluate", remember)
+        trainer.train_with_early_stopping(model, make_batches(4), make_batches(1), opt, verbose=False)
+    torch.testing.assert_close(model.output_head.weight, best["w"], rtol=0, atol=0)
+
+
+def test_tiny_model_overfits_tiny_batch():
+    torch.manual_seed(0)
+    model = StandardTransformer(vocab_size=V, dim=32, num_layers=2, num_heads=2)
+    trainer = Trainer(TrainingConfig(layer_weights={2: 1}), vocab_size=V, progress=False)
+    opt = trainer.create_optimizer(model, base_lr=3e-3)
+    batch = make_batches(1, B=4, T=12)
+    for _ in range(60):
+        loss = trainer.train_epoch(model, batch, opt)
+    assert loss < 0.2 * math.log(V)
+    assert trainer.evaluate(model, batch)["acc"] > 0.9
