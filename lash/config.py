@@ -160,6 +160,9 @@ def create_deep_supervision_config(num_layers: int, **options) -> TrainingConfig
     return TrainingConfig(layer_weights=weights, **options)
 
 
+PROTOCOLS = ("held-out", "reference")
+
+
 @dataclass
 class ASHEMConfig:
     """Adaptive Supervision via Hard Example Mining: a shallow model, then deeper layers on hard tokens.
@@ -172,6 +175,15 @@ class ASHEMConfig:
         phase2_layers: depth of the phase-2 model (the phase-1 layers plus new ones).
         phase2_lr: phase-2 learning rate.
         phase2_patience: early-stopping patience of phase 2.
+        phase1_max_epochs: epoch limit of phase 1.
+        phase2_max_epochs: epoch limit of phase 2.
+        freeze_embedding: keep the phase-1 embedding fixed in phase 2.
+        freeze_lower_layers: keep the phase-1 layers fixed in phase 2.
+        freeze_head: keep the shared head fixed in phase 2, so the exit layer answers exactly as
+            the phase-1 model did and the mined threshold stays valid for routing.
+        protocol: ``"held-out"`` mines hard tokens from the training data and reports validation
+            numbers only; ``"reference"`` repeats the seed's protocol (hard tokens mined from the
+            validation set, phase 2 trained and measured on them as single-token sequences).
     """
 
     phase1_layers: int = 2
@@ -181,6 +193,12 @@ class ASHEMConfig:
     phase2_layers: int = 4
     phase2_lr: float = 1e-4
     phase2_patience: int = 3
+    phase1_max_epochs: int = 50
+    phase2_max_epochs: int = 50
+    freeze_embedding: bool = True
+    freeze_lower_layers: bool = True
+    freeze_head: bool = True
+    protocol: str = "held-out"
 
     def __post_init__(self) -> None:
         _check_int("phase1_layers", self.phase1_layers, 1)
@@ -193,4 +211,8 @@ class ASHEMConfig:
         _check_real("phase2_lr", self.phase2_lr, 0.0, low_open=True)
         _check_int("phase1_patience", self.phase1_patience, 1)
         _check_int("phase2_patience", self.phase2_patience, 1)
+        _check_int("phase1_max_epochs", self.phase1_max_epochs, 1)
+        _check_int("phase2_max_epochs", self.phase2_max_epochs, 1)
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol={self.protocol!r} must be one of {', '.join(PROTOCOLS)}")
         _check_real("hard_example_ratio", self.hard_example_ratio, 0.0, 1.0, low_open=True, high_open=True)

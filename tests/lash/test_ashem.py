@@ -1,0 +1,162 @@
+import json
+
+import pytest
+import torch
+
+import colab2
+from lash import ASHEMConfig, DeepSupervisionTransformer, load_dataset
+from lash.ashem import (
+    IGNORE_INDEX,
+    ASHEMResult,
+    collect_hard_examples,
+    compute_confidence,
+    compute_confidence_threshold,
+    evaluate_on_hard_examples,
+    extend_model,
+    freeze_lower_layers,
+    run_ashem,
+    train_phase2,
+    write_atomic,
+)
+from lash.report import write_report
+
+TINY = ASHEMConfig(phase1_layers=1, phase2_layers=2, phase1_max_epochs=2, phase2_max_epochs=2, phase2_lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("offline", num_samples=96, batch_size=32, seq_len=12, max_vocab=128, seed=0)
+
+
+@pytest.fixture(scope="module")
+def result(data):
+    return run_ashem(TINY, data.train, data.val, data.vocab_size, dim=16, num_heads=2, progress=False, verbose=False)
+
+
+def test_threshold_gives_target_hard_ratio_on_training_tokens(data):
+    model = DeepSupervisionTransformer(data.vocab_size, dim=16, num_layers=1, num_heads=2)
+    conf = compute_confidence(model, data.train)
+    assert conf.shape == data.train.inputs.shape and ((conf > 0) & (conf <= 1)).all()
+    for ratio in (0.2, 0.5, 0.7):
+        threshold = compute_confidence_threshold(conf, ratio)
+        hard = collect_hard_examples(model, data.train, threshold)
+        assert abs(hard.ratio - ratio) <= 0.02
+        torch.testing.assert_close(hard.hard, compute_confidence(model, hard.batches(32)) < threshold)
+    with pytest.raises(ValueError, match=r"hard_example_ratio=1.0 is outside \(0, 1\)"):
+        compute_confidence_threshold(conf, 1.0)
+
+
+def test_loss_mask_covers_exactly_the_hard_tokens(data):
+    model = DeepSupervisionTransformer(data.vocab_size, dim=16, num_layers=1, num_heads=2)
+    hard = collect_hard_examples(model, data.train, 0.5 * compute_confidence(model, data.train).median().item() * 2)
+    seen_x, seen_y = [], []
+    for x, y in hard.batches(32, shuffle=True):
+        seen_x.append(x)
+        seen_y.append(y)
+    x, y = torch.cat(seen_x), torch.cat(seen_y)
+    order = torch.stack([torch.nonzero((hard.inputs == row).all(1))[0, 0] for row in x])
+    assert torch.equal(y != IGNORE_INDEX, hard.hard[order])
+    assert torch.equal(y[y != IGNORE_INDEX], hard.targets[order][hard.hard[order]])
+    single = hard.single_tokens()
+    assert single.inputs.shape == (int(hard.hard.sum()), 1) and single.ratio == 1.0
+
+
+def test_extend_and_freeze_keep_phase1_function_and_weights(data):
+    model1 = DeepSupervisionTransformer(data.vocab_size, dim=16, num_layers=1, num_heads=2)
+    for p in model1.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    model2 = extend_model(model1, 3)
+    assert model2.num_layers == 3 and model2.exit_layer == 1
+    x = data.val.inputs[:4]
+    with torch.no_grad():
+        torch.testing.assert_close(model2.forward_all_layers(x)[0], model1(x))
+    freeze_lower_layers(model2, 1, embedding=True, layers=True, head=True)
+    frozen = {n: p.detach().clone() for n, p in model2.named_parameters() if not p.requires_grad}
+    assert set(frozen) == {"embedding.weight", "output_head.weight"} | {
+        n for n, _ in model2.named_parameters() if n.startswith("layers.0.")
+    }
+    hard = collect_hard_examples(model1, data.train, compute_confidence_threshold(compute_confidence(model1, data.train), 0.5))
+    before = {n: p.detach().clone() for n, p in model2.named_parameters() if p.requires_grad}
+    train_phase2(model2, hard, hard, TINY, batch_size=32, progress=False, verbose=False)
+    for name, p in model2.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
+        else:
+            assert not torch.equal(p, before[name]), name
+    with pytest.raises(ValueError, match="phase2_layers=1 must be greater than the model's 1 layers"):
+        extend_model(model1, 1)
+
+
+def test_evaluate_on_hard_examples_counts_only_hard_tokens(data):
+    model = DeepSupervisionTransformer(data.vocab_size, dim=16, num_layers=1, num_heads=2)
+    hard = collect_hard_examples(model, data.val, compute_confidence_threshold(compute_confidence(model, data.val), 0.3))
+    stats = evaluate_on_hard_examples(model, hard, batch_size=16)
+    assert stats["tokens"] == int(hard.hard.sum())
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(model(hard.inputs).transpose(1, 2), hard.targets, reduction="none")
+    assert stats["loss"] == pytest.approx(ce[hard.hard].mean().item(), rel=1e-5)
+    assert stats["loss"] != pytest.approx(ce.mean().item(), rel=1e-5)
+
+
+def test_pipeline_end_to_end_and_json_schema(result, tmp_path):
+    assert abs(result.hard_ratio_mined - 0.5) <= 0.02
+    assert result.setup["mined_from"] == "train" and result.config["protocol"] == "held-out"
+    assert 0 < result.routing["shallow_ratio"] < 1
+    expected_cost = (result.routing["shallow_ratio"] * 1 + (1 - result.routing["shallow_ratio"]) * 2) / 2
+    assert result.routing["compute_cost"] == pytest.approx(expected_cost)
+    assert len(result.phase1["val_losses"]) == result.phase1["total_epochs"] <= 2
+    assert set(result.phase2["per_layer"]) == {"1", "2"} and set(result.phase1["per_layer"]) == {"1"}
+    assert result.hard_before["tokens"] == result.hard_after["tokens"] > 0
+    assert sum(result.confidence_histogram["counts"]) == result.setup["train_sequences"] * result.setup["seq_len"]
+    assert set(result.seconds) == {"phase1", "mining", "phase2", "evaluation"}
+    paths = write_report(result, tmp_path / "out", "python colab2.py --quick")
+    assert {p.name for p in paths} == {
+        "results.json", "results.md", "training_curves.png", "confidence_histogram.png", "ppl_per_exit.png"
+    }
+    for p in paths:
+        assert p.stat().st_size > 0
+        if p.suffix == ".png":
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    raw = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {"config", "setup", "phase1", "threshold", "hard_ratio_mined", "hard_ratio_val", "hard_before",
+            "hard_after", "phase2", "routing", "confidence_histogram", "seconds"} == set(raw)
+    assert ASHEMResult.load_json(tmp_path / "out" / "results.json") == ASHEMResult(**json.loads(json.dumps(result.to_dict())))
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "Two-stage routing" in md and "python colab2.py --quick" in md and "## PPL per exit" in md
+    assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+def test_reference_protocol_runs(data):
+    config = ASHEMConfig(**{**TINY.__dict__, "protocol": "reference"})
+    ref = run_ashem(config, data.train, data.val, data.vocab_size, dim=16, num_heads=2, progress=False, verbose=False)
+    assert ref.setup["mined_from"] == "validation" and abs(ref.hard_ratio_mined - 0.5) <= 0.02
+    assert ref.hard_before["tokens"] == ref.hard_after["tokens"] == round(ref.hard_ratio_mined * data.val.num_tokens)
+
+
+def test_failed_write_keeps_existing_results(tmp_path, monkeypatch):
+    target = tmp_path / "results.json"
+    target.write_text("old")
+
+    def no_space(*args):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr("lash.ashem.os.replace", no_space)
+    with pytest.raises(OSError, match="no space"):
+        write_atomic(target, b"new")
+    assert target.read_text() == "old"
+    assert not [p for p in tmp_path.iterdir() if p.name != "results.json"]
+
+
+def test_colab2_cli_writes_results(tmp_path, capsys):
+    args = ["--dataset", "offline", "--samples", "64", "--val-samples", "16", "--seq-len", "8", "--dim", "16",
+            "--heads", "2", "--batch-size", "32", "--max-vocab", "64", "--phase1-layers", "1", "--phase2-layers", "2",
+            "--phase1-max-epochs", "1", "--phase2-max-epochs", "1", "--no-progress", "--no-freeze-head",
+            "--out", str(tmp_path)]
+    assert colab2.main(args) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["config"]["freeze_head"] is False and result["setup"]["dataset"] == "offline"
+    assert "Two-stage routing" in capsys.readouterr().out
+    assert colab2.main(["--hard-example-ratio", "1.5", "--out", str(tmp_path)]) == 2
+    assert "hard_example_ratio=1.5 is outside" in capsys.readouterr().err
+    assert colab2.parse_args(["--quick"]).samples == colab2.QUICK["samples"]
+    assert colab2.parse_args(["--quick", "--samples", "50"]).samples == 50
