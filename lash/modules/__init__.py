@@ -1,8 +1,13 @@
-"""LASH's building blocks, with the names and state-dict keys of the reference implementation."""
+"""LASH's building blocks, with the names and state-dict keys of the reference implementation.
 
-from lash.modules.attention import MultiHeadAttention, RotaryPositionalEmbedding, rotate_half
+Norms and rotary embeddings run through :mod:`lash_kernels` (fused Triton kernels on CUDA, their
+torch references elsewhere; ``LASH_KERNELS`` overrides).
+"""
+
+from lash_kernels import RMSNorm
+
+from lash.modules.attention import MultiHeadAttention, RotaryPositionalEmbedding
 from lash.modules.ffn import GatedLinearUnit
-from lash.modules.norm import RMSNorm
 from lash.modules.transformer import TransformerBlock
 
 __all__ = [
@@ -11,5 +16,4 @@ __all__ = [
     "RMSNorm",
     "RotaryPositionalEmbedding",
     "TransformerBlock",
-    "rotate_half",
 ]

@@ -6,11 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """``cat(-x2, x1)`` for ``x = cat(x1, x2)`` split in halves along the last dimension."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+from lash_kernels import apply_rotary
 
 
 class RotaryPositionalEmbedding(nn.Module):
@@ -36,7 +32,7 @@ class RotaryPositionalEmbedding(nn.Module):
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q and k.
+        """Rotate q and k (one fused kernel launch on CUDA).
 
         Args:
             q: queries ``(B, nh, T, hs)``.
@@ -46,9 +42,7 @@ class RotaryPositionalEmbedding(nn.Module):
             The rotated ``(q, k)``, same shapes and dtypes.
         """
         T = q.shape[-2]
-        cos = self.cos[:T].to(q.dtype)  # (T, hs)
-        sin = self.sin[:T].to(q.dtype)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        return apply_rotary(q, k, self.cos[:T], self.sin[:T])  # tables (T, hs)
 
 
 class MultiHeadAttention(nn.Module):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lash_kernels import RMSNorm, add_rms_norm
+
 from lash.modules.attention import MultiHeadAttention
 from lash.modules.ffn import GatedLinearUnit
-from lash.modules.norm import RMSNorm
 
 
 class TransformerBlock(nn.Module):
@@ -28,5 +29,7 @@ class TransformerBlock(nn.Module):
         self.norm2 = RMSNorm(dim)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(h + self.attn(h))  # (B, T, D)
-        return self.norm2(h + self.ffn(h))
+        # Residual add and norm fused: one pass over the activations instead of two.
+        h, _ = add_rms_norm(self.attn(h), h, self.norm1.weight, self.norm1.eps)  # (B, T, D)
+        h, _ = add_rms_norm(self.ffn(h), h, self.norm2.weight, self.norm2.eps)
+        return h

@@ -1,0 +1,213 @@
+"""RoPE on q and k: outputs and both gradients against float64, both backends."""
+
+import importlib
+
+import pytest
+import torch
+
+from lash_kernels.rotary import apply_rotary, apply_rotary_reference
+
+# The package re-exports functions named like their modules; importlib gives the module itself.
+rotary_module = importlib.import_module("lash_kernels.rotary")
+
+# (rtol, atol relative to the largest expected magnitude) per dtype.
+TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (5e-3, 5e-3)}
+# (B, Hq, Hk, T, D): odd lengths, grouped keys, head dims that are not powers of two.
+SHAPES = [(1, 1, 1, 1, 8), (2, 3, 1, 7, 12), (1, 4, 2, 33, 64), (2, 2, 2, 5, 100)]
+LAYOUTS = ["contiguous", "transposed", "strided_head_dim"]
+
+
+def _tables(t, d, kind):
+    """RoPE tables: the model's ``cat(freqs, freqs)`` form, or arbitrary values in every column."""
+    if kind == "random":
+        return torch.randn(t, d), torch.randn(t, d)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)  # (D/2,)
+    angles = torch.outer(torch.arange(t).float(), inv_freq)  # (T, D/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, D)
+    return angles.cos(), angles.sin()
+
+
+def _make(b, h, t, d, dtype, layout):
+    """A [B, H, T, D] tensor in the requested memory layout."""
+    if layout == "contiguous":
+        x = torch.randn(b, h, t, d)
+    elif layout == "transposed":  # the usual view of a [B, T, H, D] projection
+        x = torch.randn(b, t, h, d).transpose(1, 2)
+    else:  # the head dim is not unit-stride: the launcher must copy
+        x = torch.randn(b, h, t, 2 * d)[..., ::2]
+    return x.to(dtype).requires_grad_()
+
+
+def _rotate_half(x):
+    d = x.shape[-1] // 2
+    return torch.cat((-x[..., d:], x[..., :d]), dim=-1)
+
+
+def _expected(q, k, cos, sin, gq, gk):
+    """Float64 autograd of the definition: rotated q, k and their gradients."""
+    q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
+    c64, s64 = cos.double(), sin.double()
+    q_rot, k_rot = q64 * c64 + _rotate_half(q64) * s64, k64 * c64 + _rotate_half(k64) * s64
+    torch.autograd.backward([q_rot, k_rot], [gq.double(), gk.double()])
+    return q_rot, k_rot, q64.grad, k64.grad
+
+
+def _assert_close(actual, expected, dtype, name):
+    rtol, atol = TOLERANCES[dtype]
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(
+        actual.double(), expected, rtol=rtol, atol=atol * scale, msg=lambda m: f"{name}: {m}"
+    )
+
+
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+@pytest.mark.parametrize("tables", ["rope", "random"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_apply_rotary_matches_float64(monkeypatch, kernels, tables, layout, dtype, shape):
+    monkeypatch.setenv("LASH_KERNELS", kernels)
+    b, hq, hk, t, d = shape
+    q, k = _make(b, hq, t, d, dtype, layout), _make(b, hk, t, d, dtype, "contiguous")
+    cos, sin = _tables(t, d, tables)
+    q_rot, k_rot = apply_rotary(q, k, cos, sin)
+    assert q_rot.shape == q.shape and k_rot.shape == k.shape
+    assert q_rot.dtype == k_rot.dtype == dtype
+    gq, gk = torch.randn_like(q_rot), torch.randn_like(k_rot)
+    torch.autograd.backward([q_rot, k_rot], [gq, gk])
+    expected = _expected(q, k, cos, sin, gq, gk)
+    for name, actual, want in zip(("q_rot", "k_rot", "dq", "dk"), (q_rot, k_rot, q.grad, k.grad), expected):
+        _assert_close(actual, want, dtype, name)
+
+
+def test_transposed_input_keeps_its_layout(monkeypatch):
+    monkeypatch.setenv("LASH_KERNELS", "triton")
+    q = torch.randn(2, 9, 3, 16).transpose(1, 2)  # (B, H, T, D) view of (B, T, H, D)
+    k = torch.randn(2, 1, 9, 16)
+    q_rot, _ = apply_rotary(q, k, *_tables(9, 16, "rope"))
+    assert q_rot.stride() == q.stride()
+
+
+def test_non_contiguous_output_gradients(monkeypatch):
+    """Upstream gradients arrive as views (here from a transpose back to [B, T, H, D])."""
+    monkeypatch.setenv("LASH_KERNELS", "triton")
+    q, k = _make(2, 4, 6, 8, torch.float32, "contiguous"), _make(2, 2, 6, 8, torch.float32, "contiguous")
+    cos, sin = _tables(6, 8, "random")
+    q_rot, k_rot = apply_rotary(q, k, cos, sin)
+    weights_q, weights_k = torch.randn(2, 6, 4, 8), torch.randn(2, 6, 2, 8)
+    loss = (q_rot.transpose(1, 2) * weights_q).sum() + (k_rot.transpose(1, 2) * weights_k).sum()
+    loss.backward()
+    expected = _expected(q, k, cos, sin, weights_q.transpose(1, 2), weights_k.transpose(1, 2))
+    _assert_close(q.grad, expected[2], torch.float32, "dq")
+    _assert_close(k.grad, expected[3], torch.float32, "dk")
+
+
+def test_triton_path_does_not_call_the_reference(monkeypatch):
+    monkeypatch.setenv("LASH_KERNELS", "triton")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the reference ran on the Triton path")
+
+    monkeypatch.setattr(rotary_module, "apply_rotary_reference", fail)
+    apply_rotary(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8), *_tables(3, 8, "rope"))
+
+
+def test_torch_backend_is_the_reference(monkeypatch):
+    monkeypatch.setenv("LASH_KERNELS", "torch")
+    q, k = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16)
+    cos, sin = _tables(5, 16, "rope")
+    for got, want in zip(apply_rotary(q, k, cos, sin), apply_rotary_reference(q, k, cos, sin)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "q_shape, k_shape, table_shape, message",
+    [
+        ((1, 2, 5, 16), (1, 2, 5, 16), (5, 8), r"cos \(5, 8\) and sin \(5, 8\) must both be .* \(5, 16\)"),
+        ((1, 2, 5, 16), (1, 2, 5, 16), (6, 16), r"must both be \(T, head_dim\) = \(5, 16\)"),
+        ((1, 2, 5, 16), (1, 2, 5, 8), (5, 16), r"q \(1, 2, 5, 16\) and k \(1, 2, 5, 8\) must agree"),
+        ((1, 2, 5, 16), (2, 2, 5, 16), (5, 16), r"must agree in batch"),
+        ((2, 5, 16), (2, 5, 16), (5, 16), r"must be \[B, H, T, D\]; got shapes \(2, 5, 16\)"),
+        ((1, 2, 5, 15), (1, 2, 5, 15), (5, 15), r"head_dim=15 must be even"),
+    ],
+)
+def test_bad_shapes_raise_value_error(monkeypatch, q_shape, k_shape, table_shape, message):
+    monkeypatch.setenv("LASH_KERNELS", "triton")
+    with pytest.raises(ValueError, match=message):
+        cos, sin = torch.randn(table_shape), torch.randn(table_shape)
+        apply_rotary(torch.randn(q_shape), torch.randn(k_shape), cos, sin)
+
+
+def test_tables_that_require_grad_are_refused(monkeypatch):
+    monkeypatch.setenv("LASH_KERNELS", "torch")
+    cos, sin = _tables(5, 16, "rope")
+    with pytest.raises(ValueError, match="must not require grad"):
+        apply_rotary(torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16), cos.requires_grad_(), sin)
+
+
+def test_unsupported_dtype_on_triton_raises(monkeypatch):
+    monkeypatch.setenv("LASH_KERNELS", "triton")
+    q = torch.randn(1, 2, 5, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"q dtype torch.float64 is not supported"):
+        apply_rotary(q, q, *_tables(5, 16, "rope"))
+
+
+class _Attention(torch.nn.Module):
+    """The q/k half of the model's attention: project, split heads, rotate, score."""
+
+    def __init__(self, dim, heads, seq_len):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = torch.nn.Linear(dim, dim, bias=False)
+        self.k_proj = torch.nn.Linear(dim, dim, bias=False)
+        cos, sin = _tables(seq_len, dim // heads, "rope")
+        self.register_buffer("cos", cos)
+        self.register_buffer("sin", sin)
+
+    def forward(self, x):
+        b, t, dim = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, dim // self.heads).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(b, t, self.heads, dim // self.heads).transpose(1, 2)  # (B, H, T, hd)
+        q, k = apply_rotary(q, k, self.cos.to(q.dtype), self.sin.to(q.dtype))
+        return q @ k.transpose(-1, -2)  # (B, H, T, T)
+
+
+def _check_compiled_attention(dim, heads, seq_len, dtype, device, rtol, atol):
+    module = _Attention(dim, heads, seq_len).to(device=device, dtype=dtype)
+    compiled = torch.compile(module, fullgraph=True)
+    x = torch.randn(2, seq_len, dim, device=device, dtype=dtype)
+    out, want = compiled(x), module(x)
+    torch.testing.assert_close(out, want, rtol=rtol, atol=atol)
+    out.float().pow(2).mean().backward()
+    grads = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    want.float().pow(2).mean().backward()
+    for got, ref in zip(grads, (p.grad for p in module.parameters())):
+        torch.testing.assert_close(got, ref, rtol=rtol, atol=atol)
+
+
+def test_compiles_without_graph_breaks_cpu(monkeypatch):
+    monkeypatch.setenv("LASH_KERNELS", "torch")
+    _check_compiled_attention(32, 4, 6, torch.float32, "cpu", 1e-5, 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compiles_without_graph_breaks_cuda_triton(monkeypatch, dtype):
+    monkeypatch.setenv("LASH_KERNELS", "triton")
+    _check_compiled_attention(1024, 8, 512, dtype, "cuda", 2e-2, 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_large_shapes_cuda_match_float64(monkeypatch, dtype):
+    monkeypatch.setenv("LASH_KERNELS", "triton")
+    q = torch.randn(4, 2048, 32, 128, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(4, 8, 2048, 128, device="cuda", dtype=dtype, requires_grad=True)
+    cos, sin = (t.cuda() for t in _tables(2048, 128, "rope"))
+    q_rot, k_rot = apply_rotary(q, k, cos, sin)
+    gq, gk = torch.randn_like(q_rot), torch.randn_like(k_rot)
+    torch.autograd.backward([q_rot, k_rot], [gq, gk])
+    expected = _expected(q, k, cos, sin, gq, gk)
+    for name, actual, want in zip(("q_rot", "k_rot", "dq", "dk"), (q_rot, k_rot, q.grad, k.grad), expected):
+        _assert_close(actual, want, dtype, name)
