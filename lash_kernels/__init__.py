@@ -5,16 +5,24 @@ between them (``LASH_KERNELS=auto|triton|torch``).
 """
 
 from lash_kernels.backend import backend
+from lash_kernels.multi_exit_cross_entropy import (
+    MultiExitCEOutput,
+    multi_exit_cross_entropy,
+    multi_exit_cross_entropy_reference,
+)
 from lash_kernels.rms_norm import RMSNorm, add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from lash_kernels.rotary import apply_rotary, apply_rotary_reference
 
 __all__ = [
+    "MultiExitCEOutput",
     "RMSNorm",
     "add_rms_norm",
     "add_rms_norm_reference",
     "apply_rotary",
     "apply_rotary_reference",
     "backend",
+    "multi_exit_cross_entropy",
+    "multi_exit_cross_entropy_reference",
     "rms_norm",
     "rms_norm_reference",
 ]

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from lash import DeepSupervisionTransformer, StandardTransformer
 from lash.modules import GatedLinearUnit, MultiHeadAttention, RMSNorm, RotaryPositionalEmbedding, TransformerBlock
 
-from .reference_model import RefModel
+from lash.reference import RefModel
 
 
 def test_rms_norm_matches_formula_in_float64():

@@ -106,7 +106,7 @@ def test_trainer_checks_model_and_device():
         Trainer(TrainingConfig(layer_weights={3: 1}), vocab_size=V, device="meta").compute_loss(tiny(), x, y)
     y = y.clone()
     y[0, 0] = V
-    with pytest.raises(ValueError, match=rf"target {V} is outside"):
+    with pytest.raises(ValueError, match=rf"target value {V} is outside"):
         Trainer(TrainingConfig(layer_weights={3: 1}), vocab_size=V).compute_loss(tiny(), x, y)
 
 

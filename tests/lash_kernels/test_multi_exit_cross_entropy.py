@@ -1,0 +1,255 @@
+"""multi_exit_cross_entropy against F.cross_entropy per exit in float64, on both backends.
+
+The Triton backend runs through the interpreter on the CPU, so shapes stay small; they are not
+multiples of the interpreter's tiles (16 tokens × 32 vocab × 32 features) so every mask is used,
+and D = 24 / 40 covers the single- and multi-tile gradient paths.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from lash_kernels import MultiExitCEOutput, multi_exit_cross_entropy, multi_exit_cross_entropy_reference
+from lash_kernels.multi_exit_cross_entropy_torch import chunk_rows
+
+BACKENDS = ["torch", "triton"]
+N, V = 37, 203
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+       torch.float16: dict(atol=5e-3, rtol=5e-3)}  # fmt: skip
+
+
+@pytest.fixture(params=BACKENDS)
+def kernels(request, monkeypatch):
+    monkeypatch.setenv("LASH_KERNELS", request.param)
+    return request.param
+
+
+def make_inputs(K, D, dtype=torch.float32, scale=1.0, ignored=0.2, stacked=False, head_grad=True):
+    """Fresh exits, head and targets; ``scale`` multiplies the hiddens (logits grow with it)."""
+    exits = [(torch.randn(N, D) * scale).to(dtype) for _ in range(K)]
+    weight = (torch.randn(V, D) / D**0.5).to(dtype).requires_grad_(head_grad)
+    targets = torch.randint(0, V, (N,))
+    targets[torch.rand(N) < ignored] = -100
+    hiddens = torch.stack(exits).requires_grad_() if stacked else [h.requires_grad_() for h in exits]
+    return hiddens, weight, targets
+
+
+def float64_reference(hiddens, weight, targets, exit_weights):
+    """Eager F.cross_entropy per exit in float64: loss, per-exit means, grads of hiddens and head."""
+    exits = [h.detach().double().requires_grad_() for h in hiddens]
+    head = weight.detach().double().requires_grad_()
+    count = max(int((targets != -100).sum()), 1)
+    per_exit = torch.stack([F.cross_entropy(h @ head.T, targets, reduction="sum") / count for h in exits])
+    loss = (per_exit * torch.tensor(exit_weights, dtype=torch.float64)).sum()
+    loss.backward()
+    return loss, per_exit, [h.grad for h in exits], head.grad
+
+
+def grads_of(hiddens):
+    """Per-exit gradients, whether the exits came as a list or stacked."""
+    if isinstance(hiddens, torch.Tensor):
+        return list(hiddens.grad.unbind(0))
+    return [h.grad for h in hiddens]
+
+
+def assert_matches_reference(hiddens, weight, targets, exit_weights, tol):
+    out = multi_exit_cross_entropy(hiddens, weight, targets, exit_weights)
+    out.loss.backward()
+    loss, per_exit, grad_exits, grad_head = float64_reference(hiddens, weight, targets, exit_weights)
+    assert isinstance(out, MultiExitCEOutput) and out.confidence is None and out.predictions is None and out.token_loss is None
+    assert out.loss.dtype == torch.float32 and out.per_exit.dtype == torch.float32
+    assert not out.per_exit.requires_grad
+    torch.testing.assert_close(out.loss.double(), loss, **tol)
+    torch.testing.assert_close(out.per_exit.double(), per_exit.detach(), **tol)
+    for w, grad, expected in zip(exit_weights, grads_of(hiddens), grad_exits):
+        if w == 0:  # no backward work: no gradient at all, or an exact zero
+            assert grad is None or not grad.any()
+        else:
+            assert grad.dtype == weight.dtype
+            torch.testing.assert_close(grad.double(), expected, **tol)
+    if weight.requires_grad:
+        assert weight.grad.dtype == weight.dtype
+        torch.testing.assert_close(weight.grad.double(), grad_head, **tol)
+
+
+@pytest.mark.parametrize(
+    "exit_weights, D, stacked, head_grad",
+    [
+        ([1.0], 24, False, True),
+        ([0.7, 1.3], 40, True, True),
+        ([1.0, 0.0, 0.5], 24, False, True),
+        ([0.0, 0.25, 0.0, 1.0], 40, True, True),
+        ([0.5, 2.0], 24, True, False),  # frozen head: only the hidden-state gradients
+    ],
+)
+def test_matches_float64_reference(kernels, exit_weights, D, stacked, head_grad):
+    hiddens, weight, targets = make_inputs(len(exit_weights), D, stacked=stacked, head_grad=head_grad)
+    assert_matches_reference(hiddens, weight, targets, exit_weights, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(kernels, dtype):
+    hiddens, weight, targets = make_inputs(2, 40, dtype=dtype, stacked=True)
+    assert_matches_reference(hiddens, weight, targets, [1.0, 0.5], TOL[dtype])
+
+
+def test_all_tokens_ignored_gives_zero_not_nan(kernels):
+    hiddens, weight, targets = make_inputs(2, 24, ignored=1.0)
+    out = multi_exit_cross_entropy(hiddens, weight, targets, [1.0, 1.0])
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and not out.per_exit.any()
+    assert all(not h.grad.any() for h in hiddens) and not weight.grad.any()
+
+
+def test_large_logits_are_stable(kernels):
+    hiddens, weight, targets = make_inputs(2, 40, scale=300.0)  # logits of order 1e3
+    logits = hiddens[0].detach() @ weight.detach().T
+    assert logits.abs().max() > 500
+    out = multi_exit_cross_entropy(hiddens, weight, targets, [1.0, 0.5])
+    out.loss.backward()
+    for t in [out.loss, out.per_exit, weight.grad, *grads_of(hiddens)]:
+        assert torch.isfinite(t).all()
+    loss, per_exit, grad_exits, grad_head = float64_reference(hiddens, weight, targets, [1.0, 0.5])
+    # fp32 logits of size 1e3 carry absolute errors of 1e-4: compare relative to each tensor's scale.
+    torch.testing.assert_close(out.per_exit.double(), per_exit.detach(), atol=1e-3, rtol=1e-5)
+    for got, expected in zip([weight.grad, *grads_of(hiddens)], [grad_head, *grad_exits]):
+        torch.testing.assert_close(got.double(), expected, atol=1e-5 * expected.abs().max(), rtol=1e-3)
+
+
+def test_confidence_and_predictions(kernels):
+    hiddens, weight, targets = make_inputs(3, 24, stacked=True)
+    with torch.no_grad():
+        # Ties: vocab rows 3, 7 (same tile) and 150 (a later tile) equal and dominant for exit 0.
+        weight[7] = weight[150] = weight[3]
+        hiddens[0] = weight[3] * 20 + 0.01 * torch.randn(N, 24)
+    out = multi_exit_cross_entropy(hiddens, weight, targets, [1.0, 0.0, 1.0], return_stats=True)
+    logits = hiddens.detach().double() @ weight.detach().double().T  # (K, N, V)
+    assert out.confidence.shape == (3, N) and out.confidence.dtype == torch.float32
+    assert out.predictions.dtype == torch.int64
+    torch.testing.assert_close(out.confidence.double(), logits.softmax(-1).amax(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.predictions, logits.argmax(-1))
+    assert (out.predictions[0] == 3).all()
+    reference = multi_exit_cross_entropy_reference(hiddens, weight, targets, [1.0, 0.0, 1.0], return_stats=True)
+    torch.testing.assert_close(out.predictions, reference.predictions)
+    valid = targets != -100
+    token_ce = -logits.log_softmax(-1).gather(-1, targets.clamp(min=0).expand(3, N)[..., None]).squeeze(-1)
+    assert out.token_loss.shape == (3, N) and not out.token_loss.requires_grad
+    torch.testing.assert_close(out.token_loss.double(), token_ce * valid, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(reference.token_loss.double(), token_ce * valid, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(targets=torch.tensor([5] * (N - 1) + [V])), f"target value {V}"),
+        (dict(targets=torch.tensor([-3] + [5] * (N - 1))), "target value -3"),
+        (dict(weight=torch.randn(V, 25)), r"\(203, 25\)"),
+        (dict(targets=torch.zeros(N + 1, dtype=torch.long)), r"\(38,\)"),
+        (dict(exit_weights=[1.0, -0.5]), r"exit_weights\[1\] = -0.5"),
+        (dict(exit_weights=[1.0, float("nan")]), "finite"),
+        (dict(exit_weights=[1.0, 1.0, 1.0]), "2 exits in hiddens but 3 exit_weights"),
+        (dict(hiddens=[torch.randn(N, 24), torch.randn(N + 1, 24)]), r"\(38, 24\)"),
+    ],
+)
+def test_validation_errors(kernels, change, message):
+    hiddens, weight, targets = make_inputs(2, 24)
+    args = dict(hiddens=hiddens, weight=weight, targets=targets, exit_weights=[1.0, 1.0]) | change
+    with pytest.raises(ValueError, match=message):
+        multi_exit_cross_entropy(**args)
+    with pytest.raises(ValueError, match=message):
+        multi_exit_cross_entropy_reference(**args)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def test_torch_path_never_holds_all_logits(monkeypatch):
+    monkeypatch.setenv("LASH_KERNELS", "torch")
+    K, n, vocab, D = 3, 1024, 8192, 32
+    hiddens = torch.randn(K, n, D, requires_grad=True)
+    weight = torch.randn(vocab, D, requires_grad=True)
+    targets = torch.randint(0, vocab, (n,))
+    with LargestTensor() as forward:
+        out = multi_exit_cross_entropy(hiddens, weight, targets, [1.0, 1.0, 1.0], validate=False)
+    with LargestTensor() as backward:
+        out.loss.backward()
+    chunk_logits = chunk_rows(vocab) * vocab
+    assert chunk_logits < n * vocab // 4  # the check below would be meaningless otherwise
+    # The largest tensor is one chunk's logits: seen (so the mode watched the backward too), never more.
+    assert forward.numel == chunk_logits and backward.numel == chunk_logits
+    expected = multi_exit_cross_entropy_reference(hiddens.detach(), weight.detach(), targets, [1.0, 1.0, 1.0])
+    torch.testing.assert_close(out.loss, expected.loss)
+
+
+def test_torch_path_compiles_without_graph_breaks(monkeypatch):
+    monkeypatch.setenv("LASH_KERNELS", "torch")
+    hiddens, weight, targets = make_inputs(3, 24, stacked=True)
+
+    @torch.compile(fullgraph=True)
+    def step(hiddens, weight, targets):
+        out = multi_exit_cross_entropy(hiddens, weight, targets, [1.0, 0.0, 0.5], return_stats=True)
+        return out.loss, out.per_exit, out.confidence, out.predictions
+
+    loss, per_exit, confidence, predictions = step(hiddens, weight, targets)
+    loss.backward()
+    expected = multi_exit_cross_entropy_reference(hiddens, weight, targets, [1.0, 0.0, 0.5], return_stats=True)
+    torch.testing.assert_close(loss, expected.loss)
+    torch.testing.assert_close(per_exit, expected.per_exit)
+    torch.testing.assert_close(confidence, expected.confidence)
+    torch.testing.assert_close(predictions, expected.predictions)
+    _, _, grad_exits, grad_head = float64_reference(hiddens, weight, targets, [1.0, 0.0, 0.5])
+    torch.testing.assert_close(hiddens.grad.double(), torch.stack(grad_exits), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weight.grad.double(), grad_head, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_path_under_cpu_autocast(monkeypatch):
+    monkeypatch.setenv("LASH_KERNELS", "torch")
+    hiddens, weight, targets = make_inputs(2, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = multi_exit_cross_entropy(hiddens, weight, targets, [1.0, 1.0])
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and weight.grad.dtype == torch.float32
+    expected = multi_exit_cross_entropy_reference(
+        [h.detach().bfloat16() for h in hiddens], weight.detach().bfloat16(), targets, [1.0, 1.0]
+    )
+    torch.testing.assert_close(out.loss, expected.loss, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_on_gpu_matches_reference_and_compiles(monkeypatch, dtype):
+    monkeypatch.setenv("LASH_KERNELS", "triton")
+    K, n, vocab, D, weights = 3, 1000, 32000, 256, [1.0, 0.0, 0.5]
+    hiddens = torch.randn(K, n, D, device="cuda", dtype=dtype, requires_grad=True)
+    weight = (torch.randn(vocab, D, device="cuda") / D**0.5).to(dtype).requires_grad_()
+    targets = torch.randint(0, vocab, (n,), device="cuda")
+    targets[::7] = -100
+    tol = TOL[dtype] if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
+
+    expected = multi_exit_cross_entropy_reference(hiddens, weight, targets, weights, return_stats=True)
+    expected_grads = torch.autograd.grad(expected.loss, [hiddens, weight])
+    step = torch.compile(multi_exit_cross_entropy, fullgraph=True)
+    for fn in (multi_exit_cross_entropy, step):
+        out = fn(hiddens, weight, targets, weights, return_stats=True)
+        grads = torch.autograd.grad(out.loss, [hiddens, weight])
+        torch.testing.assert_close(out.loss, expected.loss, **tol)
+        torch.testing.assert_close(out.per_exit, expected.per_exit, **tol)
+        torch.testing.assert_close(out.confidence, expected.confidence, **tol)
+        assert (out.predictions == expected.predictions).float().mean() > 0.99  # near-ties may flip
+        for grad, ref in zip(grads, expected_grads):
+            torch.testing.assert_close(grad.float(), ref.float(), **tol)
+        assert not grads[0][1].any()  # the weight-0 exit
