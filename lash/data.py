@@ -33,6 +33,9 @@ class TokenBatches:
         batch_size: sequences per batch (the last batch may be smaller).
         shuffle: reshuffle the sequences at every iteration (seeded, so runs repeat).
         seed: seed of the shuffling.
+
+    ``epoch`` counts the iterations begun; the order of an iteration depends only on ``seed``
+    and ``epoch``, so a checkpoint that records it can resume the same order.
     """
 
     def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, shuffle: bool = False, seed: int = 0) -> None:
@@ -42,7 +45,7 @@ class TokenBatches:
             raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
         self.inputs, self.targets = inputs, targets
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self._epoch = 0
+        self.epoch = 0
 
     def __len__(self) -> int:
         return math.ceil(self.inputs.shape[0] / self.batch_size)
@@ -54,10 +57,10 @@ class TokenBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = self.inputs.shape[0]
         if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self._epoch))
-            self._epoch += 1
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         else:
             order = torch.arange(n)
+        self.epoch += 1
         for start in range(0, n, self.batch_size):
             rows = order[start : start + self.batch_size]
             yield self.inputs[rows], self.targets[rows]

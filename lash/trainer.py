@@ -3,23 +3,37 @@
 ``compute_loss`` turns ``layer_weights`` into the hidden states it needs and one call of
 :func:`lash.losses.multi_exit_loss`; ``create_optimizer`` turns ``layer_lr_scales`` into AdamW
 param groups; ``evaluate`` reports every exit and, with ``routing_threshold``, the early-exit mix.
+
+Production options sit on the constructor: mixed precision, ``torch.compile``, gradient
+accumulation, a warm-up + cosine schedule, checkpoints, and — under ``torchrun`` — DDP or
+FSDP2 with sharded data and all-reduced metrics (see :mod:`lash.distributed`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import logging
 import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lash import checkpoint
 from lash.config import TrainingConfig
+from lash.distributed import ShardedBatches, all_reduce_sum, init_distributed, launched_by_torchrun
 from lash.losses import exit_statistics, multi_exit_loss
 from lash.models import StandardTransformer
+from lash.optim import layer_param_groups, warmup_cosine
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DISTRIBUTED = ("ddp", "fsdp")
+logger = logging.getLogger("lash")
 
 # Steps between host syncs that check the loss is finite and refresh the progress bar: a sync
 # every step would stall the GPU queue on small models.
@@ -35,15 +49,47 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
+def _positive_number(name: str, value: object, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name}={value!r} must be a finite number {'>=' if allow_zero else '>'} 0")
+
+
+def _positive_int(name: str, value: object, low: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} must be an int >= {low}")
+
+
+class _WeightedLoss(nn.Module):
+    """The training loss as a module, so DDP/FSDP hooks and ``torch.compile`` see one forward."""
+
+    def __init__(self, model: StandardTransformer, config: TrainingConfig, ignore_index: int) -> None:
+        super().__init__()
+        self.model, self.layers, self.ignore_index = model, config.active_layers, ignore_index
+        self.weights = [config.weight(layer) for layer in self.layers]
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        hiddens = self.model.hidden_states(x, self.layers)  # K × (B, T, D)
+        return multi_exit_loss(hiddens, self.model.output_head.weight, y, self.weights, self.ignore_index)
+
+
 class Trainer:
     """Trains and evaluates LASH models under a :class:`TrainingConfig`.
 
     Args:
         config: the three options.
         vocab_size: the model's vocabulary size (checked against the model).
-        device: where batches are moved; the model must already live there.
+        device: where batches are moved; the model must already live there (under torchrun on
+            CUDA, ``trainer.device`` is this process's GPU).
         ignore_index: target id that carries no loss.
-        progress: show a tqdm bar per epoch.
+        progress: show a tqdm bar per epoch (rank 0 only).
+        precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast and a grad scaler).
+        compile: run the training loss through ``torch.compile``.
+        grad_accum_steps: micro-batches per optimizer step.
+        warmup_steps: linear learning-rate warm-up, in optimizer steps.
+        total_steps: with it, cosine decay to ``min_lr_ratio`` at this step.
+        min_lr_ratio: the cosine schedule's floor, as a fraction of each group's rate.
+        distributed: ``"ddp"`` or ``"fsdp"`` (FSDP2 ``fully_shard``) when launched by torchrun.
     """
 
     def __init__(
@@ -53,17 +99,54 @@ class Trainer:
         device: str | torch.device = "cpu",
         ignore_index: int = -100,
         progress: bool = True,
+        *,
+        precision: str = "fp32",
+        compile: bool = False,
+        grad_accum_steps: int = 1,
+        warmup_steps: int = 0,
+        total_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+        distributed: str = "ddp",
     ) -> None:
         if not isinstance(config, TrainingConfig):
             raise ValueError(f"config must be a TrainingConfig, got {type(config).__name__}")
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-            raise ValueError(f"vocab_size={vocab_size!r} must be an int >= 1")
+        _positive_int("vocab_size", vocab_size)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}")
+        _positive_int("grad_accum_steps", grad_accum_steps)
+        _positive_int("warmup_steps", warmup_steps, low=0)
+        if total_steps is not None:
+            _positive_int("total_steps", total_steps)
+        if distributed not in DISTRIBUTED:
+            raise ValueError(f"distributed={distributed!r} must be one of {', '.join(DISTRIBUTED)}")
         self.config = config
         self.vocab_size = vocab_size
-        self.device = torch.device(device)
+        self.dist, self.device = init_distributed(device) if launched_by_torchrun() else (None, torch.device(device))
         self.ignore_index = ignore_index
-        self.progress = progress
+        self.progress = progress and self.is_main
+        self.precision, self.compile, self.grad_accum_steps = precision, compile, grad_accum_steps
+        self.schedule = (warmup_steps, total_steps, min_lr_ratio)
+        self.distributed = distributed
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.model: StandardTransformer | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._runners: dict[int, nn.Module] = {}
+        self._sharded: dict[int, nn.Module] = {}  # FSDP2 roots, gathered for evaluation
+        # Progress through the data, saved in checkpoints so a resumed run continues exactly.
         self.epochs_trained = 0
+        self.global_step = 0
+        self.batches_into_epoch = 0
+        self.data_epoch: int | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process prints and writes (rank 0, or the only process)."""
+        return self.dist is None or self.dist.is_main
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.dist is None else self.dist.world_size
 
     def _prepare(self, model: StandardTransformer) -> None:
         """Check the model against the config, the vocabulary and the device before any work."""
@@ -76,6 +159,32 @@ class Trainer:
         )
         if not same:
             raise ValueError(f"model is on {param_device} but Trainer device is {self.device}; move one of them")
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dtype = PRECISIONS[self.precision]
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    def _shard(self, batches: Batches) -> Batches:
+        return ShardedBatches(batches, self.dist) if self.world_size > 1 else batches
+
+    def _runner(self, model: StandardTransformer) -> nn.Module:
+        """The loss module for ``model``: wrapped in DDP/FSDP2 under torchrun, compiled on request."""
+        if id(model) not in self._runners:
+            runner: nn.Module = _WeightedLoss(model, self.config, self.ignore_index)
+            if self.world_size > 1 and self.distributed == "fsdp":
+                from torch.distributed.fsdp import fully_shard
+
+                for block in model.layers:
+                    fully_shard(block)
+                runner = self._sharded[id(model)] = fully_shard(runner)
+            elif self.world_size > 1:
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                unused = self.config.output_layer < model.num_layers  # deeper layers never run
+                runner = nn.parallel.DistributedDataParallel(runner, device_ids=ids, find_unused_parameters=unused)
+            if self.compile:
+                runner = torch.compile(runner)
+            self._runners[id(model)] = runner
+        return self._runners[id(model)]
 
     def compute_loss(self, model: StandardTransformer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Σ_l w_l · CE(head(h_l), y) over the layers with a positive weight.
@@ -90,32 +199,27 @@ class Trainer:
             y: target ids ``(B, T)``.
         """
         self._prepare(model)
-        layers = self.config.active_layers
-        hiddens = model.hidden_states(x.to(self.device), layers)  # K × (B, T, D)
-        weights = [self.config.weight(layer) for layer in layers]
-        return multi_exit_loss(hiddens, model.output_head.weight, y.to(self.device), weights, self.ignore_index)
+        with self._autocast():
+            return _WeightedLoss(model, self.config, self.ignore_index)(x.to(self.device), y.to(self.device))
 
     def create_optimizer(self, model: StandardTransformer, base_lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
         """AdamW with one param group per layer at ``base_lr * layer_lr_scales[l]``.
 
         Groups are named ``layer_1`` … ``layer_L``; the embedding and the shared head (and any
-        other parameter) form ``embedding_head`` at ``base_lr``.
+        other parameter) form ``embedding_head`` at ``base_lr``. With ``warmup_steps`` or
+        ``total_steps`` set, ``trainer.scheduler`` drives every group's rate per optimizer step.
+        The model and optimizer are remembered for :meth:`save_checkpoint`.
         """
-        if not (isinstance(base_lr, (int, float)) and math.isfinite(base_lr) and base_lr > 0):
-            raise ValueError(f"base_lr={base_lr!r} must be a finite number > 0")
-        if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
-            raise ValueError(f"weight_decay={weight_decay!r} must be a finite number >= 0")
-        self.config.validate_for(model.num_layers)
-        groups = []
-        in_layers: set[int] = set()
-        for layer, block in enumerate(model.layers, start=1):
-            params = list(block.parameters())
-            in_layers.update(id(p) for p in params)
-            scale = self.config.lr_scale(layer)
-            groups.append({"params": params, "lr": base_lr * scale, "lr_scale": scale, "name": f"layer_{layer}"})
-        rest = [p for p in model.parameters() if id(p) not in in_layers]
-        groups.append({"params": rest, "lr": base_lr, "lr_scale": 1.0, "name": "embedding_head"})
-        return torch.optim.AdamW(groups, lr=base_lr, weight_decay=weight_decay)
+        _positive_number("base_lr", base_lr)
+        _positive_number("weight_decay", weight_decay, allow_zero=True)
+        self._prepare(model)
+        if self.world_size > 1:
+            self._runner(model)  # FSDP2 replaces the parameters: wrap before the optimizer sees them
+        optimizer = torch.optim.AdamW(layer_param_groups(model, self.config, base_lr), lr=base_lr, weight_decay=weight_decay)
+        warmup, total, floor = self.schedule
+        self.scheduler = warmup_cosine(optimizer, warmup, total, floor) if warmup or total else None
+        self.model, self.optimizer = model, optimizer
+        return optimizer
 
     def train_epoch(
         self,
@@ -123,8 +227,12 @@ class Trainer:
         train_batches: Batches,
         optimizer: torch.optim.Optimizer,
         grad_clip: float | None = 1.0,
+        max_steps: int | None = None,
     ) -> float:
-        """One pass over ``train_batches``; returns the mean training loss.
+        """One pass over ``train_batches`` (or until ``global_step`` reaches ``max_steps``).
+
+        Returns the mean training loss of the steps taken. A run restored from a checkpoint
+        taken mid-epoch continues that epoch where it stopped, in the same batch order.
 
         Raises:
             NonFiniteLossError: a step's loss was NaN or infinite (named by epoch and step). The
@@ -133,31 +241,77 @@ class Trainer:
         """
         self._prepare(model)
         model.train()
-        self.epochs_trained += 1
-        epoch = self.epochs_trained
+        epoch = self.epochs_trained + 1
+        resuming = self.batches_into_epoch > 0
+        if resuming and self.data_epoch is not None:
+            train_batches.epoch = self.data_epoch
+        self.data_epoch = getattr(train_batches, "epoch", None)
+        batches = itertools.islice(self._shard(train_batches), self.batches_into_epoch, None)
+        runner = self._runner(model)
         params = [p for p in model.parameters() if p.requires_grad]
         losses: list[torch.Tensor] = []
-        checked = 0
-        bar = tqdm(train_batches, desc=f"epoch {epoch}", disable=not self.progress, leave=False)
-        for step, (x, y) in enumerate(bar, start=1):
-            loss = self.compute_loss(model, x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
+        checked, accumulated = 0, 0
+        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not self.progress, leave=False)
+        for x, y in bar:
+            if max_steps is not None and self.global_step >= max_steps:
+                break
+            x, y = x.to(self.device), y.to(self.device)
+            accumulated += 1
+            sync = accumulated == self.grad_accum_steps
+            no_sync = getattr(runner, "no_sync", None)
+            with contextlib.nullcontext() if sync or no_sync is None else no_sync(), self._autocast():
+                loss = self._distributed_scale(runner(x, y), y)
+            self.scaler.scale(loss / self.grad_accum_steps).backward()
             losses.append(loss.detach())
-            if step % _SYNC_EVERY == 0:
+            self.batches_into_epoch += 1
+            if sync:
+                self._optimizer_step(params, optimizer, grad_clip)
+                accumulated = 0
+            if len(losses) % _SYNC_EVERY == 0:
                 checked = self._check_finite(losses, checked, epoch)
                 bar.set_postfix(loss=f"{torch.stack(losses[-_SYNC_EVERY:]).mean().item():.4f}")
+        if accumulated:
+            self._optimizer_step(params, optimizer, grad_clip)
         if not losses:
+            if max_steps is not None and self.global_step >= max_steps:
+                return math.nan
             raise ValueError("train_batches yielded no batch")
         self._check_finite(losses, checked, epoch)
-        return torch.stack(losses).mean().item()
+        if max_steps is None or self.global_step < max_steps:
+            self.epochs_trained += 1
+            self.batches_into_epoch = 0
+        return (all_reduce_sum(torch.stack(losses).mean()) / self.world_size).item()
+
+    def _distributed_scale(self, loss: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Scale a rank's mean loss so DDP's gradient average is the global batch's mean.
+
+        Rank r's loss is a mean over its n_r labelled tokens; multiplying by
+        ``world_size · n_r / Σ n`` makes the average over ranks Σ (sum_r) / Σ n, exact even when
+        a batch does not split evenly. The mean of the scaled losses over ranks is therefore the
+        global batch's loss, which is what ``train_epoch`` reports.
+        """
+        if self.world_size == 1:
+            return loss
+        local = (y != self.ignore_index).sum().float()
+        total = all_reduce_sum(local.clone())
+        return loss * (self.world_size * local / total.clamp(min=1))
+
+    def _optimizer_step(self, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
+        if grad_clip:
+            self.scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(params, grad_clip)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None and self.scheduler.optimizer is optimizer:
+            self.scheduler.step()
+        self.global_step += 1
 
     @staticmethod
     def _check_finite(losses: list[torch.Tensor], checked: int, epoch: int) -> int:
         """Raise on the first non-finite loss after index ``checked``; return the new index."""
+        if checked == len(losses):
+            return checked
         recent = torch.stack(losses[checked:])
         finite = torch.isfinite(recent)
         if not bool(finite.all()):
@@ -173,7 +327,8 @@ class Trainer:
         every preset). With routing on, a token whose confidence at ``exit_layer`` is at least
         ``routing_threshold`` takes the exit layer's prediction instead. All layers still run:
         this is the seed's selection-based measure, and ``compute_cost`` is its accounting,
-        (shallow · exit_layer + deep · output_layer) / (tokens · output_layer).
+        (shallow · exit_layer + deep · output_layer) / (tokens · output_layer). Under torchrun
+        each rank evaluates its rows and the sums are all-reduced.
 
         Returns:
             ``loss``, ``ppl``, ``acc``, ``shallow_ratio``, ``compute_cost``, ``weighted_loss``
@@ -181,38 +336,44 @@ class Trainer:
             ({layer: {loss, ppl, acc}} for every layer).
         """
         self._prepare(model)
+        sharded = self._sharded.get(id(model))
+        if sharded is not None:
+            sharded.unshard()  # evaluation bypasses the root's forward hooks, so gather explicitly
         was_training = model.training
         model.eval()
         cfg, L = self.config, model.num_layers
         out, exit_ = cfg.output_layer - 1, cfg.exit_layer - 1
-        loss_sum = torch.zeros(L, device=self.device, dtype=torch.float64)
-        correct = torch.zeros(L, device=self.device, dtype=torch.float64)
-        routed = torch.zeros(3, device=self.device, dtype=torch.float64)  # loss, correct, shallow tokens
-        tokens = torch.zeros((), device=self.device, dtype=torch.float64)
-        for x, y in val_batches:
+        # Sums over tokens: per-layer loss and correct (2L), routed loss, correct, shallow, tokens.
+        sums = torch.zeros(2 * L + 4, device=self.device, dtype=torch.float64)
+        for x, y in self._shard(val_batches):
             y = y.to(self.device).reshape(-1)
-            stats = exit_statistics(model.hidden_states(x.to(self.device)), model.output_head.weight, y, self.ignore_index)
+            with self._autocast():
+                hiddens = model.hidden_states(x.to(self.device))
+                stats = exit_statistics(hiddens, model.output_head.weight, y, self.ignore_index)
             valid = stats.valid
             hit = (stats.predictions == y) & valid  # (L, N)
-            loss_sum += (stats.token_loss * valid).sum(dim=1)
-            correct += hit.sum(dim=1)
-            tokens += valid.sum()
+            sums[:L] += (stats.token_loss * valid).sum(dim=1)
+            sums[L : 2 * L] += hit.sum(dim=1)
+            sums[-1] += valid.sum()
             if cfg.has_routing:
                 exits = (stats.confidence[exit_] >= cfg.routing_threshold) & valid  # (N,)
-                routed[0] += torch.where(exits, stats.token_loss[exit_], stats.token_loss[out]).mul(valid).sum()
-                routed[1] += torch.where(exits, hit[exit_], hit[out]).sum()
-                routed[2] += exits.sum()
+                sums[-4] += torch.where(exits, stats.token_loss[exit_], stats.token_loss[out]).mul(valid).sum()
+                sums[-3] += torch.where(exits, hit[exit_], hit[out]).sum()
+                sums[-2] += exits.sum()
         model.train(was_training)
-        n = tokens.item()
+        if sharded is not None:
+            sharded.reshard()
+        sums = all_reduce_sum(sums).tolist()
+        n = sums[-1]
         if n == 0:
             raise ValueError("val_batches held no token with a label")
-        per_loss, per_acc = (loss_sum / n).tolist(), (correct / n).tolist()
+        per_loss, per_acc = [s / n for s in sums[:L]], [s / n for s in sums[L : 2 * L]]
         per_layer = {
             layer: {"loss": per_loss[layer - 1], "ppl": perplexity(per_loss[layer - 1]), "acc": per_acc[layer - 1]}
             for layer in range(1, L + 1)
         }
         if cfg.has_routing:
-            loss, acc, shallow_ratio = (routed / n).tolist()
+            loss, acc, shallow_ratio = (s / n for s in sums[-4:-1])
         else:
             loss, acc, shallow_ratio = per_loss[out], per_acc[out], 0.0
         compute_cost = (shallow_ratio * cfg.exit_layer + (1 - shallow_ratio) * cfg.output_layer) / cfg.output_layer
@@ -251,12 +412,9 @@ class Trainer:
             (1-based), ``best_val_loss``, ``total_epochs``, ``stopped_early`` and ``history``
             (the full :meth:`evaluate` dict of every epoch).
         """
-        if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
-            raise ValueError(f"max_epochs={max_epochs!r} must be an int >= 1")
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"patience={patience!r} must be an int >= 1")
-        if not (isinstance(min_delta, (int, float)) and math.isfinite(min_delta) and min_delta >= 0):
-            raise ValueError(f"min_delta={min_delta!r} must be a finite number >= 0")
+        _positive_int("max_epochs", max_epochs)
+        _positive_int("patience", patience)
+        _positive_number("min_delta", min_delta, allow_zero=True)
         result: dict[str, Any] = {"train_losses": [], "val_losses": [], "val_ppls": [], "val_accs": [], "history": []}
         best_loss, best_epoch, best_state, waited = math.inf, 0, None, 0
         stopped_early = False
@@ -279,17 +437,97 @@ class Trainer:
                 best_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
             else:
                 waited += 1
-            if verbose:
-                tqdm.write(
-                    f"epoch {epoch}: train loss {train_loss:.4f} | val loss {stats['loss']:.4f} "
-                    f"ppl {stats['ppl']:.2f} acc {stats['acc']:.4f}" + ("  *best" if improved else "")
-                )
+            line = (
+                f"epoch {epoch}: train loss {train_loss:.4f} | val loss {stats['loss']:.4f} "
+                f"ppl {stats['ppl']:.2f} acc {stats['acc']:.4f}" + ("  *best" if improved else "")
+            )
+            self._report(line, verbose)
             if waited >= patience:
                 stopped_early = True
-                if verbose:
-                    tqdm.write(f"early stop after epoch {epoch}: best epoch {best_epoch} (val loss {best_loss:.4f})")
+                self._report(f"early stop after epoch {epoch}: best epoch {best_epoch} (val loss {best_loss:.4f})", verbose)
                 break
         if best_state is not None:
             model.load_state_dict(best_state)
         result.update(best_epoch=best_epoch, best_val_loss=best_loss, total_epochs=epoch, stopped_early=stopped_early)
         return result
+
+    def _report(self, line: str, verbose: bool) -> None:
+        """Log a progress line; print it too (beside the tqdm bars) when ``verbose``; rank 0 only."""
+        if not self.is_main:
+            return
+        logger.info(line)
+        if verbose:
+            tqdm.write(line)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Progress counters, schedule and scaler: what a resumed run needs besides model and optimizer."""
+        return {
+            "epochs_trained": self.epochs_trained,
+            "global_step": self.global_step,
+            "batches_into_epoch": self.batches_into_epoch,
+            "data_epoch": self.data_epoch,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def save_checkpoint(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Save model, optimizer, scheduler, trainer state and RNG states atomically (rank 0 writes).
+
+        The model and optimizer are the ones of the last :meth:`create_optimizer`. ``extra``
+        holds anything else worth keeping (the CLI stores its arguments and history).
+        """
+        if self.model is None or self.optimizer is None:
+            raise ValueError("save_checkpoint needs a model and optimizer: call create_optimizer first")
+        model_state, optim_state = self._full_states()
+        if self.is_main:
+            payload = {
+                "model": model_state,
+                "optimizer": optim_state,
+                "trainer": self.state_dict(),
+                "rng": checkpoint.rng_state(),
+                "config": self.config,
+                "extra": extra or {},
+            }
+            checkpoint.save_atomic(payload, path)
+
+    def _full_states(self) -> tuple[dict, dict]:
+        """Model and optimizer state dicts; gathered in full when FSDP2 shards them."""
+        if self.world_size > 1 and self.distributed == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            return get_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.model.state_dict(), self.optimizer.state_dict()
+
+    def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
+        """Restore what :meth:`save_checkpoint` saved into the last :meth:`create_optimizer` pair.
+
+        Everything is checked before anything changes: a corrupt, foreign or mismatched file
+        raises ``ValueError`` naming the problem, and the model, optimizer and files are left
+        untouched. Returns the checkpoint's ``extra``.
+        """
+        if self.model is None or self.optimizer is None:
+            raise ValueError("load_checkpoint needs a model and optimizer: call create_optimizer first")
+        payload = checkpoint.load(path)
+        checkpoint.check_model_state(payload["model"], self.model, path)
+        if len(payload["optimizer"]["param_groups"]) != len(self.optimizer.param_groups):
+            raise ValueError(f"checkpoint {path} has an optimizer with a different number of param groups")
+        if (payload["trainer"]["scheduler"] is None) != (self.scheduler is None):
+            raise ValueError(f"checkpoint {path} and this trainer disagree on having a learning-rate schedule")
+        if self.world_size > 1 and self.distributed == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(
+                self.model, self.optimizer, model_state_dict=payload["model"],
+                optim_state_dict=payload["optimizer"], options=StateDictOptions(full_state_dict=True),
+            )  # fmt: skip
+        else:
+            self.model.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+        state = payload["trainer"]
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epochs_trained, self.global_step = state["epochs_trained"], state["global_step"]
+        self.batches_into_epoch, self.data_epoch = state["batches_into_epoch"], state["data_epoch"]
+        checkpoint.set_rng_state(payload["rng"])
+        return payload["extra"]

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-import colab2
+from lash import cli
 from lash import ASHEMConfig, DeepSupervisionTransformer, load_dataset
 from lash.ashem import (
     IGNORE_INDEX,
@@ -152,11 +152,11 @@ def test_colab2_cli_writes_results(tmp_path, capsys):
             "--heads", "2", "--batch-size", "32", "--max-vocab", "64", "--phase1-layers", "1", "--phase2-layers", "2",
             "--phase1-max-epochs", "1", "--phase2-max-epochs", "1", "--no-progress", "--no-freeze-head",
             "--out", str(tmp_path)]
-    assert colab2.main(args) == 0
+    assert cli.ashem_main(args) == 0
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["config"]["freeze_head"] is False and result["setup"]["dataset"] == "offline"
     assert "Two-stage routing" in capsys.readouterr().out
-    assert colab2.main(["--hard-example-ratio", "1.5", "--out", str(tmp_path)]) == 2
+    assert cli.ashem_main(["--hard-example-ratio", "1.5", "--out", str(tmp_path)]) == 2
     assert "hard_example_ratio=1.5 is outside" in capsys.readouterr().err
-    assert colab2.parse_args(["--quick"]).samples == colab2.QUICK["samples"]
-    assert colab2.parse_args(["--quick", "--samples", "50"]).samples == 50
+    assert cli.parse_args(["ashem", "--quick"]).samples == cli.QUICK["samples"]
+    assert cli.parse_args(["ashem", "--quick", "--samples", "50"]).samples == 50

@@ -206,6 +206,15 @@ def test_non_finite_loss_names_epoch_and_step_and_keeps_best(monkeypatch):
     torch.testing.assert_close(model.output_head.weight, best["w"], rtol=0, atol=0)
 
 
+def test_epoch_length_a_multiple_of_the_check_interval():
+    model = tiny()
+    trainer = Trainer(TrainingConfig(layer_weights={3: 1}), vocab_size=V, progress=False)
+    opt = trainer.create_optimizer(model, base_lr=1e-3)
+    batches = make_batches(lash.trainer._SYNC_EVERY, B=1, T=3)
+    assert math.isfinite(trainer.train_epoch(model, batches, opt))
+    assert trainer.global_step == lash.trainer._SYNC_EVERY
+
+
 def test_tiny_model_overfits_tiny_batch():
     torch.manual_seed(0)
     model = StandardTransformer(vocab_size=V, dim=32, num_layers=2, num_heads=2)

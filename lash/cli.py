@@ -1,0 +1,220 @@
+"""Command line: ``python -m lash train …`` and ``python -m lash ashem …`` (also the ``lash`` script).
+
+``train`` trains one model over LASH's three options and writes ``DIR/metrics.json`` and
+``DIR/checkpoint.pt``; it runs the same under ``torchrun --nproc_per_node=N`` (DDP, or FSDP2 with
+``--distributed fsdp``), where ``--batch-size`` stays the global batch. ``ashem`` runs the ASHEM
+experiment exactly as ``colab2.py`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from lash.ashem import run_ashem, write_atomic
+from lash.checkpoint import set_seed
+from lash.config import PROTOCOLS, ASHEMConfig, TrainingConfig, create_standard_config
+from lash.data import load_dataset
+from lash.models import DeepSupervisionTransformer
+from lash.report import summary_table, write_report
+from lash.trainer import DISTRIBUTED, PRECISIONS, Trainer
+
+# --quick: a small ASHEM run that finishes in a few minutes on two CPU cores.
+QUICK = {"samples": 1200, "dim": 64, "phase1_max_epochs": 3, "phase2_max_epochs": 3, "max_vocab": 1024}
+
+
+def _layer_map(text: str) -> dict[int, float]:
+    """``"2:0.5,4:0.5"`` → ``{2: 0.5, 4: 0.5}``."""
+    try:
+        pairs = [item.split(":") for item in text.split(",") if item.strip()]
+        return {int(layer): float(value) for layer, value in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of layer:value pairs like 2:0.5,4:0.5") from None
+
+
+def _add_data_args(p: argparse.ArgumentParser, samples: int) -> None:
+    p.add_argument("--dataset", default="auto", help="auto, wikitext-2, offline, or a path to text")
+    p.add_argument("--samples", type=int, default=samples, help="training sequences")
+    p.add_argument("--val-samples", type=int, default=None, help="validation sequences (default samples // 5)")
+    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64, help="global batch size (sequences)")
+    p.add_argument("--max-vocab", type=int, default=None, help="vocabulary cap (offline corpus: its size, default 2048)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", required=False, help="output directory")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lash", description="LASH: layer-wise supervision and early exit")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train one model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_data_args(train, samples=10000)
+    train.set_defaults(out="runs/train")
+    train.add_argument("--num-layers", type=int, default=4)
+    train.add_argument("--dim", type=int, default=64)
+    train.add_argument("--num-heads", type=int, default=4)
+    train.add_argument("--layer-weights", type=_layer_map, default=None, help="e.g. 2:0.5,4:0.5 (default: last layer only)")
+    train.add_argument("--layer-lr-scales", type=_layer_map, default=None, help="e.g. 1:1.0,2:0.5")
+    train.add_argument("--routing-threshold", type=float, default=0.0)
+    train.add_argument("--exit-layer", type=int, default=1)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--grad-clip", type=float, default=1.0)
+    train.add_argument("--epochs", type=int, default=None, help="epochs (default 1 without --max-steps)")
+    train.add_argument("--max-steps", type=int, default=None, help="train for this many optimizer steps")
+    train.add_argument("--stop-at-step", type=int, default=None,
+                       help="stop (checkpointed) at this step, keeping the schedule of the full run; resume later")
+    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    train.add_argument("--warmup-steps", type=int, default=0)
+    train.add_argument("--cosine", action="store_true", help="cosine decay to 10%% over the run")
+    train.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
+    train.add_argument("--compile", action="store_true", help="torch.compile the training loss")
+    train.add_argument("--distributed", choices=DISTRIBUTED, default="ddp", help="engine under torchrun")
+    train.add_argument("--resume", default=None, help="checkpoint to continue from")
+
+    ashem = sub.add_parser("ashem", help="the ASHEM experiment", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_data_args(ashem, samples=10000)
+    ashem.set_defaults(out="runs/ashem")
+    ashem.add_argument("--dim", type=int, default=64)
+    ashem.add_argument("--heads", type=int, default=4)
+    defaults = ASHEMConfig()
+    for f in fields(ASHEMConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "protocol":
+            ashem.add_argument(flag, choices=PROTOCOLS, default=defaults.protocol)
+        elif f.type in ("bool", bool):
+            ashem.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(defaults, f.name))
+        else:
+            ashem.add_argument(flag, type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name))
+    ashem.add_argument("--quick", action="store_true", help="a small run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "ashem" and args.quick:
+        sub = parser._subparsers._group_actions[0].choices["ashem"]
+        for key, value in QUICK.items():
+            if getattr(args, key) == sub.get_default(key):
+                setattr(args, key, value)
+    return args
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def run_ashem_command(args: argparse.Namespace, command: str) -> int:
+    config = ASHEMConfig(**{f.name: getattr(args, f.name) for f in fields(ASHEMConfig)})
+    data = load_dataset(args.dataset, args.samples, args.batch_size, args.seq_len, args.seed, args.max_vocab, args.val_samples)
+    device = torch.device(args.device)
+    print(f"device: {_device_name(device)}")
+    best = f"; entropy rate {data.entropy_rate:.3f} nats (best PPL {torch.tensor(data.entropy_rate).exp():.2f})" if data.entropy_rate else ""
+    print(f"data: {data.source}, vocab {data.vocab_size}, {data.train.inputs.shape[0]} train / "
+          f"{data.val.inputs.shape[0]} val sequences of {args.seq_len}{best}")  # fmt: skip
+    result = run_ashem(
+        config, data.train, data.val, data.vocab_size, args.dim, args.heads, device, args.batch_size, args.seed,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    result.setup.update(dataset=data.source, entropy_rate=data.entropy_rate)
+    paths = write_report(result, args.out, command)
+    print()
+    print(summary_table(result))
+    print()
+    print("wrote " + ", ".join(str(path) for path in paths))
+    return 0
+
+
+def run_train_command(args: argparse.Namespace, command: str) -> int:
+    set_seed(args.seed)
+    weights = args.layer_weights or create_standard_config(args.num_layers).layer_weights
+    config = TrainingConfig(weights, args.layer_lr_scales, args.routing_threshold, args.exit_layer)
+    data = load_dataset(args.dataset, args.samples, args.batch_size, args.seq_len, args.seed, args.max_vocab, args.val_samples)
+    epochs = args.epochs if args.epochs is not None else (1 if args.max_steps is None else sys.maxsize)
+    steps_per_epoch = -(-len(data.train) // args.grad_accum)
+    total = (args.max_steps or steps_per_epoch * epochs) if args.cosine else None
+    limits = [n for n in (args.max_steps, args.stop_at_step) if n is not None]
+    limit = min(limits) if limits else None
+    trainer = Trainer(
+        config, data.vocab_size, args.device, progress=not args.no_progress, precision=args.precision,
+        compile=args.compile, grad_accum_steps=args.grad_accum, warmup_steps=args.warmup_steps, total_steps=total,
+        distributed=args.distributed,
+    )  # fmt: skip
+    model = DeepSupervisionTransformer(
+        data.vocab_size, args.dim, args.num_layers, args.num_heads, max_seq_len=args.seq_len,
+        exit_layer=args.exit_layer, routing_threshold=args.routing_threshold,
+    ).to(trainer.device)  # fmt: skip
+    optimizer = trainer.create_optimizer(model, args.lr, args.weight_decay)
+    out = Path(args.out)
+    history: list[dict] = []
+    if args.resume:
+        history = trainer.load_checkpoint(args.resume).get("history", [])
+    if trainer.is_main:
+        logging.info("device %s, world size %d, %s; %s", _device_name(trainer.device), trainer.world_size, data.source, config.describe())
+    tokens = 0
+    start = time.perf_counter()
+    if trainer.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(trainer.device)
+    while trainer.epochs_trained < epochs and (limit is None or trainer.global_step < limit):
+        before = trainer.global_step
+        train_loss = trainer.train_epoch(model, data.train, optimizer, args.grad_clip, limit)
+        tokens += (trainer.global_step - before) * args.grad_accum * args.batch_size * args.seq_len
+        stats = trainer.evaluate(model, data.val)
+        history.append({"epoch": trainer.epochs_trained, "step": trainer.global_step, "train_loss": train_loss} | stats)
+        if trainer.is_main:
+            logging.info("step %d: train loss %.4f | val loss %.4f ppl %.2f acc %.4f",
+                         trainer.global_step, train_loss, stats["loss"], stats["ppl"], stats["acc"])  # fmt: skip
+        trainer.save_checkpoint(out / "checkpoint.pt", extra={"command": command, "history": history})
+    seconds = time.perf_counter() - start
+    final = history[-1]
+    metrics = {
+        "command": command,
+        "device": _device_name(trainer.device),
+        "world_size": trainer.world_size,
+        "torch": torch.__version__,
+        "final_train_loss": final["train_loss"],
+        "final_val_loss": final["loss"],
+        "final_val_ppl": final["ppl"],
+        "final_val_acc": final["acc"],
+        "per_exit": final["per_layer"],
+        "shallow_ratio": final["shallow_ratio"],
+        "compute_cost": final["compute_cost"],
+        "global_step": trainer.global_step,
+        "tokens_per_s": tokens / seconds if seconds > 0 else None,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(trainer.device) if trainer.device.type == "cuda" else None,
+        "history": history,
+    }
+    if trainer.is_main:
+        write_atomic(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+        print(json.dumps({k: metrics[k] for k in ("final_train_loss", "final_val_loss", "final_val_acc", "global_step")}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    command = "python -m lash " + shlex.join(argv)
+    try:
+        if args.command == "ashem":
+            return run_ashem_command(args, command)
+        return run_train_command(args, command)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def ashem_main(argv: list[str] | None = None) -> int:
+    """``colab2.py``: the ``ashem`` command with its flags."""
+    return main(["ashem", *(sys.argv[1:] if argv is None else argv)])

@@ -1,0 +1,52 @@
+"""Optimiser pieces: one AdamW param group per layer, and the warm-up + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lash.config import TrainingConfig
+from lash.models import StandardTransformer
+
+
+def layer_param_groups(model: StandardTransformer, config: TrainingConfig, base_lr: float) -> list[dict]:
+    """Param groups ``layer_1`` … ``layer_L`` at ``base_lr * layer_lr_scales[l]`` and ``embedding_head``.
+
+    Every parameter of the model lands in exactly one group; the embedding, the shared head and
+    anything else outside the layers train at ``base_lr``.
+    """
+    groups, in_layers = [], set()
+    for layer, block in enumerate(model.layers, start=1):
+        params = list(block.parameters())
+        in_layers.update(id(p) for p in params)
+        scale = config.lr_scale(layer)
+        groups.append({"params": params, "lr": base_lr * scale, "lr_scale": scale, "name": f"layer_{layer}"})
+    rest = [p for p in model.parameters() if id(p) not in in_layers]
+    groups.append({"params": rest, "lr": base_lr, "lr_scale": 1.0, "name": "embedding_head"})
+    return groups
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int | None, min_lr_ratio: float = 0.1
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` at ``total_steps``.
+
+    Each group keeps its own base rate (so per-layer scales survive); without ``total_steps``
+    the rate stays at its peak after the warm-up.
+    """
+    if warmup_steps < 0 or (total_steps is not None and total_steps < 1) or not 0 <= min_lr_ratio <= 1:
+        raise ValueError(
+            f"warmup_steps={warmup_steps} must be >= 0, total_steps={total_steps} None or >= 1, "
+            f"min_lr_ratio={min_lr_ratio} in [0, 1]"
+        )
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if total_steps is None or total_steps <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
