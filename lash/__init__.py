@@ -14,6 +14,7 @@ from lash.config import (
 from lash.data import create_wikitext_dataloaders, load_dataset
 from lash.losses import multi_exit_loss
 from lash.models import DeepSupervisionTransformer, StandardTransformer
+from lash.routing import calibrate_threshold
 from lash.trainer import Trainer
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "StandardTransformer",
     "Trainer",
     "TrainingConfig",
+    "calibrate_threshold",
     "create_deep_supervision_config",
     "create_standard_config",
     "create_wikitext_dataloaders",

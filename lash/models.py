@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lash import generation, routing
 from lash.modules import TransformerBlock
 
 
@@ -178,3 +179,50 @@ class DeepSupervisionTransformer(StandardTransformer):
             logits = shallow_logits
         compute_cost = (shallow_ratio * self.exit_layer + (1 - shallow_ratio) * self.num_layers) / self.num_layers
         return logits, {"shallow_ratio": shallow_ratio, "compute_cost": compute_cost}
+
+    def forward_early_exit(
+        self, x: torch.Tensor, routing_threshold: float | None = None, exit_layer: int | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Real early exit: the deeper layers run only for tokens that did not exit.
+
+        Exited tokens keep their exit-layer state (CALM's state propagation): deeper layers see
+        their keys/values from it, so deep tokens' logits differ from :meth:`forward_inference`,
+        which selects after running every layer for every token. See :mod:`lash.routing`.
+
+        Args:
+            x: token ids ``(B, T)``.
+            routing_threshold: exit when confidence ``>= threshold``, any number >= 0 (0: all
+                exit; > 1: none); default ``self.routing_threshold``.
+            exit_layer: in ``[1, num_layers - 1]``; default ``self.exit_layer``.
+
+        Returns:
+            ``(logits (B, T, V), stats)`` with ``shallow_ratio``, ``compute_cost``, ``flop_ratio``.
+        """
+        threshold = self.routing_threshold if routing_threshold is None else routing_threshold
+        return routing.early_exit_forward(self, x, threshold, self.exit_layer if exit_layer is None else exit_layer)
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        exit_layer: int | None = None,
+        routing_threshold: float | None = None,
+        speculative: bool = False,
+        draft_tokens: int = 4,
+        generator: torch.Generator | None = None,
+        return_stats: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
+        """Autoregressive decoding with a KV cache: plain, early-exit or self-speculative.
+
+        See :func:`lash.generation.generate` for the modes and arguments; ``exit_layer``
+        defaults to ``self.exit_layer``.
+
+        Returns:
+            ``(B, T0 + max_new_tokens)`` token ids, and a stats dict with ``return_stats``.
+        """
+        return generation.generate(
+            self, input_ids, max_new_tokens, temperature, top_k, self.exit_layer if exit_layer is None else exit_layer,
+            routing_threshold, speculative, draft_tokens, generator, return_stats,
+        )

@@ -1,4 +1,11 @@
-"""Causal multi-head self-attention with rotary position embeddings (Su et al., 2021)."""
+"""Causal multi-head self-attention with rotary position embeddings (Su et al., 2021).
+
+:meth:`MultiHeadAttention.forward` is the training path (positions 0..T-1, fused RoPE, causal
+SDPA). The inference paths — KV-cached decoding and compact early exit — split it into
+:meth:`~MultiHeadAttention.keys_values`, :meth:`~MultiHeadAttention.queries` and
+:meth:`~MultiHeadAttention.attend`, which take explicit positions and an explicit mask, so
+queries can be a subset of the tokens whose keys they read.
+"""
 
 from __future__ import annotations
 
@@ -44,6 +51,27 @@ class RotaryPositionalEmbedding(nn.Module):
         T = q.shape[-2]
         return apply_rotary(q, k, self.cos[:T], self.sin[:T])  # tables (T, hs)
 
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate one tensor at explicit positions (the inference paths).
+
+        The fused kernel takes one ``(T, hs)`` table shared by q and k; here queries and keys may
+        sit at different positions (per row, too), so the rows are gathered and the reference
+        formula ``x·cos + rotate_half(x)·sin`` applied in fp32 (or wider).
+
+        Args:
+            x: ``(B, nh, T, hs)`` queries or keys.
+            positions: ``(T,)`` positions shared by every row, or ``(B, T)`` per row.
+
+        Returns:
+            The rotated ``x``, same shape and dtype.
+        """
+        cos, sin = self.cos[positions], self.sin[positions]  # (T, hs) or (B, T, hs)
+        if positions.dim() == 2:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hs), broadcast over heads
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        x_lo, x_hi = xf.chunk(2, dim=-1)
+        return (xf * cos + torch.cat((-x_hi, x_lo), dim=-1) * sin).to(x.dtype)
+
 
 class MultiHeadAttention(nn.Module):
     """Causal self-attention: ``o_proj(softmax(q kᵀ / sqrt(hs) + causal) v)`` with RoPE on q, k.
@@ -85,3 +113,44 @@ class MultiHeadAttention(nn.Module):
         q, k = self.rope(q, k)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+
+    def keys_values(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated keys and values of ``x`` (B, T, D) at ``positions`` (T,): two ``(B, nh, T, hs)``."""
+        k = self.rope.rotate(self.split_heads(self.k_proj(x)), positions)  # (B, nh, T, hs)
+        return k, self.split_heads(self.v_proj(x))
+
+    def queries(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotated queries of ``x`` (B, Tq, D) at ``positions`` (Tq,) or (B, Tq): ``(B, nh, Tq, hs)``."""
+        return self.rope.rotate(self.split_heads(self.q_proj(x)), positions)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Masked attention of queries over keys at positions 0..Tk-1, then the output projection.
+
+        Args:
+            q: ``(B, nh, Tq, hs)`` rotated queries.
+            k: ``(B, nh, Tk, hs)`` rotated keys.
+            v: ``(B, nh, Tk, hs)`` values.
+            mask: boolean, True where a query may read a key: ``(Tq, Tk)`` or ``(B, 1, Tq, Tk)``
+                (see :func:`causal_mask`). Every query must be allowed at least one key.
+
+        Returns:
+            ``(B, Tq, D)``.
+        """
+        B, _, Tq, _ = q.shape
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, Tq, hs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, Tq, -1))  # (B, Tq, D)
+
+
+def causal_mask(query_positions: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """Which keys (at positions 0..num_keys-1) each query may read: those at or before it.
+
+    Args:
+        query_positions: ``(Tq,)`` shared by the batch, or ``(B, Tq)`` per row.
+        num_keys: Tk.
+
+    Returns:
+        Boolean ``(Tq, Tk)``, or ``(B, 1, Tq, Tk)`` for per-row positions (broadcast over heads).
+    """
+    keys = torch.arange(num_keys, device=query_positions.device)  # (Tk,)
+    mask = keys <= query_positions.unsqueeze(-1)  # (..., Tq, Tk)
+    return mask.unsqueeze(1) if query_positions.dim() == 2 else mask

@@ -1,0 +1,181 @@
+import math
+
+import pytest
+import torch
+
+from lash import DeepSupervisionTransformer, calibrate_threshold
+from lash.routing import _deep_layers
+
+V, DIM, LAYERS, HEADS = 40, 32, 4, 4
+
+
+def make_model(dtype=torch.float64):
+    model = DeepSupervisionTransformer(V, DIM, LAYERS, HEADS, max_seq_len=64, exit_layer=2).to(dtype).eval()
+    # Sharpen the head so confidences spread out instead of sitting near 1/V.
+    with torch.no_grad():
+        model.output_head.weight.mul_(6.0)
+    return model
+
+
+def exit_confidence(model, x, exit_layer):
+    with torch.no_grad():
+        return model.compute_confidence(model.hidden_states(x, [exit_layer])[0])  # (B, T)
+
+
+@torch.no_grad()
+def propagated_reference(model, x, exits, exit_layer):
+    """The CALM rule written plainly: full-sequence blocks whose input keeps exited tokens at their exit state."""
+    h_exit = model.hidden_states(x, [exit_layer])[0]
+    h = h_exit
+    for block in model.layers[exit_layer:]:
+        h = torch.where(exits.unsqueeze(-1), h_exit, block(h))
+    return torch.where(exits.unsqueeze(-1), model.output_head(h_exit), model.output_head(h))
+
+
+@pytest.mark.parametrize("exit_layer", [1, 2, 3])
+@pytest.mark.parametrize("quantile", [0.2, 0.5, 0.9])
+def test_matches_plain_propagation_rule(exit_layer, quantile):
+    model = make_model()
+    x = torch.randint(0, V, (3, 29))
+    conf = exit_confidence(model, x, exit_layer)
+    threshold = float(conf.quantile(quantile))
+    exits = conf >= threshold
+    assert 0 < exits.sum() < exits.numel()
+    assert len({tuple(row.tolist()) for row in exits}) == 3  # every row exits differently
+    logits, stats = model.forward_early_exit(x, threshold, exit_layer)
+    torch.testing.assert_close(logits, propagated_reference(model, x, exits, exit_layer), rtol=1e-10, atol=1e-10)
+    shallow = exits.double().mean().item()
+    assert stats["shallow_ratio"] == pytest.approx(shallow)
+    assert stats["compute_cost"] == pytest.approx((shallow * exit_layer + (1 - shallow) * LAYERS) / LAYERS)
+    assert stats["flop_ratio"] > stats["compute_cost"]  # keys/values of exited tokens, exit head, padding
+
+
+def test_deep_tokens_see_propagated_states_not_true_ones():
+    model = make_model()
+    x = torch.randint(0, V, (2, 20))
+    conf = exit_confidence(model, x, 2)
+    threshold = float(conf.quantile(0.5))
+    logits, _ = model.forward_early_exit(x, threshold, 2)
+    model.routing_threshold = threshold
+    selected, _ = model.forward_inference(x)
+    exits = conf >= threshold
+    torch.testing.assert_close(logits[exits], selected[exits])  # exited tokens: the same exit logits
+    first_exit = int(exits[0].nonzero()[0])
+    later_deep = ~exits[0] & (torch.arange(20) > first_exit)
+    assert later_deep.any()
+    assert not torch.allclose(logits[0][later_deep], selected[0][later_deep])
+
+
+def test_rows_with_no_or_only_deep_tokens():
+    model = make_model()
+    x = torch.randint(0, V, (3, 11))
+    exits = torch.zeros(3, 11, dtype=torch.bool)
+    exits[0] = True  # row 0 exits entirely, row 1 never, row 2 alternates
+    exits[2, ::2] = True
+    h = model.hidden_states(x, [2])[0]
+    with torch.no_grad():
+        deep, hd, width = _deep_layers(model, h, exits, 0, 2, None)
+    assert width == 11
+    expected = propagated_reference(model, x, exits, 2).reshape(-1, V)[deep]
+    torch.testing.assert_close(model.output_head(hd), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_threshold_above_one_is_forward_and_zero_is_the_exit_layer():
+    model = make_model(torch.float32)
+    x = torch.randint(0, V, (2, 31))
+    with torch.no_grad():
+        full, all_logits = model(x), model.forward_all_layers(x)
+    logits, stats = model.forward_early_exit(x, 1.5, 2)
+    torch.testing.assert_close(logits, full, rtol=0, atol=1e-5)
+    assert stats["shallow_ratio"] == 0.0 and stats["compute_cost"] == 1.0
+    ffn, head = 4 * DIM, 2 * DIM * V
+    layer_tokens = 2 * (4 * DIM * DIM + 3 * DIM * ffn)
+    assert stats["flop_ratio"] > 1.0  # the exit head and padding are extra work
+    logits, stats = model.forward_early_exit(x, 0.0, 2)
+    torch.testing.assert_close(logits, all_logits[1], rtol=0, atol=1e-6)
+    causal = layer_tokens * 31 + 31 * 32 // 2 * 4 * DIM  # one row, one layer
+    expected = (2 * causal + 31 * head) / (LAYERS * causal + 31 * head)
+    assert stats == {"shallow_ratio": 1.0, "compute_cost": 0.5, "flop_ratio": pytest.approx(expected)}
+
+
+def test_defaults_come_from_the_model():
+    model = make_model()
+    x = torch.randint(0, V, (2, 9))
+    model.routing_threshold, model.exit_layer = 0.0, 3
+    logits, stats = model.forward_early_exit(x)
+    torch.testing.assert_close(logits, model.forward_all_layers(x)[2])
+    assert stats["compute_cost"] == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("threshold", [-0.1, math.nan, "0.5", True, None])
+def test_bad_threshold(threshold):
+    model = make_model()
+    model.routing_threshold = threshold
+    with pytest.raises(ValueError, match=r"routing_threshold=.* must be a number in \[0, inf\)"):
+        model.forward_early_exit(torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("exit_layer", [0, 4, 1.0, True])
+def test_bad_exit_layer(exit_layer):
+    with pytest.raises(ValueError, match=rf"exit_layer={exit_layer!r} is outside \[1, 3\]"):
+        make_model().forward_early_exit(torch.zeros(1, 4, dtype=torch.long), 0.5, exit_layer)
+
+
+def batches(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        seq = torch.randint(0, V, (4, 33), generator=g)
+        out.append((seq[:, :-1], seq[:, 1:]))
+    return out
+
+
+@pytest.mark.parametrize("target", [0.0, 0.3, 0.5, 0.9, 1.0])
+def test_calibration_hits_the_target_shallow_ratio(target):
+    model, data = make_model(), batches()
+    threshold = calibrate_threshold(model, data, 2, target_shallow_ratio=target)
+    ratios = [model.forward_early_exit(x, threshold, 2)[1]["shallow_ratio"] for x, _ in data]
+    assert sum(ratios) / len(ratios) == pytest.approx(target, abs=0.02)
+
+
+def selection_accuracy(model, data, threshold, exit_layer):
+    hit = total = 0
+    for x, y in data:
+        h_exit, h_last = model.hidden_states(x, [exit_layer, LAYERS])
+        exits = model.compute_confidence(h_exit) >= threshold
+        pred = torch.where(exits, model.output_head(h_exit).argmax(-1), model.output_head(h_last).argmax(-1))
+        hit, total = hit + (pred == y).sum().item(), total + y.numel()
+    return hit / total
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.01, 0.05, 1.0])
+def test_calibration_keeps_accuracy_within_the_drop(drop):
+    model, data = make_model(), batches()
+    # Targets the model predicts often enough for accuracy to mean something: its own argmax.
+    data = [(x, model(x).argmax(-1)) for x, _ in data]
+    with torch.no_grad():
+        full = selection_accuracy(model, data, math.inf, 2)
+        threshold = calibrate_threshold(model, data, 2, max_accuracy_drop=drop)
+        assert selection_accuracy(model, data, threshold, 2) >= full - drop - 1e-12
+        conf = torch.cat([exit_confidence(model, x, 2).flatten() for x, _ in data])
+        lower = conf[conf < threshold]
+        if drop == 1.0:
+            assert threshold == conf.min().item()
+        elif lower.numel():  # the lowest: the next lower threshold would break the bound
+            assert selection_accuracy(model, data, lower.max().item(), 2) < full - drop
+
+
+def test_calibration_errors():
+    model, data = make_model(), batches(1)
+    with pytest.raises(ValueError, match="exactly one"):
+        calibrate_threshold(model, data, 2)
+    with pytest.raises(ValueError, match="exactly one"):
+        calibrate_threshold(model, data, 2, target_shallow_ratio=0.5, max_accuracy_drop=0.1)
+    with pytest.raises(ValueError, match=r"target_shallow_ratio=1.5 is outside \[0, 1\]"):
+        calibrate_threshold(model, data, 2, target_shallow_ratio=1.5)
+    with pytest.raises(ValueError, match=r"max_accuracy_drop=-0.1 is outside \[0, 1\]"):
+        calibrate_threshold(model, data, 2, max_accuracy_drop=-0.1)
+    with pytest.raises(ValueError, match=r"exit_layer=4 is outside \[1, 3\]"):
+        calibrate_threshold(model, data, 4, target_shallow_ratio=0.5)
+    with pytest.raises(ValueError, match="no token with a label"):
+        calibrate_threshold(model, [], 2, target_shallow_ratio=0.5)
