@@ -27,7 +27,7 @@ from lash import checkpoint
 from lash.config import TrainingConfig
 from lash.distributed import ShardedBatches, all_reduce_sum, init_distributed, launched_by_torchrun
 from lash.losses import exit_statistics, multi_exit_loss
-from lash.models import StandardTransformer
+from lash.models import StandardTransformer, check_token_ids
 from lash.optim import layer_param_groups, warmup_cosine
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -256,6 +256,11 @@ class Trainer:
             if max_steps is not None and self.global_step >= max_steps:
                 break
             x, y = x.to(self.device), y.to(self.device)
+            if self.compile:
+                # Inside the compiled graph the id checks are skipped: run them here, so a bad id
+                # is a ValueError and never a device-side assert.
+                check_token_ids(x, self.vocab_size)
+                check_token_ids(y, self.vocab_size, "target value", self.ignore_index)
             accumulated += 1
             sync = accumulated == self.grad_accum_steps
             no_sync = getattr(runner, "no_sync", None)

@@ -70,6 +70,11 @@ def test_compile_path_runs(tmp_path, monkeypatch):
     eager = run_cli(tmp_path, "eager")
     compiled = run_cli(tmp_path, "compiled", "--compile")
     assert abs(compiled["final_val_loss"] - eager["final_val_loss"]) < 1e-4
+    model = DeepSupervisionTransformer(30, dim=16, num_layers=1, num_heads=2)
+    trainer = Trainer(TrainingConfig(layer_weights={1: 1}), 30, progress=False, compile=True)
+    x = torch.randint(0, 30, (2, 5))
+    with pytest.raises(ValueError, match=r"target value 30 is outside \[0, 30\)"):
+        trainer.train_epoch(model, [(x, torch.full_like(x, 30))], trainer.create_optimizer(model, 1e-3))
 
 
 def test_corrupt_or_mismatched_checkpoint_is_a_clear_error_and_touches_nothing(tmp_path, capsys):
