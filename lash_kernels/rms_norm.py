@@ -41,259 +41,261 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
-import triton.language as tl
 from torch import nn
-from torch.library import triton_op, wrap_triton
 
-from lash_kernels.backend import backend, interpreting
+from lash_kernels.backend import HAS_TRITON, backend, interpreting
 
 MAX_HIDDEN = 16384
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@triton.jit
-def _rms_norm_forward_kernel(
-    X,  # pointer to the input, rows of length N with row stride stride_x
-    R,  # pointer to the residual (read only when HAS_RESIDUAL)
-    W,  # pointer to the weight [N]
-    Y,  # pointer to the normalised output [M, N], contiguous
-    S,  # pointer to the output sum x + residual [M, N] (written only when HAS_RESIDUAL)
-    RSTD,  # pointer to the fp32 1/rms per row [M], kept for the backward
-    stride_x,  # elements between rows of X
-    stride_r,  # elements between rows of R
-    M,  # number of rows
-    N,  # hidden size
-    eps,  # added to mean(s²) before the square root
-    HAS_RESIDUAL: tl.constexpr,  # add_rms_norm (True) or rms_norm (False)
-    BLOCK_M: tl.constexpr,  # rows per program: several when N is small, so programs stay busy
-    BLOCK_N: tl.constexpr,  # next power of two ≥ N: a whole row per block
-):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    row_mask = rows < M
-    mask = row_mask[:, None] & (cols[None, :] < N)
-    # int64 row offsets: M · N passes 2³¹ at LLM sizes (64K rows × 32K hidden).
-    rows64 = rows.to(tl.int64)[:, None]
-    # Masked lanes load 0, which leaves the sum of squares untouched.
-    s = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        s += tl.load(R + rows64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(S + rows64 * N + cols[None, :], s.to(S.dtype.element_ty), mask=mask)
-    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / N + eps)  # (BLOCK_M,)
-    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)  # (BLOCK_N,)
-    y = s * rstd[:, None] * w[None, :]
-    tl.store(Y + rows64 * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + rows, rstd, mask=row_mask)
+if HAS_TRITON:  # optional off Linux: the torch references still work there
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
 
-
-@triton.jit
-def _rms_norm_backward_kernel(
-    DY,  # pointer to the gradient of y, row stride stride_dy
-    DS_OUT,  # pointer to the gradient of the output sum s (read only when HAS_DS_OUT)
-    S,  # pointer to the normalised rows s (x for rms_norm, the saved sum for add_rms_norm)
-    W,  # pointer to the weight [N]
-    RSTD,  # pointer to the fp32 1/rms per row [M] from the forward
-    DS,  # pointer to the gradient of s [M, N], contiguous: dx (and dresidual)
-    DW_PARTIAL,  # pointer to fp32 [num_programs, N]: this program's share of dw
-    stride_dy,  # elements between rows of DY
-    stride_ds_out,  # elements between rows of DS_OUT
-    stride_s,  # elements between rows of S
-    M,  # number of rows
-    N,  # hidden size
-    rows_per_program,  # contiguous rows each program walks through, a multiple of BLOCK_M
-    HAS_DS_OUT: tl.constexpr,  # add the incoming gradient of s (add_rms_norm)
-    BLOCK_M: tl.constexpr,  # rows per loop step
-    BLOCK_N: tl.constexpr,  # next power of two ≥ N
-):
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-    # Each program owns a band of rows and sums its dw privately in fp32 registers: no atomics,
-    # and the [num_programs, N] partials are summed once by the launcher.
-    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    row_start = pid * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, M)
-    for start in range(row_start, row_end, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        row_mask = rows < row_end
-        mask = row_mask[:, None] & col_mask[None, :]
+    @triton.jit
+    def _rms_norm_forward_kernel(
+        X,  # pointer to the input, rows of length N with row stride stride_x
+        R,  # pointer to the residual (read only when HAS_RESIDUAL)
+        W,  # pointer to the weight [N]
+        Y,  # pointer to the normalised output [M, N], contiguous
+        S,  # pointer to the output sum x + residual [M, N] (written only when HAS_RESIDUAL)
+        RSTD,  # pointer to the fp32 1/rms per row [M], kept for the backward
+        stride_x,  # elements between rows of X
+        stride_r,  # elements between rows of R
+        M,  # number of rows
+        N,  # hidden size
+        eps,  # added to mean(s²) before the square root
+        HAS_RESIDUAL: tl.constexpr,  # add_rms_norm (True) or rms_norm (False)
+        BLOCK_M: tl.constexpr,  # rows per program: several when N is small, so programs stay busy
+        BLOCK_N: tl.constexpr,  # next power of two ≥ N: a whole row per block
+    ):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        row_mask = rows < M
+        mask = row_mask[:, None] & (cols[None, :] < N)
+        # int64 row offsets: M · N passes 2³¹ at LLM sizes (64K rows × 32K hidden).
         rows64 = rows.to(tl.int64)[:, None]
-        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        s = tl.load(S + rows64 * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-        s_hat = s * rstd[:, None]
-        g = dy * w[None, :]
-        ds = (g - s_hat * (tl.sum(g * s_hat, axis=1) / N)[:, None]) * rstd[:, None]
-        if HAS_DS_OUT:
-            ds_out = tl.load(DS_OUT + rows64 * stride_ds_out + cols[None, :], mask=mask, other=0.0)
-            ds += ds_out.to(tl.float32)
-        tl.store(DS + rows64 * N + cols[None, :], ds.to(DS.dtype.element_ty), mask=mask)
-        dw += tl.sum(dy * s_hat, axis=0)
-    tl.store(DW_PARTIAL + pid * N + cols, dw, mask=col_mask)
+        # Masked lanes load 0, which leaves the sum of squares untouched.
+        s = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            s += tl.load(R + rows64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(S + rows64 * N + cols[None, :], s.to(S.dtype.element_ty), mask=mask)
+        rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / N + eps)  # (BLOCK_M,)
+        w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)  # (BLOCK_N,)
+        y = s * rstd[:, None] * w[None, :]
+        tl.store(Y + rows64 * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
-def _launch(kernel):
-    """The kernel as ``torch.compile`` can trace it; the interpreter runs it as it is."""
-    return kernel if interpreting() else wrap_triton(kernel)
+    @triton.jit
+    def _rms_norm_backward_kernel(
+        DY,  # pointer to the gradient of y, row stride stride_dy
+        DS_OUT,  # pointer to the gradient of the output sum s (read only when HAS_DS_OUT)
+        S,  # pointer to the normalised rows s (x for rms_norm, the saved sum for add_rms_norm)
+        W,  # pointer to the weight [N]
+        RSTD,  # pointer to the fp32 1/rms per row [M] from the forward
+        DS,  # pointer to the gradient of s [M, N], contiguous: dx (and dresidual)
+        DW_PARTIAL,  # pointer to fp32 [num_programs, N]: this program's share of dw
+        stride_dy,  # elements between rows of DY
+        stride_ds_out,  # elements between rows of DS_OUT
+        stride_s,  # elements between rows of S
+        M,  # number of rows
+        N,  # hidden size
+        rows_per_program,  # contiguous rows each program walks through, a multiple of BLOCK_M
+        HAS_DS_OUT: tl.constexpr,  # add the incoming gradient of s (add_rms_norm)
+        BLOCK_M: tl.constexpr,  # rows per loop step
+        BLOCK_N: tl.constexpr,  # next power of two ≥ N
+    ):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        # Each program owns a band of rows and sums its dw privately in fp32 registers: no atomics,
+        # and the [num_programs, N] partials are summed once by the launcher.
+        dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        row_start = pid * rows_per_program
+        row_end = tl.minimum(row_start + rows_per_program, M)
+        for start in range(row_start, row_end, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            row_mask = rows < row_end
+            mask = row_mask[:, None] & col_mask[None, :]
+            rows64 = rows.to(tl.int64)[:, None]
+            dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            s = tl.load(S + rows64 * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+            s_hat = s * rstd[:, None]
+            g = dy * w[None, :]
+            ds = (g - s_hat * (tl.sum(g * s_hat, axis=1) / N)[:, None]) * rstd[:, None]
+            if HAS_DS_OUT:
+                ds_out = tl.load(DS_OUT + rows64 * stride_ds_out + cols[None, :], mask=mask, other=0.0)
+                ds += ds_out.to(tl.float32)
+            tl.store(DS + rows64 * N + cols[None, :], ds.to(DS.dtype.element_ty), mask=mask)
+            dw += tl.sum(dy * s_hat, axis=0)
+        tl.store(DW_PARTIAL + pid * N + cols, dw, mask=col_mask)
 
 
-def _block_config(n: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for hidden size ``n``: ≥ 4096 elements per block, 8-16 per thread."""
-    block_n = triton.next_power_of_2(n)
-    block_m = max(1, 4096 // block_n)
-    num_warps = min(32, max(1, block_m * block_n // 256))
-    return block_m, block_n, num_warps
+    def _launch(kernel):
+        """The kernel as ``torch.compile`` can trace it; the interpreter runs it as it is."""
+        return kernel if interpreting() else wrap_triton(kernel)
 
 
-@functools.cache
-def _max_programs(device: torch.device) -> int:
-    """Streaming multiprocessors to fill on CUDA; when interpreting, programs run one by one, so few."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    def _block_config(n: int) -> tuple[int, int, int]:
+        """(BLOCK_M, BLOCK_N, num_warps) for hidden size ``n``: ≥ 4096 elements per block, 8-16 per thread."""
+        block_n = triton.next_power_of_2(n)
+        block_m = max(1, 4096 // block_n)
+        num_warps = min(32, max(1, block_m * block_n // 256))
+        return block_m, block_n, num_warps
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """View ``t`` as ``[M, N]`` rows; copy only when a row is not contiguous in memory."""
-    t2 = t.reshape(-1, t.shape[-1])  # (M, N)
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+    @functools.cache
+    def _max_programs(device: torch.device) -> int:
+        """Streaming multiprocessors to fill on CUDA; when interpreting, programs run one by one, so few."""
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).multi_processor_count
+        return 4
 
 
-def _forward(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Launch the forward kernel; returns ``(y, s or None, rstd)`` with y and s shaped like ``x``."""
-    n = x.shape[-1]
-    weight = weight.contiguous()  # (N,)
-    x2 = _rows(x)  # (M, N)
-    r2 = _rows(residual) if residual is not None else x2  # (M, N)
-    m = x2.shape[0]
-    out_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    s = torch.empty_like(y) if residual is not None else None
-    rstd = torch.empty(m, dtype=torch.float32, device=x.device)  # (M,)
-    if m == 0:
+    def _rows(t: torch.Tensor) -> torch.Tensor:
+        """View ``t`` as ``[M, N]`` rows; copy only when a row is not contiguous in memory."""
+        t2 = t.reshape(-1, t.shape[-1])  # (M, N)
+        return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+    def _forward(
+        x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Launch the forward kernel; returns ``(y, s or None, rstd)`` with y and s shaped like ``x``."""
+        n = x.shape[-1]
+        weight = weight.contiguous()  # (N,)
+        x2 = _rows(x)  # (M, N)
+        r2 = _rows(residual) if residual is not None else x2  # (M, N)
+        m = x2.shape[0]
+        out_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
+        y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        s = torch.empty_like(y) if residual is not None else None
+        rstd = torch.empty(m, dtype=torch.float32, device=x.device)  # (M,)
+        if m == 0:
+            return y, s, rstd
+        block_m, block_n, num_warps = _block_config(n)
+        _launch(_rms_norm_forward_kernel)[(triton.cdiv(m, block_m),)](
+            x2,
+            r2,
+            weight,
+            y,
+            s if s is not None else y,
+            rstd,
+            x2.stride(0),
+            r2.stride(0),
+            m,
+            n,
+            eps,
+            HAS_RESIDUAL=residual is not None,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=num_warps,
+        )
         return y, s, rstd
-    block_m, block_n, num_warps = _block_config(n)
-    _launch(_rms_norm_forward_kernel)[(triton.cdiv(m, block_m),)](
-        x2,
-        r2,
-        weight,
-        y,
-        s if s is not None else y,
-        rstd,
-        x2.stride(0),
-        r2.stride(0),
-        m,
-        n,
-        eps,
-        HAS_RESIDUAL=residual is not None,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=num_warps,
-    )
-    return y, s, rstd
 
 
-def _backward(
-    dy: torch.Tensor,
-    ds_out: torch.Tensor | None,
-    s: torch.Tensor,
-    weight: torch.Tensor,
-    rstd: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the backward kernel; returns ``(ds, dweight)`` with ds shaped like ``s``."""
-    n = s.shape[-1]
-    weight = weight.contiguous()  # (N,)
-    dy2, s2 = _rows(dy), _rows(s)  # (M, N)
-    ds_out2 = _rows(ds_out) if ds_out is not None else dy2  # (M, N)
-    m = s2.shape[0]
-    ds = torch.empty(s.shape, dtype=torch.promote_types(dy.dtype, s.dtype), device=s.device)
-    if m == 0:
-        return ds, torch.zeros_like(weight)
-    block_m, block_n, num_warps = _block_config(n)
-    # Enough programs to fill the device (32 warps per SM), never more than there are row blocks.
-    programs = min(triton.cdiv(m, block_m), _max_programs(s.device) * max(1, 32 // num_warps))
-    rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
-    programs = triton.cdiv(m, rows_per_program)
-    dw_partial = torch.empty(programs, n, dtype=torch.float32, device=s.device)  # (P, N)
-    _launch(_rms_norm_backward_kernel)[(programs,)](
-        dy2,
-        ds_out2,
-        s2,
-        weight,
-        rstd,
-        ds,
-        dw_partial,
-        dy2.stride(0),
-        ds_out2.stride(0),
-        s2.stride(0),
-        m,
-        n,
-        rows_per_program,
-        HAS_DS_OUT=ds_out is not None,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=num_warps,
-    )
-    return ds, dw_partial.sum(0).to(weight.dtype)
+    def _backward(
+        dy: torch.Tensor,
+        ds_out: torch.Tensor | None,
+        s: torch.Tensor,
+        weight: torch.Tensor,
+        rstd: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Launch the backward kernel; returns ``(ds, dweight)`` with ds shaped like ``s``."""
+        n = s.shape[-1]
+        weight = weight.contiguous()  # (N,)
+        dy2, s2 = _rows(dy), _rows(s)  # (M, N)
+        ds_out2 = _rows(ds_out) if ds_out is not None else dy2  # (M, N)
+        m = s2.shape[0]
+        ds = torch.empty(s.shape, dtype=torch.promote_types(dy.dtype, s.dtype), device=s.device)
+        if m == 0:
+            return ds, torch.zeros_like(weight)
+        block_m, block_n, num_warps = _block_config(n)
+        # Enough programs to fill the device (32 warps per SM), never more than there are row blocks.
+        programs = min(triton.cdiv(m, block_m), _max_programs(s.device) * max(1, 32 // num_warps))
+        rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
+        programs = triton.cdiv(m, rows_per_program)
+        dw_partial = torch.empty(programs, n, dtype=torch.float32, device=s.device)  # (P, N)
+        _launch(_rms_norm_backward_kernel)[(programs,)](
+            dy2,
+            ds_out2,
+            s2,
+            weight,
+            rstd,
+            ds,
+            dw_partial,
+            dy2.stride(0),
+            ds_out2.stride(0),
+            s2.stride(0),
+            m,
+            n,
+            rows_per_program,
+            HAS_DS_OUT=ds_out is not None,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=num_warps,
+        )
+        return ds, dw_partial.sum(0).to(weight.dtype)
 
 
-@triton_op("lash::rms_norm", mutates_args=())
-def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    y, _, rstd = _forward(x, None, weight, eps)
-    return y, rstd
+    @triton_op("lash::rms_norm", mutates_args=())
+    def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        y, _, rstd = _forward(x, None, weight, eps)
+        return y, rstd
 
 
-@triton_op("lash::add_rms_norm", mutates_args=())
-def _add_rms_norm_op(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, s, rstd = _forward(x, residual, weight, eps)
-    return y, s, rstd
+    @triton_op("lash::add_rms_norm", mutates_args=())
+    def _add_rms_norm_op(
+        x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        y, s, rstd = _forward(x, residual, weight, eps)
+        return y, s, rstd
 
 
-@triton_op("lash::rms_norm_backward", mutates_args=())
-def _rms_norm_backward_op(
-    dy: torch.Tensor, ds_out: torch.Tensor | None, s: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward(dy, ds_out, s, weight, rstd)
+    @triton_op("lash::rms_norm_backward", mutates_args=())
+    def _rms_norm_backward_op(
+        dy: torch.Tensor, ds_out: torch.Tensor | None, s: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _backward(dy, ds_out, s, weight, rstd)
 
 
-def _setup_rms_norm(ctx, inputs, output) -> None:
-    x, weight, _ = inputs
-    _, rstd = output
-    ctx.mark_non_differentiable(rstd)
-    ctx.save_for_backward(x, weight, rstd)
+    def _setup_rms_norm(ctx, inputs, output) -> None:
+        x, weight, _ = inputs
+        _, rstd = output
+        ctx.mark_non_differentiable(rstd)
+        ctx.save_for_backward(x, weight, rstd)
 
 
-def _rms_norm_grad(ctx, dy, _drstd):
-    x, weight, rstd = ctx.saved_tensors
-    dx, dweight = _rms_norm_backward_op(dy, None, x, weight, rstd)
-    return dx.to(x.dtype), dweight, None
+    def _rms_norm_grad(ctx, dy, _drstd):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dweight = _rms_norm_backward_op(dy, None, x, weight, rstd)
+        return dx.to(x.dtype), dweight, None
 
 
-def _setup_add_rms_norm(ctx, inputs, output) -> None:
-    x, residual, weight, _ = inputs
-    _, s, rstd = output
-    ctx.mark_non_differentiable(rstd)
-    ctx.save_for_backward(s, weight, rstd)
-    ctx.dtypes = (x.dtype, residual.dtype)
+    def _setup_add_rms_norm(ctx, inputs, output) -> None:
+        x, residual, weight, _ = inputs
+        _, s, rstd = output
+        ctx.mark_non_differentiable(rstd)
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.dtypes = (x.dtype, residual.dtype)
 
 
-def _add_rms_norm_grad(ctx, dy, ds_out, _drstd):
-    s, weight, rstd = ctx.saved_tensors
-    ds, dweight = _rms_norm_backward_op(dy, ds_out, s, weight, rstd)
-    x_dtype, residual_dtype = ctx.dtypes
-    # The add passes its gradient through unchanged: dx and dresidual are the same tensor,
-    # exactly as torch's own add backward hands one gradient to both inputs.
-    return ds.to(x_dtype), ds.to(residual_dtype), dweight, None
+    def _add_rms_norm_grad(ctx, dy, ds_out, _drstd):
+        s, weight, rstd = ctx.saved_tensors
+        ds, dweight = _rms_norm_backward_op(dy, ds_out, s, weight, rstd)
+        x_dtype, residual_dtype = ctx.dtypes
+        # The add passes its gradient through unchanged: dx and dresidual are the same tensor,
+        # exactly as torch's own add backward hands one gradient to both inputs.
+        return ds.to(x_dtype), ds.to(residual_dtype), dweight, None
 
 
-_rms_norm_op.register_autograd(_rms_norm_grad, setup_context=_setup_rms_norm)
-_add_rms_norm_op.register_autograd(_add_rms_norm_grad, setup_context=_setup_add_rms_norm)
+    _rms_norm_op.register_autograd(_rms_norm_grad, setup_context=_setup_rms_norm)
+    _add_rms_norm_op.register_autograd(_add_rms_norm_grad, setup_context=_setup_add_rms_norm)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

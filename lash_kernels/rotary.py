@@ -32,174 +32,176 @@ Layers: ``_rotary_kernel`` (Triton) → ``_rotary`` launcher → ``lash::rotary`
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
-from lash_kernels.backend import backend, interpreting
+from lash_kernels.backend import HAS_TRITON, backend, interpreting
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@triton.jit
-def _rotate_heads(
-    X,  # pointer to the input [B, H, T, D] of this tensor (q or k)
-    O,  # pointer to the output, same shape
-    stride_xb,  # input strides over batch, head, position (the head dim is unit-stride)
-    stride_xh,
-    stride_xt,
-    stride_ob,  # output strides over batch, head, position
-    stride_oh,
-    stride_ot,
-    n_heads,  # H of this tensor
-    pid_b,  # batch index of this program
-    t,  # (BLOCK_T,) positions of this program
-    d,  # (BLOCK_H,) offsets inside one half of the head dimension
-    mask,  # (BLOCK_T, BLOCK_H) valid positions × valid offsets
-    cos_lo,  # (BLOCK_T, BLOCK_H) fp32 table halves, loaded once for all heads
-    cos_hi,
-    sin_lo,
-    sin_hi,
-    HALF: tl.constexpr,  # D / 2
-):
-    t64 = t.to(tl.int64)[:, None]
-    for h in range(n_heads):
-        x_ptr = X + pid_b.to(tl.int64) * stride_xb + h * stride_xh + t64 * stride_xt + d[None, :]
-        o_ptr = O + pid_b.to(tl.int64) * stride_ob + h * stride_oh + t64 * stride_ot + d[None, :]
-        x_lo = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
-        x_hi = tl.load(x_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-        o_lo = x_lo * cos_lo - x_hi * sin_lo
-        o_hi = x_hi * cos_hi + x_lo * sin_hi
-        tl.store(o_ptr, o_lo.to(O.dtype.element_ty), mask=mask)
-        tl.store(o_ptr + HALF, o_hi.to(O.dtype.element_ty), mask=mask)
+if HAS_TRITON:  # optional off Linux: the torch references still work there
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+
+    @triton.jit
+    def _rotate_heads(
+        X,  # pointer to the input [B, H, T, D] of this tensor (q or k)
+        O,  # pointer to the output, same shape
+        stride_xb,  # input strides over batch, head, position (the head dim is unit-stride)
+        stride_xh,
+        stride_xt,
+        stride_ob,  # output strides over batch, head, position
+        stride_oh,
+        stride_ot,
+        n_heads,  # H of this tensor
+        pid_b,  # batch index of this program
+        t,  # (BLOCK_T,) positions of this program
+        d,  # (BLOCK_H,) offsets inside one half of the head dimension
+        mask,  # (BLOCK_T, BLOCK_H) valid positions × valid offsets
+        cos_lo,  # (BLOCK_T, BLOCK_H) fp32 table halves, loaded once for all heads
+        cos_hi,
+        sin_lo,
+        sin_hi,
+        HALF: tl.constexpr,  # D / 2
+    ):
+        t64 = t.to(tl.int64)[:, None]
+        for h in range(n_heads):
+            x_ptr = X + pid_b.to(tl.int64) * stride_xb + h * stride_xh + t64 * stride_xt + d[None, :]
+            o_ptr = O + pid_b.to(tl.int64) * stride_ob + h * stride_oh + t64 * stride_ot + d[None, :]
+            x_lo = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+            o_lo = x_lo * cos_lo - x_hi * sin_lo
+            o_hi = x_hi * cos_hi + x_lo * sin_hi
+            tl.store(o_ptr, o_lo.to(O.dtype.element_ty), mask=mask)
+            tl.store(o_ptr + HALF, o_hi.to(O.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _rotary_kernel(
-    Q,  # pointer to q [B, Hq, T, D]
-    K,  # pointer to k [B, Hk, T, D]
-    QO,  # pointer to the rotated q
-    KO,  # pointer to the rotated k
-    COS,  # pointer to the cos table [T, D]
-    SIN,  # pointer to the sin table [T, D]
-    stride_qb,  # q strides over batch, head, position
-    stride_qh,
-    stride_qt,
-    stride_kb,  # k strides over batch, head, position
-    stride_kh,
-    stride_kt,
-    stride_qob,  # rotated-q strides
-    stride_qoh,
-    stride_qot,
-    stride_kob,  # rotated-k strides
-    stride_koh,
-    stride_kot,
-    stride_cos,  # elements between rows of COS
-    stride_sin,  # elements between rows of SIN
-    T,  # sequence length
-    HQ,  # heads of q
-    HK,  # heads of k
-    HALF: tl.constexpr,  # D / 2
-    INVERSE: tl.constexpr,  # apply the transpose (backward) instead of the rotation
-    BLOCK_T: tl.constexpr,  # positions per program
-    BLOCK_H: tl.constexpr,  # next power of two ≥ D / 2
-):
-    pid_t = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    d = tl.arange(0, BLOCK_H)
-    mask = (t < T)[:, None] & (d < HALF)[None, :]
-    # The tables are the same for every head: one load per program, reused by all Hq + Hk heads,
-    # so their traffic stays a small fraction of q and k's.
-    cos_ptr = COS + t[:, None] * stride_cos + d[None, :]
-    sin_ptr = SIN + t[:, None] * stride_sin + d[None, :]
-    cos_lo = tl.load(cos_ptr, mask=mask, other=0.0).to(tl.float32)
-    cos_hi = tl.load(cos_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    sin_lo = tl.load(sin_ptr, mask=mask, other=0.0).to(tl.float32)
-    sin_hi = tl.load(sin_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    if INVERSE:
-        sin_lo, sin_hi = -sin_hi, -sin_lo
-    _rotate_heads(
-        Q, QO, stride_qb, stride_qh, stride_qt, stride_qob, stride_qoh, stride_qot,
-        HQ, pid_b, t, d, mask, cos_lo, cos_hi, sin_lo, sin_hi, HALF,
-    )  # fmt: skip
-    _rotate_heads(
-        K, KO, stride_kb, stride_kh, stride_kt, stride_kob, stride_koh, stride_kot,
-        HK, pid_b, t, d, mask, cos_lo, cos_hi, sin_lo, sin_hi, HALF,
-    )  # fmt: skip
+    @triton.jit
+    def _rotary_kernel(
+        Q,  # pointer to q [B, Hq, T, D]
+        K,  # pointer to k [B, Hk, T, D]
+        QO,  # pointer to the rotated q
+        KO,  # pointer to the rotated k
+        COS,  # pointer to the cos table [T, D]
+        SIN,  # pointer to the sin table [T, D]
+        stride_qb,  # q strides over batch, head, position
+        stride_qh,
+        stride_qt,
+        stride_kb,  # k strides over batch, head, position
+        stride_kh,
+        stride_kt,
+        stride_qob,  # rotated-q strides
+        stride_qoh,
+        stride_qot,
+        stride_kob,  # rotated-k strides
+        stride_koh,
+        stride_kot,
+        stride_cos,  # elements between rows of COS
+        stride_sin,  # elements between rows of SIN
+        T,  # sequence length
+        HQ,  # heads of q
+        HK,  # heads of k
+        HALF: tl.constexpr,  # D / 2
+        INVERSE: tl.constexpr,  # apply the transpose (backward) instead of the rotation
+        BLOCK_T: tl.constexpr,  # positions per program
+        BLOCK_H: tl.constexpr,  # next power of two ≥ D / 2
+    ):
+        pid_t = tl.program_id(0)
+        pid_b = tl.program_id(1)
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        d = tl.arange(0, BLOCK_H)
+        mask = (t < T)[:, None] & (d < HALF)[None, :]
+        # The tables are the same for every head: one load per program, reused by all Hq + Hk heads,
+        # so their traffic stays a small fraction of q and k's.
+        cos_ptr = COS + t[:, None] * stride_cos + d[None, :]
+        sin_ptr = SIN + t[:, None] * stride_sin + d[None, :]
+        cos_lo = tl.load(cos_ptr, mask=mask, other=0.0).to(tl.float32)
+        cos_hi = tl.load(cos_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+        sin_lo = tl.load(sin_ptr, mask=mask, other=0.0).to(tl.float32)
+        sin_hi = tl.load(sin_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+        if INVERSE:
+            sin_lo, sin_hi = -sin_hi, -sin_lo
+        _rotate_heads(
+            Q, QO, stride_qb, stride_qh, stride_qt, stride_qob, stride_qoh, stride_qot,
+            HQ, pid_b, t, d, mask, cos_lo, cos_hi, sin_lo, sin_hi, HALF,
+        )  # fmt: skip
+        _rotate_heads(
+            K, KO, stride_kb, stride_kh, stride_kt, stride_kob, stride_koh, stride_kot,
+            HK, pid_b, t, d, mask, cos_lo, cos_hi, sin_lo, sin_hi, HALF,
+        )  # fmt: skip
 
 
-def _launch(kernel):
-    """The kernel as ``torch.compile`` can trace it; the interpreter runs it as it is."""
-    return kernel if interpreting() else wrap_triton(kernel)
+    def _launch(kernel):
+        """The kernel as ``torch.compile`` can trace it; the interpreter runs it as it is."""
+        return kernel if interpreting() else wrap_triton(kernel)
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when its last dim is unit-stride (any other strides are fine), else a copy."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+    def _unit_last(t: torch.Tensor) -> torch.Tensor:
+        """``t`` itself when its last dim is unit-stride (any other strides are fine), else a copy."""
+        return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the kernel over (position blocks, batch); returns the rotated ``(q, k)``."""
-    q, k, cos, sin = _unit_last(q), _unit_last(k), _unit_last(cos), _unit_last(sin)
-    b, hq, t, dim = q.shape
-    hk = k.shape[1]
-    # empty_like keeps a dense input's layout (e.g. a transposed [B, T, H, D] view).
-    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-    if q.numel() + k.numel() == 0:
+    def _rotary(
+        q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Launch the kernel over (position blocks, batch); returns the rotated ``(q, k)``."""
+        q, k, cos, sin = _unit_last(q), _unit_last(k), _unit_last(cos), _unit_last(sin)
+        b, hq, t, dim = q.shape
+        hk = k.shape[1]
+        # empty_like keeps a dense input's layout (e.g. a transposed [B, T, H, D] view).
+        q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+        if q.numel() + k.numel() == 0:
+            return q_out, k_out
+        half = dim // 2
+        block_h = triton.next_power_of_2(half)
+        # The block depends on D only, so a dynamic sequence length under torch.compile does not
+        # specialise the graph; short sequences just mask the tail of one block.
+        block_t = max(1, 2048 // block_h)
+        _launch(_rotary_kernel)[(triton.cdiv(t, block_t), b)](
+            q,
+            k,
+            q_out,
+            k_out,
+            cos,
+            sin,
+            *q.stride()[:3],
+            *k.stride()[:3],
+            *q_out.stride()[:3],
+            *k_out.stride()[:3],
+            cos.stride(0),
+            sin.stride(0),
+            t,
+            hq,
+            hk,
+            HALF=half,
+            INVERSE=inverse,
+            BLOCK_T=block_t,
+            BLOCK_H=block_h,
+            num_warps=4,  # 2048-element tiles: 16 per thread for each of the six live tiles
+        )
         return q_out, k_out
-    half = dim // 2
-    block_h = triton.next_power_of_2(half)
-    # The block depends on D only, so a dynamic sequence length under torch.compile does not
-    # specialise the graph; short sequences just mask the tail of one block.
-    block_t = max(1, 2048 // block_h)
-    _launch(_rotary_kernel)[(triton.cdiv(t, block_t), b)](
-        q,
-        k,
-        q_out,
-        k_out,
-        cos,
-        sin,
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *q_out.stride()[:3],
-        *k_out.stride()[:3],
-        cos.stride(0),
-        sin.stride(0),
-        t,
-        hq,
-        hk,
-        HALF=half,
-        INVERSE=inverse,
-        BLOCK_T=block_t,
-        BLOCK_H=block_h,
-        num_warps=4,  # 2048-element tiles: 16 per thread for each of the six live tiles
-    )
-    return q_out, k_out
 
 
-@triton_op("lash::rotary", mutates_args=())
-def _rotary_op(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rotary(q, k, cos, sin, inverse)
+    @triton_op("lash::rotary", mutates_args=())
+    def _rotary_op(
+        q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _rotary(q, k, cos, sin, inverse)
 
 
-def _setup_rotary(ctx, inputs, output) -> None:
-    _, _, cos, sin, inverse = inputs
-    ctx.save_for_backward(cos, sin)
-    ctx.inverse = inverse
+    def _setup_rotary(ctx, inputs, output) -> None:
+        _, _, cos, sin, inverse = inputs
+        ctx.save_for_backward(cos, sin)
+        ctx.inverse = inverse
 
 
-def _rotary_grad(ctx, dq_out, dk_out):
-    cos, sin = ctx.saved_tensors
-    dq, dk = _rotary_op(dq_out, dk_out, cos, sin, not ctx.inverse)
-    return dq, dk, None, None, None
+    def _rotary_grad(ctx, dq_out, dk_out):
+        cos, sin = ctx.saved_tensors
+        dq, dk = _rotary_op(dq_out, dk_out, cos, sin, not ctx.inverse)
+        return dq, dk, None, None, None
 
 
-_rotary_op.register_autograd(_rotary_grad, setup_context=_setup_rotary)
+    _rotary_op.register_autograd(_rotary_grad, setup_context=_setup_rotary)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
