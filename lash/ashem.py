@@ -95,11 +95,15 @@ def collect_hard_examples(
 def extend_model(model: DeepSupervisionTransformer, phase2_layers: int) -> DeepSupervisionTransformer:
     """A ``phase2_layers`` model holding a copy of ``model``'s embedding, layers and head.
 
-    The new layers are initialised with their residual branches' output projections
-    (``attn.o_proj``, ``ffn.w2``) at zero, so each new block starts as a renormalisation of its
-    input and the deeper model starts close to the phase-1 model. With fully random new layers
-    the phase-2 model starts far worse than phase 1 and the seed's small phase-2 learning rate
-    cannot recover within a few epochs. ``exit_layer`` is the last copied layer.
+    The new layers start as near-identities, so the deeper model starts where the phase-1 model
+    is: their residual branches' output projections (``attn.o_proj``, ``ffn.w2``) are zero, so a
+    new post-norm block computes ``norm2(norm1(h))`` = ``h / rms(h) · g2`` with ``norm1`` at ones.
+    ``h`` is the phase-1 output ``u · w`` (``u`` of unit RMS, ``w`` the last phase-1 norm gain),
+    so a gain ``g2 = rms(w)`` gives back ``h`` up to the per-token factor ``rms(w) / rms(u · w)``,
+    which is close to 1 and never changes a prediction. With fully random new layers the
+    phase-2 model starts far worse than phase 1, and with unit gains the logits start rescaled
+    by ``1 / rms(w)``; either way the seed's small phase-2 learning rate spends its epochs
+    undoing the start. ``exit_layer`` is the last copied layer.
     """
     if phase2_layers <= model.num_layers:
         raise ValueError(f"phase2_layers={phase2_layers} must be greater than the model's {model.num_layers} layers")
@@ -116,9 +120,13 @@ def extend_model(model: DeepSupervisionTransformer, phase2_layers: int) -> DeepS
     deeper.output_head.load_state_dict(model.output_head.state_dict())
     for old, new in zip(model.layers, deeper.layers):
         new.load_state_dict(old.state_dict())
+    gain = model.layers[-1].norm2.weight.detach().pow(2).mean().sqrt()  # rms(w)
     for block in deeper.layers[model.num_layers :]:
         nn.init.zeros_(block.attn.o_proj.weight)
         nn.init.zeros_(block.ffn.w2.weight)
+        nn.init.ones_(block.norm1.weight)
+        with torch.no_grad():
+            block.norm2.weight.fill_(gain)
     return deeper
 
 

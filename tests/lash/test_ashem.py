@@ -65,11 +65,18 @@ def test_extend_and_freeze_keep_phase1_function_and_weights(data):
     model1 = DeepSupervisionTransformer(data.vocab_size, dim=16, num_layers=1, num_heads=2)
     for p in model1.parameters():
         torch.nn.init.normal_(p, std=0.2)
+    with torch.no_grad():
+        model1.layers[0].norm2.weight.normal_(2.0, 0.3)  # a trained-looking gain, far from 1
     model2 = extend_model(model1, 3)
     assert model2.num_layers == 3 and model2.exit_layer == 1
     x = data.val.inputs[:4]
     with torch.no_grad():
-        torch.testing.assert_close(model2.forward_all_layers(x)[0], model1(x))
+        shallow, _, deep = model2.forward_all_layers(x)
+        torch.testing.assert_close(shallow, model1(x))
+        # The new layers start as identities up to a per-token scale near 1: same predictions.
+        assert torch.equal(deep.argmax(-1), shallow.argmax(-1))
+        scale = (deep.norm(dim=-1) / shallow.norm(dim=-1)).flatten()
+        assert ((scale > 0.8) & (scale < 1.25)).all(), scale
     freeze_lower_layers(model2, 1, embedding=True, layers=True, head=True)
     frozen = {n: p.detach().clone() for n, p in model2.named_parameters() if not p.requires_grad}
     assert set(frozen) == {"embedding.weight", "output_head.weight"} | {
