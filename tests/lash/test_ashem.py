@@ -157,11 +157,11 @@ def test_failed_write_keeps_existing_results(tmp_path, monkeypatch):
 def test_colab2_cli_writes_results(tmp_path, capsys):
     args = ["--dataset", "offline", "--samples", "64", "--val-samples", "16", "--seq-len", "8", "--dim", "16",
             "--heads", "2", "--batch-size", "32", "--max-vocab", "64", "--phase1-layers", "1", "--phase2-layers", "2",
-            "--phase1-max-epochs", "1", "--phase2-max-epochs", "1", "--no-progress", "--no-freeze-head",
+            "--phase1-max-epochs", "1", "--phase2-max-epochs", "1", "--no-progress", "--freeze-head",
             "--out", str(tmp_path)]
     assert cli.ashem_main(args) == 0
     result = json.loads((tmp_path / "results.json").read_text())
-    assert result["config"]["freeze_head"] is False and result["setup"]["dataset"] == "offline"
+    assert result["config"]["freeze_head"] is True and result["setup"]["dataset"] == "offline"
     assert "Two-stage routing" in capsys.readouterr().out
     assert cli.ashem_main(["--hard-example-ratio", "1.5", "--out", str(tmp_path)]) == 2
     assert "hard_example_ratio=1.5 is outside" in capsys.readouterr().err
