@@ -23,6 +23,7 @@ from lash.ashem import run_ashem, write_atomic
 from lash.checkpoint import set_seed
 from lash.config import PROTOCOLS, ASHEMConfig, TrainingConfig, create_standard_config
 from lash.data import load_dataset
+from lash.distributed import shutdown_distributed
 from lash.models import DeepSupervisionTransformer
 from lash.report import summary_table, write_report
 from lash.trainer import DISTRIBUTED, PRECISIONS, Trainer
@@ -213,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        shutdown_distributed()
 
 
 def ashem_main(argv: list[str] | None = None) -> int:

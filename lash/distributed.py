@@ -58,6 +58,17 @@ def init_distributed(device: str | torch.device) -> tuple[DistInfo, torch.device
     return info, device
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group, if one was joined.
+
+    Exiting with a live gloo group can abort the process at interpreter shutdown ("terminate
+    called without an active exception") after the work is done, failing the whole torchrun.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over all processes in place (a no-op without a process group)."""
     if dist.is_available() and dist.is_initialized():
