@@ -8,9 +8,10 @@ depth is checked by :meth:`TrainingConfig.validate_for` when training starts.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from numbers import Integral, Real
+from numbers import Integral
+
+from lash.validation import check_int, check_real
 
 
 def _check_layer_index(name: str, layer: object, num_layers: int | None = None) -> None:
@@ -19,23 +20,6 @@ def _check_layer_index(name: str, layer: object, num_layers: int | None = None) 
         raise ValueError(f"{name}: layer index {layer!r} must be an int in [1, {upper}]")
     if layer < 1 or (num_layers is not None and layer > num_layers):
         raise ValueError(f"{name}: layer index {layer} is outside [1, {upper}]")
-
-
-def _check_real(
-    name: str, value: object, low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False
-) -> None:
-    """Raise unless ``value`` is a finite real number in the interval from ``low`` to ``high``."""
-    high_open = high_open or not math.isfinite(high)
-    allowed = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} must be a finite number in {allowed}")
-    if value < low or value > high or (low_open and value == low) or (high_open and value == high):
-        raise ValueError(f"{name}={value} is outside {allowed}")
-
-
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
-        raise ValueError(f"{name}={value!r} must be an int >= {low}")
 
 
 @dataclass
@@ -63,7 +47,7 @@ class TrainingConfig:
             raise ValueError(f"layer_weights={self.layer_weights!r} must be a non-empty dict {{layer: weight}}")
         for layer, weight in self.layer_weights.items():
             _check_layer_index("layer_weights", layer)
-            _check_real(f"layer_weights[{layer}]", weight, 0.0)
+            check_real(f"layer_weights[{layer}]", weight, 0.0)
         if not any(weight > 0 for weight in self.layer_weights.values()):
             raise ValueError(f"layer_weights={self.layer_weights}: at least one weight must be > 0")
         if self.layer_lr_scales is not None:
@@ -71,8 +55,8 @@ class TrainingConfig:
                 raise ValueError(f"layer_lr_scales={self.layer_lr_scales!r} must be a dict {{layer: scale}} or None")
             for layer, scale in self.layer_lr_scales.items():
                 _check_layer_index("layer_lr_scales", layer)
-                _check_real(f"layer_lr_scales[{layer}]", scale, 0.0, low_open=True)
-        _check_real("routing_threshold", self.routing_threshold, 0.0, 1.0)
+                check_real(f"layer_lr_scales[{layer}]", scale, 0.0, low_open=True)
+        check_real("routing_threshold", self.routing_threshold, 0.0, 1.0)
         _check_layer_index("exit_layer", self.exit_layer)
 
     @property
@@ -148,14 +132,14 @@ def create_standard_config(num_layers: int, **options) -> TrainingConfig:
 
     ``options`` are passed on to :class:`TrainingConfig` (``layer_lr_scales``, routing, ...).
     """
-    _check_int("num_layers", num_layers, 1)
+    check_int("num_layers", num_layers, 1)
     weights = {layer: 0.0 for layer in range(1, num_layers)} | {num_layers: 1.0}
     return TrainingConfig(layer_weights=weights, **options)
 
 
 def create_deep_supervision_config(num_layers: int, **options) -> TrainingConfig:
     """Deep supervision: every layer weighs ``1 / num_layers`` (the seed shows 0.33 for 3 layers)."""
-    _check_int("num_layers", num_layers, 1)
+    check_int("num_layers", num_layers, 1)
     weights = {layer: 1.0 / num_layers for layer in range(1, num_layers + 1)}
     return TrainingConfig(layer_weights=weights, **options)
 
@@ -202,18 +186,18 @@ class ASHEMConfig:
     protocol: str = "held-out"
 
     def __post_init__(self) -> None:
-        _check_int("phase1_layers", self.phase1_layers, 1)
-        _check_int("phase2_layers", self.phase2_layers, 1)
+        check_int("phase1_layers", self.phase1_layers, 1)
+        check_int("phase2_layers", self.phase2_layers, 1)
         if self.phase2_layers <= self.phase1_layers:
             raise ValueError(
                 f"phase2_layers={self.phase2_layers} must be greater than phase1_layers={self.phase1_layers}"
             )
-        _check_real("phase1_lr", self.phase1_lr, 0.0, low_open=True)
-        _check_real("phase2_lr", self.phase2_lr, 0.0, low_open=True)
-        _check_int("phase1_patience", self.phase1_patience, 1)
-        _check_int("phase2_patience", self.phase2_patience, 1)
-        _check_int("phase1_max_epochs", self.phase1_max_epochs, 1)
-        _check_int("phase2_max_epochs", self.phase2_max_epochs, 1)
+        check_real("phase1_lr", self.phase1_lr, 0.0, low_open=True)
+        check_real("phase2_lr", self.phase2_lr, 0.0, low_open=True)
+        check_int("phase1_patience", self.phase1_patience, 1)
+        check_int("phase2_patience", self.phase2_patience, 1)
+        check_int("phase1_max_epochs", self.phase1_max_epochs, 1)
+        check_int("phase2_max_epochs", self.phase2_max_epochs, 1)
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol={self.protocol!r} must be one of {', '.join(PROTOCOLS)}")
-        _check_real("hard_example_ratio", self.hard_example_ratio, 0.0, 1.0, low_open=True, high_open=True)
+        check_real("hard_example_ratio", self.hard_example_ratio, 0.0, 1.0, low_open=True, high_open=True)

@@ -20,6 +20,8 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+from lash.validation import check_int
+
 UNK = "<unk>"
 DATASETS = ("auto", "wikitext-2", "offline")
 
@@ -41,8 +43,7 @@ class TokenBatches:
     def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, shuffle: bool = False, seed: int = 0) -> None:
         if inputs.shape != targets.shape or inputs.dim() != 2:
             raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must be equal (n, seq_len)")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
+        check_int("batch_size", batch_size, 1)
         self.inputs, self.targets = inputs, targets
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.epoch = 0
@@ -297,8 +298,7 @@ def load_dataset(
         val_samples: validation sequences (default ``num_samples // 5``, at least 1).
     """
     for field, value in (("num_samples", num_samples), ("batch_size", batch_size), ("seq_len", seq_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{field}={value!r} must be an int >= 1")
+        check_int(field, value, 1)
     val_samples = max(1, num_samples // 5) if val_samples is None else val_samples
     if name == "auto":
         if _hub_reachable():

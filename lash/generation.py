@@ -27,6 +27,7 @@ import torch
 
 from lash import models
 from lash.routing import check_exit_layer, check_threshold, early_exit_step, run_layers
+from lash.validation import check_int
 
 if TYPE_CHECKING:
     from lash.models import DeepSupervisionTransformer
@@ -189,8 +190,7 @@ def speculative_decode(model, prompt, max_new_tokens, temperature, top_k, genera
 def _check(model, input_ids, max_new_tokens, temperature, top_k, draft_tokens, generator) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long or 0 in input_ids.shape:
         raise ValueError("input_ids must be a non-empty LongTensor (batch, prompt_len) (all prompts the same length)")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 0")
+    check_int("max_new_tokens", max_new_tokens, 0)
     total = input_ids.shape[1] + max_new_tokens
     if total > model.max_seq_len:
         raise ValueError(
@@ -201,8 +201,7 @@ def _check(model, input_ids, max_new_tokens, temperature, top_k, draft_tokens, g
         raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0: greedy)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= model.vocab_size):
         raise ValueError(f"top_k={top_k!r} is outside [1, vocab_size={model.vocab_size}] (or None)")
-    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
-        raise ValueError(f"draft_tokens={draft_tokens!r} must be an int >= 1")
+    check_int("draft_tokens", draft_tokens, 1)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     models.check_token_ids(input_ids, model.vocab_size)

@@ -17,6 +17,7 @@ from torch import nn
 
 from lash import generation, routing
 from lash.modules import TransformerBlock
+from lash.validation import check_int
 
 
 def check_token_ids(ids: torch.Tensor, vocab_size: int, name: str = "token id", ignore_index: int | None = None) -> None:
@@ -58,9 +59,8 @@ class StandardTransformer(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("dim", dim), ("num_layers", num_layers),
-                            ("num_heads", num_heads), ("max_seq_len", max_seq_len)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an int >= 1")
+                            ("num_heads", num_heads), ("max_seq_len", max_seq_len)):  # fmt: skip
+            check_int(name, value, 1)
         self.vocab_size = vocab_size
         self.dim = dim
         self.num_layers = num_layers

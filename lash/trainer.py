@@ -29,6 +29,7 @@ from lash.distributed import ShardedBatches, all_reduce_sum, init_distributed, l
 from lash.losses import exit_statistics, multi_exit_loss
 from lash.models import StandardTransformer, check_token_ids
 from lash.optim import layer_param_groups, warmup_cosine
+from lash.validation import check_int, check_real
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,17 +48,6 @@ class NonFiniteLossError(FloatingPointError):
 def perplexity(loss: float) -> float:
     """``exp(loss)``, infinite instead of overflowing."""
     return math.exp(loss) if loss < 700 else math.inf
-
-
-def _positive_number(name: str, value: object, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name}={value!r} must be a finite number {'>=' if allow_zero else '>'} 0")
-
-
-def _positive_int(name: str, value: object, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}={value!r} must be an int >= {low}")
 
 
 class _WeightedLoss(nn.Module):
@@ -110,13 +100,13 @@ class Trainer:
     ) -> None:
         if not isinstance(config, TrainingConfig):
             raise ValueError(f"config must be a TrainingConfig, got {type(config).__name__}")
-        _positive_int("vocab_size", vocab_size)
+        check_int("vocab_size", vocab_size, 1)
         if precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}")
-        _positive_int("grad_accum_steps", grad_accum_steps)
-        _positive_int("warmup_steps", warmup_steps, low=0)
+        check_int("grad_accum_steps", grad_accum_steps, 1)
+        check_int("warmup_steps", warmup_steps, 0)
         if total_steps is not None:
-            _positive_int("total_steps", total_steps)
+            check_int("total_steps", total_steps, 1)
         if distributed not in DISTRIBUTED:
             raise ValueError(f"distributed={distributed!r} must be one of {', '.join(DISTRIBUTED)}")
         self.config = config
@@ -210,8 +200,8 @@ class Trainer:
         ``total_steps`` set, ``trainer.scheduler`` drives every group's rate per optimizer step.
         The model and optimizer are remembered for :meth:`save_checkpoint`.
         """
-        _positive_number("base_lr", base_lr)
-        _positive_number("weight_decay", weight_decay, allow_zero=True)
+        check_real("base_lr", base_lr, 0.0, low_open=True)
+        check_real("weight_decay", weight_decay, 0.0)
         self._prepare(model)
         if self.world_size > 1:
             self._runner(model)  # FSDP2 replaces the parameters: wrap before the optimizer sees them
@@ -417,9 +407,9 @@ class Trainer:
             (1-based), ``best_val_loss``, ``total_epochs``, ``stopped_early`` and ``history``
             (the full :meth:`evaluate` dict of every epoch).
         """
-        _positive_int("max_epochs", max_epochs)
-        _positive_int("patience", patience)
-        _positive_number("min_delta", min_delta, allow_zero=True)
+        check_int("max_epochs", max_epochs, 1)
+        check_int("patience", patience, 1)
+        check_real("min_delta", min_delta, 0.0)
         result: dict[str, Any] = {"train_losses": [], "val_losses": [], "val_ppls": [], "val_accs": [], "history": []}
         best_loss, best_epoch, best_state, waited = math.inf, 0, None, 0
         stopped_early = False
