@@ -7,6 +7,8 @@ import torch
 
 from lash_kernels.rms_norm import RMSNorm, add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 
+from .compile_check import assert_compiles_like_eager
+
 # The package re-exports functions named like their modules; importlib gives the module itself.
 rms_norm_module = importlib.import_module("lash_kernels.rms_norm")
 
@@ -195,16 +197,7 @@ class _Block(torch.nn.Module):
 
 def _check_compiled_block(dim, shape, dtype, device, rtol, atol):
     block = _Block(dim).to(device=device, dtype=dtype)
-    compiled = torch.compile(block, fullgraph=True)
-    h = torch.randn(*shape, dim, device=device, dtype=dtype)
-    out, want = compiled(h), block(h)
-    torch.testing.assert_close(out, want, rtol=rtol, atol=atol)
-    out.float().pow(2).mean().backward()
-    grads = [p.grad.clone() for p in block.parameters()]
-    block.zero_grad()
-    want.float().pow(2).mean().backward()
-    for got, ref in zip(grads, (p.grad for p in block.parameters())):
-        torch.testing.assert_close(got, ref, rtol=rtol, atol=atol)
+    assert_compiles_like_eager(block, torch.randn(*shape, dim, device=device, dtype=dtype), rtol, atol)
 
 
 def test_compiles_without_graph_breaks_cpu(monkeypatch):

@@ -7,6 +7,8 @@ import torch
 
 from lash_kernels.rotary import apply_rotary, apply_rotary_reference
 
+from .compile_check import assert_compiles_like_eager
+
 # The package re-exports functions named like their modules; importlib gives the module itself.
 rotary_module = importlib.import_module("lash_kernels.rotary")
 
@@ -174,16 +176,7 @@ class _Attention(torch.nn.Module):
 
 def _check_compiled_attention(dim, heads, seq_len, dtype, device, rtol, atol):
     module = _Attention(dim, heads, seq_len).to(device=device, dtype=dtype)
-    compiled = torch.compile(module, fullgraph=True)
-    x = torch.randn(2, seq_len, dim, device=device, dtype=dtype)
-    out, want = compiled(x), module(x)
-    torch.testing.assert_close(out, want, rtol=rtol, atol=atol)
-    out.float().pow(2).mean().backward()
-    grads = [p.grad.clone() for p in module.parameters()]
-    module.zero_grad()
-    want.float().pow(2).mean().backward()
-    for got, ref in zip(grads, (p.grad for p in module.parameters())):
-        torch.testing.assert_close(got, ref, rtol=rtol, atol=atol)
+    assert_compiles_like_eager(module, torch.randn(2, seq_len, dim, device=device, dtype=dtype), rtol, atol)
 
 
 def test_compiles_without_graph_breaks_cpu(monkeypatch):
