@@ -7,10 +7,14 @@
   (``TRITON_INTERPRET=1`` set before ``lash_kernels`` is imported), which is how the kernels are
   tested without a GPU;
 * ``torch``: always the pure-torch reference implementations.
+
+Per-arch rule: :func:`tensor_core_dots` says whether Triton's ``tl.dot`` gets tensor cores on a
+device (sm ≥ 80); ops whose fused kernels live on ``tl.dot`` take a cuBLAS-based path elsewhere.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -56,3 +60,20 @@ def backend(device: torch.device | str | None = None) -> str:
             "through its interpreter (set TRITON_INTERPRET=1 before importing lash_kernels)"
         )
     return "triton"
+
+
+def tensor_core_dots(device: torch.device | str) -> bool:
+    """Whether ``tl.dot`` runs on tensor cores on ``device``.
+
+    Triton emits no mma instructions below sm_80 (a T4 is sm_75), so there its dots run on FMA
+    units, far below cuBLAS. The interpreter counts as True so that CI runs the fused kernels.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return interpreting()
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 0)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)

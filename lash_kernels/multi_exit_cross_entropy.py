@@ -8,88 +8,83 @@ token n, with logits ``z = h_kn · Wᵀ`` and target ``y_n``:
     loss     = Σ_k w_k · (Σ_n∈valid CE_kn) / max(|valid|, 1)
     conf_kn  = max_v softmax(z)_v = exp(max_v z_v − lse_kn),  pred_kn = argmax_v z_v
 
-The ``max(|valid|, 1)`` makes an all-ignored batch contribute 0 rather than NaN.
-
 Backward. With ``g_kn = ∂loss/∂CE_kn`` (``w_k / |valid|`` for valid tokens, 0 for ignored ones),
 ``∂CE_kn/∂z_v = softmax(z)_v − [v = y_n]``, so the gradient of the logits is
 
     G_kn,v = g_kn · (exp(z_v − lse_kn) − [v = y_n])
-    ∂loss/∂h_kn = Σ_v G_kn,v · W_v          (G_k · W, a reduction over the vocabulary)
-    ∂loss/∂W_v  = Σ_k Σ_n G_kn,v · h_kn     (Σ_k G_kᵀ · h_k, a reduction over exits and tokens)
+    ∂loss/∂h_kn = Σ_v G_kn,v · W_v          (G · W, a reduction over the vocabulary)
+    ∂loss/∂W_v  = Σ_k Σ_n G_kn,v · h_kn     (Gᵀ · h, a reduction over exits and tokens)
 
-Only ``lse`` (fp32 ``[K, N]``) is saved; logits are recomputed tile by tile from ``h`` and ``W``.
+``g`` is known before the forward (weights and token count, kept on the device), so every path
+forms the gradients in the forward when they are needed and the backward only multiplies them by
+the incoming scalar gradient: the op's differentiable output is the scalar loss. The K exits are
+stacked on the token axis (``K·N`` rows), so each head matmul covers all exits at once.
 
-Triton path (CUDA, or the CPU through ``TRITON_INTERPRET=1``):
+Two regimes behind the one op (:func:`multi_exit_cross_entropy` picks):
 
-* ``_forward_kernel``, grid (token tiles, exits): loops over vocab tiles, ``tl.dot`` in fp32
-  accumulation, online log-sum-exp, target logit, running max and argmax.
-* ``_grad_hidden_kernel``, grid (token tiles, exits): recomputes each logit tile, forms ``G`` and
-  accumulates ``G · W`` for its token rows, so every ``grad_h`` row is written by one program.
-* ``_grad_weight_kernel``, grid (vocab tiles,): loops over exits and token tiles, recomputes
-  ``G`` and accumulates ``Gᵀ · h`` — the one fp32 head-gradient accumulator shared by all exits,
-  each ``grad_W`` tile written by one program (deterministic, no atomics).
-
-Work: forward 1 head matmul, backward 4 (two recomputes, ``G·W``, ``Gᵀ·h``) against the 3 of an
-eager implementation that keeps ``[N, V]`` logits; what is saved is the logits traffic
-(``3·K·N·V`` elements), which dominates at the small ``D`` LASH targets.
+* **Fused** (``D ≤ FUSED_MAX_HIDDEN`` = 256, the seed's models, on GPUs where ``tl.dot`` has
+  tensor cores): ``_fused_forward_kernel`` on a (token tiles × vocab splits) grid writes partial
+  max / Σexp / argmax / target logit, merged in torch into lse, CE and statistics; then
+  ``_fused_grad_kernel`` on a (vocab tiles × token splits) grid recomputes each logits tile once,
+  forms G, and from that one tile accumulates ``Gᵀ·h`` into its registers (the fp32 ``dW`` tile,
+  one per token split, summed in a fixed order: deterministic) and adds ``G·W`` into the fp32
+  ``dH`` with atomics (summation order varies run to run in the last bits). Head matmuls: 4
+  (one recompute), no logits in memory. Splits are sized for ≥ 4 programs per SM.
+* **Chunked** (wider heads, or sm < 80 where Triton has no tensor cores): the chunked driver of
+  :mod:`lash_kernels.multi_exit_cross_entropy_torch` with cuBLAS matmuls in the input dtype and
+  ``_row_kernel``, which turns a chunk of logits in place into CE, lse, confidence, argmax and G:
+  3 matmuls, one fused pass (two reads, one write) over each ``[C, V]`` chunk, ``dW`` accumulated in
+  fp32 by cuBLAS (deterministic). Chunks hold about ``GPU_CHUNK_BYTES`` of logits.
 
 Exits with weight 0 run forward only (for ``per_exit`` and the statistics): the public function
-sends them through the op detached, so no backward kernel ever sees them.
+sends them through the op without gradients, so no gradient work is done for them.
 
-Numerics: logits, softmax and all reductions in fp32. bf16/fp16 operands feed ``tl.dot`` as they
-are; fp32 operands use IEEE fp32 dots (``input_precision="ieee"``), not TF32, because TF32's
-10-bit mantissa turns logits of magnitude 1e3 into absolute errors of order 1 — the fast path
-is bf16. Envelope: ``N·D``, ``V·D`` < 2³¹; ``D`` ≤ 256 keeps the gradient tiles in registers,
-larger ``D`` accumulates them in an fp32 buffer owned by one program (read-modify-write per vocab
-or token tile: correct, but slower — the place to look first for speed at LLM widths).
+Numerics: statistics and reductions in fp32. bf16/fp16 operands feed ``tl.dot``/cuBLAS as they
+are (the chunked path's logits are in the input dtype, as in Liger-Kernel); fp32 operands use
+``tf32x3`` dots in the fused kernels (three TF32 products, near-fp32 accuracy on tensor cores)
+and cuBLAS fp32 (under the user's ``allow_tf32`` setting) in the chunked path. Envelope:
+``K·N·D``, ``V·D`` < 2³¹ elements; any V.
 
-Registered as ``torch.ops.lash.multi_exit_ce_forward`` / ``multi_exit_ce_backward`` with
-``torch.library.triton_op`` so ``torch.compile`` sees the kernels. The result type, input checks,
-eager reference and chunked torch path live in :mod:`lash_kernels.multi_exit_cross_entropy_torch`.
+Registered as ``torch.ops.lash.multi_exit_ce`` with ``torch.library.triton_op`` so
+``torch.compile`` sees the kernels. The result type, input checks, eager reference and the chunked
+driver live in :mod:`lash_kernels.multi_exit_cross_entropy_torch`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 
-from lash_kernels.backend import HAS_TRITON, backend, interpreting
+from lash_kernels.backend import HAS_TRITON, backend, interpreting, tensor_core_dots
 from lash_kernels.multi_exit_cross_entropy_torch import (
     MultiExitCEOutput,
     TorchMultiExitCE,
+    chunk_rows,
+    chunked_multi_exit_ce,
     multi_exit_cross_entropy_reference,
+    token_scales,
     validate_inputs,
 )
 
 __all__ = ["MultiExitCEOutput", "multi_exit_cross_entropy", "multi_exit_cross_entropy_reference"]
+
+FUSED_MAX_HIDDEN = 256  # widest head the fused kernels take (their dW/dH tiles live in registers)
+GPU_CHUNK_BYTES = 256 * 2**20  # logits per chunk in the chunked path: ≥ 4096 rows at V = 32000 bf16
+PROGRAMS_PER_SM = 4  # fused grids aim for this many programs per streaming multiprocessor
 
 if HAS_TRITON:  # optional off Linux: the torch path still works there
     import triton
     import triton.language as tl
     from torch.library import register_autograd, triton_op, wrap_triton
 
-    def _configs() -> list[triton.Config]:
-        """Tile shapes to try: one small fixed tile under the interpreter (no tuning), a few on GPU."""
-        if interpreting():
-            return [triton.Config({"BLOCK_N": 16, "BLOCK_V": 32}, num_warps=1)]
-        return [
-            triton.Config({"BLOCK_N": bn, "BLOCK_V": bv}, num_warps=warps, num_stages=stages)
-            for bn, bv, warps, stages in (
-                (64, 128, 4, 3),
-                (128, 128, 8, 3),
-                (64, 64, 4, 4),
-                (128, 64, 8, 3),
-                (32, 64, 4, 2),  # fits shared memory even for fp32 at BLOCK_D = 256
-            )
-        ]
-
     @triton.jit
     def _dot(
         a,  # [M, K] operand in the input dtype
         b,  # [K, P] operand in the input dtype
         acc,  # [M, P] fp32 accumulator
-        DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands (see module docstring)
+        DOT_PRECISION: tl.constexpr,  # "tf32x3" for fp32 operands (see module docstring)
         UPCAST_DOT: tl.constexpr,  # interpreter only: it multiplies bf16 bit patterns as integers
     ):
         """``acc + a · b`` on tensor cores in the operands' dtype, accumulated in fp32."""
@@ -99,104 +94,51 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     @triton.jit
-    def _row_tile(
-        ptr,  # row-major [rows, D] matrix
-        idx,  # [R] row indices
-        num_rows,  # rows of the matrix (for the mask)
-        d0,  # first column of the tile
-        D,  # columns of the matrix
-        BLOCK_D: tl.constexpr,  # columns of the tile
-    ):
-        """Pointers and mask of the [R, BLOCK_D] tile ``matrix[idx, d0 : d0 + BLOCK_D]``."""
-        dims = d0 + tl.arange(0, BLOCK_D)
-        return ptr + idx[:, None] * D + dims[None, :], (idx[:, None] < num_rows) & (dims[None, :] < D)
-
-    @triton.jit
-    def _logits_tile(
-        h_ptr,  # [N, D] hidden states of one exit
-        w_ptr,  # [V, D] shared head
-        rows,  # [BLOCK_N] token indices of the tile
-        cols,  # [BLOCK_V] vocab indices of the tile
-        N,  # tokens
-        V,  # vocabulary size
-        D,  # hidden size
-        BLOCK_N: tl.constexpr,  # tokens per tile
-        BLOCK_V: tl.constexpr,  # vocab entries per tile
-        BLOCK_D: tl.constexpr,  # hidden features per dot
-        DOT_PRECISION: tl.constexpr,  # dot precision for fp32 operands
-        UPCAST_DOT: tl.constexpr,  # feed tl.dot fp32 (interpreter with bf16 inputs)
-    ):
-        """fp32 logits ``h[rows] · W[cols]ᵀ`` of shape [BLOCK_N, BLOCK_V]; padded vocab at -inf."""
-        acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            h_ptrs, h_mask = _row_tile(h_ptr, rows, N, d0, D, BLOCK_D)
-            w_ptrs, w_mask = _row_tile(w_ptr, cols, V, d0, D, BLOCK_D)
-            h = tl.load(h_ptrs, mask=h_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-            w = tl.load(w_ptrs, mask=w_mask, other=0.0)  # [BLOCK_V, BLOCK_D]
-            acc = _dot(h, tl.trans(w), acc, DOT_PRECISION, UPCAST_DOT)
-        # -inf keeps padded columns out of the max, the sum of exponentials and the argmax.
-        return tl.where(cols[None, :] < V, acc, float("-inf"))
-
-    @triton.jit
-    def _grad_logits_tile(
-        h_ptr,  # [N, D] hidden states of one exit
-        w_ptr,  # [V, D] shared head
-        y,  # [BLOCK_N] targets of the tile's tokens
-        lse,  # [BLOCK_N] fp32 log-sum-exp saved by the forward
-        g,  # [BLOCK_N] fp32 ∂loss/∂CE, already 0 for ignored and padded tokens
-        rows,  # [BLOCK_N] token indices
-        cols,  # [BLOCK_V] vocab indices
-        N,  # tokens
-        V,  # vocabulary size
-        D,  # hidden size
-        BLOCK_N: tl.constexpr,  # tokens per tile
-        BLOCK_V: tl.constexpr,  # vocab entries per tile
-        BLOCK_D: tl.constexpr,  # hidden features per dot
-        DOT_PRECISION: tl.constexpr,  # dot precision for fp32 operands
-        UPCAST_DOT: tl.constexpr,  # feed tl.dot fp32 (interpreter with bf16 inputs)
-    ):
-        """Recomputed ``G = g · (softmax − onehot(y))`` for one [BLOCK_N, BLOCK_V] tile, fp32."""
-        logits = _logits_tile(h_ptr, w_ptr, rows, cols, N, V, D, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT)
-        probs = tl.exp(logits - lse[:, None])  # ≤ 1 because lse ≥ every logit; 0 on padded vocab
-        onehot = (cols[None, :] == y[:, None]).to(tl.float32)
-        return (probs - onehot) * g[:, None]
-
-    @triton.autotune(configs=_configs(), key=["D", "V"])
-    @triton.jit
-    def _forward_kernel(
-        h_ptr,  # [K, N, D] hidden states of all exits, contiguous
+    def _fused_forward_kernel(
+        h_ptr,  # [K·N, D] hidden states of all exits, stacked on the token axis, contiguous
         w_ptr,  # [V, D] shared head, contiguous
-        y_ptr,  # [N] int64 targets
-        loss_ptr,  # [K, N] fp32 out: per-token CE, 0 where ignored
-        lse_ptr,  # [K, N] fp32 out: log-sum-exp, the only thing the backward keeps
-        conf_ptr,  # [K, N] fp32 out: max softmax probability (WITH_STATS only)
-        pred_ptr,  # [K, N] int64 out: argmax over the vocabulary (WITH_STATS only)
-        N,  # tokens
+        y_ptr,  # [N] int64 targets (row r of h has target y[r mod N])
+        max_ptr,  # [S, K·N] fp32 out: max logit of the split
+        sum_ptr,  # [S, K·N] fp32 out: Σ exp(z − max) over the split
+        tgt_ptr,  # [S, K·N] fp32 out: the target's logit if the split holds it, else 0
+        arg_ptr,  # [S, K·N] int32 out: argmax within the split (lowest index on ties)
+        rows_total,  # K·N
+        N,  # tokens per exit
         V,  # vocabulary size
         D,  # hidden size
-        ignore_index,  # target value that marks a token without loss
-        WITH_STATS: tl.constexpr,  # also write confidence and argmax
-        BLOCK_N: tl.constexpr,  # tokens per program
+        split_cols,  # vocab entries per split, a multiple of BLOCK_V
+        BLOCK_N: tl.constexpr,  # rows per program
         BLOCK_V: tl.constexpr,  # vocab entries per loop step
         BLOCK_D: tl.constexpr,  # hidden features per dot
         DOT_PRECISION: tl.constexpr,  # dot precision for fp32 operands
         UPCAST_DOT: tl.constexpr,  # feed tl.dot fp32 (interpreter with bf16 inputs)
     ):
-        exit_k = tl.program_id(1).to(tl.int64)  # int64: K·N·D may pass 2³¹
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_mask = rows < N
-        y = tl.load(y_ptr + rows, mask=row_mask, other=ignore_index)
-        h_ptr += exit_k * N * D
+        """Online log-sum-exp, argmax and target logit of one (row tile, vocab split).
 
+        Splitting the vocabulary gives the grid ≥ 4 programs per SM at the seed's N; the splits
+        merge exactly in torch (``lse = M + log Σ_s sum_s · exp(max_s − M)`` with ``M = max_s max_s``).
+        """
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        split = tl.program_id(1)
+        row_mask = rows < rows_total
+        y = tl.load(y_ptr + rows % N, mask=row_mask, other=-1)
+        dims = tl.arange(0, BLOCK_D)
+        rows64 = rows.to(tl.int64)  # K·N·D may pass 2³¹
         run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
         run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)  # Σ exp(z − run_max)
         target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
         best = tl.zeros((BLOCK_N,), dtype=tl.int32)
-        for v0 in range(0, V, BLOCK_V):
+        v_start = split * split_cols
+        for v0 in range(v_start, tl.minimum(v_start + split_cols, V), BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
-            logits = _logits_tile(
-                h_ptr, w_ptr, rows, cols, N, V, D, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT
-            )  # [BLOCK_N, BLOCK_V]
+            logits = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + dims
+                h = tl.load(h_ptr + rows64[:, None] * D + d[None, :], mask=row_mask[:, None] & (d[None, :] < D), other=0.0)
+                w = tl.load(w_ptr + cols[:, None].to(tl.int64) * D + d[None, :], mask=(cols[:, None] < V) & (d[None, :] < D), other=0.0)
+                logits = _dot(h, tl.trans(w), logits, DOT_PRECISION, UPCAST_DOT)  # [BLOCK_N, BLOCK_V]
+            # -inf keeps padded columns out of the max, the sum of exponentials and the argmax.
+            logits = tl.where(cols[None, :] < V, logits, float("-inf"))
             tile_max = tl.max(logits, axis=1)
             # Strict ">" keeps the earlier tile on ties; tl.argmax breaks ties to the left inside
             # a tile: together the lowest index, as torch.argmax.
@@ -205,253 +147,345 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
             run_max = new_max
             target_logit += tl.sum(tl.where(cols[None, :] == y[:, None], logits, 0.0), axis=1)
-
-        lse = run_max + tl.log(run_sum)
-        loss = tl.where(y != ignore_index, lse - target_logit, 0.0)
-        out = exit_k * N + rows
-        tl.store(loss_ptr + out, loss, mask=row_mask)
-        tl.store(lse_ptr + out, lse, mask=row_mask)
-        if WITH_STATS:
-            tl.store(conf_ptr + out, tl.exp(run_max - lse), mask=row_mask)
-            tl.store(pred_ptr + out, best.to(tl.int64), mask=row_mask)
+        out = split * rows_total + rows
+        tl.store(max_ptr + out, run_max, mask=row_mask)
+        tl.store(sum_ptr + out, run_sum, mask=row_mask)
+        tl.store(tgt_ptr + out, target_logit, mask=row_mask)
+        tl.store(arg_ptr + out, best, mask=row_mask)
 
     @triton.jit
-    def _add_product_rows(
-        out_ptr,  # row-major [out rows, D] fp32 gradient, rows out_idx owned by this program
-        out_idx,  # [R] rows of out to update
-        num_out,  # rows of out
-        a,  # [R, M] fp32 left factor (a gradient-of-logits tile or its transpose)
-        b_ptr,  # row-major [b rows, D] right factor (the head or the hidden states)
-        b_idx,  # [M] rows of b
-        num_b,  # rows of b
-        D,  # hidden size
-        R: tl.constexpr,  # rows of the tile
-        BLOCK_D: tl.constexpr,  # columns per dot
-        DOT_PRECISION: tl.constexpr,  # dot precision for fp32 operands
-        UPCAST_DOT: tl.constexpr,  # feed tl.dot fp32 (interpreter with bf16 inputs)
-    ):
-        """``out[out_idx] += a · b[b_idx]`` one BLOCK_D slice at a time, for D too wide for registers.
-
-        The barrier makes this call's stores visible to whichever threads load them next call.
-        """
-        for d0 in range(0, D, BLOCK_D):
-            b_ptrs, b_mask = _row_tile(b_ptr, b_idx, num_b, d0, D, BLOCK_D)
-            b = tl.load(b_ptrs, mask=b_mask, other=0.0)
-            out_ptrs, out_mask = _row_tile(out_ptr, out_idx, num_out, d0, D, BLOCK_D)
-            acc = tl.load(out_ptrs, mask=out_mask, other=0.0)
-            tl.store(out_ptrs, _dot(a.to(b.dtype), b, acc, DOT_PRECISION, UPCAST_DOT), mask=out_mask)
-        tl.debug_barrier()
-
-    @triton.jit
-    def _zero_rows(
-        ptr,  # row-major [rows, D] fp32 matrix
-        idx,  # [R] rows to zero
-        num_rows,  # rows of the matrix
-        D,  # columns
-        R: tl.constexpr,  # rows of the tile
-        BLOCK_D: tl.constexpr,  # columns per store
-    ):
-        for d0 in range(0, D, BLOCK_D):
-            ptrs, mask = _row_tile(ptr, idx, num_rows, d0, D, BLOCK_D)
-            tl.store(ptrs, tl.zeros((R, BLOCK_D), dtype=tl.float32), mask=mask)
-        tl.debug_barrier()
-
-    @triton.autotune(configs=_configs(), key=["D", "V"])
-    @triton.jit
-    def _grad_hidden_kernel(
-        h_ptr,  # [K, N, D] hidden states of the exits that need gradients
-        w_ptr,  # [V, D] shared head
+    def _fused_grad_kernel(
+        h_ptr,  # [K·N, D] hidden states of the exits, stacked, contiguous
+        w_ptr,  # [V, D] shared head, contiguous
         y_ptr,  # [N] int64 targets
-        lse_ptr,  # [K, N] fp32 log-sum-exp from the forward
-        g_ptr,  # [K, N] fp32 ∂loss/∂CE per token
-        gh_ptr,  # [K, N, D] fp32 out: ∂loss/∂h
-        N,  # tokens
+        lse_ptr,  # [K·N] fp32 log-sum-exp from the forward
+        g_ptr,  # [K·N] fp32 ∂loss/∂CE per row, 0 at ignored tokens
+        gh_ptr,  # [K·N, D] fp32 in/out, zeroed: ∂loss/∂h, accumulated with atomics (NEED_H)
+        gw_ptr,  # [T, V, D] fp32 out: this token split's part of ∂loss/∂W (NEED_W)
+        rows_total,  # K·N
+        N,  # tokens per exit
         V,  # vocabulary size
         D,  # hidden size
-        ignore_index,  # target value that marks a token without loss
-        SINGLE_D_TILE: tl.constexpr,  # D ≤ BLOCK_D: the [BLOCK_N, D] gradient fits in registers
-        BLOCK_N: tl.constexpr,  # tokens per program
-        BLOCK_V: tl.constexpr,  # vocab entries per loop step
-        BLOCK_D: tl.constexpr,  # hidden features per dot
-        DOT_PRECISION: tl.constexpr,  # dot precision for fp32 operands
-        UPCAST_DOT: tl.constexpr,  # feed tl.dot fp32 (interpreter with bf16 inputs)
-    ):
-        exit_k = tl.program_id(1).to(tl.int64)
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_mask = rows < N
-        y = tl.load(y_ptr + rows, mask=row_mask, other=ignore_index)
-        lse = tl.load(lse_ptr + exit_k * N + rows, mask=row_mask, other=0.0)
-        g = tl.load(g_ptr + exit_k * N + rows, mask=row_mask, other=0.0)
-        g = tl.where(y != ignore_index, g, 0.0)
-        h_ptr += exit_k * N * D
-        gh_ptr += exit_k * N * D
-
-        # Registers hold the [BLOCK_N, D] gradient when D fits one tile; otherwise the program
-        # accumulates into its own rows of gh, which no other program touches.
-        if SINGLE_D_TILE:
-            acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-        else:
-            _zero_rows(gh_ptr, rows, N, D, BLOCK_N, BLOCK_D)
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            dz = _grad_logits_tile(
-                h_ptr, w_ptr, y, lse, g, rows, cols, N, V, D, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT
-            )  # [BLOCK_N, BLOCK_V]
-            if SINGLE_D_TILE:
-                w_ptrs, w_mask = _row_tile(w_ptr, cols, V, 0, D, BLOCK_D)
-                w = tl.load(w_ptrs, mask=w_mask, other=0.0)  # [BLOCK_V, BLOCK_D]
-                acc = _dot(dz.to(w.dtype), w, acc, DOT_PRECISION, UPCAST_DOT)
-            else:
-                _add_product_rows(gh_ptr, rows, N, dz, w_ptr, cols, V, D, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST_DOT)
-        if SINGLE_D_TILE:
-            gh_ptrs, gh_mask = _row_tile(gh_ptr, rows, N, 0, D, BLOCK_D)
-            tl.store(gh_ptrs, acc, mask=gh_mask)
-
-    @triton.autotune(configs=_configs(), key=["D", "V"])
-    @triton.jit
-    def _grad_weight_kernel(
-        h_ptr,  # [K, N, D] hidden states of the exits that need gradients
-        w_ptr,  # [V, D] shared head
-        y_ptr,  # [N] int64 targets
-        lse_ptr,  # [K, N] fp32 log-sum-exp from the forward
-        g_ptr,  # [K, N] fp32 ∂loss/∂CE per token
-        gw_ptr,  # [V, D] fp32 out: ∂loss/∂W, summed over exits and tokens
-        K,  # exits
-        N,  # tokens
-        V,  # vocabulary size
-        D,  # hidden size
-        ignore_index,  # target value that marks a token without loss
-        SINGLE_D_TILE: tl.constexpr,  # D ≤ BLOCK_D: the [BLOCK_V, D] gradient fits in registers
-        BLOCK_N: tl.constexpr,  # tokens per loop step
+        split_rows,  # rows per token split, a multiple of BLOCK_N
+        NEED_H: tl.constexpr,  # form ∂loss/∂h
+        NEED_W: tl.constexpr,  # form ∂loss/∂W
+        BLOCK_N: tl.constexpr,  # rows per loop step
         BLOCK_V: tl.constexpr,  # vocab entries per program
-        BLOCK_D: tl.constexpr,  # hidden features per dot
+        BLOCK_D: tl.constexpr,  # next power of two ≥ D: whole rows in registers
         DOT_PRECISION: tl.constexpr,  # dot precision for fp32 operands
         UPCAST_DOT: tl.constexpr,  # feed tl.dot fp32 (interpreter with bf16 inputs)
     ):
-        cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-        # One accumulator for every exit: registers when D fits one tile, else this program's rows.
-        if SINGLE_D_TILE:
-            acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
-        else:
-            _zero_rows(gw_ptr, cols, V, D, BLOCK_V, BLOCK_D)
-        exit_h_ptr = h_ptr
-        for exit_k in range(0, K):
-            for n0 in range(0, N, BLOCK_N):
-                rows = n0 + tl.arange(0, BLOCK_N)
-                row_mask = rows < N
-                y = tl.load(y_ptr + rows, mask=row_mask, other=ignore_index)
-                lse = tl.load(lse_ptr + exit_k * N + rows, mask=row_mask, other=0.0)
-                g = tl.load(g_ptr + exit_k * N + rows, mask=row_mask, other=0.0)
-                g = tl.where(y != ignore_index, g, 0.0)
-                dz_t = tl.trans(
-                    _grad_logits_tile(
-                        exit_h_ptr, w_ptr, y, lse, g, rows, cols, N, V, D,
-                        BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
-                    )
-                )  # [BLOCK_V, BLOCK_N]  # fmt: skip
-                if SINGLE_D_TILE:
-                    h_ptrs, h_mask = _row_tile(exit_h_ptr, rows, N, 0, D, BLOCK_D)
-                    h = tl.load(h_ptrs, mask=h_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-                    acc = _dot(dz_t.to(h.dtype), h, acc, DOT_PRECISION, UPCAST_DOT)
-                else:
-                    _add_product_rows(
-                        gw_ptr, cols, V, dz_t, exit_h_ptr, rows, N, D, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT
-                    )
-            exit_h_ptr += N * D  # stepping the pointer keeps K·N·D out of 32-bit products
-        if SINGLE_D_TILE:
-            gw_ptrs, gw_mask = _row_tile(gw_ptr, cols, V, 0, D, BLOCK_D)
-            tl.store(gw_ptrs, acc, mask=gw_mask)
+        """One recompute of each logits tile, then both products from it.
 
-    def _block_d(D: int) -> int:
-        """Hidden features per dot: all of D when the gradient tile fits in registers, else 64."""
+        The program owns vocab rows ``cols`` for one token split: the head tile stays in
+        registers, the ``[BLOCK_V, D]`` head gradient accumulates there over the split's rows
+        (each written once, so ``dW`` is deterministic), and each ``G · W_cols`` partial of the
+        hidden-state gradient is added to ``dH`` with atomics (V / BLOCK_V adds per element).
+        """
+        cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+        split = tl.program_id(1)
+        dims = tl.arange(0, BLOCK_D)
+        col_mask = cols < V
+        d_mask = dims < D
+        w = tl.load(w_ptr + cols[:, None].to(tl.int64) * D + dims[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        acc_w = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
+        r_start = split * split_rows
+        for r0 in range(r_start, tl.minimum(r_start + split_rows, rows_total), BLOCK_N):
+            rows = r0 + tl.arange(0, BLOCK_N)
+            row_mask = rows < rows_total
+            rows64 = rows.to(tl.int64)
+            y = tl.load(y_ptr + rows % N, mask=row_mask, other=-1)
+            lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+            g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)  # 0 on padded rows: G = 0 there
+            h_mask = row_mask[:, None] & d_mask[None, :]
+            h = tl.load(h_ptr + rows64[:, None] * D + dims[None, :], mask=h_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+            logits = _dot(h, tl.trans(w), tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32), DOT_PRECISION, UPCAST_DOT)
+            probs = tl.where(col_mask[None, :], tl.exp(logits - lse[:, None]), 0.0)  # ≤ 1: lse ≥ every logit
+            grad = ((probs - (cols[None, :] == y[:, None]).to(tl.float32)) * g[:, None]).to(w.dtype)  # G
+            if NEED_W:
+                acc_w = _dot(tl.trans(grad), h, acc_w, DOT_PRECISION, UPCAST_DOT)
+            if NEED_H:
+                part = _dot(grad, w, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), DOT_PRECISION, UPCAST_DOT)
+                tl.atomic_add(gh_ptr + rows64[:, None] * D + dims[None, :], part, mask=h_mask, sem="relaxed")
+        if NEED_W:
+            out = split.to(tl.int64) * V * D + cols[:, None].to(tl.int64) * D + dims[None, :]
+            tl.store(gw_ptr + out, acc_w, mask=col_mask[:, None] & d_mask[None, :])
+
+    @triton.jit
+    def _row_kernel(
+        z_ptr,  # [C, V] logits of one chunk (input dtype or fp32), overwritten with G (HAS_GRAD)
+        y_ptr,  # [C] int64 targets, 0 at ignored rows
+        valid_ptr,  # [C] bool: False at ignored rows
+        g_ptr,  # [C] fp32 ∂loss/∂CE per row (HAS_GRAD)
+        loss_ptr,  # [C] fp32 out: CE, 0 at ignored rows
+        conf_ptr,  # [C] fp32 out: max softmax probability (WITH_STATS)
+        pred_ptr,  # [C] int64 out: argmax (WITH_STATS)
+        V,  # vocabulary size (row stride of z)
+        HAS_GRAD: tl.constexpr,  # overwrite the logits with G = g · (softmax − onehot)
+        WITH_STATS: tl.constexpr,  # write confidence and argmax
+        BLOCK_V: tl.constexpr,  # vocab entries per loop step
+    ):
+        """One row: online max / Σexp / argmax / target logit in fp32, then (HAS_GRAD) G in place.
+
+        Two reads and one write of the row: the least a softmax gradient needs without keeping
+        the row on chip.
+        """
+        row = tl.program_id(0).to(tl.int64)
+        z_ptr += row * V
+        y = tl.load(y_ptr + row)
+        offs = tl.arange(0, BLOCK_V)
+        run_max = tl.full((BLOCK_V,), float("-inf"), dtype=tl.float32)  # per lane, reduced at the end
+        run_sum = tl.zeros((BLOCK_V,), dtype=tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            z = tl.load(z_ptr + v0 + offs, mask=v0 + offs < V, other=float("-inf")).to(tl.float32)
+            new_max = tl.maximum(run_max, z)
+            # Lanes still at -inf have no value yet: keep their sum at 0 instead of exp(nan).
+            scale = tl.where(new_max == float("-inf"), 0.0, tl.exp(run_max - new_max))
+            run_sum = run_sum * scale + tl.where(new_max == float("-inf"), 0.0, tl.exp(z - new_max))
+            run_max = new_max
+        row_max = tl.max(run_max, axis=0)
+        total = tl.sum(run_sum * tl.exp(run_max - row_max), axis=0)  # Σ exp(z − max) ≥ 1
+        lse = row_max + tl.log(total)
+        target_logit = tl.load(z_ptr + y).to(tl.float32)
+        valid = tl.load(valid_ptr + row)
+        tl.store(loss_ptr + row, tl.where(valid, lse - target_logit, 0.0))
+        if WITH_STATS:
+            tl.store(conf_ptr + row, 1.0 / total)
+            best = tl.full((), V, dtype=tl.int32)  # lowest index holding the row maximum
+            for v0 in range(0, V, BLOCK_V):
+                z = tl.load(z_ptr + v0 + offs, mask=v0 + offs < V, other=float("-inf")).to(tl.float32)
+                best = tl.minimum(best, tl.min(tl.where(z == row_max, v0 + offs, V), axis=0))
+            tl.store(pred_ptr + row, best.to(tl.int64))
+        if HAS_GRAD:
+            g = tl.load(g_ptr + row)
+            for v0 in range(0, V, BLOCK_V):
+                cols = v0 + offs
+                z = tl.load(z_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+                grad = g * (tl.exp(z - lse) - (cols == y).to(tl.float32))
+                tl.store(z_ptr + cols, grad.to(z_ptr.dtype.element_ty), mask=cols < V)
+
+    def _fused_config(D: int, dtype: torch.dtype, arch: int) -> dict:
+        """Tiles and launch shape of the fused kernels; the launchers and :func:`static_variants` use it.
+
+        Fixed per-arch heuristics rather than autotuning (no first-call stall). The grad kernel
+        holds ``[BLOCK_V, BLOCK_D]`` (dW) and ``[BLOCK_N, BLOCK_D]`` (dH partial) fp32 tiles in
+        registers, so wide heads take narrower tiles and more warps; fp32 operands (tf32x3, 3
+        products) and the 64 KiB T4 get the smallest tiles.
+        """
+        block_d = max(16, triton.next_power_of_2(D))
         if interpreting():
-            return 32  # small enough that the tests cover both the single- and multi-tile paths
-        return max(16, triton.next_power_of_2(D)) if D <= 256 else 64
+            return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=block_d, num_warps=1, num_stages=1)
+        small = dtype == torch.float32 or arch < 80
+        if block_d <= 64:
+            block_n, block_v, warps = (32, 64, 4) if small else (64, 128, 4)
+        elif block_d <= 128:
+            block_n, block_v, warps = (32, 64, 4) if small else (64, 64, 8)
+        else:
+            block_n, block_v, warps = (16, 32, 4) if small else (32, 64, 8)
+        return dict(
+            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps, num_stages=2 if small else 3,
+        )  # fmt: skip
+
+    def _row_config(V: int) -> dict:
+        """Vocab entries per step and warps of the row kernel: 8 fp32 lanes per thread."""
+        if interpreting():
+            return dict(BLOCK_V=64, num_warps=1)
+        block_v = min(4096, triton.next_power_of_2(V))
+        return dict(BLOCK_V=block_v, num_warps=max(1, min(16, block_v // 256)))
+
+    @functools.cache
+    def _sm_count(device: torch.device) -> int:
+        """Streaming multiprocessors to fill; the interpreter runs programs one by one, so 2."""
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).multi_processor_count
+        return 2
+
+    def _arch(device: torch.device) -> int:
+        if device.type != "cuda":
+            return 90
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
 
     def _dot_args(dtype: torch.dtype) -> dict:
-        """IEEE fp32 dots for fp32 inputs (module docstring); fp32 operands for the interpreter's bf16."""
+        """tf32x3 for fp32 operands (module docstring); fp32 operands for the interpreter's bf16."""
         return dict(
-            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",  # ignored for 16-bit operands
+            DOT_PRECISION="tf32x3" if dtype == torch.float32 else "tf32",  # ignored for 16-bit operands
             UPCAST_DOT=interpreting() and dtype == torch.bfloat16,
         )
 
-    @triton_op("lash::multi_exit_ce_forward", mutates_args=())
-    def _triton_forward(
+    def _splits(tiles: int, other_tiles: int, programs: int) -> int:
+        """How many ways to split ``tiles`` so that ``splits × other_tiles`` reaches ``programs``."""
+        return max(1, min(tiles, triton.cdiv(programs, max(other_tiles, 1))))
+
+    def _fused_launch_shape(rows: int, V: int, cfg: dict, sm_count: int) -> tuple[int, int, int, int]:
+        """(vocab splits S, columns per split, token splits T, rows per split) of the two grids."""
+        row_tiles, vocab_tiles = triton.cdiv(rows, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"])
+        programs = PROGRAMS_PER_SM * sm_count
+        per_split_v = triton.cdiv(vocab_tiles, _splits(vocab_tiles, row_tiles, programs))
+        per_split_n = triton.cdiv(row_tiles, _splits(row_tiles, vocab_tiles, programs))
+        return (
+            triton.cdiv(vocab_tiles, per_split_v), per_split_v * cfg["BLOCK_V"],
+            triton.cdiv(row_tiles, per_split_n), per_split_n * cfg["BLOCK_N"],
+        )  # fmt: skip
+
+    def _fused(hiddens, weight, targets, g, ignore_index, with_stats, need_h, need_w):
+        """The fused regime (module docstring): partial-softmax kernel, merge, one grad kernel."""
+        K, N, D = hiddens.shape
+        V, rows = weight.shape[0], K * N
+        h = hiddens.view(rows, D)
+        cfg = _fused_config(D, hiddens.dtype, _arch(hiddens.device))
+        splits_v, split_cols, splits_n, split_rows = _fused_launch_shape(rows, V, cfg, _sm_count(hiddens.device))
+        launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_dot_args(hiddens.dtype))
+        part_max = torch.empty((splits_v, rows), dtype=torch.float32, device=h.device)
+        part_sum, part_tgt = torch.empty_like(part_max), torch.empty_like(part_max)
+        part_arg = torch.empty((splits_v, rows), dtype=torch.int32, device=h.device)
+        wrap_triton(_fused_forward_kernel)[(triton.cdiv(rows, cfg["BLOCK_N"]), splits_v)](
+            h, weight, targets, part_max, part_sum, part_tgt, part_arg, rows, N, V, D, split_cols,
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], **launch,
+        )  # fmt: skip
+        row_max = part_max.amax(dim=0)  # (K·N,)
+        total = (part_sum * torch.exp(part_max - row_max)).sum(dim=0)  # (K·N,) Σ exp(z − max)
+        lse = row_max + total.log()
+        valid = (targets != ignore_index).repeat(K)
+        token_loss = torch.where(valid, lse - part_tgt.sum(dim=0), 0.0).view(K, N)
+        stats_shape = (K, N) if with_stats else (0,)
+        conf = total.reciprocal().view(K, N) if with_stats else h.new_empty(stats_shape, dtype=torch.float32)
+        # Lowest index over the splits that reach the maximum (torch's max(dim) may pick any on ties).
+        pred = (
+            torch.where(part_max == row_max, part_arg, V).amin(dim=0).view(K, N).long() if with_stats
+            else h.new_empty(stats_shape, dtype=torch.int64)
+        )  # fmt: skip
+        grad_h = torch.zeros((rows, D) if need_h else (0,), dtype=torch.float32, device=h.device)
+        grad_w = torch.empty((splits_n, V, D) if need_w else (0,), dtype=torch.float32, device=h.device)
+        if need_h or need_w:
+            wrap_triton(_fused_grad_kernel)[(triton.cdiv(V, cfg["BLOCK_V"]), splits_n)](
+                h, weight, targets, lse, g, grad_h, grad_w, rows, N, V, D, split_rows,
+                NEED_H=need_h, NEED_W=need_w, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"],
+                BLOCK_D=cfg["BLOCK_D"], **launch,
+            )  # fmt: skip
+        loss = torch.dot(token_loss.view(-1), g.view(-1))
+        grad_h = grad_h.view(K, N, D) if need_h else grad_h
+        grad_w = grad_w.sum(dim=0) if need_w else grad_w  # fixed order over token splits
+        return loss, token_loss, conf, pred, grad_h, grad_w
+
+    def _triton_row_pass(logits, targets, valid, g, with_stats):
+        """The chunked driver's row pass as one launch of ``_row_kernel`` over the chunk's rows."""
+        C, V = logits.shape
+        loss = torch.empty(C, dtype=torch.float32, device=logits.device)
+        conf = torch.empty(C if with_stats else 0, dtype=torch.float32, device=logits.device)
+        pred = torch.empty(C if with_stats else 0, dtype=torch.int64, device=logits.device)
+        cfg = _row_config(V)
+        wrap_triton(_row_kernel)[(C,)](
+            logits, targets, valid, g if g is not None else loss, loss, conf, pred, V,
+            HAS_GRAD=g is not None, WITH_STATS=with_stats, BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
+        )  # fmt: skip
+        return loss, conf if with_stats else None, pred if with_stats else None
+
+    def _chunked(hiddens, weight, targets, g, ignore_index, with_stats, need_h, need_w):
+        """The chunked regime: cuBLAS matmuls in the input dtype (fp32 off CUDA) and ``_row_kernel``."""
+        dtype = hiddens.dtype if hiddens.is_cuda else torch.float32  # CPU: the interpreter's tests
+        chunk = chunk_rows(weight.shape[0], GPU_CHUNK_BYTES, dtype.itemsize)
+        chunk = chunk if not interpreting() else 32  # several chunks on the tests' small shapes
+        return chunked_multi_exit_ce(
+            hiddens, weight, targets, g, ignore_index, with_stats, need_h, need_w, _triton_row_pass, chunk, dtype
+        )
+
+    @triton_op("lash::multi_exit_ce", mutates_args=())
+    def _triton_op(
         hiddens: torch.Tensor,
         weight: torch.Tensor,
         targets: torch.Tensor,
+        g: torch.Tensor,
         ignore_index: int,
         with_stats: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-token CE, lse and (with_stats) confidence/argmax of every exit; see the kernel."""
-        K, N, D = hiddens.shape
-        V = weight.shape[0]
-        loss = hiddens.new_empty((K, N), dtype=torch.float32)  # (K, N)
-        lse = torch.empty_like(loss)  # (K, N)
-        stats_shape = (K, N) if with_stats else (0,)
-        conf = hiddens.new_empty(stats_shape, dtype=torch.float32)
-        pred = hiddens.new_empty(stats_shape, dtype=torch.int64)
-        block_d = _block_d(D)
-        if N > 0:
-            wrap_triton(_forward_kernel)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), K)](
-                hiddens, weight, targets, loss, lse, conf, pred, N, V, D, ignore_index,
-                WITH_STATS=with_stats, BLOCK_D=block_d, **_dot_args(hiddens.dtype),
-            )  # fmt: skip
-        return loss, lse, conf, pred
-
-    @triton_op("lash::multi_exit_ce_backward", mutates_args=())
-    def _triton_backward(
-        grad_loss: torch.Tensor,
-        hiddens: torch.Tensor,
-        weight: torch.Tensor,
-        targets: torch.Tensor,
-        lse: torch.Tensor,
-        ignore_index: int,
         need_grad_hiddens: bool,
         need_grad_weight: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradients of Σ grad_loss·CE w.r.t. the hiddens and the head (empty when not needed)."""
-        K, N, D = hiddens.shape
-        V = weight.shape[0]
-        grad_loss = grad_loss.float().contiguous()  # the reduction's backward may hand an expand
-        grad_h = hiddens.new_empty((K, N, D) if need_grad_hiddens else (0,), dtype=torch.float32)
-        grad_w = weight.new_empty((V, D) if need_grad_weight else (0,), dtype=torch.float32)
-        block_d = _block_d(D)
-        meta_args = dict(SINGLE_D_TILE=D <= block_d, BLOCK_D=block_d, **_dot_args(hiddens.dtype))
-        if need_grad_hiddens and N > 0:
-            wrap_triton(_grad_hidden_kernel)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), K)](
-                hiddens, weight, targets, lse, grad_loss, grad_h, N, V, D, ignore_index, **meta_args
-            )
-        if need_grad_weight:
-            if N > 0:
-                wrap_triton(_grad_weight_kernel)[lambda meta: (triton.cdiv(V, meta["BLOCK_V"]),)](
-                    hiddens, weight, targets, lse, grad_loss, grad_w, K, N, V, D, ignore_index, **meta_args
-                )
-            else:
-                grad_w.zero_()
-        return grad_h.to(hiddens.dtype), grad_w.to(weight.dtype)
+        chunked: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss, token_loss, confidence, predictions, grad_h, grad_w)``; see the two regimes."""
+        run = _chunked if chunked else _fused
+        loss, token_loss, conf, pred, grad_h, grad_w = run(
+            hiddens, weight, targets, g, ignore_index, with_stats, need_grad_hiddens, need_grad_weight
+        )
+        # Gradients in the input dtypes, formed now; the backward only scales them.
+        return loss, token_loss, conf, pred, grad_h.to(hiddens.dtype), grad_w.to(weight.dtype)
 
     def _setup_context(ctx, inputs, output) -> None:
-        hiddens, weight, targets, ignore_index, _ = inputs
-        ctx.save_for_backward(hiddens, weight, targets, output[1])
-        ctx.ignore_index = ignore_index
+        ctx.save_for_backward(output[4], output[5])
 
-    def _backward(ctx, grad_loss, _grad_lse, _grad_conf, _grad_pred):
-        hiddens, weight, targets, lse = ctx.saved_tensors
+    def _backward(ctx, grad_loss, *_):
+        grad_h, grad_w = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h, grad_w = _triton_backward(grad_loss, hiddens, weight, targets, lse, ctx.ignore_index, need_h, need_w)
-        return grad_h if need_h else None, grad_w if need_w else None, None, None, None
+        return (
+            grad_h * grad_loss.to(grad_h.dtype) if need_h else None,
+            grad_w * grad_loss.to(grad_w.dtype) if need_w else None,
+        ) + (None,) * 7
 
-    register_autograd(_triton_forward, _backward, setup_context=_setup_context)
+    register_autograd(_triton_op, _backward, setup_context=_setup_context)
+
+    def static_variants(shape, dtype: torch.dtype, arch: int) -> list:
+        """Every (kernel, config) the launchers use on ``arch`` at ``shape``, for the AOT check."""
+        from lash_kernels.aot_check import KernelVariant
+
+        D, V, rows = shape.hidden, shape.vocab, shape.exits * shape.tokens
+        tl_dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        dots = dict(DOT_PRECISION="tf32x3" if dtype == torch.float32 else "tf32", UPCAST_DOT=False)
+        variants = []
+        sm_count = {75: 40, 80: 108, 89: 58, 90: 132}.get(arch, 132)
+        if D <= FUSED_MAX_HIDDEN and arch >= 80:
+            cfg = _fused_config(D, dtype, arch)
+            splits_v, _, splits_n, _ = _fused_launch_shape(rows, V, cfg, sm_count)
+            tiles = dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"])
+            fwd_sig = {name: "*" + tl_dtype for name in ("h_ptr", "w_ptr")} | {"y_ptr": "*i64"}
+            fwd_sig |= {"max_ptr": "*fp32", "sum_ptr": "*fp32", "tgt_ptr": "*fp32", "arg_ptr": "*i32"}
+            fwd_sig |= {name: "i32" for name in ("rows_total", "N", "V", "D", "split_cols")}
+            fwd_const = tiles | dict(BLOCK_D=cfg["BLOCK_D"]) | dots
+            variants.append(KernelVariant(
+                "multi_exit_ce.fused_forward", _fused_forward_kernel,
+                fwd_sig | {name: "constexpr" for name in fwd_const}, fwd_const,
+                cfg["num_warps"], cfg["num_stages"], triton.cdiv(rows, cfg["BLOCK_N"]) * splits_v,
+            ))  # fmt: skip
+            grad_sig = {name: "*" + tl_dtype for name in ("h_ptr", "w_ptr")} | {"y_ptr": "*i64"}
+            grad_sig |= {name: "*fp32" for name in ("lse_ptr", "g_ptr", "gh_ptr", "gw_ptr")}
+            grad_sig |= {name: "i32" for name in ("rows_total", "N", "V", "D", "split_rows")}
+            grad_const = tiles | dict(NEED_H=True, NEED_W=True, BLOCK_D=cfg["BLOCK_D"]) | dots
+            variants.append(KernelVariant(
+                "multi_exit_ce.fused_grad", _fused_grad_kernel,
+                grad_sig | {name: "constexpr" for name in grad_const}, grad_const,
+                cfg["num_warps"], cfg["num_stages"], triton.cdiv(V, cfg["BLOCK_V"]) * splits_n,
+            ))  # fmt: skip
+        else:
+            cfg = _row_config(V)
+            chunk = min(rows, chunk_rows(V, GPU_CHUNK_BYTES, dtype.itemsize))
+            row_sig = {"z_ptr": "*" + tl_dtype, "y_ptr": "*i64", "valid_ptr": "*i1"}
+            row_sig |= {name: "*fp32" for name in ("g_ptr", "loss_ptr", "conf_ptr")} | {"pred_ptr": "*i64", "V": "i32"}
+            row_const = dict(HAS_GRAD=True, WITH_STATS=True, BLOCK_V=cfg["BLOCK_V"])
+            variants.append(KernelVariant(
+                "multi_exit_ce.row", _row_kernel, row_sig | {name: "constexpr" for name in row_const},
+                row_const, cfg["num_warps"], 1, chunk,
+            ))  # fmt: skip
+        return variants
 
 
 def _stack(hiddens: Sequence[torch.Tensor] | torch.Tensor, exits: list[int], dtype: torch.dtype) -> torch.Tensor:
     """The ``[len(exits), N, D]`` contiguous hidden states of ``exits`` in ``dtype``."""
-    if isinstance(hiddens, torch.Tensor):
-        picked = hiddens if exits == list(range(hiddens.shape[0])) else hiddens[exits]
+    if isinstance(hiddens, torch.Tensor) and exits == list(range(hiddens.shape[0])):
+        picked = hiddens
     else:
-        picked = torch.stack([hiddens[k] for k in exits])
+        picked = torch.stack([hiddens[k] for k in exits])  # integer indexing: views, no index tensor
     return picked.to(dtype).contiguous()
+
+
+def _per_token(device: torch.device, hidden: int):
+    """The implementation for inputs on ``device``: the torch path, or the Triton op in one regime."""
+    if backend(device) == "torch":
+        return TorchMultiExitCE.apply
+    chunked = hidden > FUSED_MAX_HIDDEN or not tensor_core_dots(device)
+    return functools.partial(_call_triton_op, chunked=chunked)
+
+
+def _call_triton_op(hiddens, weight, targets, g, ignore_index, with_stats, need_h, need_w, chunked):
+    return _triton_op(hiddens, weight, targets, g, ignore_index, with_stats, need_h, need_w, chunked)[:4]
 
 
 def multi_exit_cross_entropy(
@@ -471,11 +505,13 @@ def multi_exit_cross_entropy(
         weight: ``[V, D]`` shared output head (an ``nn.Linear`` weight without bias).
         targets: ``[N]`` integer targets in ``[0, V)`` or equal to ``ignore_index``.
         exit_weights: K static floats ≥ 0. Exits weighing 0 are evaluated (``per_exit``,
-            statistics) but get no gradient and cost no backward work.
+            statistics) but get no gradient and cost no gradient work.
         ignore_index: target value of tokens that carry no loss.
         return_stats: also return per-token confidence, argmax and loss of every exit.
-        validate: check shapes, weights and target values (one host sync for the targets,
-            skipped under ``torch.compile``); pass False when the caller already checked.
+        validate: check shapes, weights and target values, without a host sync: target values
+            raise ValueError on the CPU and are checked with ``torch._assert_async`` on a GPU or
+            under ``torch.compile`` (a RuntimeError at the next sync). Pass False when the
+            caller already checked.
 
     Returns:
         ``MultiExitCEOutput(loss, per_exit, confidence, predictions, token_loss)``: ``loss`` ()
@@ -486,7 +522,7 @@ def multi_exit_cross_entropy(
 
     Raises:
         ValueError: with ``validate``, a shape mismatch, K ≠ len(exit_weights), a negative or
-            non-finite weight, or a target outside ``[0, V)`` other than ``ignore_index``.
+            non-finite weight, or (CPU tensors) a target outside ``[0, V)`` other than ``ignore_index``.
     """
     weights = [float(w) for w in exit_weights]
     if validate:
@@ -501,27 +537,31 @@ def multi_exit_cross_entropy(
         dtype = torch.float32
     head = weight.to(dtype).contiguous()
     targets = targets.long().contiguous()
-    per_token = _triton_forward if backend(device) == "triton" else TorchMultiExitCE.apply
+    per_token = _per_token(device, head.shape[1])
 
     K = len(weights)
-    needs_grad = torch.is_grad_enabled() and (
-        weight.requires_grad or any(h.requires_grad for h in hiddens)
-    )
+    grad_on = torch.is_grad_enabled()
+    needs_grad = grad_on and (weight.requires_grad or any(h.requires_grad for h in hiddens))
     trained = [k for k in range(K) if weights[k] > 0] if needs_grad else list(range(K))
     trained = trained or list(range(K))  # all weights 0: keep the loss differentiable
     frozen = [k for k in range(K) if k not in trained]
-    outputs = per_token(_stack(hiddens, trained, dtype), head, targets, ignore_index, return_stats)
+    stacked = _stack(hiddens, trained, dtype)
+    g = token_scales(targets, [weights[k] for k in trained], ignore_index)  # (K', N) on the device
+    need_h, need_w = grad_on and stacked.requires_grad, grad_on and head.requires_grad
+    loss, *outputs = per_token(stacked, head, targets, g, ignore_index, return_stats, need_h, need_w)
     if frozen:
-        # Weight-0 exits go through the op detached, so the backward kernels never see them.
-        frozen_outputs = per_token(
-            _stack(hiddens, frozen, dtype).detach(), head.detach(), targets, ignore_index, return_stats
-        )
-        order = [(trained + frozen).index(k) for k in range(K)]  # back to exit order
-        outputs = [torch.cat([a, b])[order] if a.dim() == 2 else a for a, b in zip(outputs, frozen_outputs)]
-    token_loss, _, confidence, predictions = outputs  # (K, N) each
-
-    count = (targets != ignore_index).sum().clamp(min=1)
-    per_exit = token_loss.sum(dim=1) / count  # (K,)
-    loss = (per_exit * torch.tensor(weights, dtype=torch.float32, device=device)).sum()
+        # Weight-0 exits go through the op without gradients: no gradient work is done for them.
+        with torch.no_grad():
+            _, *frozen_outputs = per_token(
+                _stack(hiddens, frozen, dtype), head, targets, token_scales(targets, [0.0] * len(frozen), ignore_index),
+                ignore_index, return_stats, False, False,
+            )  # fmt: skip
+        order = trained + frozen  # rows of the two calls' outputs, back to exit order below
+        outputs = [
+            torch.stack([(*a, *b)[order.index(k)] for k in range(K)]) if a.dim() == 2 else a
+            for a, b in zip(outputs, frozen_outputs)
+        ]
+    token_loss, confidence, predictions = outputs  # (K, N) each
+    per_exit = token_loss.sum(dim=1) / (targets != ignore_index).sum().clamp(min=1)  # (K,)
     stats = (confidence, predictions, token_loss.detach()) if return_stats else (None,) * 3
     return MultiExitCEOutput(loss, per_exit.detach(), *stats)

@@ -121,9 +121,13 @@ def test_large_logits_are_stable(kernels):
 def test_confidence_and_predictions(kernels):
     hiddens, weight, targets = make_inputs(3, 24, stacked=True)
     with torch.no_grad():
-        # Ties: vocab rows 3, 7 (same tile) and 150 (a later tile) equal and dominant for exit 0.
+        # Values on a 1/4 grid make every logit exact in fp32 whatever the summation order, so
+        # ties are exact ties for the kernels too. Vocab rows 3, 7 (same tile) and 150 (a later
+        # tile and vocab split) are equal, and dominant for exit 0.
+        weight.copy_(torch.randint(-4, 5, weight.shape) / 4)
+        hiddens.copy_(torch.randint(-4, 5, hiddens.shape) / 4)
         weight[7] = weight[150] = weight[3]
-        hiddens[0] = weight[3] * 20 + 0.01 * torch.randn(N, 24)
+        hiddens[0] = weight[3] * 4 + torch.randint(-1, 2, (N, 24)) / 4
     out = multi_exit_cross_entropy(hiddens, weight, targets, [1.0, 0.0, 1.0], return_stats=True)
     logits = hiddens.detach().double() @ weight.detach().double().T  # (K, N, V)
     assert out.confidence.shape == (3, N) and out.confidence.dtype == torch.float32
@@ -179,7 +183,7 @@ class LargestTensor(TorchDispatchMode):
 
 def test_torch_path_never_holds_all_logits(monkeypatch):
     monkeypatch.setenv("LASH_KERNELS", "torch")
-    K, n, vocab, D = 3, 1024, 8192, 32
+    K, n, vocab, D = 3, 4096, 8192, 32
     hiddens = torch.randn(K, n, D, requires_grad=True)
     weight = torch.randn(vocab, D, requires_grad=True)
     targets = torch.randint(0, vocab, (n,))
@@ -188,9 +192,11 @@ def test_torch_path_never_holds_all_logits(monkeypatch):
     with LargestTensor() as backward:
         out.loss.backward()
     chunk_logits = chunk_rows(vocab) * vocab
-    assert chunk_logits < n * vocab // 4  # the check below would be meaningless otherwise
-    # The largest tensor is one chunk's logits: seen (so the mode watched the backward too), never more.
-    assert forward.numel == chunk_logits and backward.numel == chunk_logits
+    assert chunk_logits <= n * vocab // 4  # the check below would be meaningless otherwise
+    # The largest tensor is one chunk's logits: seen (so the mode watched the forward), never more;
+    # the backward only scales the gradients the forward formed.
+    assert forward.numel == chunk_logits
+    assert backward.numel == max(K * n * D, vocab * D)
     expected = multi_exit_cross_entropy_reference(hiddens.detach(), weight.detach(), targets, [1.0, 1.0, 1.0])
     torch.testing.assert_close(out.loss, expected.loss)
 
