@@ -57,7 +57,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lash_kernels.backend import HAS_TRITON, backend, interpreting, tensor_core_dots
+from lash_kernels.backend import HAS_TRITON, backend, interpreting, sm_count, tensor_core_dots
 from lash_kernels.multi_exit_cross_entropy_torch import (
     MultiExitCEOutput,
     TorchMultiExitCE,
@@ -293,13 +293,6 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         block_v = min(4096, triton.next_power_of_2(V))
         return dict(BLOCK_V=block_v, num_warps=max(1, min(16, block_v // 256)))
 
-    @functools.cache
-    def _sm_count(device: torch.device) -> int:
-        """Streaming multiprocessors to fill; the interpreter runs programs one by one, so 2."""
-        if device.type == "cuda":
-            return torch.cuda.get_device_properties(device).multi_processor_count
-        return 2
-
     def _arch(device: torch.device) -> int:
         if device.type != "cuda":
             return 90
@@ -334,7 +327,7 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         V, rows = weight.shape[0], K * N
         h = hiddens.view(rows, D)
         cfg = _fused_config(D, hiddens.dtype, _arch(hiddens.device))
-        splits_v, split_cols, splits_n, split_rows = _fused_launch_shape(rows, V, cfg, _sm_count(hiddens.device))
+        splits_v, split_cols, splits_n, split_rows = _fused_launch_shape(rows, V, cfg, sm_count(hiddens.device))
         launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_dot_args(hiddens.dtype))
         part_max = torch.empty((splits_v, rows), dtype=torch.float32, device=h.device)
         part_sum, part_tgt = torch.empty_like(part_max), torch.empty_like(part_max)

@@ -38,14 +38,13 @@ Layers: ``_*_kernel`` (Triton) → ``_forward`` / ``_backward`` launchers → ``
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
-from lash_kernels.backend import HAS_TRITON, backend, interpreting
+from lash_kernels.backend import HAS_TRITON, backend, interpreting, sm_count
 
 MAX_HIDDEN = 16384
+BACKWARD_MAX_ROW = 8192  # widest row the backward keeps whole in registers (at 32 warps, no spills)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -97,7 +96,7 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
         W,  # pointer to the weight [N]
         RSTD,  # pointer to the fp32 1/rms per row [M] from the forward
         DS,  # pointer to the gradient of s [M, N], contiguous: dx (and dresidual)
-        DW_PARTIAL,  # pointer to fp32 [num_programs, N]: this program's share of dw
+        DW_PARTIAL,  # pointer to fp32 [num_programs, N]: this program's share of dw (zeroed when COL_BLOCKS > 1)
         stride_dy,  # elements between rows of DY
         stride_ds_out,  # elements between rows of DS_OUT
         stride_s,  # elements between rows of S
@@ -106,34 +105,83 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
         rows_per_program,  # contiguous rows each program walks through, a multiple of BLOCK_M
         HAS_DS_OUT: tl.constexpr,  # add the incoming gradient of s (add_rms_norm)
         BLOCK_M: tl.constexpr,  # rows per loop step
-        BLOCK_N: tl.constexpr,  # next power of two ≥ N
+        BLOCK_N: tl.constexpr,  # columns per step: the whole row (COL_BLOCKS = 1) or a slice of it
+        COL_BLOCKS: tl.constexpr,  # slices per row: > 1 for rows too wide to keep in registers
     ):
+        """One band of rows per program.
+
+        Narrow rows (``COL_BLOCKS = 1``) stay in registers: one read of dy and s, one write of ds,
+        and dw summed privately in fp32 registers (no atomics; the ``[num_programs, N]``
+        partials are summed once by the launcher). Wide rows (16K features) would need dy, s,
+        w and dw live at once, 64 fp32 registers per thread at 32 warps, and spill; they go
+        in ``COL_BLOCKS`` slices instead: a first pass sums ``g · ŝ`` over the slices, a second
+        reloads each slice (just read, so served from L2), writes ds and adds to this program's
+        dw partial row in memory (64 KiB, L2-resident).
+        """
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_N)
-        col_mask = cols < N
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-        # Each program owns a band of rows and sums its dw privately in fp32 registers: no atomics,
-        # and the [num_programs, N] partials are summed once by the launcher.
-        dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        if COL_BLOCKS == 1:
+            w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+            dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
         row_start = pid * rows_per_program
         row_end = tl.minimum(row_start + rows_per_program, M)
         for start in range(row_start, row_end, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
-            mask = row_mask[:, None] & col_mask[None, :]
             rows64 = rows.to(tl.int64)[:, None]
-            dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            s = tl.load(S + rows64 * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-            s_hat = s * rstd[:, None]
-            g = dy * w[None, :]
-            ds = (g - s_hat * (tl.sum(g * s_hat, axis=1) / N)[:, None]) * rstd[:, None]
-            if HAS_DS_OUT:
-                ds_out = tl.load(DS_OUT + rows64 * stride_ds_out + cols[None, :], mask=mask, other=0.0)
-                ds += ds_out.to(tl.float32)
-            tl.store(DS + rows64 * N + cols[None, :], ds.to(DS.dtype.element_ty), mask=mask)
-            dw += tl.sum(dy * s_hat, axis=0)
-        tl.store(DW_PARTIAL + pid * N + cols, dw, mask=col_mask)
+            if COL_BLOCKS == 1:
+                mask = row_mask[:, None] & (cols[None, :] < N)
+                dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                s_hat = tl.load(S + rows64 * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32) * rstd[:, None]
+                g = dy * w[None, :]
+                mean_g_s = tl.sum(g * s_hat, axis=1) / N
+                _write_ds(DS, DS_OUT, rows64, cols, mask, g, s_hat, mean_g_s, rstd, stride_ds_out, N, HAS_DS_OUT)
+                dw += tl.sum(dy * s_hat, axis=0)
+            else:
+                sum_g_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                for c0 in range(0, N, BLOCK_N):
+                    c = c0 + cols
+                    mask = row_mask[:, None] & (c[None, :] < N)
+                    dy = tl.load(DY + rows64 * stride_dy + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                    s = tl.load(S + rows64 * stride_s + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                    w = tl.load(W + c, mask=c < N, other=0.0).to(tl.float32)
+                    sum_g_s += tl.sum(dy * w[None, :] * s, axis=1)
+                mean_g_s = sum_g_s * rstd / N
+                for c0 in range(0, N, BLOCK_N):
+                    c = c0 + cols
+                    mask = row_mask[:, None] & (c[None, :] < N)
+                    dy = tl.load(DY + rows64 * stride_dy + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                    s_hat = tl.load(S + rows64 * stride_s + c[None, :], mask=mask, other=0.0).to(tl.float32) * rstd[:, None]
+                    g = dy * tl.load(W + c, mask=c < N, other=0.0).to(tl.float32)[None, :]
+                    _write_ds(DS, DS_OUT, rows64, c, mask, g, s_hat, mean_g_s, rstd, stride_ds_out, N, HAS_DS_OUT)
+                    # Same layout for the load and the store: each thread re-reads what it wrote.
+                    dw_ptr = DW_PARTIAL + pid * N + c
+                    tl.store(dw_ptr, tl.load(dw_ptr, mask=c < N) + tl.sum(dy * s_hat, axis=0), mask=c < N)
+        if COL_BLOCKS == 1:
+            tl.store(DW_PARTIAL + pid * N + cols, dw, mask=cols < N)
+
+
+    @triton.jit
+    def _write_ds(
+        DS,  # pointer to the gradient of s [M, N], contiguous
+        DS_OUT,  # pointer to the incoming gradient of s (HAS_DS_OUT)
+        rows64,  # (BLOCK_M, 1) int64 row indices
+        cols,  # (BLOCK_N,) column indices
+        mask,  # (BLOCK_M, BLOCK_N) valid elements
+        g,  # (BLOCK_M, BLOCK_N) fp32 dy · w
+        s_hat,  # (BLOCK_M, BLOCK_N) fp32 s · rstd
+        mean_g_s,  # (BLOCK_M,) fp32 mean over the whole row of g · ŝ
+        rstd,  # (BLOCK_M,) fp32 1/rms
+        stride_ds_out,  # elements between rows of DS_OUT
+        N,  # hidden size
+        HAS_DS_OUT: tl.constexpr,  # add the incoming gradient of s (add_rms_norm)
+    ):
+        """``ds = r · (g − ŝ · mean(g · ŝ))`` (+ the incoming ds for add_rms_norm), stored in DS's dtype."""
+        ds = (g - s_hat * mean_g_s[:, None]) * rstd[:, None]
+        if HAS_DS_OUT:
+            ds += tl.load(DS_OUT + rows64 * stride_ds_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DS + rows64 * N + cols[None, :], ds.to(DS.dtype.element_ty), mask=mask)
 
 
     def _launch(kernel):
@@ -149,12 +197,22 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
         return block_m, block_n, num_warps
 
 
-    @functools.cache
-    def _max_programs(device: torch.device) -> int:
-        """Streaming multiprocessors to fill on CUDA; when interpreting, programs run one by one, so few."""
-        if device.type == "cuda":
-            return torch.cuda.get_device_properties(device).multi_processor_count
-        return 4
+    def _backward_config(n: int) -> tuple[int, int, int, int]:
+        """(BLOCK_M, BLOCK_N, COL_BLOCKS, num_warps) of the backward: rows wider than
+        ``BACKWARD_MAX_ROW`` go in slices of half that (4096 columns, 8 per thread; kernel docstring)."""
+        if triton.next_power_of_2(n) <= BACKWARD_MAX_ROW:
+            block_m, block_n, num_warps = _block_config(n)
+            return block_m, block_n, 1, num_warps
+        block_n = BACKWARD_MAX_ROW // 2
+        return 1, block_n, triton.cdiv(n, block_n), max(1, min(16, block_n // 256))
+
+
+    def _backward_programs(m: int, block_m: int, num_warps: int, sms: int) -> tuple[int, int]:
+        """(programs, rows per program): enough to fill the device (32 warps per SM), never more
+        than there are row blocks."""
+        programs = min(triton.cdiv(m, block_m), sms * max(1, 32 // num_warps))
+        rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
+        return triton.cdiv(m, rows_per_program), rows_per_program
 
 
     def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -215,12 +273,10 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
         ds = torch.empty(s.shape, dtype=torch.promote_types(dy.dtype, s.dtype), device=s.device)
         if m == 0:
             return ds, torch.zeros_like(weight)
-        block_m, block_n, num_warps = _block_config(n)
-        # Enough programs to fill the device (32 warps per SM), never more than there are row blocks.
-        programs = min(triton.cdiv(m, block_m), _max_programs(s.device) * max(1, 32 // num_warps))
-        rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
-        programs = triton.cdiv(m, rows_per_program)
-        dw_partial = torch.empty(programs, n, dtype=torch.float32, device=s.device)  # (P, N)
+        block_m, block_n, col_blocks, num_warps = _backward_config(n)
+        programs, rows_per_program = _backward_programs(m, block_m, num_warps, sm_count(s.device))
+        alloc = torch.zeros if col_blocks > 1 else torch.empty  # sliced rows add into their partial row
+        dw_partial = alloc(programs, n, dtype=torch.float32, device=s.device)  # (P, N)
         _launch(_rms_norm_backward_kernel)[(programs,)](
             dy2,
             ds_out2,
@@ -238,6 +294,7 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
             HAS_DS_OUT=ds_out is not None,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
+            COL_BLOCKS=col_blocks,
             num_warps=num_warps,
         )
         return ds, dw_partial.sum(0).to(weight.dtype)

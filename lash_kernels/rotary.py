@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import torch
 
-from lash_kernels.backend import HAS_TRITON, backend, interpreting
+from lash_kernels.backend import HAS_TRITON, backend, interpreting, sm_count
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PROGRAMS_PER_SM = 2  # grid size the launcher aims for, per streaming multiprocessor
 
 
 if HAS_TRITON:  # optional off Linux: the torch references still work there
@@ -54,6 +55,8 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
         stride_oh,
         stride_ot,
         n_heads,  # H of this tensor
+        first_head,  # this program's first head; it takes every head_groups-th after it
+        head_groups,  # programs sharing the heads of one (position block, batch)
         pid_b,  # batch index of this program
         t,  # (BLOCK_T,) positions of this program
         d,  # (BLOCK_H,) offsets inside one half of the head dimension
@@ -65,7 +68,7 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
         HALF: tl.constexpr,  # D / 2
     ):
         t64 = t.to(tl.int64)[:, None]
-        for h in range(n_heads):
+        for h in range(first_head, n_heads, head_groups):
             x_ptr = X + pid_b.to(tl.int64) * stride_xb + h * stride_xh + t64 * stride_xt + d[None, :]
             o_ptr = O + pid_b.to(tl.int64) * stride_ob + h * stride_oh + t64 * stride_ot + d[None, :]
             x_lo = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
@@ -101,6 +104,7 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
         T,  # sequence length
         HQ,  # heads of q
         HK,  # heads of k
+        head_groups,  # programs per (position block, batch), each taking every head_groups-th head
         HALF: tl.constexpr,  # D / 2
         INVERSE: tl.constexpr,  # apply the transpose (backward) instead of the rotation
         BLOCK_T: tl.constexpr,  # positions per program
@@ -108,11 +112,12 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
     ):
         pid_t = tl.program_id(0)
         pid_b = tl.program_id(1)
+        pid_h = tl.program_id(2)
         t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         d = tl.arange(0, BLOCK_H)
         mask = (t < T)[:, None] & (d < HALF)[None, :]
-        # The tables are the same for every head: one load per program, reused by all Hq + Hk heads,
-        # so their traffic stays a small fraction of q and k's.
+        # The tables are the same for every head: one load per program, reused by its share of the
+        # Hq + Hk heads (and served from L2 to the other head groups).
         cos_ptr = COS + t[:, None] * stride_cos + d[None, :]
         sin_ptr = SIN + t[:, None] * stride_sin + d[None, :]
         cos_lo = tl.load(cos_ptr, mask=mask, other=0.0).to(tl.float32)
@@ -123,11 +128,11 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
             sin_lo, sin_hi = -sin_hi, -sin_lo
         _rotate_heads(
             Q, QO, stride_qb, stride_qh, stride_qt, stride_qob, stride_qoh, stride_qot,
-            HQ, pid_b, t, d, mask, cos_lo, cos_hi, sin_lo, sin_hi, HALF,
+            HQ, pid_h, head_groups, pid_b, t, d, mask, cos_lo, cos_hi, sin_lo, sin_hi, HALF,
         )  # fmt: skip
         _rotate_heads(
             K, KO, stride_kb, stride_kh, stride_kt, stride_kob, stride_koh, stride_kot,
-            HK, pid_b, t, d, mask, cos_lo, cos_hi, sin_lo, sin_hi, HALF,
+            HK, pid_h, head_groups, pid_b, t, d, mask, cos_lo, cos_hi, sin_lo, sin_hi, HALF,
         )  # fmt: skip
 
 
@@ -157,7 +162,11 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
         # The block depends on D only, so a dynamic sequence length under torch.compile does not
         # specialise the graph; short sequences just mask the tail of one block.
         block_t = max(1, 2048 // block_h)
-        _launch(_rotary_kernel)[(triton.cdiv(t, block_t), b)](
+        # Split the heads over programs until the grid holds ≥ 2 programs per SM (the seed's
+        # 64 × 32 tokens are one position block per batch row: 64 programs on 132 SMs otherwise).
+        position_programs = triton.cdiv(t, block_t) * b
+        head_groups = max(1, min(max(hq, hk), triton.cdiv(PROGRAMS_PER_SM * sm_count(q.device), position_programs)))
+        _launch(_rotary_kernel)[(triton.cdiv(t, block_t), b, head_groups)](
             q,
             k,
             q_out,
@@ -173,6 +182,7 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
             t,
             hq,
             hk,
+            head_groups,
             HALF=half,
             INVERSE=inverse,
             BLOCK_T=block_t,

@@ -89,6 +89,23 @@ def test_rms_norm_matches_float64(monkeypatch, kernels, layout, dtype, shape):
         _assert_close(actual, want, dtype, name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7, 48), (33, 100)])
+def test_sliced_backward_matches_float64(monkeypatch, dtype, shape):
+    """Rows too wide for registers (16K on a GPU) go in column slices; force them on small rows."""
+    monkeypatch.setenv("LASH_KERNELS", "triton")
+    monkeypatch.setattr(rms_norm_module, "BACKWARD_MAX_ROW", 32)  # slices of 16 columns
+    assert rms_norm_module._backward_config(shape[-1])[2] > 1
+    x, residual = _make(shape, dtype, "row_strided"), _make(shape, dtype, "contiguous")
+    weight = _weight(shape[-1], dtype)
+    y, s = add_rms_norm(x, residual, weight, EPS)
+    gy, gs = torch.randn_like(y), torch.randn_like(s)
+    torch.autograd.backward([y, s], [gy, gs])
+    expected = _expected_add_rms_norm(x, residual, weight, gy, gs)
+    for name, got, want in zip(("dx", "dresidual", "dweight"), (x.grad, residual.grad, weight.grad), expected[2:]):
+        _assert_close(got, want, dtype, name)
+
+
 def test_triton_path_does_not_call_the_reference(monkeypatch):
     monkeypatch.setenv("LASH_KERNELS", "triton")
 
