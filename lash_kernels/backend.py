@@ -21,6 +21,9 @@ import os
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
+# Streaming multiprocessors of the GPUs LASH is built for (T4, A100, L4, H100), by arch: the grid
+# sizes the static (no-GPU) checks report.
+SM_COUNT_BY_ARCH = {75: 40, 80: 108, 89: 58, 90: 132}
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -71,7 +74,13 @@ def tensor_core_dots(device: torch.device | str) -> bool:
     device = torch.device(device)
     if device.type != "cuda":
         return interpreting()
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 0)
+    major, minor = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    return arch_has_tensor_core_dots(10 * major + minor)
+
+
+def arch_has_tensor_core_dots(arch: int) -> bool:
+    """:func:`tensor_core_dots` for a CUDA arch number (75 for sm_75), for checks without a GPU."""
+    return arch >= 80
 
 
 @functools.cache

@@ -23,14 +23,15 @@ stacked on the token axis (``K·N`` rows), so each head matmul covers all exits 
 Two regimes behind the one op (:func:`multi_exit_cross_entropy` picks):
 
 * **Fused** (``D ≤ FUSED_MAX_HIDDEN`` = 256, the seed's models, on GPUs where ``tl.dot`` has
-  tensor cores): ``_fused_forward_kernel`` on a (token tiles × vocab splits) grid writes partial
+  tensor cores; fp32 operands only up to D = 64, see :func:`fused_takes`): ``_fused_forward_kernel`` on a (token tiles × vocab splits) grid writes partial
   max / Σexp / argmax / target logit, merged in torch into lse, CE and statistics; then
   ``_fused_grad_kernel`` on a (vocab tiles × token splits) grid recomputes each logits tile once,
   forms G, and from that one tile accumulates ``Gᵀ·h`` into its registers (the fp32 ``dW`` tile,
   one per token split, summed in a fixed order: deterministic) and adds ``G·W`` into the fp32
   ``dH`` with atomics (summation order varies run to run in the last bits). Head matmuls: 4
   (one recompute), no logits in memory. Splits are sized for ≥ 4 programs per SM.
-* **Chunked** (wider heads, or sm < 80 where Triton has no tensor cores): the chunked driver of
+* **Chunked** (wider heads, wider fp32 heads than 64, or sm < 80 where Triton has no tensor
+  cores): the chunked driver of
   :mod:`lash_kernels.multi_exit_cross_entropy_torch` with cuBLAS matmuls in the input dtype and
   ``_row_kernel``, which turns a chunk of logits in place into CE, lse, confidence, argmax and G:
   3 matmuls, one fused pass (two reads, one write) over each ``[C, V]`` chunk, ``dW`` accumulated in
@@ -57,7 +58,15 @@ from collections.abc import Sequence
 
 import torch
 
-from lash_kernels.backend import HAS_TRITON, backend, interpreting, sm_count, tensor_core_dots
+from lash_kernels.backend import (
+    HAS_TRITON,
+    SM_COUNT_BY_ARCH,
+    arch_has_tensor_core_dots,
+    backend,
+    interpreting,
+    sm_count,
+    tensor_core_dots,
+)
 from lash_kernels.multi_exit_cross_entropy_torch import (
     MultiExitCEOutput,
     TorchMultiExitCE,
@@ -109,7 +118,7 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         split_cols,  # vocab entries per split, a multiple of BLOCK_V
         BLOCK_N: tl.constexpr,  # rows per program
         BLOCK_V: tl.constexpr,  # vocab entries per loop step
-        BLOCK_D: tl.constexpr,  # hidden features per dot
+        BLOCK_D: tl.constexpr,  # next power of two ≥ D: whole rows in registers
         DOT_PRECISION: tl.constexpr,  # dot precision for fp32 operands
         UPCAST_DOT: tl.constexpr,  # feed tl.dot fp32 (interpreter with bf16 inputs)
     ):
@@ -128,15 +137,14 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)  # Σ exp(z − run_max)
         target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
         best = tl.zeros((BLOCK_N,), dtype=tl.int32)
+        # The whole [BLOCK_N, D] tile of hidden states stays in registers for the split.
+        h = tl.load(h_ptr + rows64[:, None] * D + dims[None, :], mask=row_mask[:, None] & (dims[None, :] < D), other=0.0)
         v_start = split * split_cols
         for v0 in range(v_start, tl.minimum(v_start + split_cols, V), BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
-            logits = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                d = d0 + dims
-                h = tl.load(h_ptr + rows64[:, None] * D + d[None, :], mask=row_mask[:, None] & (d[None, :] < D), other=0.0)
-                w = tl.load(w_ptr + cols[:, None].to(tl.int64) * D + d[None, :], mask=(cols[:, None] < V) & (d[None, :] < D), other=0.0)
-                logits = _dot(h, tl.trans(w), logits, DOT_PRECISION, UPCAST_DOT)  # [BLOCK_N, BLOCK_V]
+            w = tl.load(w_ptr + cols[:, None].to(tl.int64) * D + dims[None, :], mask=(cols[:, None] < V) & (dims[None, :] < D), other=0.0)
+            zero = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+            logits = _dot(h, tl.trans(w), zero, DOT_PRECISION, UPCAST_DOT)  # [BLOCK_N, BLOCK_V]
             # -inf keeps padded columns out of the max, the sum of exponentials and the argmax.
             logits = tl.where(cols[None, :] < V, logits, float("-inf"))
             tile_max = tl.max(logits, axis=1)
@@ -264,40 +272,50 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
                 grad = g * (tl.exp(z - lse) - (cols == y).to(tl.float32))
                 tl.store(z_ptr + cols, grad.to(z_ptr.dtype.element_ty), mask=cols < V)
 
-    def _fused_config(D: int, dtype: torch.dtype, arch: int) -> dict:
-        """Tiles and launch shape of the fused kernels; the launchers and :func:`static_variants` use it.
+    # (BLOCK_N, BLOCK_V, num_warps, num_stages) of the fused kernels by (operand kind, padded D):
+    # the largest tiles whose compile for sm_80/89/90 (triton 3.9, 2026-11-25) shows no register
+    # spills and fits the L4's 99 KiB of shared memory. The grad kernel holds dW [BLOCK_V, D] and
+    # dH [BLOCK_N, D] fp32 tiles plus the head tile in registers, hence its smaller tiles.
+    _FORWARD_TILES = {
+        ("16-bit", 64): (64, 128, 8, 3), ("16-bit", 128): (64, 64, 8, 3), ("16-bit", 256): (32, 64, 8, 3),
+        ("fp32", 64): (32, 64, 8, 2),
+    }  # fmt: skip
+    _GRAD_TILES = {
+        ("16-bit", 64): (32, 64, 8, 2), ("16-bit", 128): (32, 64, 8, 2), ("16-bit", 256): (16, 32, 8, 2),
+        ("fp32", 64): (16, 64, 8, 2),
+    }  # fmt: skip
 
-        Fixed per-arch heuristics rather than autotuning (no first-call stall). The grad kernel
-        holds ``[BLOCK_V, BLOCK_D]`` (dW) and ``[BLOCK_N, BLOCK_D]`` (dH partial) fp32 tiles in
-        registers, so wide heads take narrower tiles and more warps; fp32 operands (tf32x3, 3
-        products) and the 64 KiB T4 get the smallest tiles.
-        """
+    def _fused_configs(D: int, dtype: torch.dtype) -> tuple[dict, dict]:
+        """Launch configs of ``_fused_forward_kernel`` and ``_fused_grad_kernel``; the launcher and
+        :func:`static_variants` both read them. Fixed tiles rather than autotuning (no first-call
+        stall); one small tile under the interpreter."""
         block_d = max(16, triton.next_power_of_2(D))
         if interpreting():
-            return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=block_d, num_warps=1, num_stages=1)
-        small = dtype == torch.float32 or arch < 80
-        if block_d <= 64:
-            block_n, block_v, warps = (32, 64, 4) if small else (64, 128, 4)
-        elif block_d <= 128:
-            block_n, block_v, warps = (32, 64, 4) if small else (64, 64, 8)
-        else:
-            block_n, block_v, warps = (16, 32, 4) if small else (32, 64, 8)
-        return dict(
-            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps, num_stages=2 if small else 3,
-        )  # fmt: skip
+            config = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=block_d, num_warps=1, num_stages=1)
+            return config, config
+        key = ("fp32" if dtype == torch.float32 else "16-bit", max(64, block_d))
+        return tuple(
+            dict(BLOCK_N=n, BLOCK_V=v, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+            for n, v, warps, stages in (_FORWARD_TILES[key], _GRAD_TILES[key])
+        )
+
+    def fused_takes(D: int, dtype: torch.dtype) -> bool:
+        """Whether the fused kernels have tiles for ``D`` in ``dtype`` (else the chunked regime runs).
+
+        fp32 operands take three TF32 products per dot and twice the shared memory, so past
+        D = 64 their tiles spill or overflow the L4's shared memory: cuBLAS does better there.
+        """
+        return interpreting() or (
+            "fp32" if dtype == torch.float32 else "16-bit", max(64, triton.next_power_of_2(D))
+        ) in _GRAD_TILES
+
 
     def _row_config(V: int) -> dict:
         """Vocab entries per step and warps of the row kernel: 8 fp32 lanes per thread."""
         if interpreting():
-            return dict(BLOCK_V=64, num_warps=1)
+            return dict(BLOCK_V=64, num_warps=1, num_stages=1)
         block_v = min(4096, triton.next_power_of_2(V))
-        return dict(BLOCK_V=block_v, num_warps=max(1, min(16, block_v // 256)))
-
-    def _arch(device: torch.device) -> int:
-        if device.type != "cuda":
-            return 90
-        major, minor = torch.cuda.get_device_capability(device)
-        return 10 * major + minor
+        return dict(BLOCK_V=block_v, num_warps=max(1, min(16, block_v // 256)), num_stages=1)
 
     def _dot_args(dtype: torch.dtype) -> dict:
         """tf32x3 for fp32 operands (module docstring); fp32 operands for the interpreter's bf16."""
@@ -310,15 +328,17 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         """How many ways to split ``tiles`` so that ``splits × other_tiles`` reaches ``programs``."""
         return max(1, min(tiles, triton.cdiv(programs, max(other_tiles, 1))))
 
-    def _fused_launch_shape(rows: int, V: int, cfg: dict, sm_count: int) -> tuple[int, int, int, int]:
-        """(vocab splits S, columns per split, token splits T, rows per split) of the two grids."""
-        row_tiles, vocab_tiles = triton.cdiv(rows, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"])
-        programs = PROGRAMS_PER_SM * sm_count
+    def _fused_launch_shape(rows: int, V: int, forward: dict, grad: dict, sms: int) -> tuple[int, int, int, int]:
+        """(vocab splits S, columns per split) of the forward grid and (token splits T, rows per
+        split) of the grad grid, each aiming at ``PROGRAMS_PER_SM`` programs per SM."""
+        programs = PROGRAMS_PER_SM * sms
+        row_tiles, vocab_tiles = triton.cdiv(rows, forward["BLOCK_N"]), triton.cdiv(V, forward["BLOCK_V"])
         per_split_v = triton.cdiv(vocab_tiles, _splits(vocab_tiles, row_tiles, programs))
+        row_tiles, vocab_tiles = triton.cdiv(rows, grad["BLOCK_N"]), triton.cdiv(V, grad["BLOCK_V"])
         per_split_n = triton.cdiv(row_tiles, _splits(row_tiles, vocab_tiles, programs))
         return (
-            triton.cdiv(vocab_tiles, per_split_v), per_split_v * cfg["BLOCK_V"],
-            triton.cdiv(row_tiles, per_split_n), per_split_n * cfg["BLOCK_N"],
+            triton.cdiv(triton.cdiv(V, forward["BLOCK_V"]), per_split_v), per_split_v * forward["BLOCK_V"],
+            triton.cdiv(row_tiles, per_split_n), per_split_n * grad["BLOCK_N"],
         )  # fmt: skip
 
     def _fused(hiddens, weight, targets, g, ignore_index, with_stats, need_h, need_w):
@@ -326,15 +346,14 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         K, N, D = hiddens.shape
         V, rows = weight.shape[0], K * N
         h = hiddens.view(rows, D)
-        cfg = _fused_config(D, hiddens.dtype, _arch(hiddens.device))
-        splits_v, split_cols, splits_n, split_rows = _fused_launch_shape(rows, V, cfg, sm_count(hiddens.device))
-        launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_dot_args(hiddens.dtype))
+        forward, grad = _fused_configs(D, hiddens.dtype)
+        splits_v, split_cols, splits_n, split_rows = _fused_launch_shape(rows, V, forward, grad, sm_count(h.device))
         part_max = torch.empty((splits_v, rows), dtype=torch.float32, device=h.device)
         part_sum, part_tgt = torch.empty_like(part_max), torch.empty_like(part_max)
         part_arg = torch.empty((splits_v, rows), dtype=torch.int32, device=h.device)
-        wrap_triton(_fused_forward_kernel)[(triton.cdiv(rows, cfg["BLOCK_N"]), splits_v)](
+        wrap_triton(_fused_forward_kernel)[(triton.cdiv(rows, forward["BLOCK_N"]), splits_v)](
             h, weight, targets, part_max, part_sum, part_tgt, part_arg, rows, N, V, D, split_cols,
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], **launch,
+            **forward, **_dot_args(h.dtype),
         )  # fmt: skip
         row_max = part_max.amax(dim=0)  # (K·N,)
         total = (part_sum * torch.exp(part_max - row_max)).sum(dim=0)  # (K·N,) Σ exp(z − max)
@@ -351,10 +370,9 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         grad_h = torch.zeros((rows, D) if need_h else (0,), dtype=torch.float32, device=h.device)
         grad_w = torch.empty((splits_n, V, D) if need_w else (0,), dtype=torch.float32, device=h.device)
         if need_h or need_w:
-            wrap_triton(_fused_grad_kernel)[(triton.cdiv(V, cfg["BLOCK_V"]), splits_n)](
+            wrap_triton(_fused_grad_kernel)[(triton.cdiv(V, grad["BLOCK_V"]), splits_n)](
                 h, weight, targets, lse, g, grad_h, grad_w, rows, N, V, D, split_rows,
-                NEED_H=need_h, NEED_W=need_w, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"],
-                BLOCK_D=cfg["BLOCK_D"], **launch,
+                NEED_H=need_h, NEED_W=need_w, **grad, **_dot_args(h.dtype),
             )  # fmt: skip
         loss = torch.dot(token_loss.view(-1), g.view(-1))
         grad_h = grad_h.view(K, N, D) if need_h else grad_h
@@ -367,10 +385,9 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         loss = torch.empty(C, dtype=torch.float32, device=logits.device)
         conf = torch.empty(C if with_stats else 0, dtype=torch.float32, device=logits.device)
         pred = torch.empty(C if with_stats else 0, dtype=torch.int64, device=logits.device)
-        cfg = _row_config(V)
         wrap_triton(_row_kernel)[(C,)](
             logits, targets, valid, g if g is not None else loss, loss, conf, pred, V,
-            HAS_GRAD=g is not None, WITH_STATS=with_stats, BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
+            HAS_GRAD=g is not None, WITH_STATS=with_stats, **_row_config(V),
         )  # fmt: skip
         return loss, conf if with_stats else None, pred if with_stats else None
 
@@ -417,47 +434,44 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
     register_autograd(_triton_op, _backward, setup_context=_setup_context)
 
     def static_variants(shape, dtype: torch.dtype, arch: int) -> list:
-        """Every (kernel, config) the launchers use on ``arch`` at ``shape``, for the AOT check."""
+        """Every (kernel, config) the launchers use on ``arch`` at ``shape``, for the AOT check:
+        the fused pair where :func:`_fused_regime` sends the shape, else the row kernel."""
         from lash_kernels.aot_check import KernelVariant
 
         D, V, rows = shape.hidden, shape.vocab, shape.exits * shape.tokens
-        tl_dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-        dots = dict(DOT_PRECISION="tf32x3" if dtype == torch.float32 else "tf32", UPCAST_DOT=False)
-        variants = []
-        sm_count = {75: 40, 80: 108, 89: 58, 90: 132}.get(arch, 132)
-        if D <= FUSED_MAX_HIDDEN and arch >= 80:
-            cfg = _fused_config(D, dtype, arch)
-            splits_v, _, splits_n, _ = _fused_launch_shape(rows, V, cfg, sm_count)
-            tiles = dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"])
-            fwd_sig = {name: "*" + tl_dtype for name in ("h_ptr", "w_ptr")} | {"y_ptr": "*i64"}
-            fwd_sig |= {"max_ptr": "*fp32", "sum_ptr": "*fp32", "tgt_ptr": "*fp32", "arg_ptr": "*i32"}
-            fwd_sig |= {name: "i32" for name in ("rows_total", "N", "V", "D", "split_cols")}
-            fwd_const = tiles | dict(BLOCK_D=cfg["BLOCK_D"]) | dots
-            variants.append(KernelVariant(
-                "multi_exit_ce.fused_forward", _fused_forward_kernel,
-                fwd_sig | {name: "constexpr" for name in fwd_const}, fwd_const,
-                cfg["num_warps"], cfg["num_stages"], triton.cdiv(rows, cfg["BLOCK_N"]) * splits_v,
-            ))  # fmt: skip
-            grad_sig = {name: "*" + tl_dtype for name in ("h_ptr", "w_ptr")} | {"y_ptr": "*i64"}
-            grad_sig |= {name: "*fp32" for name in ("lse_ptr", "g_ptr", "gh_ptr", "gw_ptr")}
-            grad_sig |= {name: "i32" for name in ("rows_total", "N", "V", "D", "split_rows")}
-            grad_const = tiles | dict(NEED_H=True, NEED_W=True, BLOCK_D=cfg["BLOCK_D"]) | dots
-            variants.append(KernelVariant(
-                "multi_exit_ce.fused_grad", _fused_grad_kernel,
-                grad_sig | {name: "constexpr" for name in grad_const}, grad_const,
-                cfg["num_warps"], cfg["num_stages"], triton.cdiv(V, cfg["BLOCK_V"]) * splits_n,
-            ))  # fmt: skip
-        else:
-            cfg = _row_config(V)
-            chunk = min(rows, chunk_rows(V, GPU_CHUNK_BYTES, dtype.itemsize))
-            row_sig = {"z_ptr": "*" + tl_dtype, "y_ptr": "*i64", "valid_ptr": "*i1"}
-            row_sig |= {name: "*fp32" for name in ("g_ptr", "loss_ptr", "conf_ptr")} | {"pred_ptr": "*i64", "V": "i32"}
-            row_const = dict(HAS_GRAD=True, WITH_STATS=True, BLOCK_V=cfg["BLOCK_V"])
-            variants.append(KernelVariant(
-                "multi_exit_ce.row", _row_kernel, row_sig | {name: "constexpr" for name in row_const},
-                row_const, cfg["num_warps"], 1, chunk,
-            ))  # fmt: skip
-        return variants
+        operand = "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        dots = dict(DOT_PRECISION=_dot_args(dtype)["DOT_PRECISION"], UPCAST_DOT=False)
+
+        def variant(name, fn, signature, config, flags, programs):
+            const = {k: v for k, v in config.items() if k.isupper()} | flags
+            signature = signature | {k: "constexpr" for k in const}
+            return KernelVariant(name, fn, signature, const, config["num_warps"], config["num_stages"], programs)
+
+        if _fused_regime(D, dtype, arch_has_tensor_core_dots(arch)):
+            forward, grad = _fused_configs(D, dtype)
+            splits_v, _, splits_n, _ = _fused_launch_shape(rows, V, forward, grad, SM_COUNT_BY_ARCH[arch])
+            common = dict(h_ptr=operand, w_ptr=operand, y_ptr="*i64")
+            sizes = dict(rows_total="i32", N="i32", V="i32", D="i32")
+            return [
+                variant(
+                    "multi_exit_ce.fused_forward", _fused_forward_kernel,
+                    common | dict(max_ptr="*fp32", sum_ptr="*fp32", tgt_ptr="*fp32", arg_ptr="*i32")
+                    | sizes | dict(split_cols="i32"),
+                    forward, dots, triton.cdiv(rows, forward["BLOCK_N"]) * splits_v,
+                ),
+                variant(
+                    "multi_exit_ce.fused_grad", _fused_grad_kernel,
+                    common | dict(lse_ptr="*fp32", g_ptr="*fp32", gh_ptr="*fp32", gw_ptr="*fp32")
+                    | sizes | dict(split_rows="i32"),
+                    grad, dots | dict(NEED_H=True, NEED_W=True), triton.cdiv(V, grad["BLOCK_V"]) * splits_n,
+                ),
+            ]  # fmt: skip
+        chunk = min(rows, chunk_rows(V, GPU_CHUNK_BYTES, dtype.itemsize))
+        signature = dict(z_ptr=operand, y_ptr="*i64", valid_ptr="*i1", g_ptr="*fp32", loss_ptr="*fp32")
+        signature |= dict(conf_ptr="*fp32", pred_ptr="*i64", V="i32")
+        return [
+            variant("multi_exit_ce.row", _row_kernel, signature, _row_config(V), dict(HAS_GRAD=True, WITH_STATS=True), chunk)
+        ]
 
 
 def _stack(hiddens: Sequence[torch.Tensor] | torch.Tensor, exits: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -469,12 +483,17 @@ def _stack(hiddens: Sequence[torch.Tensor] | torch.Tensor, exits: list[int], dty
     return picked.to(dtype).contiguous()
 
 
-def _per_token(device: torch.device, hidden: int):
+def _fused_regime(hidden: int, dtype: torch.dtype, tensor_cores: bool) -> bool:
+    """The regime rule: fused Triton kernels for narrow heads where ``tl.dot`` has tensor cores
+    and tiles exist for the dtype, the chunked cuBLAS path otherwise (module docstring)."""
+    return hidden <= FUSED_MAX_HIDDEN and tensor_cores and fused_takes(hidden, dtype)
+
+
+def _per_token(device: torch.device, hidden: int, dtype: torch.dtype):
     """The implementation for inputs on ``device``: the torch path, or the Triton op in one regime."""
     if backend(device) == "torch":
         return TorchMultiExitCE.apply
-    chunked = hidden > FUSED_MAX_HIDDEN or not tensor_core_dots(device)
-    return functools.partial(_call_triton_op, chunked=chunked)
+    return functools.partial(_call_triton_op, chunked=not _fused_regime(hidden, dtype, tensor_core_dots(device)))
 
 
 def _call_triton_op(hiddens, weight, targets, g, ignore_index, with_stats, need_h, need_w, chunked):
@@ -530,7 +549,7 @@ def multi_exit_cross_entropy(
         dtype = torch.float32
     head = weight.to(dtype).contiguous()
     targets = targets.long().contiguous()
-    per_token = _per_token(device, head.shape[1])
+    per_token = _per_token(device, head.shape[1], dtype)
 
     K = len(weights)
     grad_on = torch.is_grad_enabled()

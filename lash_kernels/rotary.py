@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import torch
 
-from lash_kernels.backend import HAS_TRITON, backend, interpreting, sm_count
+from lash_kernels.backend import HAS_TRITON, SM_COUNT_BY_ARCH, backend, interpreting, sm_count
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PROGRAMS_PER_SM = 2  # grid size the launcher aims for, per streaming multiprocessor
+NUM_WARPS = 4  # per program (see _blocks)
 
 
 if HAS_TRITON:  # optional off Linux: the torch references still work there
@@ -146,6 +147,41 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
         return t if t.stride(-1) == 1 else t.contiguous()
 
 
+    def _blocks(half: int) -> tuple[int, int]:
+        """(BLOCK_T, BLOCK_H) for head dim ``2 · half``: 2048-element tiles, 16 per thread at 4 warps
+        for each of the six live tiles. The block depends on D only, so a dynamic sequence length
+        under torch.compile does not specialise the graph; short sequences mask one block's tail."""
+        block_h = triton.next_power_of_2(half)
+        return max(1, 2048 // block_h), block_h
+
+
+    def _head_groups(t: int, b: int, heads: int, block_t: int, sms: int) -> int:
+        """Programs sharing one (position block, batch): enough for ≥ 2 programs per SM (the
+        seed's 64 × 32 tokens are one position block per batch row, 64 programs on 132 SMs)."""
+        return max(1, min(heads, triton.cdiv(PROGRAMS_PER_SM * sms, triton.cdiv(t, block_t) * b)))
+
+
+    def static_variants(shape, dtype: torch.dtype, arch: int) -> list:
+        """The kernel as the launcher runs it on ``arch`` for q and k of ``shape`` (fp32 tables),
+        forward and inverse, for the AOT check."""
+        from lash_kernels.aot_check import KernelVariant
+
+        act = "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        block_t, block_h = _blocks(shape.head_dim // 2)
+        groups = _head_groups(shape.seq, shape.batch, shape.heads, block_t, SM_COUNT_BY_ARCH[arch])
+        strides = [f"stride_{t}{a}" for t in ("q", "k", "qo", "ko") for a in "bht"] + ["stride_cos", "stride_sin"]
+        signature = dict(Q=act, K=act, QO=act, KO=act, COS="*fp32", SIN="*fp32") | {name: "i32" for name in strides}
+        signature |= dict(T="i32", HQ="i32", HK="i32", head_groups="i32")
+        variants = []
+        for inverse in (False, True):
+            const = dict(HALF=shape.head_dim // 2, INVERSE=inverse, BLOCK_T=block_t, BLOCK_H=block_h)
+            variants.append(KernelVariant(
+                f"rotary[inverse={inverse}]", _rotary_kernel, signature | {name: "constexpr" for name in const},
+                const, NUM_WARPS, 3, triton.cdiv(shape.seq, block_t) * shape.batch * groups,
+            ))  # fmt: skip
+        return variants
+
+
     def _rotary(
         q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,14 +194,8 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
         if q.numel() + k.numel() == 0:
             return q_out, k_out
         half = dim // 2
-        block_h = triton.next_power_of_2(half)
-        # The block depends on D only, so a dynamic sequence length under torch.compile does not
-        # specialise the graph; short sequences just mask the tail of one block.
-        block_t = max(1, 2048 // block_h)
-        # Split the heads over programs until the grid holds ≥ 2 programs per SM (the seed's
-        # 64 × 32 tokens are one position block per batch row: 64 programs on 132 SMs otherwise).
-        position_programs = triton.cdiv(t, block_t) * b
-        head_groups = max(1, min(max(hq, hk), triton.cdiv(PROGRAMS_PER_SM * sm_count(q.device), position_programs)))
+        block_t, block_h = _blocks(half)
+        head_groups = _head_groups(t, b, max(hq, hk), block_t, sm_count(q.device))
         _launch(_rotary_kernel)[(triton.cdiv(t, block_t), b, head_groups)](
             q,
             k,
@@ -187,7 +217,7 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
             INVERSE=inverse,
             BLOCK_T=block_t,
             BLOCK_H=block_h,
-            num_warps=4,  # 2048-element tiles: 16 per thread for each of the six live tiles
+            num_warps=NUM_WARPS,
         )
         return q_out, k_out
 
