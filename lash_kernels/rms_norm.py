@@ -149,6 +149,14 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
         return block_m, block_n, num_warps
 
 
+    def _backward_grid(m: int, block_m: int, num_warps: int, sms: int) -> tuple[int, int]:
+        """(programs, rows per program) of the backward: enough programs to fill ``sms``
+        multiprocessors at 32 warps each, never more than there are row blocks."""
+        programs = min(triton.cdiv(m, block_m), sms * max(1, 32 // num_warps))
+        rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
+        return triton.cdiv(m, rows_per_program), rows_per_program
+
+
     @functools.cache
     def _max_programs(device: torch.device) -> int:
         """Streaming multiprocessors to fill on CUDA; when interpreting, programs run one by one, so few."""
@@ -216,10 +224,7 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
         if m == 0:
             return ds, torch.zeros_like(weight)
         block_m, block_n, num_warps = _block_config(n)
-        # Enough programs to fill the device (32 warps per SM), never more than there are row blocks.
-        programs = min(triton.cdiv(m, block_m), _max_programs(s.device) * max(1, 32 // num_warps))
-        rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
-        programs = triton.cdiv(m, rows_per_program)
+        programs, rows_per_program = _backward_grid(m, block_m, num_warps, _max_programs(s.device))
         dw_partial = torch.empty(programs, n, dtype=torch.float32, device=s.device)  # (P, N)
         _launch(_rms_norm_backward_kernel)[(programs,)](
             dy2,
@@ -296,6 +301,37 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
 
     _rms_norm_op.register_autograd(_rms_norm_grad, setup_context=_setup_rms_norm)
     _add_rms_norm_op.register_autograd(_add_rms_norm_grad, setup_context=_setup_add_rms_norm)
+
+
+    def static_variants(shape, dtype: torch.dtype, arch: int) -> list:
+        """The launches :mod:`lash_kernels.aot_check` compiles: forward and backward, with and
+        without the residual, at ``shape.tokens`` rows of ``shape.hidden``, fp32 weight."""
+        from lash_kernels.aot_check import ARCHS, LAUNCH_STAGES, KernelVariant, pointer
+
+        m, n = shape.tokens, shape.hidden
+        block_m, block_n, num_warps = _block_config(n)
+        act, f32 = pointer(dtype), pointer(torch.float32)
+        ints = dict(M=m, N=n)
+        forward = dict(X=act, R=act, W=f32, Y=act, S=act, RSTD=f32, stride_x="i32", stride_r="i32", M="i32",
+                       N="i32", eps="fp32", HAS_RESIDUAL="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr")  # fmt: skip
+        programs, rows_per_program = _backward_grid(m, block_m, num_warps, ARCHS[arch].sms)
+        backward = dict(DY=act, DS_OUT=act, S=act, W=f32, RSTD=f32, DS=act, DW_PARTIAL=f32, stride_dy="i32",
+                        stride_ds_out="i32", stride_s="i32", M="i32", N="i32", rows_per_program="i32",
+                        HAS_DS_OUT="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr")  # fmt: skip
+        variants = []
+        for residual in (False, True):
+            name = "add_rms_norm" if residual else "rms_norm"
+            variants.append(KernelVariant(
+                f"{name}.forward", _rms_norm_forward_kernel, forward,
+                dict(HAS_RESIDUAL=residual, BLOCK_M=block_m, BLOCK_N=block_n), num_warps, LAUNCH_STAGES,
+                triton.cdiv(m, block_m), dict(ints, stride_x=n, stride_r=n),
+            ))  # fmt: skip
+            variants.append(KernelVariant(
+                f"{name}.backward", _rms_norm_backward_kernel, backward,
+                dict(HAS_DS_OUT=residual, BLOCK_M=block_m, BLOCK_N=block_n), num_warps, LAUNCH_STAGES, programs,
+                dict(ints, stride_dy=n, stride_ds_out=n, stride_s=n, rows_per_program=rows_per_program),
+            ))  # fmt: skip
+        return variants
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

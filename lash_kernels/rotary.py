@@ -36,6 +36,7 @@ import torch
 from lash_kernels.backend import HAS_TRITON, backend, interpreting
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+NUM_WARPS = 4  # 2048-element tiles: 16 per thread for each of the six live tiles
 
 
 if HAS_TRITON:  # optional off Linux: the torch references still work there
@@ -141,6 +142,16 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
         return t if t.stride(-1) == 1 else t.contiguous()
 
 
+    def _blocks(dim: int) -> tuple[int, int]:
+        """(BLOCK_T, BLOCK_H) for head dimension ``dim``: 2048-element tiles.
+
+        The block depends on D only, so a dynamic sequence length under torch.compile does not
+        specialise the graph; short sequences just mask the tail of one block.
+        """
+        block_h = triton.next_power_of_2(dim // 2)
+        return max(1, 2048 // block_h), block_h
+
+
     def _rotary(
         q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,10 +164,7 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
         if q.numel() + k.numel() == 0:
             return q_out, k_out
         half = dim // 2
-        block_h = triton.next_power_of_2(half)
-        # The block depends on D only, so a dynamic sequence length under torch.compile does not
-        # specialise the graph; short sequences just mask the tail of one block.
-        block_t = max(1, 2048 // block_h)
+        block_t, block_h = _blocks(dim)
         _launch(_rotary_kernel)[(triton.cdiv(t, block_t), b)](
             q,
             k,
@@ -177,7 +185,7 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
             INVERSE=inverse,
             BLOCK_T=block_t,
             BLOCK_H=block_h,
-            num_warps=4,  # 2048-element tiles: 16 per thread for each of the six live tiles
+            num_warps=NUM_WARPS,
         )
         return q_out, k_out
 
@@ -202,6 +210,29 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
 
 
     _rotary_op.register_autograd(_rotary_grad, setup_context=_setup_rotary)
+
+
+    def static_variants(shape, dtype: torch.dtype, arch: int) -> list:
+        """The launches :mod:`lash_kernels.aot_check` compiles: the rotation and its transpose on
+        contiguous ``[batch, heads, seq, head_dim]`` q and k, fp32 tables."""
+        from lash_kernels.aot_check import LAUNCH_STAGES, KernelVariant, pointer
+
+        b, h, t, dim = shape.batch, shape.heads, shape.seq, shape.head_dim
+        block_t, block_h = _blocks(dim)
+        act, f32 = pointer(dtype), pointer(torch.float32)
+        strides = [f"stride_{x}{y}" for x in ("q", "k", "qo", "ko") for y in ("b", "h", "t")]
+        signature = dict(Q=act, K=act, QO=act, KO=act, COS=f32, SIN=f32, **dict.fromkeys(strides, "i32"),
+                         stride_cos="i32", stride_sin="i32", T="i32", HQ="i32", HK="i32", HALF="constexpr",
+                         INVERSE="constexpr", BLOCK_T="constexpr", BLOCK_H="constexpr")  # fmt: skip
+        ints = dict(zip(strides, [h * t * dim, t * dim, dim] * 4), stride_cos=dim, stride_sin=dim, T=t, HQ=h, HK=h)
+        return [
+            KernelVariant(
+                f"rotary.{'backward' if inverse else 'forward'}", _rotary_kernel, signature,
+                dict(HALF=dim // 2, INVERSE=inverse, BLOCK_T=block_t, BLOCK_H=block_h), NUM_WARPS, LAUNCH_STAGES,
+                triton.cdiv(t, block_t) * b, ints,
+            )
+            for inverse in (False, True)
+        ]  # fmt: skip
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
