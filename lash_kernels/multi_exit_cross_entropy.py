@@ -84,6 +84,27 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
             )
         ]
 
+    def _shared_bytes(config: triton.Config, D: int, element_size: int) -> int:
+        """Shared memory a config stages for its dots: ``num_stages`` copies of an h tile and a W
+        tile. An upper bound on what the compiler allocates; :mod:`lash_kernels.aot_check`
+        compiles every surviving config to hold it to the real figure."""
+        tile_rows = config.kwargs["BLOCK_N"] + config.kwargs["BLOCK_V"]
+        return config.num_stages * tile_rows * _block_d(D) * element_size
+
+    def _fitting(configs: list, D: int, element_size: int, limit: int) -> list:
+        """The configs whose tiles fit ``limit`` bytes of shared memory; the smallest if none does,
+        so a launch still gets its clear out-of-resources error."""
+        fits = [c for c in configs if _shared_bytes(c, D, element_size) <= limit]
+        return fits or [min(configs, key=lambda c: _shared_bytes(c, D, element_size))]
+
+    def _prune(configs: list, named_args: dict, **_) -> list:
+        """Autotuner hook: never compile a config the running GPU cannot launch."""
+        h = named_args["h_ptr"]
+        if h.device.type != "cuda":
+            return configs
+        limit = torch.cuda.get_device_properties(h.device).shared_memory_per_block_optin
+        return _fitting(configs, named_args["D"], h.element_size(), limit)
+
     @triton.jit
     def _dot(
         a,  # [M, K] operand in the input dtype
@@ -161,7 +182,7 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         onehot = (cols[None, :] == y[:, None]).to(tl.float32)
         return (probs - onehot) * g[:, None]
 
-    @triton.autotune(configs=_configs(), key=["D", "V"])
+    @triton.autotune(configs=_configs(), key=["D", "V"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _forward_kernel(
         h_ptr,  # [K, N, D] hidden states of all exits, contiguous
@@ -256,7 +277,7 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
             tl.store(ptrs, tl.zeros((R, BLOCK_D), dtype=tl.float32), mask=mask)
         tl.debug_barrier()
 
-    @triton.autotune(configs=_configs(), key=["D", "V"])
+    @triton.autotune(configs=_configs(), key=["D", "V"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _grad_hidden_kernel(
         h_ptr,  # [K, N, D] hidden states of the exits that need gradients
@@ -307,7 +328,7 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
             gh_ptrs, gh_mask = _row_tile(gh_ptr, rows, N, 0, D, BLOCK_D)
             tl.store(gh_ptrs, acc, mask=gh_mask)
 
-    @triton.autotune(configs=_configs(), key=["D", "V"])
+    @triton.autotune(configs=_configs(), key=["D", "V"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _grad_weight_kernel(
         h_ptr,  # [K, N, D] hidden states of the exits that need gradients
@@ -443,6 +464,36 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         return grad_h if need_h else None, grad_w if need_w else None, None, None, None
 
     register_autograd(_triton_forward, _backward, setup_context=_setup_context)
+
+    def static_variants(shape, dtype: torch.dtype, arch: int) -> list:
+        """The launches :mod:`lash_kernels.aot_check` compiles: each kernel at every config the
+        autotuner tries on ``arch``, for ``shape.exits`` exits of ``shape.tokens`` tokens."""
+        from lash_kernels.aot_check import ARCHS, KernelVariant, pointer
+
+        K, N, D, V = shape.exits, shape.tokens, shape.hidden, shape.vocab
+        act, f32, i64 = pointer(dtype), pointer(torch.float32), pointer(torch.int64)
+        block_d = _block_d(D)
+        dot = dict(BLOCK_D=block_d, **_dot_args(dtype))
+        ints = dict(N=N, V=V, D=D, K=K)
+        common = dict(N="i32", V="i32", D="i32", ignore_index="i32")
+        meta = dict.fromkeys(("BLOCK_N", "BLOCK_V", "BLOCK_D", "DOT_PRECISION", "UPCAST_DOT"), "constexpr")
+        kernels = (
+            ("forward", _forward_kernel, dict(h_ptr=act, w_ptr=act, y_ptr=i64, loss_ptr=f32, lse_ptr=f32,
+             conf_ptr=f32, pred_ptr=i64, **common, WITH_STATS="constexpr", **meta), dict(WITH_STATS=True),
+             lambda c: triton.cdiv(N, c["BLOCK_N"]) * K),
+            ("grad_hidden", _grad_hidden_kernel, dict(h_ptr=act, w_ptr=act, y_ptr=i64, lse_ptr=f32, g_ptr=f32,
+             gh_ptr=f32, **common, SINGLE_D_TILE="constexpr", **meta), dict(SINGLE_D_TILE=D <= block_d),
+             lambda c: triton.cdiv(N, c["BLOCK_N"]) * K),
+            ("grad_weight", _grad_weight_kernel, dict(h_ptr=act, w_ptr=act, y_ptr=i64, lse_ptr=f32, g_ptr=f32,
+             gw_ptr=f32, K="i32", **common, SINGLE_D_TILE="constexpr", **meta), dict(SINGLE_D_TILE=D <= block_d),
+             lambda c: triton.cdiv(V, c["BLOCK_V"])),
+        )  # fmt: skip
+        return [
+            KernelVariant(f"multi_exit_ce.{name}", kernel.fn, signature, {**flags, **config.kwargs, **dot},
+                          config.num_warps, config.num_stages, programs(config.kwargs), ints)
+            for name, kernel, signature, flags, programs in kernels
+            for config in _fitting(kernel.configs, D, dtype.itemsize, ARCHS[arch].smem_per_block)
+        ]  # fmt: skip
 
 
 def _stack(hiddens: Sequence[torch.Tensor] | torch.Tensor, exits: list[int], dtype: torch.dtype) -> torch.Tensor:
