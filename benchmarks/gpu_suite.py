@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-import kernels
+import kernel_bench
 import measure
-import steps
+import model_bench
 from measure import ON_GPU
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,10 +82,10 @@ class Suite:
 
 
 def _try(record: dict, name: str, fn: Callable[[], float]) -> float | str:
-    """Measure ``fn``; an :class:`kernels.Unavailable`, OOM or error is stored as its reason."""
+    """Measure ``fn``; an :class:`kernel_bench.Unavailable`, OOM or error is stored as its reason."""
     try:
         value = fn()
-    except kernels.Unavailable as why:
+    except kernel_bench.Unavailable as why:
         value = f"skipped: {why}"
     except torch.OutOfMemoryError:
         value = "skipped: out of memory"
@@ -140,14 +140,14 @@ def ceilings(suite: Suite) -> dict[str, float]:
 
 
 def train_step(suite: Suite) -> None:
-    vocab, batch = (2048, 8) if suite.dry else (16384, steps.BATCH)
+    vocab, batch = (2048, 8) if suite.dry else (16384, model_bench.BATCH)
     for precision in ("fp32",) if suite.dry else ("fp32", "bf16"):
         record: dict = {"vocab": vocab, "batch": batch, "precision": precision}
         peaks: dict = {}
-        for provider in steps.TRAIN_PROVIDERS:
+        for provider in model_bench.TRAIN_PROVIDERS:
             if _dry_compile(suite, record, provider):
                 continue
-            step = steps.train_step_call(provider, vocab, precision, batch)
+            step = model_bench.train_step_call(provider, vocab, precision, batch)
             step()  # AdamW state allocated (and compilation done) before the peak is read
             peaks[provider] = measure.peak_memory_bytes(step)
             _try(record, f"{provider}_s", lambda: measure.median_seconds(step))
@@ -172,7 +172,7 @@ def host_syncs(suite: Suite) -> None:
         if not ON_GPU:
             suite.skip(bar, "none", "torch.cuda.set_sync_debug_mode needs a CUDA device")
             continue
-        where = steps.host_syncs(steps.train_step_call(provider, vocab))
+        where = model_bench.host_syncs(model_bench.train_step_call(provider, vocab))
         suite.measurements[f"host_syncs_{provider}"] = where
         status = "PASS" if where is None else "FAIL"
         suite.rows.append(Row(bar, "none" if where is None else "synchronised", "none", status, where or ""))
@@ -194,15 +194,15 @@ def multi_exit_ce(suite: Suite) -> None:
         n, d, v, k = shape
         name = f"multi-exit CE {dtype_key} N{n} D{d} V{v} K{k}"
         record: dict = {"shape": list(shape), "dtype": dtype_key}
-        hiddens, weight, targets = kernels.ce_inputs(shape, DTYPES[dtype_key])
-        for provider in kernels.CE_PROVIDERS:
+        hiddens, weight, targets = kernel_bench.ce_inputs(shape, DTYPES[dtype_key])
+        for provider in kernel_bench.CE_PROVIDERS:
             if _dry_compile(suite, record, provider):
                 continue
             call = None
 
             def seconds(provider=provider):
                 nonlocal call
-                call = kernels.ce_call(provider, hiddens, weight, targets)
+                call = kernel_bench.ce_call(provider, hiddens, weight, targets)
                 return measure.median_seconds(call)
 
             _try(record, f"{provider}_s", seconds)
@@ -217,10 +217,10 @@ def multi_exit_ce(suite: Suite) -> None:
         _ratio_row(suite, f"{name}: torch.compile / lash", record["compile_s"], lash, "≥ 2×", lambda r: r >= 2,
                    f"dynamo {record.get('compile')}")
         _ratio_row(suite, f"{name}: CCE per exit / lash", record["cce_s"], lash, "–", None)
-        floor = kernels.ce_memory_floor_bytes(shape, DTYPES[dtype_key])
+        floor = kernel_bench.ce_memory_floor_bytes(shape, DTYPES[dtype_key])
         peak = record.get("lash_peak_bytes")
         logits = k * n * v * 4
-        note = f"(K·N·D + V·D)·{kernels.dtype_name(DTYPES[dtype_key])} = {floor / 2**20:.1f} MiB; fp32 logits would be {logits / 2**20:.0f} MiB"
+        note = f"(K·N·D + V·D)·{kernel_bench.dtype_name(DTYPES[dtype_key])} = {floor / 2**20:.1f} MiB; fp32 logits would be {logits / 2**20:.0f} MiB"
         suite.info(f"{name}: lash peak memory / (K·N·D + V·D)", "–" if peak is None else f"{peak / floor:.2f}×", note)
 
 
@@ -236,14 +236,14 @@ def norms(suite: Suite, copy_gbps: float) -> None:
     targets = {"forward": 0.85, "backward": 0.70}
     for op in ("rms_norm", "add_rms_norm"):
         for size in _norm_sizes(suite):
-            for mode in kernels.NORM_MODES:
-                record: dict = {"op": op, "size": list(size), "mode": mode, "dtype": kernels.dtype_name(dtype)}
+            for mode in kernel_bench.NORM_MODES:
+                record: dict = {"op": op, "size": list(size), "mode": mode, "dtype": kernel_bench.dtype_name(dtype)}
                 for provider in providers:
                     _try(record, f"{provider}_s",
-                         lambda p=provider: measure.median_seconds(kernels.op_call(op, p, size, mode, dtype)))
-                name = f"{op} {mode} {size[0]}×{size[1]} {kernels.dtype_name(dtype)}"
+                         lambda p=provider: measure.median_seconds(kernel_bench.op_call(op, p, size, mode, dtype)))
+                name = f"{op} {mode} {size[0]}×{size[1]} {kernel_bench.dtype_name(dtype)}"
                 suite.measurements[name] = record
-                _bandwidth_rows(suite, name, record, kernels.bytes_moved(op, size, mode, dtype), copy_gbps, targets[mode])
+                _bandwidth_rows(suite, name, record, kernel_bench.bytes_moved(op, size, mode, dtype), copy_gbps, targets[mode])
 
 
 def rotary(suite: Suite, copy_gbps: float) -> None:
@@ -252,13 +252,13 @@ def rotary(suite: Suite, copy_gbps: float) -> None:
     providers = ("lash", "eager", "liger")
     for size in sizes:
         mode = "forward+backward"
-        record: dict = {"op": "apply_rotary", "size": list(size), "mode": mode, "dtype": kernels.dtype_name(dtype)}
+        record: dict = {"op": "apply_rotary", "size": list(size), "mode": mode, "dtype": kernel_bench.dtype_name(dtype)}
         for provider in providers:
             _try(record, f"{provider}_s",
-                 lambda p=provider: measure.median_seconds(kernels.op_call("apply_rotary", p, size, mode, dtype)))
-        name = f"RoPE {mode} {'×'.join(map(str, size))} {kernels.dtype_name(dtype)}"
+                 lambda p=provider: measure.median_seconds(kernel_bench.op_call("apply_rotary", p, size, mode, dtype)))
+        name = f"RoPE {mode} {'×'.join(map(str, size))} {kernel_bench.dtype_name(dtype)}"
         suite.measurements[name] = record
-        _bandwidth_rows(suite, name, record, kernels.bytes_moved("apply_rotary", size, mode, dtype), copy_gbps, 0.80)
+        _bandwidth_rows(suite, name, record, kernel_bench.bytes_moved("apply_rotary", size, mode, dtype), copy_gbps, 0.80)
 
 
 def _bandwidth_rows(suite: Suite, name: str, record: dict, moved: int, copy_gbps: float, fraction: float) -> None:
@@ -274,13 +274,13 @@ def _bandwidth_rows(suite: Suite, name: str, record: dict, moved: int, copy_gbps
 
 
 def early_exit(suite: Suite) -> None:
-    configs = [replace(steps.SEED_ROUTING, batch=8)] if suite.dry else [steps.SEED_ROUTING, steps.LLM_ROUTING]
+    configs = [replace(model_bench.SEED_ROUTING, batch=8)] if suite.dry else [model_bench.SEED_ROUTING, model_bench.LLM_ROUTING]
     for config in configs:
-        model, x = steps.build(config)
+        model, x = model_bench.build(config)
         with torch.no_grad():
             full = measure.median_seconds(lambda: model(x))
             for shallow in (0.5,) if suite.quick or suite.dry else (0.3, 0.5, 0.7, 0.9):
-                threshold = steps.threshold_for(model, x, shallow)
+                threshold = model_bench.threshold_for(model, x, shallow)
                 _, stats = model.forward_early_exit(x, threshold)
                 early = measure.median_seconds(lambda: model.forward_early_exit(x, threshold))
                 speedup, ideal = full / early, 1 / stats["compute_cost"]
@@ -313,7 +313,7 @@ def markdown(env: dict, rows: list[Row], dry: bool, quick: bool) -> str:
     if skipped:
         lines += ["", "Skipped or failed to run:", "", *(f"- {r.bar}: {r.status} — {r.note}" for r in skipped)]
     if any("not importable" in r.note for r in rows):
-        lines += ["", f"Liger-Kernel and Cut Cross-Entropy: {kernels.WHEELS}."]
+        lines += ["", f"Liger-Kernel and Cut Cross-Entropy: {kernel_bench.WHEELS}."]
     return "\n".join(lines) + "\n"
 
 
