@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +34,8 @@ import model_bench
 from measure import ON_GPU
 
 REPO = Path(__file__).resolve().parent.parent
+# The whole suite should take ≤ 8 minutes on an H100; the tests get at most this share of it.
+TESTS_TIMEOUT_S = 300
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -124,7 +126,11 @@ def gpu_tests(suite: Suite) -> None:
         return
     env = os.environ | {"LASH_KERNELS": "triton"}
     command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/"]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TESTS_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        suite.rows.append(Row(bar, "–", target, "FAIL", f"timed out after {TESTS_TIMEOUT_S} s"))
+        return
     summary = (done.stdout.strip().splitlines() or ["no output"])[-1]
     suite.measurements["gpu_tests"] = {"returncode": done.returncode, "summary": summary, "tail": done.stdout[-4000:]}
     status = "PASS" if done.returncode == 0 else "FAIL"
@@ -307,7 +313,7 @@ def markdown(env: dict, rows: list[Row], dry: bool, quick: bool) -> str:
         "",
         "| bar | measured | target | status | note |",
         "|---|---:|---:|---|---|",
-        *(f"| {r.bar} | {r.measured} | {r.target} | {r.status} | {r.note} |" for r in rows),
+        *("| " + " | ".join(cell.replace("|", "\\|") for cell in astuple(r)) + " |" for r in rows),
     ]
     skipped = [r for r in rows if r.status in ("SKIPPED", "ERROR")]
     if skipped:

@@ -57,7 +57,7 @@ def check_available(provider: str) -> None:
     """Raise :class:`Unavailable` if ``provider`` needs a GPU or a package that is missing."""
     if provider in PACKAGES:
         if not has_module(PACKAGES[provider]):
-            raise Unavailable(f"{PACKAGES[provider]} is not importable (carry it as a wheel: README, "Running the GPU suite")")
+            raise Unavailable(f"{PACKAGES[provider]} is not importable (carry it as a wheel: README, 'Running the GPU suite')")
         if not ON_GPU:
             raise Unavailable(f"{PACKAGES[provider]} runs on CUDA only")
 
