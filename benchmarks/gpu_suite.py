@@ -28,12 +28,14 @@ from pathlib import Path
 
 import torch
 
-import kernel_bench
-import measure
-import model_bench
-from measure import ON_GPU
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # so `python benchmarks/gpu_suite.py` runs from a checkout, lash not installed
+
+import kernel_bench  # noqa: E402 - needs REPO on the path
+import measure  # noqa: E402
+import model_bench  # noqa: E402
+from measure import ON_GPU  # noqa: E402
+
 # The whole suite should take ≤ 8 minutes on an H100; the tests get at most this share of it.
 TESTS_TIMEOUT_S = 300
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
