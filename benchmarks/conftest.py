@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from measure import ON_GPU, copy_bandwidth_gbps, device_name, environment, median_seconds, synchronize
+from measure import ON_GPU, copy_bandwidth_gbps, describe, device_name, environment, median_seconds, synchronize
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
@@ -55,7 +55,7 @@ def record_speedups(benchmark, fn: Callable[[], object], baselines: dict[str, Ca
         try:
             ratio: float | str = median_seconds(factory()) / seconds
         except Exception as error:  # noqa: BLE001 - recorded with the result
-            ratio = f"skipped: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            ratio = f"skipped: {describe(error)}"
         benchmark.extra_info[f"speedup_vs_{name}"] = ratio
 
 

@@ -81,12 +81,12 @@ class Suite:
         try:
             fn()
         except Exception as error:  # noqa: BLE001 - one broken subject must not lose the others
-            self.rows.append(Row(name, "–", "–", "ERROR", f"{type(error).__name__}: {str(error).splitlines()[0]}"))
+            self.rows.append(Row(name, "–", "–", "ERROR", measure.describe(error)))
         print(f"[{time.perf_counter() - start:6.1f} s] {name}", file=sys.stderr, flush=True)
 
 
-def _try(record: dict, name: str, fn: Callable[[], float]) -> float | str:
-    """Measure ``fn``; an :class:`kernel_bench.Unavailable`, OOM or error is stored as its reason."""
+def _try(record: dict, name: str, fn: Callable[[], float]) -> None:
+    """Store ``fn()`` as ``record[name]``, or why it failed (Unavailable, out of memory, an error)."""
     try:
         value = fn()
     except kernel_bench.Unavailable as why:
@@ -94,9 +94,8 @@ def _try(record: dict, name: str, fn: Callable[[], float]) -> float | str:
     except torch.OutOfMemoryError:
         value = "skipped: out of memory"
     except Exception as error:  # noqa: BLE001 - recorded and shown, the other providers still run
-        value = f"error: {type(error).__name__}: {str(error).splitlines()[0]}"
+        value = f"error: {measure.describe(error)}"
     record[name] = value
-    return value
 
 
 def _dry_compile(suite: Suite, record: dict, provider: str) -> bool:

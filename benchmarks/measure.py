@@ -64,6 +64,12 @@ def environment() -> dict[str, str | None]:
     }
 
 
+def describe(error: BaseException) -> str:
+    """One line for a failed measurement: the exception's type and the first line of its message."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def synchronize() -> None:
     if ON_GPU:
         torch.cuda.synchronize(DEVICE)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from measure import DEVICE, ON_GPU, compiled, synchronize
+from measure import DEVICE, ON_GPU, compiled, describe, synchronize
 from lash import DeepSupervisionTransformer, Trainer, TrainingConfig
 from lash.reference import RefModel
 
@@ -88,7 +88,7 @@ def host_syncs(step: Callable[[], object], warmup: int = 3) -> str | None:
         frames = traceback.extract_tb(error.__traceback__)
         ours = [f for f in frames if Path(f.filename).parent.name in ("lash", "lash_kernels")]
         frame = (ours or frames)[-1]
-        return f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}: {str(error).splitlines()[0]}"
+        return f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}: {describe(error)}"
     finally:
         torch.cuda.set_sync_debug_mode(0)
     synchronize()

@@ -51,3 +51,26 @@ def test_bad_input_is_one_line_and_exit_code_2(args, flag):
     done = _run(*args)
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and flag in done.stderr, done.stderr
+
+
+def test_judged_rows_pass_and_fail_in_the_table():
+    """What a dry run cannot show: rows judged against their targets, as a GPU run writes them."""
+    code = """
+import sys
+sys.path.insert(0, "benchmarks")
+import gpu_suite
+suite = gpu_suite.Suite(dry=False, quick=False)
+gpu_suite._ratio_row(suite, "fast", 4.0, 1.0, ">= 3x", lambda r: r >= 3)
+gpu_suite._ratio_row(suite, "slow", 2.0, 1.0, ">= 3x", lambda r: r >= 3)
+gpu_suite._ratio_row(suite, "absent", "skipped: liger_kernel is not importable", 1.0, ">= 1.5x", lambda r: r >= 1.5)
+gpu_suite._ratio_row(suite, "broken", 1.0, "error: ValueError: bad", ">= 2x", lambda r: r >= 2)
+print(gpu_suite.markdown({"device": "d", "torch": "t", "date": "today"}, suite.rows, dry=False, quick=False))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "LASH_KERNELS"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = done.stdout
+    assert "| fast | 4× | >= 3x | PASS |" in table and "| slow | 2× | >= 3x | FAIL |" in table
+    assert "| absent | – | >= 1.5x | SKIPPED | liger_kernel is not importable |" in table
+    assert "| broken | – | >= 2x | ERROR | ValueError: bad |" in table
+    assert "carry them as wheels" in table
