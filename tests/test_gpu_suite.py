@@ -44,13 +44,13 @@ def test_dry_run_writes_the_bars_table(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args, flag",
-    [(["--dry-run"], "--out"), (["--dry-run", "--out", str(SUITE)], "--out"), (["--out", "x", "--rounds", "3"], "--rounds")],
+    "args, words",
+    [(["--dry-run", "--out", str(SUITE)], ["--out", str(SUITE)]), (["--out", "x", "--rounds", "3"], ["--rounds", "3"])],
 )
-def test_bad_input_is_one_line_and_exit_code_2(args, flag):
+def test_bad_input_is_one_line_and_exit_code_2(args, words):
     done = _run(*args)
     assert done.returncode == 2
-    assert len(done.stderr.strip().splitlines()) == 1 and flag in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and all(w in done.stderr for w in words), done.stderr
 
 
 def test_judged_rows_pass_and_fail_in_the_table():
