@@ -5,15 +5,15 @@
   model, :class:`lash.reference.RefModel`, with ``F.cross_entropy`` on every exit's logits),
   ``lash`` (:class:`lash.DeepSupervisionTransformer` and ``Trainer.compute_loss``) or
   ``lash-compile`` (the same loss under ``torch.compile``), in fp32 or bf16 autocast.
-* :func:`host_syncs`: runs one such step under ``torch.cuda.set_sync_debug_mode("error")``
-  after warm-up and names the first synchronising line.
+* :func:`host_syncs`: runs one such step under ``torch.cuda.set_sync_debug_mode("warn")``
+  after warm-up and lists every line that synchronised with the host.
 * :class:`RoutingConfig`, :func:`build`, :func:`threshold_for`: early-exit inference set-ups.
 """
 
 from __future__ import annotations
 
 import contextlib
-import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from measure import DEVICE, ON_GPU, compiled, describe, synchronize
+from measure import DEVICE, ON_GPU, compiled, synchronize
 from lash import DeepSupervisionTransformer, Trainer, TrainingConfig
 from lash.reference import RefModel
 
@@ -71,28 +71,33 @@ def train_step_call(provider: str, vocab: int, precision: str = "fp32", batch: i
     return step
 
 
-def host_syncs(step: Callable[[], object], warmup: int = 3) -> str | None:
-    """Run ``step`` once under ``set_sync_debug_mode("error")`` after ``warmup`` calls.
+def host_syncs(step: Callable[[], object], warmup: int = 3) -> list[str]:
+    """The places where ``step`` synchronises with the host, found after ``warmup`` calls.
+
+    One call runs under ``torch.cuda.set_sync_debug_mode("warn")``; every synchronising CUDA
+    operation (``.item()``, ``bool(tensor)``, a device-to-host copy, ``nonzero`` …) then warns from
+    the Python line that issued it.
 
     Returns:
-        None when the step never synchronised with the host, else where it first did: the
-        deepest LASH source line in the traceback (``file:line in function``) and the error.
+        The distinct ``dir/file:line`` places, in the order first hit; empty when there were none.
     """
     for _ in range(warmup):
         step()
     synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    except RuntimeError as error:
-        frames = traceback.extract_tb(error.__traceback__)
-        ours = [f for f in frames if Path(f.filename).parent.name in ("lash", "lash_kernels")]
-        frame = (ours or frames)[-1]
-        return f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}: {describe(error)}"
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
     synchronize()
-    return None
+    places = [
+        f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}"
+        for w in caught
+        if "called a synchronizing" in str(w.message)  # not the "prototype feature" notice
+    ]
+    return list(dict.fromkeys(places))
 
 
 @dataclass(frozen=True)
