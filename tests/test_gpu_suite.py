@@ -64,7 +64,7 @@ gpu_suite._ratio_row(suite, "fast", 4.0, 1.0, ">= 3x", lambda r: r >= 3)
 gpu_suite._ratio_row(suite, "slow", 2.0, 1.0, ">= 3x", lambda r: r >= 3)
 gpu_suite._ratio_row(suite, "absent", "skipped: liger_kernel is not importable", 1.0, ">= 1.5x", lambda r: r >= 1.5)
 gpu_suite._ratio_row(suite, "broken", 1.0, "error: ValueError: bad", ">= 2x", lambda r: r >= 2)
-print(gpu_suite.markdown({"device": "d", "torch": "t", "date": "today"}, suite.rows, dry=False, quick=False))
+print(gpu_suite.markdown({"device": "d", "torch": "t", "date": "today"}, suite.rows, dry=False, quick=False, seconds=1))
 """
     env = {k: v for k, v in os.environ.items() if k != "LASH_KERNELS"}
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
