@@ -229,7 +229,8 @@ def multi_exit_ce(suite: Suite) -> None:
         floor = kernel_bench.ce_memory_floor_bytes(shape, DTYPES[dtype_key])
         peak = record.get("lash_peak_bytes")
         logits = k * n * v * 4
-        note = f"(K·N·D + V·D)·{kernel_bench.dtype_name(DTYPES[dtype_key])} = {floor / 2**20:.1f} MiB; fp32 logits would be {logits / 2**20:.0f} MiB"
+        note = (f"(K·N·D + V·D)·{kernel_bench.dtype_name(DTYPES[dtype_key])} = {floor / 2**20:.1f} MiB; "
+                f"fp32 logits would be {logits / 2**20:.0f} MiB")
         suite.info(f"{name}: lash peak memory / (K·N·D + V·D)", "–" if peak is None else f"{peak / floor:.2f}×", note)
 
 
@@ -252,7 +253,8 @@ def norms(suite: Suite, copy_gbps: float) -> None:
                          lambda p=provider: measure.median_seconds(kernel_bench.op_call(op, p, size, mode, dtype)))
                 name = f"{op} {mode} {size[0]}×{size[1]} {kernel_bench.dtype_name(dtype)}"
                 suite.measurements[name] = record
-                _bandwidth_rows(suite, name, record, kernel_bench.bytes_moved(op, size, mode, dtype), copy_gbps, targets[mode])
+                moved = kernel_bench.bytes_moved(op, size, mode, dtype)
+                _bandwidth_rows(suite, name, record, moved, copy_gbps, targets[mode])
 
 
 def rotary(suite: Suite, copy_gbps: float) -> None:
@@ -283,7 +285,9 @@ def _bandwidth_rows(suite: Suite, name: str, record: dict, moved: int, copy_gbps
 
 
 def early_exit(suite: Suite) -> None:
-    configs = [replace(model_bench.SEED_ROUTING, batch=8)] if suite.dry else [model_bench.SEED_ROUTING, model_bench.LLM_ROUTING]
+    configs = [model_bench.SEED_ROUTING, model_bench.LLM_ROUTING]
+    if suite.dry:
+        configs = [replace(model_bench.SEED_ROUTING, batch=8)]
     for config in configs:
         model, x = model_bench.build(config)
         with torch.no_grad():
@@ -295,7 +299,8 @@ def early_exit(suite: Suite) -> None:
                 speedup, ideal = full / early, 1 / stats["compute_cost"]
                 name = (f"early exit {config.name} (dim {config.dim}, {config.layers} layers, B {config.batch}, exit "
                         f"{config.exit_layer}), {stats['shallow_ratio']:.0%} shallow")
-                suite.measurements[name] = {"forward_s": full, "early_exit_s": early, "speedup": speedup, "ideal": ideal, **stats}
+                suite.measurements[name] = {"forward_s": full, "early_exit_s": early, "speedup": speedup, "ideal": ideal,
+                                            **stats}
                 suite.judge(f"{name}: speedup / ideal 1/compute_cost", speedup / ideal, "≥ 0.8", lambda r: r >= 0.8,
                             note=f"speedup {speedup:.2f}× of ideal {ideal:.2f}×")
         del model, x

@@ -42,7 +42,8 @@ EPS = 1e-6
 # (do_bench also clears the L2 before each call).
 L2_FLUSH_BYTES = 256 * 2**20
 WHEELS = (
-    "not installed on the GPU machine we borrow, so carry them as wheels: `python3 -m pip download --no-deps -d .whl liger-kernel==0.8.5 cut-cross-entropy`, "
+    "not installed on the GPU machine we borrow, so carry them as wheels: "
+    "`python3 -m pip download --no-deps -d .whl liger-kernel==0.8.5 cut-cross-entropy`, "
     "then on the GPU machine `python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl "
     "&& export PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH`"
 )

@@ -21,10 +21,12 @@ from kernel_bench import CE_PROVIDERS, Unavailable, ce_call, ce_inputs, ce_memor
 from measure import ON_GPU, compile_counts, large_device, peak_memory_bytes
 
 if ON_GPU:
-    CASES = [((2048, 64, v, k), dtype) for v in (16384, 65536) for k in (1, 4) for dtype in ("float32", "bfloat16", "float16")]
-    LLM = [(8192, d, v, k) for d in (2048, 4096) for v in (32768, 131072) for k in (1, 4)] if large_device() else [
-        (4096, 2048, 32768, k) for k in (1, 4)
-    ]
+    SEED = [(2048, 64, v, k) for v in (16384, 65536) for k in (1, 4)]  # N, D, V, K
+    CASES = [(shape, dtype) for shape in SEED for dtype in ("float32", "bfloat16", "float16")]
+    if large_device():
+        LLM = [(8192, d, v, k) for d in (2048, 4096) for v in (32768, 131072) for k in (1, 4)]
+    else:  # an L4's 24 GB
+        LLM = [(4096, 2048, 32768, k) for k in (1, 4)]
     CASES += [(shape, "bfloat16") for shape in LLM]
 else:
     # CPU bf16 matmuls are emulated and would only measure that.
