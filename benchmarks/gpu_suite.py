@@ -311,7 +311,8 @@ def early_exit(suite: Suite) -> None:
 
 def markdown(env: dict, rows: list[Row], dry: bool, quick: bool, seconds: float) -> str:
     """The header (device, versions, date, mode) and the bars table, then what was skipped and why."""
-    versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "cuda") if env.get(k))
+    versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "cuda", "liger_kernel", "cut_cross_entropy")
+                         if env.get(k))
     mode = "dry run (CPU, tiny shapes, torch paths: numbers check the machinery, not the bars)" if dry else (
         "quick" if quick else "full")
     lines = [

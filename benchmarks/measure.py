@@ -15,6 +15,7 @@ Plain functions, shared by the pytest-benchmark files and ``benchmarks/gpu_suite
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import importlib.util
 import os
 import statistics
@@ -53,13 +54,22 @@ def large_device() -> bool:
     return ON_GPU and torch.cuda.get_device_properties(DEVICE).total_memory >= LARGE_DEVICE_BYTES
 
 
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def environment() -> dict[str, str | None]:
-    """Where and when: device, torch/triton/CUDA versions, date (UTC)."""
+    """Where and when: device, torch/triton/CUDA and baseline-library versions, date (UTC)."""
     return {
         "device": device_name(),
         "torch": torch.__version__,
         "triton": __import__("triton").__version__ if has_module("triton") else None,
         "cuda": torch.version.cuda,
+        "liger_kernel": _version("liger-kernel"),
+        "cut_cross_entropy": _version("cut-cross-entropy"),
         "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
     }
 
