@@ -1,6 +1,6 @@
 """One command on a GPU: the CUDA tests, every benchmark subject, and one table of DESIGN.md's bars.
 
-    python benchmarks/gpu_suite.py --out DIR            # on a CUDA machine (about 8 minutes on an H100)
+    python benchmarks/gpu_suite.py --out DIR            # on a CUDA machine (budgeted for ≤ 8 minutes on an H100)
     python benchmarks/gpu_suite.py --out DIR --quick    # fewer shapes and dtypes
     python benchmarks/gpu_suite.py --out DIR --dry-run  # on the CPU: tiny shapes, checks the machinery
 
