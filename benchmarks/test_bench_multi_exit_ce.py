@@ -1,18 +1,14 @@
 """Multi-exit shared-head cross-entropy, forward + backward, against what else one could run.
 
-Providers, per config (K exits × N tokens through a [V, D] head):
-
-* ``matmuls``: the bare head matmuls the loss needs — ``h·Wᵀ``, ``g·W``, ``gᵀ·h`` over all exits,
-  cuBLAS in the same dtype — the practical limit;
-* ``eager``: :func:`multi_exit_cross_entropy_reference` (K heads + ``F.cross_entropy``);
-* ``compile``: ``torch.compile`` of that eager loss;
-* ``liger`` / ``cce``: Liger-Kernel's fused linear cross-entropy and Cut Cross-Entropy, called
-  once per exit (skipped when not installed);
-* ``lash``: :func:`multi_exit_cross_entropy` (Triton on GPU, the torch path on the CPU).
-
-``lash`` runs last in each config and records its time ratio to every provider measured before it
-(``vs_matmuls`` is the DESIGN.md bar: ≤ 1.25). On the CPU only a tiny config runs, so the file
-finishes in well under a minute.
+Providers (``kernel_bench.CE_PROVIDERS``), per config (K exits × N tokens through a [V, D] head)
+and dtype (fp32, bf16, fp16 on a GPU): the bare head matmuls ``h·Wᵀ``, ``g·W``, ``gᵀ·h`` over all
+exits (the practical limit), the eager reference, ``torch.compile`` of it, Liger-Kernel's fused
+linear cross-entropy and Cut Cross-Entropy once per exit (skipped with the reason when not
+installed), and ``lash``. The ``lash`` cases time every other provider in the same test and record
+``speedup_vs_<provider>`` (DESIGN.md's bars: ``speedup_vs_matmuls`` ≥ 0.8, i.e. within 1.25×;
+``speedup_vs_liger`` ≥ 1.5; ``speedup_vs_compile`` ≥ 2), plus the peak memory over
+``(K·N·D + V·D)`` elements. The LLM-sized configs shrink on a GPU under 40 GiB (an L4).
+On the CPU only a tiny fp32 config runs, so the file finishes in well under a minute.
 """
 
 from __future__ import annotations
@@ -20,80 +16,48 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, ON_GPU, has_module, peak_memory_bytes, run_benchmark
-from lash_kernels import multi_exit_cross_entropy, multi_exit_cross_entropy_reference
+from conftest import record_speedups, run_benchmark
+from kernel_bench import CE_PROVIDERS, Unavailable, ce_call, ce_inputs, ce_memory_floor_bytes, dtype_name
+from measure import ON_GPU, compile_counts, large_device, peak_memory_bytes
 
 if ON_GPU:
-    DTYPE = torch.bfloat16
-    SHAPES = [(2048, 64, v, k) for v in (16384, 65536) for k in (1, 2, 3, 4)]  # seed: N, D, V, K
-    SHAPES += [(8192, d, v, k) for d in (2048, 4096) for v in (32768, 131072) for k in (1, 2, 3, 4)]  # LLM
-    PROVIDERS = ["matmuls", "eager", "compile", "liger", "cce", "lash"]
+    SEED = [(2048, 64, v, k) for v in (16384, 65536) for k in (1, 4)]  # N, D, V, K
+    CASES = [(shape, dtype) for shape in SEED for dtype in ("float32", "bfloat16", "float16")]
+    if large_device():
+        LLM = [(8192, d, v, k) for d in (2048, 4096) for v in (32768, 131072) for k in (1, 4)]
+    else:  # an L4's 24 GB
+        LLM = [(4096, 2048, 32768, k) for k in (1, 4)]
+    CASES += [(shape, "bfloat16") for shape in LLM]
 else:
-    DTYPE = torch.float32  # CPU bf16 matmuls are emulated and would only measure that
-    SHAPES = [(512, 64, 4096, k) for k in (1, 3)]
-    PROVIDERS = ["matmuls", "eager", "lash"]
-
-NEEDS = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}
-_MEAN_SECONDS: dict[tuple, dict[str, float]] = {}  # shape → provider → mean time, for the ratios
+    # CPU bf16 matmuls are emulated and would only measure that.
+    CASES = [((512, 64, 4096, k), "float32") for k in (1, 3)]
 
 
-def _cases():
-    for shape in SHAPES:
-        for provider in PROVIDERS:
-            marks = []
-            if provider in NEEDS and not has_module(NEEDS[provider]):
-                marks.append(pytest.mark.skip(reason=f"{NEEDS[provider]} is not installed"))
-            n, d, v, k = shape
-            yield pytest.param(shape, provider, marks=marks, id=f"N{n}-D{d}-V{v}-K{k}-{provider}")
+def _id(case) -> str:
+    (n, d, v, k), dtype = case
+    return f"N{n}-D{d}-V{v}-K{k}-{dtype}"
 
 
-def _step(provider: str, hiddens: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, exit_weights):
-    """One forward + backward of ``provider``; returns the gradients so nothing is optimised away."""
-    K, N, D = hiddens.shape
-    if provider == "matmuls":
-        flat = hiddens.detach().view(K * N, D)  # (K·N, D)
-        grad_logits = torch.randn(K * N, weight.shape[0], device=DEVICE, dtype=DTYPE)  # (K·N, V)
-        return lambda: (flat @ weight.detach().T, grad_logits @ weight.detach(), grad_logits.T @ flat)
-    if provider in ("eager", "compile", "lash"):
-        loss_fn = {
-            "eager": multi_exit_cross_entropy_reference,
-            "compile": torch.compile(multi_exit_cross_entropy_reference),
-            "lash": multi_exit_cross_entropy,
-        }[provider]
-        return lambda: torch.autograd.grad(
-            loss_fn(hiddens, weight, targets, exit_weights, validate=False).loss, [hiddens, weight]
-        )
-    if provider == "liger":
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as exit_loss
-    else:
-        from cut_cross_entropy import linear_cross_entropy as exit_loss
-
-    def per_exit_calls():
-        loss = sum(w * exit_loss(hiddens[k], weight, targets) for k, w in enumerate(exit_weights))
-        return torch.autograd.grad(loss, [hiddens, weight])
-
-    return per_exit_calls
-
-
-@pytest.mark.parametrize("shape, provider", list(_cases()))
-def test_multi_exit_ce_fwd_bwd(benchmark, shape, provider):
-    N, D, V, K = shape
-    hiddens = torch.randn(K, N, D, device=DEVICE, dtype=DTYPE, requires_grad=True)
-    weight = (torch.randn(V, D, device=DEVICE) / D**0.5).to(DTYPE).requires_grad_()
-    targets = torch.randint(0, V, (N,), device=DEVICE)
-    exit_weights = [1.0] * K
+@pytest.mark.parametrize("provider", CE_PROVIDERS)
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_multi_exit_ce_fwd_bwd(benchmark, case, provider):
+    shape, dtype_key = case
+    n, d, v, k = shape
+    dtype = getattr(torch, dtype_key)
+    hiddens, weight, targets = ce_inputs(shape, dtype)
     try:
-        step = _step(provider, hiddens, weight, targets, exit_weights)
+        step = ce_call(provider, hiddens, weight, targets)
         peak = peak_memory_bytes(step)
+    except Unavailable as why:
+        pytest.skip(str(why))
     except torch.OutOfMemoryError:
-        pytest.skip(f"{provider} runs out of memory at N={N} D={D} V={V} K={K}")
-    run_benchmark(
-        benchmark, step, provider=provider, K=K, N=N, D=D, V=V, dtype=str(DTYPE).removeprefix("torch."),
-        peak_memory_bytes=peak,
-    )  # fmt: skip
-    mean = benchmark.stats.stats.mean
-    benchmark.extra_info["tokens_per_s"] = N / mean  # tokens through all K exits per second
-    measured = _MEAN_SECONDS.setdefault(shape, {})
+        pytest.skip(f"{provider} runs out of memory at N={n} D={d} V={v} K={k}")
+    run_benchmark(benchmark, step, provider=provider, K=k, N=n, D=d, V=v, dtype=dtype_name(dtype), peak_memory_bytes=peak)
+    benchmark.extra_info["tokens_per_s"] = n / benchmark.stats.stats.median  # tokens through all K exits
+    if provider == "compile":
+        benchmark.extra_info.update(compile_counts())
     if provider == "lash":
-        benchmark.extra_info.update({f"vs_{other}": mean / seconds for other, seconds in measured.items()})
-    measured[provider] = mean
+        if peak is not None:
+            benchmark.extra_info["peak_over_grad_bytes"] = peak / ce_memory_floor_bytes(shape, dtype)
+        others = [p for p in CE_PROVIDERS if p != "lash"]
+        record_speedups(benchmark, step, {p: lambda p=p: ce_call(p, hiddens, weight, targets) for p in others})

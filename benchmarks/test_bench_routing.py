@@ -4,10 +4,11 @@
 :meth:`forward_early_exit` at thresholds that make about 30/50/70/90% of the tokens exit (the
 quantiles of the exit-layer confidence on the benchmark's own input: an untrained model's
 confidences are near-uniform, so a fixed threshold would not control the mix). Each early-exit
-case records ``speedup`` (forward's median / its median), ``ideal`` = 1 / compute_cost and
-``speedup_vs_ideal``; DESIGN.md's bar is ``speedup_vs_ideal`` >= 0.8.
+case times the full forward in the same test and records ``speedup_vs_forward``, ``ideal`` =
+1 / compute_cost and ``speedup_vs_ideal``; DESIGN.md's bar is ``speedup_vs_ideal`` >= 0.8.
 
-``test_decode``: tokens/s of plain, early-exit and self-speculative greedy decoding, with the
+``test_decode``: tokens/s of plain, early-exit and self-speculative greedy decoding (the latter two
+with ``speedup_vs_plain``, plain timed in the same test), with the
 shallow ratio and the draft acceptance rate (both low on an untrained model: they measure the
 machinery's cost, not a trained model's gain).
 
@@ -21,44 +22,28 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import statistics
 import time
-from dataclasses import dataclass
 
 import pytest
 import torch
 
-from conftest import DEVICE, ON_GPU, device_name, run_benchmark
-from lash import DeepSupervisionTransformer
+from conftest import record_speedups, run_benchmark
+from measure import ON_GPU, device_name
+from model_bench import LLM_ROUTING, SEED_ROUTING, RoutingConfig, build, threshold_for
 
-
-@dataclass(frozen=True)
-class Config:
-    name: str
-    vocab: int
-    dim: int
-    layers: int
-    heads: int
-    seq_len: int
-    batch: int
-    exit_layer: int
-    dtype: torch.dtype = torch.float32
-
-
-SEED = Config("seed", 16384 if ON_GPU else 4096, 64, 4, 4, 32, 64, 1)
-ACCEPTANCE = Config("cpu-acceptance", 2048, 256, 8, 4, 256, 8, 2)
-LLM = Config("llm", 32000, 2048, 24, 16, 1024, 4, 6, torch.bfloat16)
+ACCEPTANCE = RoutingConfig("cpu-acceptance", 2048, 256, 8, 4, 256, 8, 2)
 SHALLOW = [0.3, 0.5, 0.7, 0.9]
 CASES = (
-    [(SEED, r) for r in [None, *SHALLOW]] + [(LLM, r) for r in [None, *SHALLOW]]
+    [(SEED_ROUTING, r) for r in [None, *SHALLOW]] + [(LLM_ROUTING, r) for r in [None, *SHALLOW]]
     if ON_GPU
-    else [(SEED, r) for r in [None, *SHALLOW]] + [(ACCEPTANCE, r) for r in [None, 0.75]]
+    else [(SEED_ROUTING, r) for r in [None, *SHALLOW]] + [(ACCEPTANCE, r) for r in [None, 0.75]]
 )
 # One thread: on a shared 2-core machine, two OpenMP threads competing with other processes
 # spin and time the contention (5× slower, measured), not the code.
 CPU_THREADS = 1
-_FULL_SECONDS: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -68,24 +53,6 @@ def _pinned_threads():
         torch.set_num_threads(min(CPU_THREADS, os.cpu_count() or 1))
     yield
     torch.set_num_threads(before)
-
-
-def build(config: Config, seed: int = 0) -> tuple[DeepSupervisionTransformer, torch.Tensor]:
-    """A random model of ``config`` and a random ``(batch, seq_len)`` input, both on DEVICE."""
-    torch.manual_seed(seed)
-    model = DeepSupervisionTransformer(
-        config.vocab, config.dim, config.layers, config.heads, max_seq_len=config.seq_len, exit_layer=config.exit_layer
-    )
-    model = model.to(DEVICE, config.dtype).eval()
-    x = torch.randint(0, config.vocab, (config.batch, config.seq_len), device=DEVICE)
-    return model, x
-
-
-@torch.no_grad()
-def threshold_for(model: DeepSupervisionTransformer, x: torch.Tensor, shallow: float) -> float:
-    """The exit-confidence quantile at which about ``shallow`` of ``x``'s tokens exit."""
-    confidence = model.compute_confidence(model.hidden_states(x, [model.exit_layer])[0]).flatten()  # (B*T,)
-    return float(confidence.float().quantile(1 - shallow))
 
 
 def _label(case) -> str:
@@ -103,26 +70,22 @@ def test_forward(benchmark, case):
     with torch.no_grad():
         if shallow is None:
             run_benchmark(benchmark, lambda: model(x), mode="forward", **info)
-            _FULL_SECONDS[config.name] = benchmark.stats.stats.median
             return
         threshold = threshold_for(model, x, shallow)
         _, stats = model.forward_early_exit(x, threshold)
-        run_benchmark(benchmark, lambda: model.forward_early_exit(x, threshold), mode="early_exit", threshold=threshold, **stats, **info)
-    median = benchmark.stats.stats.median
+        early = functools.partial(model.forward_early_exit, x, threshold)
+        run_benchmark(benchmark, early, mode="early_exit", threshold=threshold, **stats, **info)
+        record_speedups(benchmark, early, {"forward": lambda: functools.partial(model, x)})
     benchmark.extra_info["ideal"] = 1 / stats["compute_cost"]
-    benchmark.extra_info["tokens_per_s"] = x.numel() / median
-    if config.name in _FULL_SECONDS:
-        speedup = _FULL_SECONDS[config.name] / median
-        benchmark.extra_info["speedup"] = speedup
-        benchmark.extra_info["speedup_vs_ideal"] = speedup * stats["compute_cost"]
+    benchmark.extra_info["tokens_per_s"] = x.numel() / benchmark.stats.stats.median
+    benchmark.extra_info["speedup_vs_ideal"] = benchmark.extra_info["speedup_vs_forward"] * stats["compute_cost"]
 
 
 DECODE = (
-    [(Config("llm-decode", 32000, 2048, 24, 16, 512, 1, 6, torch.bfloat16), 128, 256)]
+    [(RoutingConfig("llm-decode", 32000, 2048, 24, 16, 512, 1, 6, torch.bfloat16), 128, 256)]
     if ON_GPU
-    else [(Config("seed-decode", 4096, 64, 4, 4, 48, 1, 1), 16, 32)]
+    else [(RoutingConfig("seed-decode", 4096, 64, 4, 4, 48, 1, 1), 16, 32)]
 )
-_PLAIN_SECONDS: dict[str, float] = {}
 
 
 @pytest.mark.parametrize("case", DECODE, ids=lambda c: c[0].name)
@@ -139,12 +102,10 @@ def test_decode(benchmark, mode, case):
     _, stats = model.generate(prompt, new_tokens, return_stats=True, **kwargs)
     run_benchmark(benchmark, lambda: model.generate(prompt, new_tokens, **kwargs), mode=mode, config=config.name,
                   prompt_len=prompt_len, new_tokens=new_tokens, batch=config.batch, exit_layer=config.exit_layer, **stats)
-    median = benchmark.stats.stats.median
-    benchmark.extra_info["tokens_per_s"] = config.batch * new_tokens / median
-    if mode == "plain":
-        _PLAIN_SECONDS[config.name] = median
-    elif config.name in _PLAIN_SECONDS:
-        benchmark.extra_info["speedup"] = _PLAIN_SECONDS[config.name] / median
+    benchmark.extra_info["tokens_per_s"] = config.batch * new_tokens / benchmark.stats.stats.median
+    if mode != "plain":
+        record_speedups(benchmark, functools.partial(model.generate, prompt, new_tokens, **kwargs),
+                        {"plain": lambda: functools.partial(model.generate, prompt, new_tokens)})
 
 
 def measure_acceptance(repeats: int, threads: int) -> str:

@@ -21,9 +21,6 @@ import os
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
-# Streaming multiprocessors of the GPUs LASH is built for (T4, A100, L4, H100), by arch: the grid
-# sizes the static (no-GPU) checks report.
-SM_COUNT_BY_ARCH = {75: 40, 80: 108, 89: 58, 90: 132}
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 

@@ -60,7 +60,6 @@ import torch
 
 from lash_kernels.backend import (
     HAS_TRITON,
-    SM_COUNT_BY_ARCH,
     arch_has_tensor_core_dots,
     backend,
     interpreting,
@@ -434,43 +433,44 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
     register_autograd(_triton_op, _backward, setup_context=_setup_context)
 
     def static_variants(shape, dtype: torch.dtype, arch: int) -> list:
-        """Every (kernel, config) the launchers use on ``arch`` at ``shape``, for the AOT check:
-        the fused pair where :func:`_fused_regime` sends the shape, else the row kernel."""
-        from lash_kernels.aot_check import KernelVariant
+        """The launches :mod:`lash_kernels.aot_check` compiles on ``arch`` at ``shape``: the fused
+        pair where :func:`_fused_regime` sends the shape, else the row kernel of the chunked path."""
+        from lash_kernels.aot_check import ARCHS, KernelVariant, pointer
 
         D, V, rows = shape.hidden, shape.vocab, shape.exits * shape.tokens
-        operand = "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        act, f32, i64 = pointer(dtype), pointer(torch.float32), pointer(torch.int64)
         dots = dict(DOT_PRECISION=_dot_args(dtype)["DOT_PRECISION"], UPCAST_DOT=False)
 
-        def variant(name, fn, signature, config, flags, programs):
+        def variant(name, fn, signature, config, flags, programs, ints):
             const = {k: v for k, v in config.items() if k.isupper()} | flags
-            signature = signature | {k: "constexpr" for k in const}
-            return KernelVariant(name, fn, signature, const, config["num_warps"], config["num_stages"], programs)
+            signature = signature | dict.fromkeys(const, "constexpr")
+            return KernelVariant(name, fn, signature, const, config["num_warps"], config["num_stages"], programs, ints)
 
         if _fused_regime(D, dtype, arch_has_tensor_core_dots(arch)):
             forward, grad = _fused_configs(D, dtype)
-            splits_v, _, splits_n, _ = _fused_launch_shape(rows, V, forward, grad, SM_COUNT_BY_ARCH[arch])
-            common = dict(h_ptr=operand, w_ptr=operand, y_ptr="*i64")
+            splits_v, split_cols, splits_n, split_rows = _fused_launch_shape(rows, V, forward, grad, ARCHS[arch].sms)
+            common = dict(h_ptr=act, w_ptr=act, y_ptr=i64)
             sizes = dict(rows_total="i32", N="i32", V="i32", D="i32")
+            ints = dict(rows_total=rows, N=shape.tokens, V=V, D=D)
             return [
                 variant(
                     "multi_exit_ce.fused_forward", _fused_forward_kernel,
-                    common | dict(max_ptr="*fp32", sum_ptr="*fp32", tgt_ptr="*fp32", arg_ptr="*i32")
+                    common | dict(max_ptr=f32, sum_ptr=f32, tgt_ptr=f32, arg_ptr=pointer(torch.int32))
                     | sizes | dict(split_cols="i32"),
-                    forward, dots, triton.cdiv(rows, forward["BLOCK_N"]) * splits_v,
+                    forward, dots, triton.cdiv(rows, forward["BLOCK_N"]) * splits_v, ints | dict(split_cols=split_cols),
                 ),
                 variant(
                     "multi_exit_ce.fused_grad", _fused_grad_kernel,
-                    common | dict(lse_ptr="*fp32", g_ptr="*fp32", gh_ptr="*fp32", gw_ptr="*fp32")
-                    | sizes | dict(split_rows="i32"),
+                    common | dict(lse_ptr=f32, g_ptr=f32, gh_ptr=f32, gw_ptr=f32) | sizes | dict(split_rows="i32"),
                     grad, dots | dict(NEED_H=True, NEED_W=True), triton.cdiv(V, grad["BLOCK_V"]) * splits_n,
+                    ints | dict(split_rows=split_rows),
                 ),
             ]  # fmt: skip
         chunk = min(rows, chunk_rows(V, GPU_CHUNK_BYTES, dtype.itemsize))
-        signature = dict(z_ptr=operand, y_ptr="*i64", valid_ptr="*i1", g_ptr="*fp32", loss_ptr="*fp32")
-        signature |= dict(conf_ptr="*fp32", pred_ptr="*i64", V="i32")
+        signature = dict(z_ptr=act, y_ptr=i64, valid_ptr="*i1", g_ptr=f32, loss_ptr=f32, conf_ptr=f32, pred_ptr=i64)
+        flags = dict(HAS_GRAD=True, WITH_STATS=True)
         return [
-            variant("multi_exit_ce.row", _row_kernel, signature, _row_config(V), dict(HAS_GRAD=True, WITH_STATS=True), chunk)
+            variant("multi_exit_ce.row", _row_kernel, signature | dict(V="i32"), _row_config(V), flags, chunk, dict(V=V))
         ]
 
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lash_kernels.backend import HAS_TRITON, SM_COUNT_BY_ARCH, backend, interpreting, sm_count
+from lash_kernels.backend import HAS_TRITON, backend, interpreting, sm_count
 
 MAX_HIDDEN = 16384
 BACKWARD_MAX_ROW = 8192  # widest row the backward keeps whole in registers (at 32 warps, no spills)
@@ -301,32 +301,35 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
 
 
     def static_variants(shape, dtype: torch.dtype, arch: int) -> list:
-        """Every (kernel, config) the launchers use on ``arch`` for ``shape.tokens`` rows of
-        ``shape.hidden`` features (weight in the activations' dtype), for the AOT check."""
-        from lash_kernels.aot_check import KernelVariant
+        """The launches :mod:`lash_kernels.aot_check` compiles: forward and backward, with and
+        without the residual, at ``shape.tokens`` rows of ``shape.hidden``, fp32 weight."""
+        from lash_kernels.aot_check import ARCHS, LAUNCH_STAGES, KernelVariant, pointer
 
         m, n = shape.tokens, shape.hidden
-        act = "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-        variants = []
+        act, f32 = pointer(dtype), pointer(torch.float32)
+        ints = dict(M=m, N=n)
         block_m, block_n, num_warps = _block_config(n)
+        forward = dict(X=act, R=act, W=f32, Y=act, S=act, RSTD=f32, stride_x="i32", stride_r="i32", M="i32",
+                       N="i32", eps="fp32", HAS_RESIDUAL="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr")  # fmt: skip
+        back_m, back_n, col_blocks, back_warps = _backward_config(n)
+        programs, rows_per_program = _backward_programs(m, back_m, back_warps, ARCHS[arch].sms)
+        backward = dict(DY=act, DS_OUT=act, S=act, W=f32, RSTD=f32, DS=act, DW_PARTIAL=f32, stride_dy="i32",
+                        stride_ds_out="i32", stride_s="i32", M="i32", N="i32", rows_per_program="i32",
+                        HAS_DS_OUT="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr",
+                        COL_BLOCKS="constexpr")  # fmt: skip
+        variants = []
         for residual in (False, True):
-            const = dict(HAS_RESIDUAL=residual, BLOCK_M=block_m, BLOCK_N=block_n)
-            signature = dict(X=act, R=act, W=act, Y=act, S=act, RSTD="*fp32", stride_x="i32", stride_r="i32")
-            signature |= dict(M="i32", N="i32", eps="fp32") | {name: "constexpr" for name in const}
+            name = "add_rms_norm" if residual else "rms_norm"
             variants.append(KernelVariant(
-                f"rms_norm.forward[residual={residual}]", _rms_norm_forward_kernel, signature, const,
-                num_warps, 3, triton.cdiv(m, block_m),
+                f"{name}.forward", _rms_norm_forward_kernel, forward,
+                dict(HAS_RESIDUAL=residual, BLOCK_M=block_m, BLOCK_N=block_n), num_warps, LAUNCH_STAGES,
+                triton.cdiv(m, block_m), dict(ints, stride_x=n, stride_r=n),
             ))  # fmt: skip
-        block_m, block_n, col_blocks, num_warps = _backward_config(n)
-        programs, _ = _backward_programs(m, block_m, num_warps, SM_COUNT_BY_ARCH[arch])
-        for ds_out in (False, True):
-            const = dict(HAS_DS_OUT=ds_out, BLOCK_M=block_m, BLOCK_N=block_n, COL_BLOCKS=col_blocks)
-            signature = dict(DY=act, DS_OUT=act, S=act, W=act, RSTD="*fp32", DS=act, DW_PARTIAL="*fp32")
-            signature |= dict(stride_dy="i32", stride_ds_out="i32", stride_s="i32", M="i32", N="i32")
-            signature |= dict(rows_per_program="i32") | {name: "constexpr" for name in const}
             variants.append(KernelVariant(
-                f"rms_norm.backward[ds_out={ds_out}]", _rms_norm_backward_kernel, signature, const,
-                num_warps, 3, programs,
+                f"{name}.backward", _rms_norm_backward_kernel, backward,
+                dict(HAS_DS_OUT=residual, BLOCK_M=back_m, BLOCK_N=back_n, COL_BLOCKS=col_blocks), back_warps,
+                LAUNCH_STAGES, programs,
+                dict(ints, stride_dy=n, stride_ds_out=n, stride_s=n, rows_per_program=rows_per_program),
             ))  # fmt: skip
         return variants
 

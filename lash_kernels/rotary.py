@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from lash_kernels.backend import HAS_TRITON, SM_COUNT_BY_ARCH, backend, interpreting, sm_count
+from lash_kernels.backend import HAS_TRITON, backend, interpreting, sm_count
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PROGRAMS_PER_SM = 2  # grid size the launcher aims for, per streaming multiprocessor
@@ -162,24 +162,27 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
 
 
     def static_variants(shape, dtype: torch.dtype, arch: int) -> list:
-        """The kernel as the launcher runs it on ``arch`` for q and k of ``shape`` (fp32 tables),
-        forward and inverse, for the AOT check."""
-        from lash_kernels.aot_check import KernelVariant
+        """The launches :mod:`lash_kernels.aot_check` compiles: the rotation and its transpose on
+        contiguous ``[batch, heads, seq, head_dim]`` q and k, fp32 tables."""
+        from lash_kernels.aot_check import ARCHS, LAUNCH_STAGES, KernelVariant, pointer
 
-        act = "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-        block_t, block_h = _blocks(shape.head_dim // 2)
-        groups = _head_groups(shape.seq, shape.batch, shape.heads, block_t, SM_COUNT_BY_ARCH[arch])
-        strides = [f"stride_{t}{a}" for t in ("q", "k", "qo", "ko") for a in "bht"] + ["stride_cos", "stride_sin"]
-        signature = dict(Q=act, K=act, QO=act, KO=act, COS="*fp32", SIN="*fp32") | {name: "i32" for name in strides}
-        signature |= dict(T="i32", HQ="i32", HK="i32", head_groups="i32")
-        variants = []
-        for inverse in (False, True):
-            const = dict(HALF=shape.head_dim // 2, INVERSE=inverse, BLOCK_T=block_t, BLOCK_H=block_h)
-            variants.append(KernelVariant(
-                f"rotary[inverse={inverse}]", _rotary_kernel, signature | {name: "constexpr" for name in const},
-                const, NUM_WARPS, 3, triton.cdiv(shape.seq, block_t) * shape.batch * groups,
-            ))  # fmt: skip
-        return variants
+        b, h, t, dim = shape.batch, shape.heads, shape.seq, shape.head_dim
+        block_t, block_h = _blocks(dim // 2)
+        groups = _head_groups(t, b, h, block_t, ARCHS[arch].sms)
+        act, f32 = pointer(dtype), pointer(torch.float32)
+        strides = [f"stride_{x}{y}" for x in ("q", "k", "qo", "ko") for y in ("b", "h", "t")]
+        signature = dict(Q=act, K=act, QO=act, KO=act, COS=f32, SIN=f32, **dict.fromkeys(strides, "i32"),
+                         stride_cos="i32", stride_sin="i32", T="i32", HQ="i32", HK="i32", head_groups="i32",
+                         HALF="constexpr", INVERSE="constexpr", BLOCK_T="constexpr", BLOCK_H="constexpr")  # fmt: skip
+        ints = dict(zip(strides, [h * t * dim, t * dim, dim] * 4), stride_cos=dim, stride_sin=dim, T=t, HQ=h, HK=h)
+        return [
+            KernelVariant(
+                f"rotary.{'backward' if inverse else 'forward'}", _rotary_kernel, signature,
+                dict(HALF=dim // 2, INVERSE=inverse, BLOCK_T=block_t, BLOCK_H=block_h), NUM_WARPS, LAUNCH_STAGES,
+                triton.cdiv(t, block_t) * b * groups, dict(ints, head_groups=groups),
+            )
+            for inverse in (False, True)
+        ]  # fmt: skip
 
 
     def _rotary(

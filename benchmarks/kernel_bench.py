@@ -1,0 +1,242 @@
+"""The kernel benchmarks' providers and calls: RMSNorm, add+RMSNorm, RoPE, the multi-exit loss.
+
+Each ``*_call`` function builds a no-argument callable for one provider × mode × shape; the
+pytest-benchmark files time it with pytest-benchmark, ``gpu_suite.py`` with
+:func:`measure.median_seconds`, and both compute their ratios against baselines measured in the
+same test or function. A provider that cannot run here raises :class:`Unavailable` with the reason.
+
+Providers:
+
+* ``lash``: the public op (Triton on a GPU, the torch path on the CPU);
+* ``eager``: its ``*_reference``; ``compile``: ``torch.compile`` of the reference (dynamo reset
+  first, see :func:`measure.compiled`);
+* ``liger``: Liger-Kernel's functional op with the weight (``in_place=False``, so its backward
+  leaves the incoming gradient alone); for the loss, its fused linear cross-entropy once per exit;
+* ``cce``: Cut Cross-Entropy's ``linear_cross_entropy`` once per exit;
+* ``matmuls`` (loss only): the bare head matmuls ``h·Wᵀ``, ``g·W``, ``gᵀ·h`` over all exits in the
+  same dtype, the practical limit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+
+import torch
+
+from measure import DEVICE, ON_GPU, compiled, has_module
+from lash_kernels import (
+    add_rms_norm,
+    add_rms_norm_reference,
+    apply_rotary,
+    apply_rotary_reference,
+    multi_exit_cross_entropy,
+    multi_exit_cross_entropy_reference,
+    rms_norm,
+    rms_norm_reference,
+)
+
+EPS = 1e-6
+# Inputs smaller than this are cycled through several copies so wall-clock timings are not L2 hits
+# (do_bench also clears the L2 before each call).
+L2_FLUSH_BYTES = 256 * 2**20
+WHEELS = (
+    "not installed on the GPU machine we borrow, so carry them as wheels: "
+    "`python3 -m pip download --no-deps -d .whl liger-kernel==0.8.5 cut-cross-entropy`, "
+    "then on the GPU machine `python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl "
+    "&& export PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH`"
+)
+PACKAGES = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}
+
+
+class Unavailable(Exception):
+    """A provider cannot run here; the message says why."""
+
+
+def check_available(provider: str) -> None:
+    """Raise :class:`Unavailable` if ``provider`` needs a GPU or a package that is missing."""
+    if provider in PACKAGES:
+        if not has_module(PACKAGES[provider]):
+            raise Unavailable(f"{PACKAGES[provider]} is not importable (carry it as a wheel: README, 'Running the GPU suite')")
+        if not ON_GPU:
+            raise Unavailable(f"{PACKAGES[provider]} runs on CUDA only")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------- RMSNorm, add+RMSNorm, RoPE
+
+NORM_MODES = ("forward", "backward")
+ROPE_MODES = ("forward", "forward+backward")
+# Activation-sized tensors each op must move (q and k count as one tensor each):
+_TENSORS_MOVED = {
+    "rms_norm": {"forward": 2, "backward": 3},  # x → y; dy, x → dx
+    "add_rms_norm": {"forward": 4, "backward": 4},  # x, residual → y, s; dy, ds, s → dx (= dresidual)
+    "apply_rotary": {"forward": 4, "backward": 4},  # q, k → q_rot, k_rot; dq_rot, dk_rot → dq, dk
+}
+
+
+def bytes_moved(op: str, size: tuple[int, ...], mode: str, dtype: torch.dtype) -> int:
+    """Bytes ``op`` must move in ``mode``: inputs read once, outputs written once (weights excluded)."""
+    parts = ("forward", "backward") if mode == "forward+backward" else (mode,)
+    tensors = sum(_TENSORS_MOVED[op][part] for part in parts)
+    return tensors * math.prod(size) * torch.finfo(dtype).bits // 8
+
+
+def _liger_op(op: str) -> Callable:
+    check_available("liger")
+    from liger_kernel.transformers import functional
+
+    if op == "rms_norm":
+        return lambda x, weight: functional.liger_rms_norm(x, weight, EPS, in_place=False)
+    if op == "add_rms_norm":
+        if not hasattr(functional, "liger_fused_add_rms_norm"):
+            raise Unavailable("this Liger-Kernel version has no fused add+RMSNorm (0.8.5 has)")
+        return lambda x, residual, weight: functional.liger_fused_add_rms_norm(x, residual, weight, EPS, in_place=False)
+    return lambda q, k, cos, sin: functional.liger_rope(q, k, cos[None], sin[None])
+
+
+_OPS = {
+    "rms_norm": (lambda x, weight: rms_norm(x, weight, EPS), lambda x, weight: rms_norm_reference(x, weight, EPS)),
+    "add_rms_norm": (
+        lambda x, residual, weight: add_rms_norm(x, residual, weight, EPS),
+        lambda x, residual, weight: add_rms_norm_reference(x, residual, weight, EPS),
+    ),
+    "apply_rotary": (apply_rotary, apply_rotary_reference),
+}
+
+
+def op_fn(op: str, provider: str) -> Callable:
+    """``op`` as run by ``provider`` (lash, eager, compile, liger), with LASH's signature."""
+    lash_fn, reference = _OPS[op]
+    if provider == "lash":
+        return lash_fn
+    if provider == "eager":
+        return reference
+    if provider == "compile":
+        return compiled(reference)
+    if provider == "liger":
+        return _liger_op(op)
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def _inputs(op: str, size: tuple[int, ...], dtype: torch.dtype, grad: bool) -> tuple[list, list]:
+    """``(arguments, the ones to differentiate)`` for one call of ``op`` at ``size``."""
+
+    def rand(*shape):
+        return torch.randn(*shape, device=DEVICE, dtype=dtype, requires_grad=grad)
+
+    if op == "apply_rotary":
+        b, h, t, d = size
+        angles = torch.rand(t, d // 2, device=DEVICE) * 6.3  # (T, D/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (T, D)
+        q, k = rand(b, h, t, d), rand(b, h, t, d)
+        return [q, k, angles.cos().to(dtype), angles.sin().to(dtype)], [q, k]
+    rows, hidden = size
+    weight = (torch.rand(hidden, device=DEVICE, dtype=dtype) + 0.5).requires_grad_(grad)
+    x = rand(rows, hidden)
+    if op == "rms_norm":
+        return [x, weight], [x, weight]
+    residual = rand(rows, hidden)
+    return [x, residual, weight], [x, residual, weight]
+
+
+def op_call(op: str, provider: str, size: tuple[int, ...], mode: str, dtype: torch.dtype) -> Callable[[], object]:
+    """A no-argument call of ``op`` in ``mode`` (forward, backward alone, or forward+backward).
+
+    It cycles through enough input copies to pass the L2 cache. For ``backward`` the forward runs
+    here, once per copy, and each call is one ``autograd.grad`` over a retained graph.
+    """
+    fn = op_fn(op, provider)
+    grad = mode != "forward"
+    copies = max(1, min(64, math.ceil(L2_FLUSH_BYTES / bytes_moved(op, size, mode, dtype)))) if ON_GPU else 1
+
+    def as_tuple(out):
+        return out if isinstance(out, tuple) else (out,)
+
+    if mode == "forward":
+        sets = itertools.cycle([_inputs(op, size, dtype, False)[0] for _ in range(copies)])
+
+        @torch.no_grad()
+        def forward():
+            return fn(*next(sets))
+
+        return forward
+    if mode == "forward+backward":
+        sets = itertools.cycle([_inputs(op, size, dtype, True) for _ in range(copies)])
+
+        def forward_backward():
+            args, wrt = next(sets)
+            outputs = as_tuple(fn(*args))
+            return torch.autograd.grad(outputs, wrt, [torch.ones_like(o) for o in outputs])
+
+        return forward_backward
+    graphs = []
+    for _ in range(copies):
+        args, wrt = _inputs(op, size, dtype, True)
+        outputs = as_tuple(fn(*args))
+        graphs.append((outputs, wrt, [torch.randn_like(o) for o in outputs]))
+    graph_cycle = itertools.cycle(graphs)
+
+    def backward():
+        outputs, wrt, grads = next(graph_cycle)
+        return torch.autograd.grad(outputs, wrt, grads, retain_graph=True)
+
+    return backward
+
+
+# ---------------------------------------------------------------- multi-exit cross-entropy
+
+CE_PROVIDERS = ("matmuls", "eager", "compile", "liger", "cce", "lash")
+
+
+def ce_inputs(shape: tuple[int, int, int, int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(hiddens (K, N, D), weight (V, D), targets (N,))`` for ``shape = (N, D, V, K)``."""
+    n, d, v, k = shape
+    hiddens = torch.randn(k, n, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(v, d, device=DEVICE) / d**0.5).to(dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), device=DEVICE)
+    return hiddens, weight, targets
+
+
+def ce_call(provider: str, hiddens: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> Callable[[], object]:
+    """One forward + backward of the K-exit loss (every exit weighing 1) by ``provider``."""
+    check_available(provider)
+    k, n, d = hiddens.shape
+    exit_weights = [1.0] * k
+    if provider == "matmuls":
+        flat = hiddens.detach().view(k * n, d)  # (K·N, D)
+        grad_logits = torch.randn(k * n, weight.shape[0], device=DEVICE, dtype=hiddens.dtype)  # (K·N, V)
+        w = weight.detach()
+        return lambda: (flat @ w.T, grad_logits @ w, grad_logits.T @ flat)
+    if provider in ("eager", "compile", "lash"):
+        if provider == "lash":
+            loss_fn = multi_exit_cross_entropy
+        elif provider == "eager":
+            loss_fn = multi_exit_cross_entropy_reference
+        else:
+            loss_fn = compiled(multi_exit_cross_entropy_reference)
+        return lambda: torch.autograd.grad(
+            loss_fn(hiddens, weight, targets, exit_weights, validate=False).loss, [hiddens, weight]
+        )
+    if provider == "liger":
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as exit_loss
+    elif provider == "cce":
+        from cut_cross_entropy import linear_cross_entropy as exit_loss
+    else:
+        raise ValueError(f"unknown provider {provider!r}")
+
+    def per_exit_calls():
+        loss = sum(w * exit_loss(hiddens[i], weight, targets) for i, w in enumerate(exit_weights))
+        return torch.autograd.grad(loss, [hiddens, weight])
+
+    return per_exit_calls
+
+
+def ce_memory_floor_bytes(shape: tuple[int, int, int, int], dtype: torch.dtype) -> int:
+    """``(K·N·D + V·D)`` elements of ``dtype``: the gradients' size, what O(N·D + V·D) is stated against."""
+    n, d, v, k = shape
+    return (k * n * d + v * d) * torch.finfo(dtype).bits // 8

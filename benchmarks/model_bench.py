@@ -1,0 +1,137 @@
+"""Whole-model benchmarks: the seed training step, its host syncs, and early-exit inference.
+
+* :func:`train_step_call`: one optimizer step at the seed configuration (DESIGN.md: dim 64,
+  4 layers, 4 heads, seq 32, batch 64, all exits supervised) for ``eager`` (the seed's reference
+  model, :class:`lash.reference.RefModel`, with ``F.cross_entropy`` on every exit's logits),
+  ``lash`` (:class:`lash.DeepSupervisionTransformer` and ``Trainer.compute_loss``) or
+  ``lash-compile`` (the same loss under ``torch.compile``), in fp32 or bf16 autocast.
+* :func:`host_syncs`: runs one such step under ``torch.cuda.set_sync_debug_mode("warn")``
+  after warm-up and lists every line that synchronised with the host.
+* :class:`RoutingConfig`, :func:`build`, :func:`threshold_for`: early-exit inference set-ups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from measure import DEVICE, ON_GPU, compiled, synchronize
+from lash import DeepSupervisionTransformer, Trainer, TrainingConfig
+from lash.reference import RefModel
+
+DIM, LAYERS, HEADS, SEQ_LEN, BATCH = 64, 4, 4, 32, 64  # the seed configuration
+WEIGHTS = {layer: 1.0 / LAYERS for layer in range(1, LAYERS + 1)}  # every exit supervised
+TRAIN_PROVIDERS = ("eager", "lash", "lash-compile")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def train_step_call(provider: str, vocab: int, precision: str = "fp32", batch: int = BATCH) -> Callable[[], torch.Tensor]:
+    """One training step (zero grads, loss of every exit, backward, AdamW) of ``provider``."""
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(0, vocab, (batch, SEQ_LEN + 1), generator=g).to(DEVICE)  # (B, T+1)
+    x, y = seq[:, :-1], seq[:, 1:]  # (B, T) each
+    torch.manual_seed(0)
+    if provider == "eager":
+        model = RefModel(vocab, DIM, LAYERS, HEADS, max_len=SEQ_LEN).to(DEVICE)
+        dtype = PRECISIONS[precision]
+        autocast = (lambda: torch.autocast(DEVICE.type, dtype=dtype)) if dtype else contextlib.nullcontext
+
+        def loss_fn():
+            with autocast():
+                return sum(
+                    w * F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
+                    for w, logits in zip(WEIGHTS.values(), model.all_logits(x))
+                )
+    elif provider in ("lash", "lash-compile"):
+        model = DeepSupervisionTransformer(vocab, DIM, LAYERS, HEADS, max_seq_len=SEQ_LEN).to(DEVICE)
+        trainer = Trainer(TrainingConfig(layer_weights=WEIGHTS), vocab, DEVICE, progress=False, precision=precision)
+
+        def loss_fn():
+            return trainer.compute_loss(model, x, y)
+
+        if provider == "lash-compile":
+            loss_fn = compiled(loss_fn)
+    else:
+        raise ValueError(f"unknown provider {provider!r}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def host_syncs(step: Callable[[], object], warmup: int = 3) -> list[str]:
+    """The places where ``step`` synchronises with the host, found after ``warmup`` calls.
+
+    One call runs under ``torch.cuda.set_sync_debug_mode("warn")``; every synchronising CUDA
+    operation (``.item()``, ``bool(tensor)``, a device-to-host copy, ``nonzero`` …) then warns from
+    the Python line that issued it.
+
+    Returns:
+        The distinct ``dir/file:line`` places, in the order first hit; empty when there were none.
+    """
+    for _ in range(warmup):
+        step()
+    synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    synchronize()
+    places = [
+        f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}"
+        for w in caught
+        if "called a synchronizing" in str(w.message)  # not the "prototype feature" notice
+    ]
+    return list(dict.fromkeys(places))
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """A model and input for early-exit inference."""
+
+    name: str
+    vocab: int
+    dim: int
+    layers: int
+    heads: int
+    seq_len: int
+    batch: int
+    exit_layer: int
+    dtype: torch.dtype = torch.float32
+
+
+SEED_ROUTING = RoutingConfig("seed", 16384 if ON_GPU else 4096, DIM, LAYERS, HEADS, SEQ_LEN, BATCH, 1)
+LLM_ROUTING = RoutingConfig("llm", 32000, 2048, 24, 16, 1024, 4, 6, torch.bfloat16)
+
+
+def build(config: RoutingConfig, seed: int = 0) -> tuple[DeepSupervisionTransformer, torch.Tensor]:
+    """A random model of ``config`` and a random ``(batch, seq_len)`` input, both on DEVICE."""
+    torch.manual_seed(seed)
+    model = DeepSupervisionTransformer(
+        config.vocab, config.dim, config.layers, config.heads, max_seq_len=config.seq_len, exit_layer=config.exit_layer
+    )
+    model = model.to(DEVICE, config.dtype).eval()
+    x = torch.randint(0, config.vocab, (config.batch, config.seq_len), device=DEVICE)
+    return model, x
+
+
+@torch.no_grad()
+def threshold_for(model: DeepSupervisionTransformer, x: torch.Tensor, shallow: float) -> float:
+    """The exit-confidence quantile at which about ``shallow`` of ``x``'s tokens exit."""
+    confidence = model.compute_confidence(model.hidden_states(x, [model.exit_layer])[0]).flatten()  # (B*T,)
+    return float(confidence.float().quantile(1 - shallow))

@@ -1,0 +1,513 @@
+"""Static GPU check: compile every Triton kernel ahead of time for the GPUs LASH's users have.
+
+Triton ships its own ``ptxas``, so a machine without a GPU can still build the real cubin of a
+kernel for any NVIDIA arch and read what the hardware would have to give it: shared memory per
+block, registers per thread, spilled bytes, tensor-core (``mma``) instructions. A config over the
+arch's shared memory compiles fine and fails only at launch, after its compile time is paid; a
+config that spills runs at a fraction of its speed. Neither shows under the interpreter.
+
+Each op module declares its kernels through ``static_variants(shape, dtype, arch)``: one
+:class:`KernelVariant` per launch config the launcher (or its autotuner, after pruning) would use
+on that arch, built from the same config source as the launcher, so the two cannot drift. This
+module compiles them all and checks three rules per (kernel, dtype, shape, arch) group:
+
+* ``compile``: every variant compiles;
+* ``fit``: every variant fits the arch's shared memory per block — what an op declares is what
+  its launcher or pruned autotuner would try there, and a config over the limit fails at launch;
+* ``spill``: for bf16/fp16 on sm_80 and newer, at least one fitting variant spills no registers.
+
+Violations that are known and explained live in an allow-list (``--allow FILE``), one per line::
+
+    kernel dtype shape arch rule  # reason
+
+with ``*`` matching any field; an allow-list line that matches no violation is itself an error, so
+the list only shrinks. Compiled results are cached by source hash under ``LASH_AOT_CACHE``
+(default ``~/.cache/lash/aot``); a cold run of the full matrix takes minutes, a warm one seconds.
+
+    python -m lash_kernels.aot_check                     # the representative subset (CI)
+    python -m lash_kernels.aot_check --full --table      # every arch × dtype × shape, per-variant table
+    python -m lash_kernels.aot_check --markdown FILE     # the README's per-arch summary
+
+Run it without ``TRITON_INTERPRET=1``: interpreted kernels cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import fnmatch
+import hashlib
+import importlib
+import importlib.util
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+from lash_kernels.backend import interpreting
+
+# Ops whose module declares ``static_variants``.
+OPS = ("lash_kernels.rms_norm", "lash_kernels.rotary", "lash_kernels.multi_exit_cross_entropy")
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """What one NVIDIA GPU gives a block: the limits the compiled kernels are held against."""
+
+    sm: int  # compute capability × 10
+    gpu: str  # the product LASH's users have with that arch
+    sms: int  # streaming multiprocessors
+    smem_per_block: int  # bytes of shared memory one block may opt in to
+    smem_per_sm: int  # bytes of shared memory per SM, for occupancy
+    max_threads_per_sm: int
+    max_blocks_per_sm: int
+    regs_per_sm: int = 65536
+
+
+ARCHS = {
+    75: Arch(75, "T4", 40, 64 * 1024, 64 * 1024, 1024, 16),
+    80: Arch(80, "A100", 108, 163 * 1024, 164 * 1024, 2048, 32),
+    89: Arch(89, "L4", 58, 99 * 1024, 100 * 1024, 1536, 24),
+    90: Arch(90, "H100", 132, 227 * 1024, 228 * 1024, 2048, 32),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticShape:
+    """A representative problem size that every op reads the dimensions it needs from."""
+
+    name: str  # key in SHAPES
+    tokens: int  # N = batch · seq
+    hidden: int  # D
+    vocab: int  # V
+    exits: int  # K
+    batch: int
+    seq: int
+    heads: int
+    head_dim: int
+
+
+SHAPES = {
+    "seed": StaticShape("seed", tokens=64 * 32, hidden=64, vocab=16384, exits=4, batch=64, seq=32, heads=4, head_dim=16),
+    "mid": StaticShape("mid", tokens=4096, hidden=256, vocab=32000, exits=4, batch=16, seq=256, heads=4, head_dim=64),
+    "llm": StaticShape("llm", tokens=8192, hidden=2048, vocab=32000, exits=3, batch=4, seq=2048, heads=32, head_dim=64),
+    "llm-wide": StaticShape(
+        "llm-wide", tokens=8192, hidden=4096, vocab=128256, exits=3, batch=4, seq=2048, heads=32, head_dim=128
+    ),
+    # The edge of the envelope: RMSNorm's widest row, RoPE's widest head, a Gemma-sized vocabulary.
+    "max": StaticShape(
+        "max", tokens=16384, hidden=16384, vocab=262144, exits=2, batch=1, seq=16384, heads=64, head_dim=256
+    ),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# CI's subset: the seed's width, the widest fully fused loss (D 256) and an LLM width; the
+# Trainer's fp32 default beside bf16; every arch.
+SUBSET = dict(shapes=("seed", "mid", "llm"), dtypes=("fp32", "bf16"), archs=tuple(ARCHS))
+FULL = dict(shapes=tuple(SHAPES), dtypes=tuple(DTYPES), archs=tuple(ARCHS))
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelVariant:
+    """One launch config of one kernel at one shape: what ``triton.compile`` needs, plus the grid."""
+
+    kernel: str  # "<op>.<kernel>", e.g. "rms_norm.forward"
+    fn: object  # the @triton.jit JITFunction (an autotuner's ``.fn``)
+    signature: dict[str, str]  # every argument: "*fp32", "*bf16", "*i64", "i32", "fp32" or "constexpr"
+    constexprs: dict[str, object]  # values of the constexpr arguments
+    num_warps: int
+    num_stages: int
+    programs: int  # grid size (all axes multiplied) at this shape
+    int_values: dict[str, int] = dataclasses.field(default_factory=dict)  # known integer arguments
+
+
+# What a launch that names no num_stages gets from Triton's CUDA backend.
+LAUNCH_STAGES = 3
+
+
+def pointer(dtype: torch.dtype) -> str:
+    """Triton's signature string for a pointer to ``dtype``."""
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64", torch.int32: "i32"}
+    return "*" + names[dtype]
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """What the compiler says about one variant on one arch."""
+
+    kernel: str
+    dtype: str
+    shape: str
+    arch: int
+    config: str  # the constexprs, warps and stages that tell variants apart
+    programs: int
+    error: str | None = None
+    shared: int = 0  # bytes per block
+    regs: int = 0  # per thread
+    spill_bytes: int = 0  # spill stores + loads per thread
+    mma: bool = False  # tensor-core instructions in the PTX
+    blocks_per_sm: int = 0
+
+    @property
+    def fits(self) -> bool:
+        return self.error is None and self.shared <= ARCHS[self.arch].smem_per_block
+
+    @property
+    def waves(self) -> float:
+        """Programs over what the whole GPU runs at once: under 1 leaves SMs idle."""
+        slots = ARCHS[self.arch].sms * max(self.blocks_per_sm, 1)
+        return self.programs / slots
+
+
+def _config_label(v: KernelVariant) -> str:
+    consts = ",".join(f"{k}={val}" for k, val in v.constexprs.items() if k.startswith("BLOCK"))
+    return f"{consts} w{v.num_warps} s{v.num_stages}"
+
+
+def _attrs(v: KernelVariant) -> dict:
+    """Divisibility hints as Triton's launcher would give them: torch's allocations are 16-byte
+    aligned, and integer arguments known to be multiples of 16 say so."""
+    names = v.fn.arg_names
+    aligned = [n for n, ty in v.signature.items() if ty.startswith("*")]
+    aligned += [n for n, val in v.int_values.items() if val % 16 == 0]
+    return {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+
+
+def _blocks_per_sm(arch: Arch, shared: int, regs: int, num_warps: int) -> int:
+    threads = 32 * num_warps
+    limits = [arch.max_blocks_per_sm, arch.max_threads_per_sm // threads]
+    if regs:
+        limits.append(arch.regs_per_sm // (regs * threads))
+    if shared:
+        limits.append(arch.smem_per_sm // shared)
+    return max(0, min(limits))
+
+
+_PTXAS_USAGE = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers per thread, spilled bytes) from ``ptxas -v``, Triton's own ptxas."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        log = subprocess.run(
+            [ptxas, "-v", "--regAllocOptLevel=2", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}",
+             str(src), "-o", str(Path(tmp) / "k.cubin")],
+            capture_output=True, text=True, check=True,
+        ).stderr  # fmt: skip
+    regs = max((int(m) for m in _PTXAS_USAGE.findall(log)), default=0)
+    spills = sum(int(a) + int(b) for a, b in _PTXAS_SPILL.findall(log))
+    return regs, spills
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LASH_AOT_CACHE", Path.home() / ".cache" / "lash" / "aot"))
+
+
+def compile_variant(v: KernelVariant, dtype: str, shape: str, arch: int) -> Result:
+    """Compile ``v`` for ``arch`` (or read the cached result) and measure it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=v.fn, signature=v.signature, constexprs=v.constexprs, attrs=_attrs(v))
+    base = dict(kernel=v.kernel, dtype=dtype, shape=shape, arch=arch, config=_config_label(v), programs=v.programs)
+    key = hashlib.sha256(
+        f"{triton.__version__}-{src.hash()}-{arch}-{v.num_warps}-{v.num_stages}".encode()
+    ).hexdigest()
+    cached = _cache_dir() / f"{key}.json"
+    if cached.exists():
+        return Result(**{**json.loads(cached.read_text()), **base})
+    try:
+        compiled = triton.compile(
+            src, target=GPUTarget("cuda", arch, 32), options={"num_warps": v.num_warps, "num_stages": v.num_stages}
+        )
+        regs, spills = _ptxas_usage(compiled.asm["ptx"], arch)
+    except Exception as exc:  # noqa: BLE001 - any compiler failure is the finding itself
+        first = str(exc).strip().splitlines()
+        return Result(**base, error=f"{type(exc).__name__}: {first[0] if first else ''}"[:300])
+    shared = compiled.metadata.shared
+    measured = dict(
+        shared=shared,
+        regs=regs,
+        spill_bytes=spills,
+        mma="mma" in compiled.asm["ptx"],
+        blocks_per_sm=_blocks_per_sm(ARCHS[arch], shared, regs, v.num_warps),
+    )
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(measured))
+    tmp.replace(cached)
+    return Result(**base, **measured)
+
+
+def load_ops(extra: Sequence[Path] = ()) -> list:
+    """The op modules to check: LASH's own, plus ``extra`` Python files (used to plant a bad kernel)."""
+    modules = [importlib.import_module(name) for name in OPS]
+    for path in extra:
+        spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        modules.append(module)
+    return modules
+
+
+def collect(modules: Iterable, shapes: Sequence[str], dtypes: Sequence[str], archs: Sequence[int]) -> list[tuple]:
+    """Every (variant, dtype, shape, arch) the ops declare, deduplicated by what gets compiled."""
+    jobs, seen = [], set()
+    for module in modules:
+        for arch in archs:
+            for shape in shapes:
+                for dtype in dtypes:
+                    for v in module.static_variants(SHAPES[shape], DTYPES[dtype], arch):
+                        key = (v.kernel, dtype, shape, arch, _config_label(v), v.programs)
+                        if key not in seen:
+                            seen.add(key)
+                            jobs.append((v, dtype, shape, arch))
+    return jobs
+
+
+_JOBS: list[tuple] = []  # what forked workers compile, by index: JIT functions do not pickle
+
+
+def run(jobs: list[tuple], workers: int) -> list[Result]:
+    """Compile all jobs, ``workers`` forked processes at a time (ptxas is single-threaded)."""
+    if workers <= 1:
+        return [compile_variant(*job) for job in jobs]
+    _JOBS[:] = jobs
+    context = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        return list(pool.map(_compile_job, range(len(jobs)), chunksize=1))
+
+
+def _compile_job(index: int) -> Result:
+    return compile_variant(*_JOBS[index])
+
+
+@dataclasses.dataclass(frozen=True)
+class Violation:
+    kernel: str
+    dtype: str
+    shape: str
+    arch: int
+    rule: str  # "compile", "fit" or "spill"
+    detail: str
+
+    def fields(self) -> tuple[str, ...]:
+        return self.kernel, self.dtype, self.shape, f"sm_{self.arch}", self.rule
+
+
+def violations(results: Sequence[Result]) -> list[Violation]:
+    """The three rules of the module docstring, one violation per group and rule."""
+    groups: dict[tuple, list[Result]] = defaultdict(list)
+    for r in results:
+        groups[(r.kernel, r.dtype, r.shape, r.arch)].append(r)
+    found = []
+    for (kernel, dtype, shape, arch), group in sorted(groups.items()):
+        where = (kernel, dtype, shape, arch)
+        for r in group:
+            if r.error:
+                found.append(Violation(*where, "compile", f"{r.config}: {r.error}"))
+        fitting = [r for r in group if r.fits]
+        over = [r for r in group if not r.error and not r.fits]
+        if over:
+            worst = max(over, key=lambda r: r.shared)
+            limit = ARCHS[arch].smem_per_block
+            found.append(Violation(*where, "fit", f"{len(over)} of {len(group)} configs over the limit "
+                                   f"({'none fits' if not fitting else 'a launch would fail'}); {worst.config} "
+                                   f"needs {worst.shared // 1024} KiB shared memory > {limit // 1024} KiB"))  # fmt: skip
+        if dtype != "fp32" and arch >= 80 and fitting and all(r.spill_bytes for r in fitting):
+            least = min(fitting, key=lambda r: r.spill_bytes)
+            found.append(Violation(*where, "spill", f"every fitting config spills; least: {least.config} "
+                                   f"{least.spill_bytes} B/thread"))  # fmt: skip
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class Allowed:
+    pattern: tuple[str, ...]  # kernel dtype shape arch rule, each an fnmatch pattern
+    reason: str
+    line: int
+
+
+def read_allow_list(path: Path) -> list[Allowed]:
+    """Parse ``kernel dtype shape arch rule  # reason`` lines; a line without a reason is refused."""
+    allowed = []
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        body, _, reason = raw.partition("#")
+        if not body.strip():
+            continue
+        fields = tuple(body.split())
+        if len(fields) != 5 or not reason.strip():
+            raise ValueError(f"{path}:{number}: expected 'kernel dtype shape arch rule  # reason'; got {raw!r}")
+        allowed.append(Allowed(fields, reason.strip(), number))
+    return allowed
+
+
+def _matches(allowed: Allowed, v: Violation) -> bool:
+    return all(fnmatch.fnmatchcase(value, pattern) for value, pattern in zip(v.fields(), allowed.pattern))
+
+
+def markdown(results: Sequence[Result]) -> str:
+    """The README's table: one row per kernel, one cell per arch, saying in words what was found.
+
+    A cell counts the (dtype, shape) groups checked there and names those with a compile error or
+    a config over the shared-memory limit; ``spills`` counts the groups whose every fitting config
+    spills, with the smallest such spill. ``mma`` marks kernels that reach the tensor cores there;
+    a dot kernel without it runs its matmuls on FMA units.
+    """
+    groups: dict[tuple, list[Result]] = defaultdict(list)
+    for r in results:
+        groups[(r.kernel, r.arch)].append(r)
+    kernels = sorted({r.kernel for r in results})
+    archs = sorted({r.arch for r in results})
+    uses_mma = {r.kernel for r in results if r.mma}
+    lines = ["| kernel | " + " | ".join(f"sm_{a} {ARCHS[a].gpu}" for a in archs) + " |", "|---|" + "---|" * len(archs)]
+    for kernel in kernels:
+        cells = []
+        for arch in archs:
+            by_case: dict[tuple, list[Result]] = defaultdict(list)
+            for r in groups[(kernel, arch)]:
+                by_case[(r.dtype, r.shape)].append(r)
+            errors = [f"{d} {s}" for (d, s), g in by_case.items() if any(r.error for r in g)]
+            over = [f"{d} {s}" for (d, s), g in by_case.items() if any(not r.error and not r.fits for r in g)]
+            spills = [min(r.spill_bytes for r in g if r.fits) for g in by_case.values()
+                      if any(r.fits for r in g) and all(r.spill_bytes for r in g if r.fits)]  # fmt: skip
+            parts = [f"error: {', '.join(errors)}"] if errors else []
+            parts += [f"over smem: {', '.join(over)}"] if over else []
+            parts += [f"spills in {len(spills)} (≥ {min(spills)} B)"] if spills else []
+            cell = f"{len(by_case)} ok" if not parts else f"{len(by_case)}: " + "; ".join(parts)
+            if kernel in uses_mma:
+                cell += ", mma" if any(r.mma for r in groups[(kernel, arch)]) else ", **no mma**"
+            cells.append(cell)
+        lines.append(f"| {kernel} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def variant_table(results: Sequence[Result]) -> str:
+    """Every compiled variant, one line each, for looking at the whole matrix."""
+    out = [f"{'kernel':34} {'dtype':5} {'shape':8} {'arch':6} {'config':46} {'smem':>7} {'regs':>4} {'spill':>6} mma {'waves':>6}"]
+    for r in sorted(results, key=lambda r: (r.kernel, r.dtype, r.shape, r.arch, r.config)):
+        if r.error:
+            out.append(f"{r.kernel:34} {r.dtype:5} {r.shape:8} sm_{r.arch:<3} {r.config:46} ERROR {r.error}")
+            continue
+        flag = "" if r.fits else "  > smem limit"
+        out.append(f"{r.kernel:34} {r.dtype:5} {r.shape:8} sm_{r.arch:<3} {r.config:46} {r.shared:7d} {r.regs:4d} "
+                   f"{r.spill_bytes:6d} {'yes' if r.mma else 'no ':3} {r.waves:6.2f}{flag}")  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
+def _arch_list(text: str) -> tuple[int, ...]:
+    archs = tuple(int(a.strip().removeprefix("sm_")) for a in text.split(",") if a.strip())
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown or not archs:
+        raise argparse.ArgumentTypeError(f"--archs {text!r}: allowed values are {', '.join(f'sm_{a}' for a in ARCHS)}")
+    return archs
+
+
+def _name_list(allowed: dict):
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(n.strip() for n in text.split(",") if n.strip())
+        if not names or any(n not in allowed for n in names):
+            raise argparse.ArgumentTypeError(f"{text!r}: allowed values are {', '.join(allowed)}")
+        return names
+
+    return parse
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lash_kernels.aot_check",
+        description="Compile every LASH Triton kernel for sm_75/80/89/90 without a GPU and check "
+        "shared memory, spills and compile errors.",
+    )
+    parser.add_argument("--full", action="store_true", help="every shape and dtype (default: CI's subset)")
+    parser.add_argument("--archs", type=_arch_list, help="comma-separated, e.g. sm_80,sm_90")
+    parser.add_argument("--shapes", type=_name_list(SHAPES), help=f"comma-separated of {', '.join(SHAPES)}")
+    parser.add_argument("--dtypes", type=_name_list(DTYPES), help=f"comma-separated of {', '.join(DTYPES)}")
+    parser.add_argument("--allow", type=Path, help="allow-list file of known violations")
+    parser.add_argument("--extra", type=Path, action="append", default=[], help="also check this op file")
+    parser.add_argument("--only-extra", action="store_true", help="check the --extra files alone")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="compile processes")
+    parser.add_argument("--table", action="store_true", help="print every variant")
+    parser.add_argument("--markdown", type=Path, help="write the per-arch summary table here")
+    parser.add_argument("--json", type=Path, help="write every variant's figures here")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # triton 3.9's notice, not ours
+    if interpreting():
+        parser.error("TRITON_INTERPRET=1 is set: interpreted kernels cannot be compiled; unset it")
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers}: must be ≥ 1")
+    for path in [*args.extra, *([args.allow] if args.allow else [])]:
+        if not path.is_file():
+            parser.error(f"{path}: no such file")
+    try:
+        allowed = read_allow_list(args.allow) if args.allow else []
+    except ValueError as exc:
+        parser.error(str(exc))
+    scope = dict(FULL if args.full else SUBSET)
+    for name in ("shapes", "dtypes", "archs"):
+        scope[name] = getattr(args, name) or scope[name]
+
+    modules = load_ops(args.extra)
+    if args.only_extra:
+        modules = modules[len(OPS):]
+    jobs = collect(modules, **scope)
+    results = run(jobs, args.workers)
+    if args.table:
+        print(variant_table(results), end="")
+    if args.markdown:
+        args.markdown.write_text(markdown(results))
+    if args.json:
+        rows = [dict(dataclasses.asdict(r), fits=r.fits, waves=round(r.waves, 3)) for r in results]
+        args.json.write_text(json.dumps(dict(triton=__import__("triton").__version__, scope=scope, variants=rows), indent=1))
+    return report(results, allowed, scope)
+
+
+def report(results: Sequence[Result], allowed: Sequence[Allowed], scope: dict) -> int:
+    """Print the verdict; 0 when every violation is allow-listed and every allow-list line is used."""
+    found = violations(results)
+    used: set[int] = set()
+    failures = []
+    for v in found:
+        match = next((a for a in allowed if _matches(a, v)), None)
+        if match is None:
+            failures.append(v)
+        else:
+            used.add(match.line)
+    # A line is stale only if the groups it names were checked at all in this run.
+    checked = {(r.kernel, r.dtype, r.shape, f"sm_{r.arch}") for r in results}
+    stale = [
+        a for a in allowed
+        if a.line not in used and any(all(fnmatch.fnmatchcase(x, p) for x, p in zip(g, a.pattern)) for g in checked)
+    ]  # fmt: skip
+    groups = len({(r.kernel, r.dtype, r.shape, r.arch) for r in results})
+    print(f"aot_check: {len(results)} variants in {groups} groups "
+          f"(shapes {','.join(scope['shapes'])}; dtypes {','.join(scope['dtypes'])}; "
+          f"archs {','.join(f'sm_{a}' for a in scope['archs'])}); {len(found)} violations, "
+          f"{len(found) - len(failures)} allow-listed")  # fmt: skip
+    for v in failures:
+        print(f"FAIL {' '.join(v.fields())}: {v.detail}")
+    for a in stale:
+        print(f"FAIL allow-list line {a.line} ({' '.join(a.pattern)}) matches no violation: remove it")
+    ok = not failures and not stale
+    print("aot_check: " + ("PASS" if ok else "FAIL"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
