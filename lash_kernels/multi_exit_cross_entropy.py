@@ -412,7 +412,7 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         chunked: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(loss, token_loss, confidence, predictions, grad_h, grad_w)``; see the two regimes."""
-        run = _chunked if chunked else _fused
+        run = _chunked if chunked or hiddens.numel() == 0 else _fused  # no tokens: no kernel to launch
         loss, token_loss, conf, pred, grad_h, grad_w = run(
             hiddens, weight, targets, g, ignore_index, with_stats, need_grad_hiddens, need_grad_weight
         )

@@ -111,6 +111,15 @@ def test_all_tokens_ignored_gives_zero_not_nan(kernels):
     assert all(not h.grad.any() for h in hiddens) and not weight.grad.any()
 
 
+def test_no_tokens_gives_zero_loss_and_gradients(kernels):
+    hiddens = torch.randn(2, 0, 24, requires_grad=True)
+    weight = torch.randn(V, 24, requires_grad=True)
+    out = multi_exit_cross_entropy(hiddens, weight, torch.zeros(0, dtype=torch.long), [1.0, 0.5], return_stats=True)
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and not out.per_exit.any() and out.confidence.shape == (2, 0)
+    assert hiddens.grad.shape == (2, 0, 24) and not weight.grad.any()
+
+
 def test_large_logits_are_stable(kernels):
     hiddens, weight, targets = make_inputs(2, 40, scale=300.0)  # logits of order 1e3
     logits = hiddens[0].detach() @ weight.detach().T
