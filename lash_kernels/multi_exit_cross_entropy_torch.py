@@ -256,11 +256,16 @@ def chunked_multi_exit_ce(
 
 
 def add_transposed_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += aᵀ · b`` into the fp32 ``acc``; 16-bit operands accumulate in fp32 inside cuBLAS."""
+    """``acc += aᵀ · b`` into the fp32 ``acc``; 16-bit operands accumulate in fp32 inside cuBLAS.
+
+    For 16-bit operands the product comes out in fp32 (``mm``'s ``out_dtype``, torch ≥ 2.8) and
+    is added in a second pass: ``addmm`` with ``out_dtype`` would fold the add into the GEMM, but
+    ``torch.compile`` cannot trace it (pytorch/pytorch#163880) and the op's body is traced.
+    """
     if a.dtype == torch.float32:
         acc.addmm_(a.T, b)
     else:
-        torch.addmm(acc, a.T, b, torch.float32, out=acc)
+        acc.add_(torch.mm(a.T, b, out_dtype=torch.float32))
 
 
 class TorchMultiExitCE(torch.autograd.Function):
