@@ -131,7 +131,9 @@ def upgrade_v1(payload: dict[str, Any]) -> dict[str, Any]:
     if payload.get("format") != OLD_FORMAT:
         raise ValueError(f"upgrade_v1 needs a {OLD_FORMAT} payload, got format {payload.get('format')!r}")
     rng = payload["rng"]
+    # v1 recorded neither the loss of a part-done epoch nor the run's settings (None: not compared).
     trainer = {key: value for key, value in payload["trainer"].items() if key != "data_epoch"}
+    trainer |= {"partial_epoch_loss": [0.0, 0], "settings": None}
     config = payload["config"]
     return {
         "model": payload["model"],

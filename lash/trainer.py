@@ -127,6 +127,8 @@ class Trainer:
         self.epochs_trained = 0
         self.global_step = 0
         self.batches_into_epoch = 0
+        # Sum and count of the losses of an epoch stopped part-way, so its mean covers the whole epoch.
+        self.partial_epoch_loss: tuple[float, int] = (0.0, 0)
 
     @property
     def is_main(self) -> bool:
@@ -279,15 +281,24 @@ class Trainer:
                 bar.set_postfix(loss=f"{torch.stack(losses[-_SYNC_EVERY:]).mean().item():.4f}")
         if accumulated:
             self._optimizer_step(params, optimizer, grad_clip)
-        if completed:
-            self.epochs_trained += 1
-            self.batches_into_epoch = 0
-        if not losses:
+        carried_sum, carried_count = self.partial_epoch_loss
+        if not losses and not (completed and carried_count):
             if not completed:
                 return math.nan
             raise ValueError("train_batches yielded no batch with a labelled target")
         self._check_finite(losses, checked, epoch)
-        return (all_reduce_sum(torch.stack(losses).mean()) / self.world_size).item()
+        # fp64 sums of fp32 losses are exact, so an epoch split by a stop sums to the same value.
+        total = torch.tensor(carried_sum, dtype=torch.float64, device=self.device)
+        if losses:
+            total = total + torch.stack(losses).double().sum()
+        count = len(losses) + carried_count
+        if completed:
+            self.epochs_trained += 1
+            self.batches_into_epoch = 0
+            self.partial_epoch_loss = (0.0, 0)
+        else:
+            self.partial_epoch_loss = (total.item(), count)
+        return (all_reduce_sum(total / count) / self.world_size).item()
 
     def _distributed_scale(self, loss: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Scale a rank's mean loss so DDP's gradient average is the global batch's mean.
@@ -476,6 +487,7 @@ class Trainer:
             "epochs_trained": self.epochs_trained,
             "global_step": self.global_step,
             "batches_into_epoch": self.batches_into_epoch,
+            "partial_epoch_loss": list(self.partial_epoch_loss),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
             "settings": self._settings(),
@@ -550,6 +562,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epochs_trained, self.global_step = state["epochs_trained"], state["global_step"]
         self.batches_into_epoch = state["batches_into_epoch"]
+        self.partial_epoch_loss = tuple(state["partial_epoch_loss"])
         checkpoint.set_rng_state(payload["rng"])
         return payload["extra"]
 
@@ -559,11 +572,16 @@ class Trainer:
         for key in ("epochs_trained", "global_step", "batches_into_epoch"):
             if isinstance(state.get(key), bool) or not isinstance(state.get(key), int) or state[key] < 0:
                 raise ValueError(f"checkpoint {path} is damaged: its trainer {key} is {state.get(key)!r}")
-        if not isinstance(state.get("settings"), dict) or not isinstance(state.get("scaler"), dict):
+        partial = state.get("partial_epoch_loss")
+        if not (isinstance(partial, list) and len(partial) == 2 and isinstance(partial[0], float) and isinstance(partial[1], int)):
+            raise ValueError(f"checkpoint {path} is damaged: its trainer partial_epoch_loss is {partial!r}")
+        if "settings" not in state or not isinstance(state["settings"], (dict, type(None))) or not isinstance(state.get("scaler"), dict):
             raise ValueError(f"checkpoint {path} is damaged: its trainer settings or scaler state are missing")
         if payload["config"] != self.config.as_dict():
             raise ValueError(f"checkpoint {path} was trained with {payload['config']}, this trainer has {self.config.as_dict()}")
         for key, mine in self._settings().items():
+            if state["settings"] is None:  # converted from v1, which did not record them
+                break
             theirs = state["settings"].get(key)
             if theirs != mine:
                 raise ValueError(f"checkpoint {path} was trained with {key}={theirs!r}, this trainer has {key}={mine!r}")

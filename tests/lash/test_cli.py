@@ -145,7 +145,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
-@pytest.mark.parametrize("stop", [3, 5, 8], ids=["epoch-end", "mid-epoch", "last-step"])
+@pytest.mark.parametrize("stop", [3, 5, 7, 8], ids=["epoch-end", "mid-epoch", "mid-last-epoch", "last-step"])
 def test_resume_from_any_stop_point_ends_bit_for_bit_where_the_full_run_ends(tmp_path, stop):
     # 96 sequences / 16 = 6 batches = 3 steps per epoch with --grad-accum 2: step 3 ends epoch 1.
     schedule = ["--grad-accum", "2", "--warmup-steps", "2", "--cosine"]
@@ -153,7 +153,7 @@ def test_resume_from_any_stop_point_ends_bit_for_bit_where_the_full_run_ends(tmp
     first = run_cli(tmp_path, "part", *schedule, "--stop-at-step", str(stop))
     resumed = run_cli(tmp_path, "part", *schedule, "--resume", str(tmp_path / "part" / "checkpoint.pt"))
     assert first["global_step"] == stop and resumed["global_step"] == full["global_step"] == 8
-    assert len(resumed["history"]) == len(first["history"]) + (stop < 8) * (1 + (stop < 6))
+    assert len(resumed["history"]) == len(first["history"]) + (stop < 8) + (stop < 6)
     assert resumed["final_val_loss"] == full["final_val_loss"]
     assert resumed["final_train_loss"] == full["final_train_loss"]
     a, b = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"] for name in ("full", "part"))
