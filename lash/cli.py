@@ -32,8 +32,10 @@ from lash.validation import check_device, check_int, check_optional_int, check_r
 
 # --quick: a small ASHEM run that finishes in a few minutes on two CPU cores.
 QUICK = {"samples": 1200, "dim": 64, "phase1_max_epochs": 3, "phase2_max_epochs": 3, "max_vocab": 1024}
-# Flags a resumed run may change; every other one must match the checkpoint's run.
-RESUME_MAY_CHANGE = {"resume", "out", "stop_at_step", "no_progress", "overwrite", "device", "distributed", "compile"}
+# Flags a resumed run may change; every other one must match the checkpoint's run. More epochs
+# or steps extend a run (under --cosine they move the schedule's end, which the trainer refuses).
+RESUME_MAY_CHANGE = {"resume", "out", "stop_at_step", "epochs", "max_steps", "no_progress", "overwrite", "device",
+                     "distributed", "compile"}  # fmt: skip
 CHECKPOINT = "checkpoint.pt"
 
 

@@ -225,6 +225,20 @@ def test_an_earlier_runs_checkpoint_is_never_replaced_silently(tmp_path, capsys)
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() != saved
 
 
+def test_a_finished_run_extended_by_an_epoch_ends_where_the_longer_run_ends(tmp_path):
+    # Every CLI checkpoint ends an epoch; the extension must not replay epoch 1's shuffle order.
+    plain = [arg for arg in ARGS if arg not in ("--max-steps", "8")]
+    assert cli.main([*plain, "--epochs", "2", "--out", str(tmp_path / "full")]) == 0
+    assert cli.main([*plain, "--epochs", "1", "--out", str(tmp_path / "part")]) == 0
+    ckpt = str(tmp_path / "part" / "checkpoint.pt")
+    assert cli.main([*plain, "--epochs", "2", "--out", str(tmp_path / "part"), "--resume", ckpt]) == 0
+    full, resumed = metrics(tmp_path / "full"), metrics(tmp_path / "part")
+    assert resumed["final_val_loss"] == full["final_val_loss"] and resumed["global_step"] == full["global_step"] == 12
+    cosine = [*plain, "--cosine", "--epochs", "1", "--out", str(tmp_path / "cos")]
+    assert cli.main(cosine) == 0
+    assert cli.main([*cosine[:-4], "--epochs", "2", "--out", str(tmp_path / "cos"), "--resume", str(tmp_path / "cos" / "checkpoint.pt")]) == 2
+
+
 def test_resuming_with_other_flags_is_refused(tmp_path, capsys):
     run_cli(tmp_path, "run", "--stop-at-step", "2")
     ckpt = str(tmp_path / "run" / "checkpoint.pt")
