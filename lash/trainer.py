@@ -222,7 +222,8 @@ class Trainer:
     ) -> float:
         """One pass over ``train_batches`` (or until ``global_step`` reaches ``max_steps``).
 
-        Returns the mean training loss of the steps taken. Shuffled :class:`lash.data.TokenBatches`
+        Returns the mean training loss of the epoch's batches, those before a stop (``max_steps``)
+        or a resume included. Shuffled :class:`lash.data.TokenBatches`
         are served in the order of epoch ``epochs_trained`` (a function of their seed and that
         epoch alone), so a run restored from a checkpoint, whether taken mid-epoch or at an
         epoch's end, continues in the batches the uninterrupted run would have seen. A batch
@@ -579,12 +580,12 @@ class Trainer:
             raise ValueError(f"checkpoint {path} is damaged: its trainer settings or scaler state are missing")
         if payload["config"] != self.config.as_dict():
             raise ValueError(f"checkpoint {path} was trained with {payload['config']}, this trainer has {self.config.as_dict()}")
+        saved_settings = state["settings"] or self._settings()  # None: converted from v1, which did not record them
         for key, mine in self._settings().items():
-            if state["settings"] is None:  # converted from v1, which did not record them
-                break
-            theirs = state["settings"].get(key)
-            if theirs != mine:
-                raise ValueError(f"checkpoint {path} was trained with {key}={theirs!r}, this trainer has {key}={mine!r}")
+            if saved_settings.get(key) != mine:
+                raise ValueError(
+                    f"checkpoint {path} was trained with {key}={saved_settings.get(key)!r}, this trainer has {key}={mine!r}"
+                )
         if (state.get("scheduler") is None) != (self.scheduler is None):
             raise ValueError(f"checkpoint {path} and this trainer disagree on having a learning-rate schedule")
         groups = payload["optimizer"].get("param_groups")
