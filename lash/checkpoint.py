@@ -29,8 +29,13 @@ from lash.files import write_atomic
 
 FORMAT = "lash-checkpoint-v2"
 OLD_FORMAT = "lash-checkpoint-v1"
-# What a v1 file holds besides tensors: the config object and NumPy's RNG state.
-_V1_GLOBALS = {"lash.config.TrainingConfig", "numpy.ndarray", "numpy.dtype"}
+# What a v1 file holds besides tensors: the config object and NumPy's RNG state (NumPy 2 moved
+# numpy.core to numpy._core). Anything else marks a foreign, possibly malicious, file.
+_V1_GLOBALS = {
+    "lash.config.TrainingConfig", "numpy.ndarray", "numpy.dtype", "numpy.dtypes.UInt32DType",
+    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+}  # fmt: skip
+
 _PLAIN = (str, int, float, bool, type(None), torch.Tensor)
 _SECTIONS = ("model", "optimizer", "trainer", "rng", "config", "extra")
 _RNG = {
@@ -92,12 +97,12 @@ def load(path: str | Path) -> dict[str, Any]:
         with warnings.catch_warnings():  # a foreign pickle protocol is refused below or read safely: no noise
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+    except pickle.UnpicklingError:
         try:
             found = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
         except Exception:
             found = set()
-        if found and all(name in _V1_GLOBALS or name.startswith("numpy.") for name in found):
+        if "lash.config.TrainingConfig" in found and found <= _V1_GLOBALS:
             raise ValueError(_old_format_hint(path)) from None
         objects = ", ".join(sorted(found)) or "objects other than tensors and plain containers"
         raise ValueError(

@@ -195,9 +195,15 @@ def _check_train_args(args: argparse.Namespace) -> None:
 
 
 def _check_same_run(saved: object, args: argparse.Namespace, path: str) -> None:
-    """Refuse to resume with flags that differ from the checkpoint's run (other than RESUME_MAY_CHANGE)."""
+    """Refuse to resume with flags that differ from the checkpoint's run (other than RESUME_MAY_CHANGE).
+
+    A checkpoint converted from v1 recorded no flags: only the trainer's own checks apply.
+    """
+    if saved is None:
+        logging.warning("--resume %s: the checkpoint does not record its run's flags (converted from v1?); not compared", path)
+        return
     if not isinstance(saved, dict):
-        raise ValueError(f"--resume {path}: the checkpoint does not record the flags of its run")
+        raise ValueError(f"--resume {path}: the checkpoint's record of its run's flags is damaged")
     for name, value in sorted(vars(args).items()):
         if name in RESUME_MAY_CHANGE or name == "command":
             continue

@@ -247,7 +247,8 @@ class Trainer:
         epoch = self.epochs_trained + 1
         if hasattr(train_batches, "epoch"):
             train_batches.epoch = self.epochs_trained
-        batches = itertools.islice(self._shard(train_batches), self.batches_into_epoch, None)
+        resumed_at = self.batches_into_epoch
+        batches = itertools.islice(self._shard(train_batches), resumed_at, None)
         runner = self._runner(model)
         params = [p for p in model.parameters() if p.requires_grad]
         losses: list[torch.Tensor] = []
@@ -284,7 +285,9 @@ class Trainer:
             self._optimizer_step(params, optimizer, grad_clip)
         carried_sum, carried_count = self.partial_epoch_loss
         if not losses and not (completed and carried_count):
-            if not completed:
+            if completed and resumed_at:  # resumed at the very end (a converted v1 checkpoint of such a stop)
+                self.epochs_trained, self.batches_into_epoch = self.epochs_trained + 1, 0
+            if not completed or resumed_at:
                 return math.nan
             raise ValueError("train_batches yielded no batch with a labelled target")
         self._check_finite(losses, checked, epoch)
