@@ -28,7 +28,7 @@ from lash.files import check_writable_dir, write_atomic
 from lash.models import DeepSupervisionTransformer
 from lash.report import summary_table, write_report
 from lash.trainer import DISTRIBUTED, PRECISIONS, NonFiniteLossError, Trainer
-from lash.validation import check_device, check_int, check_optional_int, check_real
+from lash.validation import check_device, check_int, check_real
 
 # --quick: a small ASHEM run that finishes in a few minutes on two CPU cores.
 QUICK = {"samples": 1200, "dim": 64, "phase1_max_epochs": 3, "phase2_max_epochs": 3, "max_vocab": 1024}
@@ -138,10 +138,9 @@ def _device_name(device: torch.device) -> str:
 
 def _check_common_args(args: argparse.Namespace) -> torch.device:
     """Check the data and device flags before any work; ``ValueError`` names the flag."""
-    for flag in ("samples", "seq_len", "batch_size"):
-        check_int(_flag(flag), getattr(args, flag), 1)
-    check_optional_int("--val-samples", args.val_samples, 1)
-    check_optional_int("--max-vocab", args.max_vocab, 2)
+    for flag, low in (("samples", 1), ("seq_len", 1), ("batch_size", 1), ("val_samples", 1), ("max_vocab", 2)):
+        if getattr(args, flag) is not None:  # None: the flag was left out
+            check_int(_flag(flag), getattr(args, flag), low)
     return check_device("--device", args.device)
 
 
@@ -182,10 +181,9 @@ def _check_train_args(args: argparse.Namespace) -> None:
     check_real("--weight-decay", args.weight_decay, 0.0)
     check_real("--grad-clip", args.grad_clip, 0.0)
     check_real("--routing-threshold", args.routing_threshold, 0.0, 1.0)
-    for flag in ("epochs", "max_steps", "stop_at_step"):
-        check_optional_int(_flag(flag), getattr(args, flag), 1)
-    check_int("--grad-accum", args.grad_accum, 1)
-    check_int("--warmup-steps", args.warmup_steps, 0)
+    for flag, low in (("epochs", 1), ("max_steps", 1), ("stop_at_step", 1), ("grad_accum", 1), ("warmup_steps", 0)):
+        if getattr(args, flag) is not None:  # None: the flag was left out
+            check_int(_flag(flag), getattr(args, flag), low)
     out = check_writable_dir("--out", args.out)
     if (out / CHECKPOINT).exists() and not (args.resume or args.overwrite):
         raise ValueError(

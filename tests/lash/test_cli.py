@@ -163,16 +163,16 @@ def test_resume_from_any_stop_point_ends_bit_for_bit_where_the_full_run_ends(tmp
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--epochs", "0"], "--epochs=0 must be None or an int >= 1"),
-        (["--max-steps", "0"], "--max-steps=0 must be None or an int >= 1"),
-        (["--stop-at-step", "-1"], "--stop-at-step=-1 must be None or an int >= 1"),
+        (["--epochs", "0"], "--epochs=0 must be an int >= 1"),
+        (["--max-steps", "0"], "--max-steps=0 must be an int >= 1"),
+        (["--stop-at-step", "-1"], "--stop-at-step=-1 must be an int >= 1"),
         (["--grad-accum", "0"], "--grad-accum=0 must be an int >= 1"),
         (["--grad-clip", "-1"], r"--grad-clip=-1.0 is outside \[0.0, inf\)"),
         (["--lr", "0"], r"--lr=0.0 is outside \(0.0, inf\)"),
         (["--warmup-steps", "-2"], "--warmup-steps=-2 must be an int >= 0"),
         (["--samples", "0"], "--samples=0 must be an int >= 1"),
-        (["--val-samples", "0"], "--val-samples=0 must be None or an int >= 1"),
-        (["--max-vocab", "0"], "--max-vocab=0 must be None or an int >= 2"),
+        (["--val-samples", "0"], "--val-samples=0 must be an int >= 1"),
+        (["--max-vocab", "0"], "--max-vocab=0 must be an int >= 2"),
         (["--device", "tpu"], "--device='tpu' is not a device"),
         (["--routing-threshold", "2"], r"--routing-threshold=2.0 is outside \[0.0, 1.0\]"),
     ]
