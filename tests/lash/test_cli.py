@@ -145,6 +145,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [3, 5, 7, 8], ids=["epoch-end", "mid-epoch", "mid-last-epoch", "last-step"])
 def test_resume_from_any_stop_point_ends_bit_for_bit_where_the_full_run_ends(tmp_path, stop):
     # 96 sequences / 16 = 6 batches = 3 steps per epoch with --grad-accum 2: step 3 ends epoch 1.
@@ -225,6 +226,7 @@ def test_an_earlier_runs_checkpoint_is_never_replaced_silently(tmp_path, capsys)
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() != saved
 
 
+@pytest.mark.slow
 def test_a_finished_run_extended_by_an_epoch_ends_where_the_longer_run_ends(tmp_path):
     # Every CLI checkpoint ends an epoch; the extension must not replay epoch 1's shuffle order.
     plain = [arg for arg in ARGS if arg not in ("--max-steps", "8")]

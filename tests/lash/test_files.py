@@ -41,6 +41,7 @@ def test_an_interrupted_report_leaves_the_old_set_and_no_temporary(tmp_path, mon
     assert [(tmp_path / n).read_bytes() for n in ("a.json", "b.md", "c.png")] == [b"old a", b"old b", b"old c"]
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_checkpoint_save_keeps_the_old_one_and_the_next_save_cleans_up(tmp_path):
     script = textwrap.dedent(
         f"""
