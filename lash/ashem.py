@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,6 +26,7 @@ from torch import nn
 
 from lash.config import ASHEMConfig, TrainingConfig, create_standard_config
 from lash.data import TokenBatches
+from lash.files import write_atomic
 from lash.losses import exit_statistics
 from lash.models import DeepSupervisionTransformer
 from lash.trainer import Trainer
@@ -197,26 +196,16 @@ class ASHEMResult:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=2, default=float).encode()
+
     def save_json(self, path: str | Path) -> None:
         """Write the result as JSON through a temporary file, so a failure never leaves half a file."""
-        write_atomic(Path(path), json.dumps(self.to_dict(), indent=2, default=float).encode())
+        write_atomic(Path(path), self.to_json())
 
     @classmethod
     def load_json(cls, path: str | Path) -> ASHEMResult:
         return cls(**json.loads(Path(path).read_text()))
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _history(result: dict[str, Any], seconds: float) -> dict[str, Any]:

@@ -1,85 +1,197 @@
-"""Checkpoints that never destroy what was saved before, and that fail loudly when they do not fit.
+"""Checkpoints that are safe to load, never destroy what was saved before, and fail loudly when they do not fit.
 
-A checkpoint is one ``torch.save`` file written to a temporary name in the same directory and
-renamed over the target, so an interrupted save leaves the previous checkpoint intact. Loading
-checks the format and every model tensor's name and shape before anything is copied, so a
-mismatched checkpoint raises ``ValueError`` and leaves the model as it was.
+The format (``lash-checkpoint-v2``) holds only what ``torch.load(weights_only=True)`` reads:
+tensors, dicts, lists, tuples, numbers, strings, booleans and ``None``. The training config is
+stored as a dict and the Python and NumPy random states as tensors, so loading never unpickles
+an arbitrary object and a crafted file cannot run code; a file holding anything else is refused
+before any of it is built. Files of the older ``lash-checkpoint-v1`` format (which needed the
+unsafe loader) are refused with the one-off conversion to run on a file you trust.
+
+A checkpoint is written to a temporary name in the same directory and renamed over the target
+(:func:`lash.files.write_atomic`), so an interrupted save leaves the previous checkpoint intact.
+Loading checks the format and every model tensor's name and shape before anything is copied,
+so a mismatched checkpoint raises ``ValueError`` and leaves the model as it was.
 """
 
 from __future__ import annotations
 
-import os
+import pickle
 import random
-import tempfile
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-FORMAT = "lash-checkpoint-v1"
+from lash.files import write_atomic
+
+FORMAT = "lash-checkpoint-v2"
+OLD_FORMAT = "lash-checkpoint-v1"
+# What a v1 file holds besides tensors: the config object and NumPy's RNG state (NumPy 2 moved
+# numpy.core to numpy._core). Anything else marks a foreign, possibly malicious, file.
+_V1_GLOBALS = {
+    "lash.config.TrainingConfig", "numpy.ndarray", "numpy.dtype", "numpy.dtypes.UInt32DType",
+    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+}  # fmt: skip
+
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor)
+_SECTIONS = ("model", "optimizer", "trainer", "rng", "config", "extra")
+_RNG = {
+    "python": torch.Tensor, "python_version": int, "python_gauss": (float, type(None)), "numpy_kind": str,
+    "numpy": torch.Tensor, "numpy_pos": int, "numpy_has_gauss": int, "numpy_gauss": float, "torch": torch.Tensor,
+    "cuda": list,
+}  # fmt: skip
+
+
+def check_plain(value: Any, where: str) -> None:
+    """Raise ``ValueError`` unless ``value`` is built only of what a safe load reads back."""
+    if isinstance(value, _PLAIN):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_plain(item, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_plain(key, f"{where} key")
+            check_plain(item, f"{where}[{key!r}]")
+        return
+    raise ValueError(
+        f"{where} is a {type(value).__name__}; checkpoints hold only tensors, dicts, lists, tuples, "
+        "numbers, strings, booleans and None"
+    )
 
 
 def save_atomic(payload: dict[str, Any], path: str | Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"format": FORMAT} | payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` the payload (plus the format tag) to ``path`` through a temporary file."""
+    payload = {"format": FORMAT} | payload
+    check_plain(payload.get("extra", {}), "extra")
+    check_plain(payload.get("config", {}), "config")
+    write_atomic(Path(path), lambda f: torch.save(payload, f))
+
+
+def _old_format_hint(path: Path) -> str:
+    return (
+        f"checkpoint {path} is in the older {OLD_FORMAT} format, which only an unsafe loader (one that can run "
+        "code) reads; if you trust the file, convert it once with: python -c \"import torch; from lash import "
+        f"checkpoint; checkpoint.save_atomic(checkpoint.upgrade_v1(torch.load('{path}', weights_only=False)), "
+        f"'{path}.v2.pt')\" (README, 'Checkpoint format')"
+    )
 
 
 def load(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_atomic`.
+    """Read a checkpoint written by :func:`save_atomic`, with ``torch.load(weights_only=True)``.
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a readable LASH checkpoint (truncated, corrupt, other format).
+        ValueError: the file is not a readable LASH v2 checkpoint (truncated, corrupt, another
+            format, an old v1 file, or one holding Python objects other than tensors and plain
+            containers, which could run code and are never unpickled).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():  # a foreign pickle protocol is refused below or read safely: no noise
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        try:
+            found = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:
+            found = set()
+        if "lash.config.TrainingConfig" in found and found <= _V1_GLOBALS:
+            raise ValueError(_old_format_hint(path)) from None
+        objects = ", ".join(sorted(found)) or "objects other than tensors and plain containers"
+        raise ValueError(
+            f"checkpoint {path} was refused: it holds {objects}, which loading could use to run code; "
+            "LASH checkpoints hold only tensors and plain containers"
+        ) from None
     except Exception as error:
-        raise ValueError(f"checkpoint {path} is unreadable or corrupt ({type(error).__name__}: {error})") from error
+        raise ValueError(f"checkpoint {path} is unreadable or corrupt ({type(error).__name__}: {error})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else None
+        if found == OLD_FORMAT:
+            raise ValueError(_old_format_hint(path))
         raise ValueError(f"checkpoint {path} is not a {FORMAT} file")
+    for section in _SECTIONS:
+        if not isinstance(payload.get(section), Mapping):
+            raise ValueError(f"checkpoint {path} is damaged: its {section!r} entry is missing or not a dict")
+    rng = payload["rng"]
+    for key, kind in _RNG.items():
+        if not isinstance(rng.get(key), kind):
+            raise ValueError(f"checkpoint {path} is damaged: its random state {key!r} is missing or of the wrong type")
+    if rng["python"].shape != (625,) or rng["numpy"].shape != (624,) or rng["torch"].dtype != torch.uint8:
+        raise ValueError(f"checkpoint {path} is damaged: its random states have the wrong shapes")
     return payload
 
 
-def check_model_state(state: dict[str, torch.Tensor], model: torch.nn.Module, path: str | Path) -> None:
+def upgrade_v1(payload: dict[str, Any]) -> dict[str, Any]:
+    """A v1 checkpoint's contents (already loaded, from a file you trust) in the v2 layout.
+
+    Pass the result to :func:`save_atomic`; the README shows the one-off command.
+    """
+    if payload.get("format") != OLD_FORMAT:
+        raise ValueError(f"upgrade_v1 needs a {OLD_FORMAT} payload, got format {payload.get('format')!r}")
+    rng = payload["rng"]
+    # v1 recorded neither the loss of a part-done epoch nor the run's settings (None: not compared).
+    trainer = {key: value for key, value in payload["trainer"].items() if key != "data_epoch"}
+    trainer |= {"partial_epoch_loss": [0.0, 0], "settings": None}
+    config = payload["config"]
+    return {
+        "model": payload["model"],
+        "optimizer": payload["optimizer"],
+        "trainer": trainer,
+        "rng": _encode_rng(rng["python"], rng["numpy"], rng["torch"], rng["cuda"]),
+        "config": config if isinstance(config, dict) else config.as_dict(),
+        "extra": payload["extra"],
+    }
+
+
+def check_model_state(state: Mapping[str, torch.Tensor], model: torch.nn.Module, path: str | Path) -> None:
     """Raise ``ValueError`` unless ``state`` has exactly the model's tensor names and shapes."""
     own = model.state_dict()
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(own[name].shape):
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(own[name].shape):
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise ValueError(
-                f"checkpoint {path} does not fit the model: {name} has shape {tuple(tensor.shape)}, "
-                f"the model's is {tuple(own[name].shape)}"
+                f"checkpoint {path} does not fit the model: {name} has shape {shape}, the model's is {tuple(own[name].shape)}"
             )
 
 
-def rng_state() -> dict[str, Any]:
-    """The Python, NumPy and torch (CPU and CUDA) random states."""
+def _encode_rng(python: tuple, numpy: tuple, torch_state: torch.Tensor, cuda: list) -> dict[str, Any]:
+    version, words, gauss = python
+    kind, keys, pos, has_gauss, cached = numpy
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": torch.tensor(words, dtype=torch.int64),
+        "python_version": int(version),
+        "python_gauss": gauss,
+        "numpy_kind": str(kind),
+        "numpy": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "numpy_pos": int(pos),
+        "numpy_has_gauss": int(has_gauss),
+        "numpy_gauss": float(cached),
+        "torch": torch_state,
+        "cuda": list(cuda),
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+def rng_state() -> dict[str, Any]:
+    """The Python, NumPy and torch (CPU and CUDA) random states, as tensors and numbers."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return _encode_rng(random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda)
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
+    keys = state["numpy"].numpy().astype(np.uint32)
+    np.random.set_state((state["numpy_kind"], keys, state["numpy_pos"], state["numpy_has_gauss"], state["numpy_gauss"]))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -90,4 +202,3 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-

@@ -19,26 +19,45 @@ from pathlib import Path
 
 import torch
 
-from lash.ashem import run_ashem, write_atomic
+from lash.ashem import run_ashem
 from lash.checkpoint import set_seed
 from lash.config import PROTOCOLS, ASHEMConfig, TrainingConfig, create_standard_config
 from lash.data import load_dataset
 from lash.distributed import shutdown_distributed
+from lash.files import check_writable_dir, write_atomic
 from lash.models import DeepSupervisionTransformer
 from lash.report import summary_table, write_report
-from lash.trainer import DISTRIBUTED, PRECISIONS, Trainer
+from lash.trainer import DISTRIBUTED, PRECISIONS, NonFiniteLossError, Trainer
+from lash.validation import check_device, check_int, check_real
 
 # --quick: a small ASHEM run that finishes in a few minutes on two CPU cores.
 QUICK = {"samples": 1200, "dim": 64, "phase1_max_epochs": 3, "phase2_max_epochs": 3, "max_vocab": 1024}
+# Flags a resumed run may change; every other one must match the checkpoint's run. More epochs
+# or steps extend a run (under --cosine they move the schedule's end, which the trainer refuses).
+RESUME_MAY_CHANGE = {"resume", "out", "stop_at_step", "epochs", "max_steps", "no_progress", "overwrite", "device",
+                     "distributed", "compile"}  # fmt: skip
+CHECKPOINT = "checkpoint.pt"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (``lash train: error: …``) and exit status 2, without the usage."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _layer_map(text: str) -> dict[int, float]:
-    """``"2:0.5,4:0.5"`` → ``{2: 0.5, 4: 0.5}``."""
+    """``"2:0.5,4:0.5"`` → ``{2: 0.5, 4: 0.5}``; a layer named twice is an error."""
     try:
         pairs = [item.split(":") for item in text.split(",") if item.strip()]
-        return {int(layer): float(value) for layer, value in pairs}
+        parsed = [(int(layer), float(value)) for layer, value in pairs]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a list of layer:value pairs like 2:0.5,4:0.5") from None
+    layers = [layer for layer, _ in parsed]
+    twice = sorted({layer for layer in layers if layers.count(layer) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{text!r} names layer {twice[0]} more than once")
+    return dict(parsed)
 
 
 def _add_data_args(p: argparse.ArgumentParser, samples: int) -> None:
@@ -55,7 +74,7 @@ def _add_data_args(p: argparse.ArgumentParser, samples: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lash", description="LASH: layer-wise supervision and early exit")
+    parser = _Parser(prog="lash", description="LASH: layer-wise supervision and early exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train one model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -81,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
     train.add_argument("--compile", action="store_true", help="torch.compile the training loss")
     train.add_argument("--distributed", choices=DISTRIBUTED, default="ddp", help="engine under torchrun")
-    train.add_argument("--resume", default=None, help="checkpoint to continue from")
+    train.add_argument("--resume", default=None, help="checkpoint to continue from (the same flags, see README)")
+    train.add_argument("--overwrite", action="store_true", help=f"replace the {CHECKPOINT} of an earlier run in --out")
 
     ashem = sub.add_parser("ashem", help="the ASHEM experiment", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_data_args(ashem, samples=10000)
@@ -116,10 +136,25 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def _check_common_args(args: argparse.Namespace) -> torch.device:
+    """Check the data and device flags before any work; ``ValueError`` names the flag."""
+    for flag, low in (("samples", 1), ("seq_len", 1), ("batch_size", 1), ("val_samples", 1), ("max_vocab", 2)):
+        if getattr(args, flag) is not None:  # None: the flag was left out
+            check_int(_flag(flag), getattr(args, flag), low)
+    return check_device("--device", args.device)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def run_ashem_command(args: argparse.Namespace, command: str) -> int:
     config = ASHEMConfig(**{f.name: getattr(args, f.name) for f in fields(ASHEMConfig)})
+    device = _check_common_args(args)
+    check_int("--dim", args.dim, 1)
+    check_int("--heads", args.heads, 1)
+    check_writable_dir("--out", args.out)
     data = load_dataset(args.dataset, args.samples, args.batch_size, args.seq_len, args.seed, args.max_vocab, args.val_samples)
-    device = torch.device(args.device)
     print(f"device: {_device_name(device)}")
     best = f"; entropy rate {data.entropy_rate:.3f} nats (best PPL {torch.tensor(data.entropy_rate).exp():.2f})" if data.entropy_rate else ""
     print(f"data: {data.source}, vocab {data.vocab_size}, {data.train.inputs.shape[0]} train / "
@@ -137,7 +172,52 @@ def run_ashem_command(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
+def _check_train_args(args: argparse.Namespace) -> None:
+    """Check every ``train`` flag before any work; ``ValueError`` names the flag, value and range."""
+    _check_common_args(args)
+    for flag in ("num_layers", "dim", "num_heads"):
+        check_int(_flag(flag), getattr(args, flag), 1)
+    check_real("--lr", args.lr, 0.0, low_open=True)
+    check_real("--weight-decay", args.weight_decay, 0.0)
+    check_real("--grad-clip", args.grad_clip, 0.0)
+    check_real("--routing-threshold", args.routing_threshold, 0.0, 1.0)
+    for flag, low in (("epochs", 1), ("max_steps", 1), ("stop_at_step", 1), ("grad_accum", 1), ("warmup_steps", 0)):
+        if getattr(args, flag) is not None:  # None: the flag was left out
+            check_int(_flag(flag), getattr(args, flag), low)
+    out = check_writable_dir("--out", args.out)
+    if (out / CHECKPOINT).exists() and not (args.resume or args.overwrite):
+        raise ValueError(
+            f"--out {args.out} already holds the {CHECKPOINT} of an earlier run: pass --resume "
+            f"{out / CHECKPOINT} to continue it, --overwrite to replace it, or another --out"
+        )
+
+
+def _check_same_run(saved: object, args: argparse.Namespace, path: str) -> None:
+    """Refuse to resume with flags that differ from the checkpoint's run (other than RESUME_MAY_CHANGE).
+
+    A checkpoint converted from v1 recorded no flags: only the trainer's own checks apply.
+    """
+    if saved is None:
+        logging.warning("--resume %s: the checkpoint does not record its run's flags (converted from v1?); not compared", path)
+        return
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume {path}: the checkpoint's record of its run's flags is damaged")
+    for name, value in sorted(vars(args).items()):
+        if name in RESUME_MAY_CHANGE or name == "command":
+            continue
+        if saved.get(name) != value:
+            raise ValueError(
+                f"--resume {path}: {_flag(name)} is {value!r} but the checkpoint's run used {saved.get(name)!r}; "
+                f"resume with the same flags (only {', '.join(sorted(_flag(n) for n in RESUME_MAY_CHANGE))} may change)"
+            )
+
+
+def _saved_args(args: argparse.Namespace) -> dict:
+    return {name: value for name, value in vars(args).items() if name not in RESUME_MAY_CHANGE and name != "command"}
+
+
 def run_train_command(args: argparse.Namespace, command: str) -> int:
+    _check_train_args(args)
     set_seed(args.seed)
     weights = args.layer_weights or create_standard_config(args.num_layers).layer_weights
     config = TrainingConfig(weights, args.layer_lr_scales, args.routing_threshold, args.exit_layer)
@@ -160,7 +240,9 @@ def run_train_command(args: argparse.Namespace, command: str) -> int:
     out = Path(args.out)
     history: list[dict] = []
     if args.resume:
-        history = trainer.load_checkpoint(args.resume).get("history", [])
+        extra = trainer.load_checkpoint(args.resume)
+        _check_same_run(extra.get("args"), args, args.resume)
+        history = list(extra.get("history", []))
     if trainer.is_main:
         logging.info("device %s, world size %d, %s; %s", _device_name(trainer.device), trainer.world_size, data.source, config.describe())
     tokens = 0
@@ -176,7 +258,7 @@ def run_train_command(args: argparse.Namespace, command: str) -> int:
         if trainer.is_main:
             logging.info("step %d: train loss %.4f | val loss %.4f ppl %.2f acc %.4f",
                          trainer.global_step, train_loss, stats["loss"], stats["ppl"], stats["acc"])  # fmt: skip
-        trainer.save_checkpoint(out / "checkpoint.pt", extra={"command": command, "history": history})
+        trainer.save_checkpoint(out / CHECKPOINT, extra={"command": command, "args": _saved_args(args), "history": history})
     seconds = time.perf_counter() - start
     final = history[-1]
     metrics = {
@@ -214,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as error:
+        print(f"error: {error}; the last checkpoint in --out is kept (try a lower --lr or --grad-clip)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; files already written in --out are complete", file=sys.stderr)
+        return 130
     finally:
         shutdown_distributed()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from numbers import Integral
 
-from lash.validation import check_int, check_real
+from lash.validation import check_bool, check_int, check_real
 
 
 def _check_layer_index(name: str, layer: object, num_layers: int | None = None) -> None:
@@ -78,6 +78,15 @@ class TrainingConfig:
     def output_layer(self) -> int:
         """The deepest supervised layer: training never runs past it, inference answers from it."""
         return self.active_layers[-1]
+
+    def as_dict(self) -> dict:
+        """The four options as plain values (how checkpoints store the config)."""
+        return {
+            "layer_weights": dict(self.layer_weights),
+            "layer_lr_scales": None if self.layer_lr_scales is None else dict(self.layer_lr_scales),
+            "routing_threshold": self.routing_threshold,
+            "exit_layer": self.exit_layer,
+        }
 
     def weight(self, layer: int) -> float:
         return float(self.layer_weights.get(layer, 0.0))
@@ -198,6 +207,8 @@ class ASHEMConfig:
         check_int("phase2_patience", self.phase2_patience, 1)
         check_int("phase1_max_epochs", self.phase1_max_epochs, 1)
         check_int("phase2_max_epochs", self.phase2_max_epochs, 1)
+        for name in ("freeze_embedding", "freeze_lower_layers", "freeze_head"):
+            check_bool(name, getattr(self, name))
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol={self.protocol!r} must be one of {', '.join(PROTOCOLS)}")
         check_real("hard_example_ratio", self.hard_example_ratio, 0.0, 1.0, low_open=True, high_open=True)

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
-from lash.validation import check_int
+from lash.validation import check_int, check_optional_int
 
 UNK = "<unk>"
 DATASETS = ("auto", "wikitext-2", "offline")
@@ -37,7 +37,8 @@ class TokenBatches:
         seed: seed of the shuffling.
 
     ``epoch`` counts the iterations begun; the order of an iteration depends only on ``seed``
-    and ``epoch``, so a checkpoint that records it can resume the same order.
+    and ``epoch``. :meth:`lash.Trainer.train_epoch` sets it to the epoch it trains, so a resumed
+    run sees the order the uninterrupted run saw.
     """
 
     def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, shuffle: bool = False, seed: int = 0) -> None:
@@ -87,8 +88,7 @@ class WordTokenizer:
     """
 
     def __init__(self, texts: Sequence[str], max_vocab: int | None = None) -> None:
-        if max_vocab is not None and (isinstance(max_vocab, bool) or not isinstance(max_vocab, int) or max_vocab < 2):
-            raise ValueError(f"max_vocab={max_vocab!r} must be None or an int >= 2")
+        check_optional_int("max_vocab", max_vocab, 2)
         counts = Counter(word for text in texts for word in text.lower().split())
         ranked = sorted(counts, key=lambda word: (-counts[word], word))
         if max_vocab is not None:
@@ -101,11 +101,16 @@ class WordTokenizer:
         return torch.tensor([self.ids.get(word, 0) for text in texts for word in text.lower().split()], dtype=torch.long)
 
 
-def _sequences(stream: torch.Tensor, seq_len: int, count: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _sequences(
+    stream: torch.Tensor, seq_len: int, count: int | None, seed: int, split: str, source: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut a token stream into non-overlapping ``seq_len + 1`` windows; keep ``count`` of them at random."""
     windows = stream[: (stream.numel() // (seq_len + 1)) * (seq_len + 1)].view(-1, seq_len + 1)
     if windows.shape[0] == 0:
-        raise ValueError(f"the text holds {stream.numel()} tokens, fewer than one sequence of {seq_len + 1}")
+        raise ValueError(
+            f"the {split} split of {source} holds {stream.numel()} tokens, fewer than one sequence of "
+            f"seq_len + 1 = {seq_len + 1}"
+        )
     if count is not None and count < windows.shape[0]:
         keep = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))[:count]
         windows = windows[keep.sort().values]
@@ -124,8 +129,8 @@ def _from_texts(
     max_vocab: int | None,
 ) -> LMData:
     tokenizer = WordTokenizer(train_texts, max_vocab)
-    x, y = _sequences(tokenizer.encode(train_texts), seq_len, num_samples, seed)
-    vx, vy = _sequences(tokenizer.encode(val_texts), seq_len, val_samples, seed + 1)
+    x, y = _sequences(tokenizer.encode(train_texts), seq_len, num_samples, seed, "training", source)
+    vx, vy = _sequences(tokenizer.encode(val_texts), seq_len, val_samples, seed + 1, "validation", source)
     return LMData(
         TokenBatches(x, y, batch_size, shuffle=True, seed=seed),
         TokenBatches(vx, vy, batch_size),
@@ -158,6 +163,15 @@ def load_wikitext_texts() -> tuple[list[str], list[str]]:
     return list(ds["train"]["text"]), list(ds["validation"]["text"])
 
 
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"data file {path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
+    except OSError as error:
+        raise ValueError(f"data file {path} cannot be read ({error.strerror or error})") from None
+
+
 def _read_local(path: Path) -> tuple[list[str], list[str]]:
     """A directory with train.txt and valid.txt/validation.txt/val.txt, or one file split 90/10 by lines."""
     if path.is_dir():
@@ -165,10 +179,10 @@ def _read_local(path: Path) -> tuple[list[str], list[str]]:
         val = next((path / name for name in ("valid.txt", "validation.txt", "val.txt") if (path / name).is_file()), None)
         if not train.is_file() or val is None:
             raise ValueError(f"directory {path} needs train.txt and one of valid.txt, validation.txt, val.txt")
-        return train.read_text(encoding="utf-8").splitlines(), val.read_text(encoding="utf-8").splitlines()
+        return _read_lines(train), _read_lines(val)
     if not path.is_file():
         raise ValueError(f"dataset {str(path)!r} is neither one of {', '.join(DATASETS)} nor an existing file or directory")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _read_lines(path)
     cut = max(1, int(len(lines) * 0.9))
     return lines[:cut], lines[cut:]
 
@@ -299,6 +313,10 @@ def load_dataset(
     """
     for field, value in (("num_samples", num_samples), ("batch_size", batch_size), ("seq_len", seq_len)):
         check_int(field, value, 1)
+    check_optional_int("val_samples", val_samples, 1)
+    check_optional_int("max_vocab", max_vocab, 2)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed={seed!r} must be an int")
     val_samples = max(1, num_samples // 5) if val_samples is None else val_samples
     if name == "auto":
         if _hub_reachable():

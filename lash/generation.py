@@ -66,7 +66,10 @@ def token_probabilities(logits: torch.Tensor, temperature: float, top_k: int | N
     """
     if temperature == 0:
         return torch.zeros_like(logits, dtype=torch.float32).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
-    logits = logits.float() / temperature
+    # Shift the maximum to 0 and keep it there: a temperature too small for fp32 (even one that
+    # rounds to 0) then gives -inf for every other logit, never inf - inf or 0 / 0.
+    shifted = logits.float() - logits.float().amax(-1, keepdim=True)  # (B, V), <= 0
+    logits = torch.where(shifted == 0, shifted, shifted / temperature)
     if top_k is not None:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, -math.inf)

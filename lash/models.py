@@ -17,23 +17,7 @@ from torch import nn
 
 from lash import generation, routing
 from lash.modules import TransformerBlock
-from lash.validation import check_int
-
-
-def check_token_ids(ids: torch.Tensor, vocab_size: int, name: str = "token id", ignore_index: int | None = None) -> None:
-    """Raise ``ValueError`` if any id is outside ``[0, vocab_size)`` (``ignore_index`` allowed).
-
-    One host sync; skipped while ``torch.compile`` traces, where it would break the graph.
-    """
-    if torch.compiler.is_compiling():
-        return
-    bad = (ids < 0) | (ids >= vocab_size)
-    if ignore_index is not None:
-        bad &= ids != ignore_index
-    if bool(bad.any()):
-        value = int(ids[bad][0])
-        allowed = f"[0, {vocab_size})" + ("" if ignore_index is None else f" or {ignore_index}")
-        raise ValueError(f"{name} {value} is outside {allowed}")
+from lash.validation import check_int, check_optional_int, check_real, check_token_ids
 
 
 class StandardTransformer(nn.Module):
@@ -61,6 +45,7 @@ class StandardTransformer(nn.Module):
         for name, value in (("vocab_size", vocab_size), ("dim", dim), ("num_layers", num_layers),
                             ("num_heads", num_heads), ("max_seq_len", max_seq_len)):  # fmt: skip
             check_int(name, value, 1)
+        check_optional_int("ffn_dim", ffn_dim, 1)
         self.vocab_size = vocab_size
         self.dim = dim
         self.num_layers = num_layers
@@ -81,7 +66,7 @@ class StandardTransformer(nn.Module):
         """Check the input ids and embed them: ``(B, T)`` → ``(B, T, D)``."""
         if x.dim() != 2:
             raise ValueError(f"input ids must have shape (batch, seq_len); got {tuple(x.shape)}")
-        if x.shape[1] > self.max_seq_len:
+        if not 1 <= x.shape[1] <= self.max_seq_len:
             raise ValueError(f"sequence length {x.shape[1]} is outside [1, max_seq_len={self.max_seq_len}]")
         check_token_ids(x, self.vocab_size)
         return self.embedding(x)
@@ -142,8 +127,7 @@ class DeepSupervisionTransformer(StandardTransformer):
         super().__init__(vocab_size, dim, num_layers, num_heads, ffn_dim, max_seq_len)
         if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or not 1 <= exit_layer <= num_layers:
             raise ValueError(f"exit_layer={exit_layer!r} is outside [1, {num_layers}]")
-        if not 0.0 <= routing_threshold <= 1.0:
-            raise ValueError(f"routing_threshold={routing_threshold!r} is outside [0, 1]")
+        check_real("routing_threshold", routing_threshold, 0.0, 1.0)
         self.exit_layer = exit_layer
         self.routing_threshold = routing_threshold
 

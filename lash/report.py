@@ -1,7 +1,8 @@
 """ASHEM reports: the summary table, ``results.json``, ``results.md`` and the plots.
 
-Every file is written through a temporary file and a rename, so an interrupted run never
-leaves a half-written result over an earlier one.
+The files are published as a set (:func:`lash.files.publish`): all are rendered and written
+to temporary names first, then renamed into place together, so an interrupted run never leaves
+a half-written result, or old and new files mixed, over an earlier report.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from lash.ashem import ASHEMResult, write_atomic
+from lash.ashem import ASHEMResult
+from lash.files import publish
 
 # The seed's published ASHEM numbers (WikiText-2, 10K samples, dim 64), mined and measured on
 # the validation set with single-token phase-2 training.
@@ -75,21 +77,20 @@ def results_markdown(result: ASHEMResult, command: str = "") -> str:
     return "\n".join(out) + "\n"
 
 
-def _save_figure(fig, path: Path) -> None:
+def _png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    write_atomic(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
-def write_plots(result: ASHEMResult, out_dir: Path) -> list[Path]:
-    """Training curves, the confidence histogram with its threshold, and PPL per exit."""
+def render_plots(result: ASHEMResult) -> dict[str, bytes]:
+    """Training curves, the confidence histogram with its threshold, and PPL per exit, as PNG files."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = [out_dir / "training_curves.png", out_dir / "confidence_histogram.png", out_dir / "ppl_per_exit.png"]
-
+    plots = {}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, name in zip(axes, ("phase1", "phase2")):
         phase = result.__dict__[name]
@@ -99,7 +100,7 @@ def write_plots(result: ASHEMResult, out_dir: Path) -> list[Path]:
         ax.axvline(phase["best_epoch"], color="grey", linestyle=":", label="best epoch")
         ax.set(title=f"{name} ({'hard tokens' if name == 'phase2' else 'all tokens'})", xlabel="epoch", ylabel="loss")
         ax.legend()
-    _save_figure(fig, paths[0])
+    plots["training_curves.png"] = _png(fig)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
@@ -108,7 +109,7 @@ def write_plots(result: ASHEMResult, out_dir: Path) -> list[Path]:
     ax.axvline(result.threshold, color="red", label=f"threshold {result.threshold:.3f}")
     ax.set(title="phase-1 confidence (max softmax probability)", xlabel="confidence", ylabel="tokens")
     ax.legend()
-    _save_figure(fig, paths[1])
+    plots["confidence_histogram.png"] = _png(fig)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
@@ -117,14 +118,12 @@ def write_plots(result: ASHEMResult, out_dir: Path) -> list[Path]:
         ax.plot([int(k) for k in per_layer], [v["ppl"] for v in per_layer.values()], marker=marker, label=name)
     ax.set(title="validation PPL per exit", xlabel="layer", ylabel="PPL", yscale="log")
     ax.legend()
-    _save_figure(fig, paths[2])
+    plots["ppl_per_exit.png"] = _png(fig)
     plt.close(fig)
-    return paths
+    return plots
 
 
 def write_report(result: ASHEMResult, out_dir: str | Path, command: str = "") -> list[Path]:
     """Write ``results.json``, ``results.md`` and the plots into ``out_dir``; return the paths."""
-    out_dir = Path(out_dir)
-    result.save_json(out_dir / "results.json")
-    write_atomic(out_dir / "results.md", results_markdown(result, command).encode())
-    return [out_dir / "results.json", out_dir / "results.md"] + write_plots(result, out_dir)
+    files = {"results.json": result.to_json(), "results.md": results_markdown(result, command).encode()}
+    return publish(files | render_plots(result), out_dir)

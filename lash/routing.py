@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from lash.modules.attention import causal_mask
+from lash.validation import check_token_ids
 from lash_kernels import add_rms_norm
 
 if TYPE_CHECKING:
@@ -231,6 +232,8 @@ def early_exit_forward(
         over those of the full forward.
     """
     threshold, exit_layer = check_threshold(threshold), check_exit_layer(model, exit_layer)
+    if x.dim() != 2 or x.numel() == 0:
+        raise ValueError(f"input ids must have shape (batch >= 1, seq_len >= 1); got {tuple(x.shape)}")
     logits, exits, (routed, full) = early_exit_step(model, x, threshold, exit_layer)
     shallow = exits.float().mean().item()
     L = model.num_layers
@@ -249,6 +252,7 @@ def _exit_statistics(
     device = model.output_head.weight.device
     for x, y in batches:
         x, y = x.to(device), y.to(device).reshape(-1)
+        check_token_ids(y, model.vocab_size, "target value", ignore_index)
         h_exit, h_last = model.hidden_states(x, [exit_layer, model.num_layers])
         valid = y != ignore_index
         exit_logits = model.output_head(h_exit).reshape(-1, model.vocab_size)[valid].float()  # (N, V)

@@ -27,9 +27,9 @@ from lash import checkpoint
 from lash.config import TrainingConfig
 from lash.distributed import ShardedBatches, all_reduce_sum, init_distributed, launched_by_torchrun
 from lash.losses import exit_statistics, multi_exit_loss
-from lash.models import StandardTransformer, check_token_ids
+from lash.models import StandardTransformer
 from lash.optim import layer_param_groups, warmup_cosine
-from lash.validation import check_int, check_real
+from lash.validation import check_device, check_int, check_optional_int, check_real, check_token_ids
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -105,13 +105,13 @@ class Trainer:
             raise ValueError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}")
         check_int("grad_accum_steps", grad_accum_steps, 1)
         check_int("warmup_steps", warmup_steps, 0)
-        if total_steps is not None:
-            check_int("total_steps", total_steps, 1)
+        check_optional_int("total_steps", total_steps, 1)
+        check_real("min_lr_ratio", min_lr_ratio, 0.0, 1.0)
         if distributed not in DISTRIBUTED:
             raise ValueError(f"distributed={distributed!r} must be one of {', '.join(DISTRIBUTED)}")
         self.config = config
         self.vocab_size = vocab_size
-        self.dist, self.device = init_distributed(device) if launched_by_torchrun() else (None, torch.device(device))
+        self.dist, self.device = init_distributed(device) if launched_by_torchrun() else (None, check_device("device", device))
         self.ignore_index = ignore_index
         self.progress = progress and self.is_main
         self.precision, self.compile, self.grad_accum_steps = precision, compile, grad_accum_steps
@@ -127,7 +127,8 @@ class Trainer:
         self.epochs_trained = 0
         self.global_step = 0
         self.batches_into_epoch = 0
-        self.data_epoch: int | None = None
+        # Sum and count of the losses of an epoch stopped part-way, so its mean covers the whole epoch.
+        self.partial_epoch_loss: tuple[float, int] = (0.0, 0)
 
     @property
     def is_main(self) -> bool:
@@ -221,30 +222,45 @@ class Trainer:
     ) -> float:
         """One pass over ``train_batches`` (or until ``global_step`` reaches ``max_steps``).
 
-        Returns the mean training loss of the steps taken. A run restored from a checkpoint
-        taken mid-epoch continues that epoch where it stopped, in the same batch order.
+        Returns the mean training loss of the epoch's batches, those before a stop (``max_steps``)
+        or a resume included. Shuffled :class:`lash.data.TokenBatches`
+        are served in the order of epoch ``epochs_trained`` (a function of their seed and that
+        epoch alone), so a run restored from a checkpoint, whether taken mid-epoch or at an
+        epoch's end, continues in the batches the uninterrupted run would have seen. A batch
+        without any labelled target is skipped: no step is taken on a loss of 0. (The check
+        runs on CPU batches before they move; under torchrun it is left to each rank's share.)
+
+        Args:
+            grad_clip: clip the gradient norm to this (> 0); ``None`` or 0: no clipping.
+            max_steps: stop when ``global_step`` reaches this (>= 1).
 
         Raises:
             NonFiniteLossError: a step's loss was NaN or infinite (named by epoch and step). The
                 check runs every few steps, so the weights may already be damaged: reload them
                 (``train_with_early_stopping`` restores its best weights itself).
         """
+        if grad_clip is not None:
+            check_real("grad_clip", grad_clip, 0.0)
+        check_optional_int("max_steps", max_steps, 1)
         self._prepare(model)
         model.train()
         epoch = self.epochs_trained + 1
-        resuming = self.batches_into_epoch > 0
-        if resuming and self.data_epoch is not None:
-            train_batches.epoch = self.data_epoch
-        self.data_epoch = getattr(train_batches, "epoch", None)
-        batches = itertools.islice(self._shard(train_batches), self.batches_into_epoch, None)
+        if hasattr(train_batches, "epoch"):
+            train_batches.epoch = self.epochs_trained
+        resumed_at = self.batches_into_epoch
+        batches = itertools.islice(self._shard(train_batches), resumed_at, None)
         runner = self._runner(model)
         params = [p for p in model.parameters() if p.requires_grad]
         losses: list[torch.Tensor] = []
-        checked, accumulated = 0, 0
+        checked, accumulated, completed = 0, 0, True
         bar = tqdm(batches, desc=f"epoch {epoch}", disable=not self.progress, leave=False)
         for x, y in bar:
             if max_steps is not None and self.global_step >= max_steps:
+                completed = False
                 break
+            if self.world_size == 1 and y.device.type == "cpu" and not bool((y != self.ignore_index).any()):
+                self.batches_into_epoch += 1  # nothing to learn from; deciding on the CPU costs no device sync
+                continue
             x, y = x.to(self.device), y.to(self.device)
             if self.compile:
                 # Inside the compiled graph the id checks are skipped: run them here, so a bad id
@@ -267,15 +283,26 @@ class Trainer:
                 bar.set_postfix(loss=f"{torch.stack(losses[-_SYNC_EVERY:]).mean().item():.4f}")
         if accumulated:
             self._optimizer_step(params, optimizer, grad_clip)
-        if not losses:
-            if max_steps is not None and self.global_step >= max_steps:
+        carried_sum, carried_count = self.partial_epoch_loss
+        if not losses and not (completed and carried_count):
+            if completed and resumed_at:  # resumed at the very end (a converted v1 checkpoint of such a stop)
+                self.epochs_trained, self.batches_into_epoch = self.epochs_trained + 1, 0
+            if not completed or resumed_at:
                 return math.nan
-            raise ValueError("train_batches yielded no batch")
+            raise ValueError("train_batches yielded no batch with a labelled target")
         self._check_finite(losses, checked, epoch)
-        if max_steps is None or self.global_step < max_steps:
+        # fp64 sums of fp32 losses are exact, so an epoch split by a stop sums to the same value.
+        total = torch.tensor(carried_sum, dtype=torch.float64, device=self.device)
+        if losses:
+            total = total + torch.stack(losses).double().sum()
+        count = len(losses) + carried_count
+        if completed:
             self.epochs_trained += 1
             self.batches_into_epoch = 0
-        return (all_reduce_sum(torch.stack(losses).mean()) / self.world_size).item()
+            self.partial_epoch_loss = (0.0, 0)
+        else:
+            self.partial_epoch_loss = (total.item(), count)
+        return (all_reduce_sum(total / count) / self.world_size).item()
 
     def _distributed_scale(self, loss: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Scale a rank's mean loss so DDP's gradient average is the global batch's mean.
@@ -455,14 +482,29 @@ class Trainer:
             tqdm.write(line)
 
     def state_dict(self) -> dict[str, Any]:
-        """Progress counters, schedule and scaler: what a resumed run needs besides model and optimizer."""
+        """Progress counters, schedule and scaler: what a resumed run needs besides model and optimizer.
+
+        The settings a resumed run must share (accumulation, schedule, precision) come along so
+        :meth:`load_checkpoint` can refuse a run that would silently differ.
+        """
         return {
             "epochs_trained": self.epochs_trained,
             "global_step": self.global_step,
             "batches_into_epoch": self.batches_into_epoch,
-            "data_epoch": self.data_epoch,
+            "partial_epoch_loss": list(self.partial_epoch_loss),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
+            "settings": self._settings(),
+        }
+
+    def _settings(self) -> dict[str, Any]:
+        warmup, total, floor = self.schedule
+        return {
+            "grad_accum_steps": self.grad_accum_steps,
+            "warmup_steps": warmup,
+            "total_steps": total,
+            "min_lr_ratio": floor,
+            "precision": self.precision,
         }
 
     def save_checkpoint(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
@@ -480,7 +522,7 @@ class Trainer:
                 "optimizer": optim_state,
                 "trainer": self.state_dict(),
                 "rng": checkpoint.rng_state(),
-                "config": self.config,
+                "config": self.config.as_dict(),
                 "extra": extra or {},
             }
             checkpoint.save_atomic(payload, path)
@@ -496,18 +538,18 @@ class Trainer:
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
         """Restore what :meth:`save_checkpoint` saved into the last :meth:`create_optimizer` pair.
 
-        Everything is checked before anything changes: a corrupt, foreign or mismatched file
-        raises ``ValueError`` naming the problem, and the model, optimizer and files are left
-        untouched. Returns the checkpoint's ``extra``.
+        The file is read with ``torch.load(weights_only=True)``: it cannot run code (see
+        :mod:`lash.checkpoint`). Everything is checked before anything changes: a corrupt,
+        foreign or mismatched file, or one saved under another config, schedule, accumulation,
+        precision or optimizer setting (learning rate, weight decay, ...), raises ``ValueError``
+        naming the difference, and the model, optimizer and files are left untouched. Returns
+        the checkpoint's ``extra``.
         """
         if self.model is None or self.optimizer is None:
             raise ValueError("load_checkpoint needs a model and optimizer: call create_optimizer first")
         payload = checkpoint.load(path)
         checkpoint.check_model_state(payload["model"], self.model, path)
-        if len(payload["optimizer"]["param_groups"]) != len(self.optimizer.param_groups):
-            raise ValueError(f"checkpoint {path} has an optimizer with a different number of param groups")
-        if (payload["trainer"]["scheduler"] is None) != (self.scheduler is None):
-            raise ValueError(f"checkpoint {path} and this trainer disagree on having a learning-rate schedule")
+        self._check_compatible(payload, path)
         if self.world_size > 1 and self.distributed == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -523,6 +565,41 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epochs_trained, self.global_step = state["epochs_trained"], state["global_step"]
-        self.batches_into_epoch, self.data_epoch = state["batches_into_epoch"], state["data_epoch"]
+        self.batches_into_epoch = state["batches_into_epoch"]
+        self.partial_epoch_loss = tuple(state["partial_epoch_loss"])
         checkpoint.set_rng_state(payload["rng"])
         return payload["extra"]
+
+    def _check_compatible(self, payload: dict[str, Any], path: str | Path) -> None:
+        """Raise ``ValueError`` unless the checkpoint was saved by a run set up like this one."""
+        state = payload["trainer"]
+        for key in ("epochs_trained", "global_step", "batches_into_epoch"):
+            if isinstance(state.get(key), bool) or not isinstance(state.get(key), int) or state[key] < 0:
+                raise ValueError(f"checkpoint {path} is damaged: its trainer {key} is {state.get(key)!r}")
+        partial = state.get("partial_epoch_loss")
+        if not (isinstance(partial, list) and len(partial) == 2 and isinstance(partial[0], float) and isinstance(partial[1], int)):
+            raise ValueError(f"checkpoint {path} is damaged: its trainer partial_epoch_loss is {partial!r}")
+        if "settings" not in state or not isinstance(state["settings"], (dict, type(None))) or not isinstance(state.get("scaler"), dict):
+            raise ValueError(f"checkpoint {path} is damaged: its trainer settings or scaler state are missing")
+        if payload["config"] != self.config.as_dict():
+            raise ValueError(f"checkpoint {path} was trained with {payload['config']}, this trainer has {self.config.as_dict()}")
+        saved_settings = state["settings"] or self._settings()  # None: converted from v1, which did not record them
+        for key, mine in self._settings().items():
+            if saved_settings.get(key) != mine:
+                raise ValueError(
+                    f"checkpoint {path} was trained with {key}={saved_settings.get(key)!r}, this trainer has {key}={mine!r}"
+                )
+        if (state.get("scheduler") is None) != (self.scheduler is None):
+            raise ValueError(f"checkpoint {path} and this trainer disagree on having a learning-rate schedule")
+        groups = payload["optimizer"].get("param_groups")
+        if not isinstance(groups, list) or len(groups) != len(self.optimizer.param_groups):
+            raise ValueError(f"checkpoint {path} has an optimizer with a different number of param groups")
+        for saved, own in zip(groups, self.optimizer.param_groups):
+            # The schedule moves "lr" (its base is "initial_lr"); without one, "lr" is the setting.
+            skip = {"params", "lr"} if self.scheduler is not None else {"params"}
+            for key in sorted(own.keys() - skip):
+                if saved.get(key) != own[key]:
+                    raise ValueError(
+                        f"checkpoint {path} has {key}={saved.get(key)!r} in param group {own.get('name', '?')}, "
+                        f"this optimizer has {own[key]!r}: create the optimizer with the checkpoint's settings"
+                    )

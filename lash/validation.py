@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
+import torch
+
 
 def check_int(name: str, value: object, low: int) -> None:
     """Raise ``ValueError`` unless ``value`` is an int (not a bool) >= ``low``."""
@@ -23,3 +25,56 @@ def check_real(
         raise ValueError(f"{name}={value!r} must be a finite number in {allowed}")
     if value < low or value > high or (low_open and value == low) or (high_open and value == high):
         raise ValueError(f"{name}={value} is outside {allowed}")
+
+
+def check_optional_int(name: str, value: object, low: int) -> None:
+    """Like :func:`check_int`, and ``None`` is allowed too."""
+    if value is not None:
+        try:
+            check_int(name, value, low)
+        except ValueError:
+            raise ValueError(f"{name}={value!r} must be None or an int >= {low}") from None
+
+
+def check_bool(name: str, value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is ``True`` or ``False`` (a string like ``"no"`` is not)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be True or False")
+
+
+def check_device(name: str, value: object) -> torch.device:
+    """The ``torch.device`` for ``value`` if it names one this machine has, else ``ValueError``."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name}={value!r} is not a device: use cpu, cuda, cuda:N, mps, ...") from None
+    if device.type in ("cpu", "meta"):
+        return device
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if device.type == "mps":
+        available = torch.backends.mps.is_available
+    if available is None or not available():
+        raise ValueError(f"{name}={value!r}: this machine has no {device.type} device (use cpu)")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise ValueError(f"{name}={value!r} is outside the {device.type} devices 0..{count() - 1}")
+    return device
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int, name: str = "token id", ignore_index: int | None = None) -> None:
+    """Raise ``ValueError`` if any id is outside ``[0, vocab_size)`` (``ignore_index`` allowed).
+
+    One host sync; skipped while ``torch.compile`` traces, where it would break the graph.
+    """
+    if torch.compiler.is_compiling():
+        return
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(f"{name}s must be an integer tensor (torch.long), got dtype {ids.dtype}")
+    bad = (ids < 0) | (ids >= vocab_size)
+    if ignore_index is not None:
+        bad &= ids != ignore_index
+    if bool(bad.any()):
+        value = int(ids[bad][0])
+        allowed = f"[0, {vocab_size})" + ("" if ignore_index is None else f" or {ignore_index}")
+        raise ValueError(f"{name} {value} is outside {allowed}")

@@ -147,7 +147,7 @@ def test_failed_write_keeps_existing_results(tmp_path, monkeypatch):
     def no_space(*args):
         raise OSError("no space left on device")
 
-    monkeypatch.setattr("lash.ashem.os.replace", no_space)
+    monkeypatch.setattr("lash.files.os.replace", no_space)
     with pytest.raises(OSError, match="no space"):
         write_atomic(target, b"new")
     assert target.read_text() == "old"

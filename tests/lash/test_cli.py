@@ -2,7 +2,9 @@
 
 import functools
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,18 +44,6 @@ def test_torchrun_two_processes_match_one(tmp_path, engine):
     assert abs(two["final_train_loss"] - single["final_train_loss"]) / single["final_train_loss"] < 1e-3
     assert two["per_exit"].keys() == {"1", "2"}
     assert (tmp_path / "two" / "checkpoint.pt").is_file()
-
-
-def test_resume_matches_uninterrupted_run(tmp_path):
-    schedule = ["--grad-accum", "2", "--warmup-steps", "2", "--cosine"]
-    full = run_cli(tmp_path, "full", *schedule)
-    first = run_cli(tmp_path, "part", *schedule, "--stop-at-step", "5")  # mid-epoch, mid-schedule
-    assert first["global_step"] == 5
-    resumed = run_cli(tmp_path, "part", *schedule, "--resume", str(tmp_path / "part" / "checkpoint.pt"))
-    assert resumed["global_step"] == 8
-    assert abs(resumed["final_val_loss"] - full["final_val_loss"]) < 1e-5
-    assert abs(resumed["final_train_loss"] - full["final_train_loss"]) < 1e-5
-    assert len(resumed["history"]) == len(first["history"]) + 2
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -146,10 +136,135 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     before = path.read_bytes()
 
     def broken_save(obj, f):
-        Path(f).write_bytes(b"partial")
+        f.write(b"partial")
         raise OSError("no space left on device")
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="no space"):
         trainer.save_checkpoint(path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [3, 5, 7, 8], ids=["epoch-end", "mid-epoch", "mid-last-epoch", "last-step"])
+def test_resume_from_any_stop_point_ends_bit_for_bit_where_the_full_run_ends(tmp_path, stop):
+    # 96 sequences / 16 = 6 batches = 3 steps per epoch with --grad-accum 2: step 3 ends epoch 1.
+    schedule = ["--grad-accum", "2", "--warmup-steps", "2", "--cosine"]
+    full = run_cli(tmp_path, "full", *schedule)
+    first = run_cli(tmp_path, "part", *schedule, "--stop-at-step", str(stop))
+    resumed = run_cli(tmp_path, "part", *schedule, "--resume", str(tmp_path / "part" / "checkpoint.pt"))
+    assert first["global_step"] == stop and resumed["global_step"] == full["global_step"] == 8
+    assert len(resumed["history"]) == len(first["history"]) + (stop < 8) + (stop < 6)
+    assert resumed["final_val_loss"] == full["final_val_loss"]
+    assert resumed["final_train_loss"] == full["final_train_loss"]
+    a, b = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"] for name in ("full", "part"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--epochs", "0"], "--epochs=0 must be an int >= 1"),
+        (["--max-steps", "0"], "--max-steps=0 must be an int >= 1"),
+        (["--stop-at-step", "-1"], "--stop-at-step=-1 must be an int >= 1"),
+        (["--grad-accum", "0"], "--grad-accum=0 must be an int >= 1"),
+        (["--grad-clip", "-1"], r"--grad-clip=-1.0 is outside \[0.0, inf\)"),
+        (["--lr", "0"], r"--lr=0.0 is outside \(0.0, inf\)"),
+        (["--warmup-steps", "-2"], "--warmup-steps=-2 must be an int >= 0"),
+        (["--samples", "0"], "--samples=0 must be an int >= 1"),
+        (["--val-samples", "0"], "--val-samples=0 must be an int >= 1"),
+        (["--max-vocab", "0"], "--max-vocab=0 must be an int >= 2"),
+        (["--device", "tpu"], "--device='tpu' is not a device"),
+        (["--routing-threshold", "2"], r"--routing-threshold=2.0 is outside \[0.0, 1.0\]"),
+    ]
+    + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device='cuda': this machine has no cuda device")]),
+)
+def test_bad_values_are_one_line_and_exit_2_before_any_work(tmp_path, capsys, flags, message):
+    assert cli.main([*ARGS, "--out", str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
+
+
+def test_argparse_errors_are_one_line(capsys):
+    for flags in (["--layer-weights", "2:0.5,2:0.7"], ["--epochs", "x"], ["--precision", "fp8"]):
+        with pytest.raises(SystemExit) as done:
+            cli.main([*ARGS, *flags])
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and err.count("\n") == 1 and err.startswith("lash train: error: argument")
+    with pytest.raises(SystemExit):
+        cli.main([*ARGS, "--layer-weights", "1:1,1:0"])
+    assert "names layer 1 more than once" in capsys.readouterr().err
+
+
+def test_out_is_checked_before_training(tmp_path, capsys, monkeypatch):
+    trained = []
+    monkeypatch.setattr(Trainer, "train_epoch", lambda *a, **k: trained.append(1))
+    (tmp_path / "file").write_text("x")
+    assert cli.main([*ARGS, "--out", str(tmp_path / "file")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.access(locked, os.W_OK):  # root writes anywhere: make the write itself fail as it would
+        monkeypatch.setattr("lash.files.tempfile.TemporaryFile", lambda **_: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    try:
+        assert cli.main([*ARGS, "--out", str(locked)]) == 2
+        assert "is not a writable directory (Permission denied)" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
+    assert not trained
+
+
+def test_an_earlier_runs_checkpoint_is_never_replaced_silently(tmp_path, capsys):
+    run_cli(tmp_path, "run")
+    saved = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    assert cli.main([*ARGS, "--out", str(tmp_path / "run"), "--lr", "0.01"]) == 2
+    assert "already holds the checkpoint.pt of an earlier run" in capsys.readouterr().err
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == saved
+    assert cli.main([*ARGS, "--out", str(tmp_path / "run"), "--lr", "0.01", "--overwrite"]) == 0
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() != saved
+
+
+@pytest.mark.slow
+def test_a_finished_run_extended_by_an_epoch_ends_where_the_longer_run_ends(tmp_path):
+    # Every CLI checkpoint ends an epoch; the extension must not replay epoch 1's shuffle order.
+    plain = [arg for arg in ARGS if arg not in ("--max-steps", "8")]
+    assert cli.main([*plain, "--epochs", "2", "--out", str(tmp_path / "full")]) == 0
+    assert cli.main([*plain, "--epochs", "1", "--out", str(tmp_path / "part")]) == 0
+    ckpt = str(tmp_path / "part" / "checkpoint.pt")
+    assert cli.main([*plain, "--epochs", "2", "--out", str(tmp_path / "part"), "--resume", ckpt]) == 0
+    full, resumed = metrics(tmp_path / "full"), metrics(tmp_path / "part")
+    assert resumed["final_val_loss"] == full["final_val_loss"] and resumed["global_step"] == full["global_step"] == 12
+    cosine = [*plain, "--cosine", "--epochs", "1", "--out", str(tmp_path / "cos")]
+    assert cli.main(cosine) == 0
+    assert cli.main([*cosine[:-4], "--epochs", "2", "--out", str(tmp_path / "cos"), "--resume", str(tmp_path / "cos" / "checkpoint.pt")]) == 2
+
+
+def test_resuming_with_other_flags_is_refused(tmp_path, capsys):
+    run_cli(tmp_path, "run", "--stop-at-step", "2")
+    ckpt = str(tmp_path / "run" / "checkpoint.pt")
+    assert cli.main([*ARGS, "--out", str(tmp_path / "run"), "--lr", "0.01", "--resume", ckpt]) == 2
+    assert "lr=0.001 in param group layer_1, this optimizer has 0.01" in capsys.readouterr().err
+    assert cli.main([*ARGS, "--out", str(tmp_path / "run"), "--seq-len", "12", "--seed", "1", "--resume", ckpt]) == 2
+    assert "--seed is 1 but the checkpoint's run used 42" in capsys.readouterr().err
+
+
+def test_non_finite_loss_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    run_cli(tmp_path, "run", "--stop-at-step", "6")
+    saved = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    monkeypatch.setattr("lash.trainer._WeightedLoss.forward", lambda self, x, y: self.model(x).sum() * math.nan)
+    assert cli.main([*ARGS, "--out", str(tmp_path / "run"), "--resume", str(tmp_path / "run" / "checkpoint.pt")]) == 1
+    err = capsys.readouterr().err
+    assert "training loss became nan" in err and err.count("\n") == 1
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == saved
+
+
+def test_output_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        run_cli(tmp_path, "run")
+    finally:
+        os.umask(old)
+    for name in ("checkpoint.pt", "metrics.json"):
+        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o644

@@ -84,3 +84,9 @@ def test_ashem_config_defaults_and_validation():
         ASHEMConfig(phase1_lr=-1e-3)
     with pytest.raises(ValueError, match="phase2_patience=0 must be an int >= 1"):
         ASHEMConfig(phase2_patience=0)
+
+
+@pytest.mark.parametrize("field", ["freeze_embedding", "freeze_lower_layers", "freeze_head"])
+def test_ashem_flags_must_be_booleans(field):
+    with pytest.raises(ValueError, match=f"{field}='no' must be True or False"):
+        ASHEMConfig(**{field: "no"})

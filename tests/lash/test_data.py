@@ -123,3 +123,28 @@ def test_token_batches_shuffle_per_epoch_and_cover_everything():
     assert sorted(first.tolist()) == list(range(10)) and not torch.equal(first, second)
     assert [by - bx for bx, by in batches][0].eq(100).all()
     assert [len(bx) for bx, _ in TokenBatches(x, x, batch_size=4)] == [4, 4, 2]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"val_samples": 0}, "val_samples=0 must be None or an int >= 1"),
+        ({"val_samples": -5}, "val_samples=-5 must be None or an int >= 1"),
+        ({"max_vocab": 0}, "max_vocab=0 must be None or an int >= 2"),
+        ({"max_vocab": 64.0}, "max_vocab=64.0 must be None or an int >= 2"),
+    ],
+)
+def test_load_dataset_rejects_bad_sizes(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        load_dataset("offline", 16, 4, 8, **kwargs)
+
+
+def test_text_file_errors_name_the_file_and_the_split(tmp_path):
+    one_line = tmp_path / "one.txt"
+    one_line.write_text("a b c d e f g h i j k l m n o p q r s t u v w x y z\n")
+    with pytest.raises(ValueError, match=r"the validation split of .*one.txt holds 0 tokens"):
+        load_dataset(str(one_line), 4, 2, 8)
+    for name, data in (("latin1.txt", "café au lait\n".encode("latin-1")), ("binary.bin", bytes(range(256)))):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=rf"data file .*{name} is not UTF-8 text"):
+            load_dataset(str(tmp_path / name), 4, 2, 8)

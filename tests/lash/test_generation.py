@@ -131,3 +131,12 @@ def test_bad_prompts():
         model.generate(torch.tensor([1, 2]), 2)
     with pytest.raises(ValueError, match="LongTensor"):
         model.generate(torch.zeros(2, 0, dtype=torch.long), 2)
+
+
+def test_tiny_temperature_samples_the_argmax_instead_of_failing():
+    model = make_model()
+    prompt = torch.randint(0, V, (2, 3), generator=torch.Generator().manual_seed(1))
+    greedy = model.generate(prompt, 4)
+    for temperature in (1e-45, 1e-300):  # the second rounds to 0 in fp32
+        sampled = model.generate(prompt, 4, temperature=temperature, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(sampled, greedy)

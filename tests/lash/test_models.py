@@ -97,3 +97,16 @@ def test_deep_supervision_confidence_and_inference():
     logits, stats = model.forward_inference(x)
     torch.testing.assert_close(logits, all_logits[0])
     assert stats["compute_cost"] == pytest.approx(1 / 3) and calls == [1, 0, 0]
+
+
+def test_constructor_and_input_checks_are_value_errors():
+    for ffn_dim in (0, -4, 2.5):
+        with pytest.raises(ValueError, match=f"ffn_dim={ffn_dim!r} must be None or an int >= 1"):
+            StandardTransformer(vocab_size=11, dim=8, num_layers=1, num_heads=2, ffn_dim=ffn_dim)
+    with pytest.raises(ValueError, match="routing_threshold='0.5' must be a finite number"):
+        DeepSupervisionTransformer(vocab_size=11, dim=8, num_layers=2, num_heads=2, routing_threshold="0.5")
+    model = StandardTransformer(vocab_size=11, dim=8, num_layers=1, num_heads=2)
+    with pytest.raises(ValueError, match="token ids must be an integer tensor .* got dtype torch.float32"):
+        model(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"sequence length 0 is outside \[1, max_seq_len=1024\]"):
+        model(torch.zeros(2, 0, dtype=torch.long))

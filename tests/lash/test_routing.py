@@ -179,3 +179,13 @@ def test_calibration_errors():
         calibrate_threshold(model, data, 4, target_shallow_ratio=0.5)
     with pytest.raises(ValueError, match="no token with a label"):
         calibrate_threshold(model, [], 2, target_shallow_ratio=0.5)
+
+
+def test_early_exit_on_empty_input_and_calibration_on_bad_targets_are_value_errors():
+    model = make_model()
+    for shape in ((2, 0), (0, 3)):
+        with pytest.raises(ValueError, match=r"must have shape \(batch >= 1, seq_len >= 1\)"):
+            model.forward_early_exit(torch.zeros(shape, dtype=torch.long), 0.5, 2)
+    x = torch.randint(0, V, (2, 5))
+    with pytest.raises(ValueError, match=rf"target value {V} is outside \[0, {V}\) or -100"):
+        calibrate_threshold(model, [(x, torch.full_like(x, V))], exit_layer=2, target_shallow_ratio=0.5)

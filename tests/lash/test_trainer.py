@@ -225,3 +225,131 @@ def test_tiny_model_overfits_tiny_batch():
         loss = trainer.train_epoch(model, batch, opt)
     assert loss < 0.2 * math.log(V)
     assert trainer.evaluate(model, batch)["acc"] > 0.9
+
+
+# --- Exact resume: a run stopped at any step and resumed in a fresh trainer ends bit for bit
+# where the uninterrupted run ends. 40 sequences in batches of 8 = 5 batches per epoch; with
+# accumulation 2 that is 3 optimizer steps per epoch (the last one on a single batch), 9 steps
+# in 3 epochs, under a warm-up + cosine schedule and gradient clipping.
+EPOCHS, STEPS = 3, 9
+
+
+def resume_run(tmp_path, stop_at=None, resume_from=None):
+    """Train (from scratch or ``resume_from``) until ``stop_at`` or the end; return what it ended with."""
+    from lash.checkpoint import set_seed
+    from lash.data import TokenBatches
+
+    set_seed(7)
+    g = torch.Generator().manual_seed(3)
+    seqs = torch.randint(0, V, (40, 9), generator=g)
+    data = TokenBatches(seqs[:, :-1], seqs[:, 1:], batch_size=8, shuffle=True, seed=5)
+    model = tiny(2)
+    trainer = Trainer(TrainingConfig(layer_weights={1: 0.3, 2: 0.7}), V, progress=False, grad_accum_steps=2,
+                      warmup_steps=2, total_steps=STEPS)  # fmt: skip
+    optimizer = trainer.create_optimizer(model, 1e-2, weight_decay=0.01)
+    if resume_from:
+        trainer.load_checkpoint(resume_from)
+    losses = []
+    while trainer.epochs_trained < EPOCHS and (stop_at is None or trainer.global_step < stop_at):
+        losses.append(trainer.train_epoch(model, data, optimizer, grad_clip=0.5, max_steps=stop_at))
+    trainer.save_checkpoint(tmp_path / "ckpt.pt")
+    val = trainer.evaluate(model, [(seqs[:8, :-1], seqs[:8, 1:])])["loss"]
+    return trainer, model, losses, val
+
+
+@pytest.mark.parametrize("stop_at", [1, 2, 3, 4, 6, 8, 9], ids=lambda s: f"stop{s}")
+def test_resume_is_bit_exact_from_any_step(tmp_path, stop_at):
+    # 3 and 6 end an epoch exactly; 9 is the last step; the others stop mid-epoch.
+    full_trainer, full_model, full_losses, full_val = resume_run(tmp_path / "full")
+    part_trainer, _, _, _ = resume_run(tmp_path / "part", stop_at=stop_at)
+    assert part_trainer.global_step == stop_at
+    assert part_trainer.epochs_trained == stop_at // 3  # an epoch's last step completes it
+    trainer, model, losses, val = resume_run(tmp_path / "resumed", resume_from=tmp_path / "part" / "ckpt.pt")
+    assert trainer.global_step == full_trainer.global_step == STEPS and trainer.epochs_trained == EPOCHS
+    assert val == full_val
+    if stop_at % 3 == 0:  # the resumed run's epochs are the full run's last ones
+        assert losses == full_losses[len(full_losses) - len(losses) :]
+    for (name, p), q in zip(model.state_dict().items(), full_model.state_dict().values()):
+        assert torch.equal(p, q), name
+    for a, b in zip(trainer.optimizer.param_groups, full_trainer.optimizer.param_groups):
+        assert a["lr"] == b["lr"]
+
+
+def test_epoch_order_depends_on_the_epoch_not_on_earlier_iterations():
+    from lash.data import TokenBatches
+
+    seqs = torch.arange(60).view(20, 3) % V
+    first, second = (TokenBatches(seqs, seqs, 4, shuffle=True, seed=1) for _ in range(2))
+    list(second)  # someone iterated these batches before: the trainer still serves epoch 0's order
+    orders = []
+    for data in (first, second):
+        model = tiny(1)
+        trainer = Trainer(TrainingConfig(layer_weights={1: 1}), V, progress=False)
+        seen = []
+        trainer._runner = lambda m, seen=seen: (lambda x, y: seen.append(x[:, 0].tolist()) or m(x).sum() * 0)
+        trainer.train_epoch(model, data, trainer.create_optimizer(model, 1e-3))
+        orders.append(seen)
+    assert orders[0] == orders[1]
+
+
+def test_batches_without_labels_take_no_step():
+    model = tiny(1)
+    trainer = Trainer(TrainingConfig(layer_weights={1: 1}), V, progress=False)
+    optimizer = trainer.create_optimizer(model, 1e-2, weight_decay=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randint(0, V, (2, 5))
+    unlabelled = [(x, torch.full_like(x, -100)), (x[:0], x[:0])]
+    with pytest.raises(ValueError, match="no batch with a labelled target"):
+        trainer.train_epoch(model, unlabelled, optimizer)
+    assert trainer.global_step == 0 and all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    trainer.train_epoch(model, [*unlabelled, (x, x)], optimizer)
+    assert trainer.global_step == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"grad_clip": -1.0}, r"grad_clip=-1.0 is outside \[0.0, inf\)"),
+        ({"grad_clip": math.nan}, "grad_clip=nan must be a finite number"),
+        ({"max_steps": -3}, "max_steps=-3 must be None or an int >= 1"),
+        ({"max_steps": 0}, "max_steps=0 must be None or an int >= 1"),
+    ],
+)
+def test_train_epoch_rejects_bad_arguments(kwargs, message):
+    model = tiny(1)
+    trainer = Trainer(TrainingConfig(layer_weights={1: 1}), V, progress=False)
+    optimizer = trainer.create_optimizer(model, 1e-2)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=message):
+        trainer.train_epoch(model, make_batches(2), optimizer, **kwargs)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"config": TrainingConfig(layer_weights={2: 1})}, "was trained with .*layer_weights"),
+        ({"grad_accum_steps": 2}, "grad_accum_steps=1, this trainer has grad_accum_steps=2"),
+        ({"warmup_steps": 3}, "warmup_steps=0, this trainer has warmup_steps=3"),
+        ({"lr": 1e-2}, "lr=0.001 in param group layer_1, this optimizer has 0.01"),
+        ({"weight_decay": 0.1}, "weight_decay=0.0 in param group layer_1"),
+    ],
+)
+def test_resuming_under_other_settings_is_refused(tmp_path, change, message):
+    model = tiny(2)
+    trainer = Trainer(TrainingConfig(layer_weights={1: 0.5, 2: 0.5}), V, progress=False)
+    trainer.create_optimizer(model, 1e-3)
+    trainer.save_checkpoint(tmp_path / "ckpt.pt")
+    other = Trainer(change.get("config", trainer.config), V, progress=False, grad_accum_steps=change.get("grad_accum_steps", 1),
+                    warmup_steps=change.get("warmup_steps", 0))  # fmt: skip
+    other.create_optimizer(tiny(2), change.get("lr", 1e-3), change.get("weight_decay", 0.0))
+    with pytest.raises(ValueError, match=message):
+        other.load_checkpoint(tmp_path / "ckpt.pt")
+
+
+def test_trainer_rejects_unknown_or_missing_devices():
+    with pytest.raises(ValueError, match="device='tpu' is not a device"):
+        Trainer(TrainingConfig(layer_weights={1: 1}), V, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda': this machine has no cuda device"):
+            Trainer(TrainingConfig(layer_weights={1: 1}), V, device="cuda")

@@ -1,0 +1,129 @@
+"""Output files that are never half-written: temporary names, renames, and stale-file clean-up.
+
+Every file LASH writes (checkpoints, metrics, reports, plots) goes through a temporary file in
+the target's directory, named ``.{name}.{pid}.{random}.tmp``, that is renamed over the target
+once complete, so a failure or a kill never leaves a damaged file under the real name. A kill
+(SIGKILL) can still leave the temporary file itself; the next write of the same target removes
+those whose process is gone. Files get the permissions of an ordinary ``open()`` (0666 less the
+umask), not the 0600 of ``tempfile.mkstemp``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary files of ``path`` left by processes that no longer run (a kill mid-write)."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _temporary(path: Path) -> Iterator[tuple[IO[bytes], Path]]:
+    """An open temporary file beside ``path``; removed again if the block raises."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            yield f, tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | Path, data: bytes | Callable[[IO[bytes]], None]) -> None:
+    """Write ``data`` (bytes, or a function that writes into a binary file) to ``path`` atomically."""
+    path = Path(path)
+    with _temporary(path) as (f, tmp):
+        if callable(data):
+            data(f)
+        else:
+            f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back for the duration (main thread only; elsewhere a no-op)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (AttributeError, ValueError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def publish(files: dict[str, bytes], out_dir: str | Path) -> list[Path]:
+    """Write a set of files into ``out_dir`` so that readers see the old set or the new one.
+
+    Every file is first written in full to a temporary name; only then are they renamed into
+    place, one after the other with Ctrl-C and SIGTERM held back, so an interrupt never leaves
+    old and new files mixed (a SIGKILL inside the few renames still can). Returns the paths.
+    """
+    out_dir = Path(out_dir)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name, data in files.items():
+            path = out_dir / name
+            with _temporary(path) as (f, tmp):
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            staged.append((tmp, path))
+        with _signals_deferred():
+            for tmp, path in staged:
+                os.replace(tmp, path)
+            staged = []
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    return [out_dir / name for name in files]
+
+
+def check_writable_dir(name: str, path: str | Path) -> Path:
+    """Create ``path`` if needed and check a file can be written in it; ``ValueError`` otherwise."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ValueError(f"{name} {str(path)!r} is not a writable directory ({error.strerror or error})") from None
+    return path
