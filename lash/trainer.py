@@ -261,12 +261,11 @@ class Trainer:
             if self.world_size == 1 and y.device.type == "cpu" and not bool((y != self.ignore_index).any()):
                 self.batches_into_epoch += 1  # nothing to learn from; deciding on the CPU costs no device sync
                 continue
-            x, y = x.to(self.device), y.to(self.device)
-            if self.compile:
-                # Inside the compiled graph the id checks are skipped: run them here, so a bad id
-                # is a ValueError and never a device-side assert.
-                check_token_ids(x, self.vocab_size)
-                check_token_ids(y, self.vocab_size, "target value", self.ignore_index)
+            # Checked before the copy: a bad id is a ValueError, never a device-side assert, and
+            # reading CPU ids costs the device no sync (inside a compiled graph no check runs).
+            check_token_ids(x, self.vocab_size)
+            check_token_ids(y, self.vocab_size, "target value", self.ignore_index)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             accumulated += 1
             sync = accumulated == self.grad_accum_steps
             no_sync = getattr(runner, "no_sync", None)

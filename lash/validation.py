@@ -65,7 +65,11 @@ def check_device(name: str, value: object) -> torch.device:
 def check_token_ids(ids: torch.Tensor, vocab_size: int, name: str = "token id", ignore_index: int | None = None) -> None:
     """Raise ``ValueError`` if any id is outside ``[0, vocab_size)`` (``ignore_index`` allowed).
 
-    One host sync; skipped while ``torch.compile`` traces, where it would break the graph.
+    On the CPU the check reads the ids directly. On a GPU reading them back would stall the step
+    until the device catches up (a host sync), so there the check is ``torch._assert_async``,
+    which fails the next synchronising call with this message; the Trainer checks its batches
+    on the CPU before moving them, so training gets the ``ValueError``. Skipped while
+    ``torch.compile`` traces, where it would break the graph.
     """
     if torch.compiler.is_compiling():
         return
@@ -74,7 +78,8 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int, name: str = "token id", 
     bad = (ids < 0) | (ids >= vocab_size)
     if ignore_index is not None:
         bad &= ids != ignore_index
-    if bool(bad.any()):
-        value = int(ids[bad][0])
-        allowed = f"[0, {vocab_size})" + ("" if ignore_index is None else f" or {ignore_index}")
-        raise ValueError(f"{name} {value} is outside {allowed}")
+    allowed = f"[0, {vocab_size})" + ("" if ignore_index is None else f" or {ignore_index}")
+    if ids.device.type != "cpu":
+        torch._assert_async(~bad.any(), f"a {name} is outside {allowed}")
+    elif bool(bad.any()):
+        raise ValueError(f"{name} {int(ids[bad][0])} is outside {allowed}")

@@ -353,3 +353,27 @@ def test_trainer_rejects_unknown_or_missing_devices():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device='cuda': this machine has no cuda device"):
             Trainer(TrainingConfig(layer_weights={1: 1}), V, device="cuda")
+
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_steps_on_cuda_never_wait_for_the_device(precision):
+    model = DeepSupervisionTransformer(vocab_size=512, dim=64, num_layers=4, num_heads=4)
+    config = TrainingConfig(layer_weights={1: 0.25, 2: 0.25, 3: 0.25, 4: 0.25})
+    trainer = Trainer(config, vocab_size=512, device="cuda", precision=precision, progress=False)
+    batch = (torch.randint(0, 512, (8, 32)), torch.randint(0, 512, (8, 32)))
+
+    def batches():
+        yield batch  # warm-up step: kernels compile, the allocator and optimizer state fill
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any host sync in the next steps raises
+        yield batch
+        yield batch
+        torch.cuda.set_sync_debug_mode("default")  # the epoch's closing report may sync
+
+    optimizer = trainer.create_optimizer(model, base_lr=1e-3)
+    try:
+        trainer.train_epoch(model, batches(), optimizer, grad_clip=1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
