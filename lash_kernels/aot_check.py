@@ -368,7 +368,8 @@ def markdown(results: Sequence[Result]) -> str:
     A cell counts the (dtype, shape) groups checked there and names those with a compile error or
     a config over the shared-memory limit; ``spills`` counts the groups whose every fitting config
     spills, with the smallest such spill. ``mma`` marks kernels that reach the tensor cores there;
-    a dot kernel without it runs its matmuls on FMA units.
+    a dot kernel without it runs its matmuls on FMA units. ``not used``: the op dispatches to
+    another path on that arch.
     """
     groups: dict[tuple, list[Result]] = defaultdict(list)
     for r in results:
@@ -383,6 +384,9 @@ def markdown(results: Sequence[Result]) -> str:
             by_case: dict[tuple, list[Result]] = defaultdict(list)
             for r in groups[(kernel, arch)]:
                 by_case[(r.dtype, r.shape)].append(r)
+            if not by_case:  # the op takes another path on this arch
+                cells.append("not used")
+                continue
             errors = [f"{d} {s}" for (d, s), g in by_case.items() if any(r.error for r in g)]
             over = [f"{d} {s}" for (d, s), g in by_case.items() if any(not r.error and not r.fits for r in g)]
             spills = [min(r.spill_bytes for r in g if r.fits) for g in by_case.values()
