@@ -7,9 +7,10 @@ arch's shared memory compiles fine and fails only at launch, after its compile t
 config that spills runs at a fraction of its speed. Neither shows under the interpreter.
 
 Each op module declares its kernels through ``static_variants(shape, dtype, arch)``: one
-:class:`~lash_kernels.aot_types.KernelVariant` per launch config the launcher (or its autotuner, after pruning) would use
-on that arch, built from the same config source as the launcher, so the two cannot drift. This
-module compiles them all and checks three rules per (kernel, dtype, shape, arch) group:
+:class:`~lash_kernels.aot_types.KernelVariant` per launch config the launcher (or its
+autotuner, after pruning) would use on that arch, built from the same config source as the
+launcher, so the two cannot drift. This module compiles them all and checks three rules per
+(kernel, dtype, shape, arch) group:
 
 * ``compile``: every variant compiles;
 * ``fit``: every variant fits the arch's shared memory per block — what an op declares is what
