@@ -1,17 +1,17 @@
 """Fused Triton kernels for LASH: RMSNorm, RoPE and the multi-exit shared-head cross-entropy.
 
-Every op has a pure-torch ``*_reference`` with identical semantics; :func:`backend` picks
-between them (``LASH_KERNELS=auto|triton|torch``).
+Every op has a pure-torch ``*_reference`` with identical semantics; :func:`backend` (in
+:mod:`lash_kernels.dispatch`) picks between them (``LASH_KERNELS=auto|triton|torch``).
 """
 
-from lash_kernels.backend import backend
-from lash_kernels.multi_exit_cross_entropy import (
+from lash_kernels.dispatch import backend
+from lash_kernels.ops.multi_exit_ce import (
     MultiExitCEOutput,
     multi_exit_cross_entropy,
     multi_exit_cross_entropy_reference,
 )
-from lash_kernels.rms_norm import RMSNorm, add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
-from lash_kernels.rotary import apply_rotary, apply_rotary_reference
+from lash_kernels.ops.rms_norm import RMSNorm, add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
+from lash_kernels.ops.rotary import apply_rotary, apply_rotary_reference
 
 __all__ = [
     "MultiExitCEOutput",

@@ -7,9 +7,10 @@ arch's shared memory compiles fine and fails only at launch, after its compile t
 config that spills runs at a fraction of its speed. Neither shows under the interpreter.
 
 Each op module declares its kernels through ``static_variants(shape, dtype, arch)``: one
-:class:`KernelVariant` per launch config the launcher (or its autotuner, after pruning) would use
-on that arch, built from the same config source as the launcher, so the two cannot drift. This
-module compiles them all and checks three rules per (kernel, dtype, shape, arch) group:
+:class:`~lash_kernels.aot_types.KernelVariant` per launch config the launcher (or its
+autotuner, after pruning) would use on that arch, built from the same config source as the
+launcher, so the two cannot drift. This module compiles them all and checks three rules per
+(kernel, dtype, shape, arch) group:
 
 * ``compile``: every variant compiles;
 * ``fit``: every variant fits the arch's shared memory per block — what an op declares is what
@@ -54,47 +55,11 @@ from pathlib import Path
 
 import torch
 
-from lash_kernels.backend import interpreting
+from lash_kernels.aot_types import ARCHS, Arch, KernelVariant, StaticShape
+from lash_kernels.dispatch import interpreting
 
 # Ops whose module declares ``static_variants``.
-OPS = ("lash_kernels.rms_norm", "lash_kernels.rotary", "lash_kernels.multi_exit_cross_entropy")
-
-
-@dataclasses.dataclass(frozen=True)
-class Arch:
-    """What one NVIDIA GPU gives a block: the limits the compiled kernels are held against."""
-
-    sm: int  # compute capability × 10
-    gpu: str  # the product LASH's users have with that arch
-    sms: int  # streaming multiprocessors
-    smem_per_block: int  # bytes of shared memory one block may opt in to
-    smem_per_sm: int  # bytes of shared memory per SM, for occupancy
-    max_threads_per_sm: int
-    max_blocks_per_sm: int
-    regs_per_sm: int = 65536
-
-
-ARCHS = {
-    75: Arch(75, "T4", 40, 64 * 1024, 64 * 1024, 1024, 16),
-    80: Arch(80, "A100", 108, 163 * 1024, 164 * 1024, 2048, 32),
-    89: Arch(89, "L4", 58, 99 * 1024, 100 * 1024, 1536, 24),
-    90: Arch(90, "H100", 132, 227 * 1024, 228 * 1024, 2048, 32),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class StaticShape:
-    """A representative problem size that every op reads the dimensions it needs from."""
-
-    name: str  # key in SHAPES
-    tokens: int  # N = batch · seq
-    hidden: int  # D
-    vocab: int  # V
-    exits: int  # K
-    batch: int
-    seq: int
-    heads: int
-    head_dim: int
+OPS = ("lash_kernels.ops.rms_norm", "lash_kernels.ops.rotary", "lash_kernels.ops.multi_exit_ce.op")
 
 
 SHAPES = {
@@ -114,30 +79,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Trainer's fp32 default beside bf16; every arch.
 SUBSET = dict(shapes=("seed", "mid", "llm"), dtypes=("fp32", "bf16"), archs=tuple(ARCHS))
 FULL = dict(shapes=tuple(SHAPES), dtypes=tuple(DTYPES), archs=tuple(ARCHS))
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelVariant:
-    """One launch config of one kernel at one shape: what ``triton.compile`` needs, plus the grid."""
-
-    kernel: str  # "<op>.<kernel>", e.g. "rms_norm.forward"
-    fn: object  # the @triton.jit JITFunction (an autotuner's ``.fn``)
-    signature: dict[str, str]  # every argument: "*fp32", "*bf16", "*i64", "i32", "fp32" or "constexpr"
-    constexprs: dict[str, object]  # values of the constexpr arguments
-    num_warps: int
-    num_stages: int
-    programs: int  # grid size (all axes multiplied) at this shape
-    int_values: dict[str, int] = dataclasses.field(default_factory=dict)  # known integer arguments
-
-
-# What a launch that names no num_stages gets from Triton's CUDA backend.
-LAUNCH_STAGES = 3
-
-
-def pointer(dtype: torch.dtype) -> str:
-    """Triton's signature string for a pointer to ``dtype``."""
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64", torch.int32: "i32"}
-    return "*" + names[dtype]
 
 
 @dataclasses.dataclass(frozen=True)

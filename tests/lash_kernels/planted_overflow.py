@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lash_kernels.aot_check import KernelVariant, pointer
+from lash_kernels.aot_types import KernelVariant, pointer
 
 
 @triton.jit

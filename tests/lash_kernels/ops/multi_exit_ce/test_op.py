@@ -6,8 +6,6 @@ mask is used. ``triton-chunked`` forces the regime of wide heads (cuBLAS matmuls
 row kernel) by lowering ``FUSED_MAX_HIDDEN``, so both regimes run on the same small shapes.
 """
 
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,10 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from lash_kernels import MultiExitCEOutput, multi_exit_cross_entropy, multi_exit_cross_entropy_reference
-from lash_kernels import multi_exit_cross_entropy_torch
-from lash_kernels.multi_exit_cross_entropy_torch import chunk_rows
-
-multi_exit_cross_entropy_module = sys.modules["lash_kernels.multi_exit_cross_entropy"]  # the package exports the function under the same name
+from lash_kernels.ops.multi_exit_ce import chunked, fused
+from lash_kernels.ops.multi_exit_ce.chunked import chunk_rows
 
 BACKENDS = ["torch", "triton", "triton-chunked"]
 N, V = 37, 203
@@ -30,7 +26,7 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2
 def kernels(request, monkeypatch):
     monkeypatch.setenv("LASH_KERNELS", request.param.removesuffix("-chunked"))
     if request.param == "triton-chunked":
-        monkeypatch.setattr(multi_exit_cross_entropy_module, "FUSED_MAX_HIDDEN", 0)
+        monkeypatch.setattr(fused, "FUSED_MAX_HIDDEN", 0)
     return request.param
 
 
@@ -210,7 +206,7 @@ class LargestTensor(TorchDispatchMode):
 
 def test_torch_path_never_holds_all_logits(monkeypatch):
     monkeypatch.setenv("LASH_KERNELS", "torch")
-    monkeypatch.setattr(multi_exit_cross_entropy_torch, "CPU_CHUNK_BYTES", 2**22)  # 128-row chunks
+    monkeypatch.setattr(chunked, "CPU_CHUNK_BYTES", 2**22)  # 128-row chunks
     K, n, vocab, D = 3, 512, 8192, 32
     hiddens = torch.randn(K, n, D, requires_grad=True)
     weight = torch.randn(vocab, D, requires_grad=True)

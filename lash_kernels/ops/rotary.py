@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import torch
 
-from lash_kernels.backend import HAS_TRITON, backend, interpreting, sm_count
+from lash_kernels._launch import check_kernel_dtypes, sm_count
+from lash_kernels.aot_types import ARCHS, LAUNCH_STAGES, KernelVariant, pointer
+from lash_kernels.dispatch import HAS_TRITON, backend
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PROGRAMS_PER_SM = 2  # grid size the launcher aims for, per streaming multiprocessor
 NUM_WARPS = 4  # per program (see _blocks)
 
@@ -43,7 +44,9 @@ NUM_WARPS = 4  # per program (see _blocks)
 if HAS_TRITON:  # optional off Linux: the torch references still work there
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
+    from torch.library import triton_op
+
+    from lash_kernels._launch import launch
 
     @triton.jit
     def _rotate_heads(
@@ -137,11 +140,6 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
         )  # fmt: skip
 
 
-    def _launch(kernel):
-        """The kernel as ``torch.compile`` can trace it; the interpreter runs it as it is."""
-        return kernel if interpreting() else wrap_triton(kernel)
-
-
     def _unit_last(t: torch.Tensor) -> torch.Tensor:
         """``t`` itself when its last dim is unit-stride (any other strides are fine), else a copy."""
         return t if t.stride(-1) == 1 else t.contiguous()
@@ -164,8 +162,6 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
     def static_variants(shape, dtype: torch.dtype, arch: int) -> list:
         """The launches :mod:`lash_kernels.aot_check` compiles: the rotation and its transpose on
         contiguous ``[batch, heads, seq, head_dim]`` q and k, fp32 tables."""
-        from lash_kernels.aot_check import ARCHS, LAUNCH_STAGES, KernelVariant, pointer
-
         b, h, t, dim = shape.batch, shape.heads, shape.seq, shape.head_dim
         block_t, block_h = _blocks(dim // 2)
         groups = _head_groups(t, b, h, block_t, ARCHS[arch].sms)
@@ -199,7 +195,7 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
         half = dim // 2
         block_t, block_h = _blocks(half)
         head_groups = _head_groups(t, b, max(hq, hk), block_t, sm_count(q.device))
-        _launch(_rotary_kernel)[(triton.cdiv(t, block_t), b, head_groups)](
+        launch(_rotary_kernel)[(triton.cdiv(t, block_t), b, head_groups)](
             q,
             k,
             q_out,
@@ -317,9 +313,5 @@ def apply_rotary(
     _check(q, k, cos, sin)
     if backend(q.device) == "torch":
         return apply_rotary_reference(q, k, cos, sin)
-    for name, x in (("q", q), ("k", k)):
-        if x.dtype not in KERNEL_DTYPES:
-            raise ValueError(
-                f"{name} dtype {x.dtype} is not supported by the Triton RoPE; use fp32, bf16 or fp16"
-            )
+    check_kernel_dtypes("RoPE", q=q, k=k)
     return _rotary_op(q, k, cos, sin, False)

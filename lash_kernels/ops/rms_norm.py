@@ -41,17 +41,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lash_kernels.backend import HAS_TRITON, backend, interpreting, sm_count
+from lash_kernels._launch import check_kernel_dtypes, sm_count
+from lash_kernels.aot_types import ARCHS, LAUNCH_STAGES, KernelVariant, pointer
+from lash_kernels.dispatch import HAS_TRITON, backend
 
 MAX_HIDDEN = 16384
 BACKWARD_MAX_ROW = 8192  # widest row the backward keeps whole in registers (at 32 warps, no spills)
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 if HAS_TRITON:  # optional off Linux: the torch references still work there
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
+    from torch.library import triton_op
+
+    from lash_kernels._launch import launch
 
     @triton.jit
     def _rms_norm_forward_kernel(
@@ -86,7 +89,6 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
         y = s * rstd[:, None] * w[None, :]
         tl.store(Y + rows64 * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
         tl.store(RSTD + rows, rstd, mask=row_mask)
-
 
     @triton.jit
     def _rms_norm_backward_kernel(
@@ -161,7 +163,6 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
         if COL_BLOCKS == 1:
             tl.store(DW_PARTIAL + pid * N + cols, dw, mask=cols < N)
 
-
     @triton.jit
     def _write_ds(
         DS,  # pointer to the gradient of s [M, N], contiguous
@@ -183,19 +184,12 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
             ds += tl.load(DS_OUT + rows64 * stride_ds_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DS + rows64 * N + cols[None, :], ds.to(DS.dtype.element_ty), mask=mask)
 
-
-    def _launch(kernel):
-        """The kernel as ``torch.compile`` can trace it; the interpreter runs it as it is."""
-        return kernel if interpreting() else wrap_triton(kernel)
-
-
     def _block_config(n: int) -> tuple[int, int, int]:
         """(BLOCK_M, BLOCK_N, num_warps) for hidden size ``n``: ≥ 4096 elements per block, 8-16 per thread."""
         block_n = triton.next_power_of_2(n)
         block_m = max(1, 4096 // block_n)
         num_warps = min(32, max(1, block_m * block_n // 256))
         return block_m, block_n, num_warps
-
 
     def _backward_config(n: int) -> tuple[int, int, int, int]:
         """(BLOCK_M, BLOCK_N, COL_BLOCKS, num_warps) of the backward: rows wider than
@@ -206,7 +200,6 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
         block_n = BACKWARD_MAX_ROW // 2
         return 1, block_n, triton.cdiv(n, block_n), max(1, min(16, block_n // 256))
 
-
     def _backward_programs(m: int, block_m: int, num_warps: int, sms: int) -> tuple[int, int]:
         """(programs, rows per program): enough to fill the device (32 warps per SM), never more
         than there are row blocks."""
@@ -214,12 +207,10 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
         rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
         return triton.cdiv(m, rows_per_program), rows_per_program
 
-
     def _rows(t: torch.Tensor) -> torch.Tensor:
         """View ``t`` as ``[M, N]`` rows; copy only when a row is not contiguous in memory."""
         t2 = t.reshape(-1, t.shape[-1])  # (M, N)
         return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
 
     def _forward(
         x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
@@ -237,25 +228,11 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
         if m == 0:
             return y, s, rstd
         block_m, block_n, num_warps = _block_config(n)
-        _launch(_rms_norm_forward_kernel)[(triton.cdiv(m, block_m),)](
-            x2,
-            r2,
-            weight,
-            y,
-            s if s is not None else y,
-            rstd,
-            x2.stride(0),
-            r2.stride(0),
-            m,
-            n,
-            eps,
-            HAS_RESIDUAL=residual is not None,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            num_warps=num_warps,
-        )
+        launch(_rms_norm_forward_kernel)[(triton.cdiv(m, block_m),)](
+            x2, r2, weight, y, s if s is not None else y, rstd, x2.stride(0), r2.stride(0), m, n, eps,
+            HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        )  # fmt: skip
         return y, s, rstd
-
 
     def _backward(
         dy: torch.Tensor,
@@ -277,34 +254,16 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
         programs, rows_per_program = _backward_programs(m, block_m, num_warps, sm_count(s.device))
         alloc = torch.zeros if col_blocks > 1 else torch.empty  # sliced rows add into their partial row
         dw_partial = alloc(programs, n, dtype=torch.float32, device=s.device)  # (P, N)
-        _launch(_rms_norm_backward_kernel)[(programs,)](
-            dy2,
-            ds_out2,
-            s2,
-            weight,
-            rstd,
-            ds,
-            dw_partial,
-            dy2.stride(0),
-            ds_out2.stride(0),
-            s2.stride(0),
-            m,
-            n,
-            rows_per_program,
-            HAS_DS_OUT=ds_out is not None,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            COL_BLOCKS=col_blocks,
-            num_warps=num_warps,
-        )
+        launch(_rms_norm_backward_kernel)[(programs,)](
+            dy2, ds_out2, s2, weight, rstd, ds, dw_partial, dy2.stride(0), ds_out2.stride(0), s2.stride(0), m, n,
+            rows_per_program, HAS_DS_OUT=ds_out is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+            COL_BLOCKS=col_blocks, num_warps=num_warps,
+        )  # fmt: skip
         return ds, dw_partial.sum(0).to(weight.dtype)
-
 
     def static_variants(shape, dtype: torch.dtype, arch: int) -> list:
         """The launches :mod:`lash_kernels.aot_check` compiles: forward and backward, with and
         without the residual, at ``shape.tokens`` rows of ``shape.hidden``, fp32 weight."""
-        from lash_kernels.aot_check import ARCHS, LAUNCH_STAGES, KernelVariant, pointer
-
         m, n = shape.tokens, shape.hidden
         act, f32 = pointer(dtype), pointer(torch.float32)
         ints = dict(M=m, N=n)
@@ -333,12 +292,10 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
             ))  # fmt: skip
         return variants
 
-
     @triton_op("lash::rms_norm", mutates_args=())
     def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         y, _, rstd = _forward(x, None, weight, eps)
         return y, rstd
-
 
     @triton_op("lash::add_rms_norm", mutates_args=())
     def _add_rms_norm_op(
@@ -347,13 +304,11 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
         y, s, rstd = _forward(x, residual, weight, eps)
         return y, s, rstd
 
-
     @triton_op("lash::rms_norm_backward", mutates_args=())
     def _rms_norm_backward_op(
         dy: torch.Tensor, ds_out: torch.Tensor | None, s: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return _backward(dy, ds_out, s, weight, rstd)
-
 
     def _setup_rms_norm(ctx, inputs, output) -> None:
         x, weight, _ = inputs
@@ -361,12 +316,10 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
         ctx.mark_non_differentiable(rstd)
         ctx.save_for_backward(x, weight, rstd)
 
-
     def _rms_norm_grad(ctx, dy, _drstd):
         x, weight, rstd = ctx.saved_tensors
         dx, dweight = _rms_norm_backward_op(dy, None, x, weight, rstd)
         return dx.to(x.dtype), dweight, None
-
 
     def _setup_add_rms_norm(ctx, inputs, output) -> None:
         x, residual, weight, _ = inputs
@@ -374,7 +327,6 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
         ctx.mark_non_differentiable(rstd)
         ctx.save_for_backward(s, weight, rstd)
         ctx.dtypes = (x.dtype, residual.dtype)
-
 
     def _add_rms_norm_grad(ctx, dy, ds_out, _drstd):
         s, weight, rstd = ctx.saved_tensors
@@ -443,17 +395,11 @@ def _check(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Te
         raise ValueError(f"eps={eps} must be ≥ 0")
 
 
-def _check_kernel(*tensors: torch.Tensor) -> None:
+def _check_kernel(**tensors: torch.Tensor) -> None:
     """Raise ValueError for what the Triton kernels do not cover."""
-    for t in tensors:
-        if t.dtype not in KERNEL_DTYPES:
-            raise ValueError(
-                f"dtype {t.dtype} is not supported by the Triton RMSNorm; use fp32, bf16 or fp16"
-            )
-    if tensors[0].shape[-1] > MAX_HIDDEN:
-        raise ValueError(
-            f"hidden size {tensors[0].shape[-1]} exceeds the Triton RMSNorm limit of {MAX_HIDDEN}"
-        )
+    check_kernel_dtypes("RMSNorm", **tensors)
+    if tensors["x"].shape[-1] > MAX_HIDDEN:
+        raise ValueError(f"hidden size {tensors['x'].shape[-1]} exceeds the Triton RMSNorm limit of {MAX_HIDDEN}")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -474,7 +420,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     _check(x, weight, eps)
     if backend(x.device) == "torch":
         return rms_norm_reference(x, weight, eps)
-    _check_kernel(x, weight)
+    _check_kernel(x=x, weight=weight)
     return _rms_norm_op(x, weight, eps)[0]
 
 
@@ -498,7 +444,7 @@ def add_rms_norm(
     _check(x, weight, eps, residual)
     if backend(x.device) == "torch":
         return add_rms_norm_reference(x, residual, weight, eps)
-    _check_kernel(x, residual, weight)
+    _check_kernel(x=x, residual=residual, weight=weight)
     y, s, _ = _add_rms_norm_op(x, residual, weight, eps)
     return y, s
 

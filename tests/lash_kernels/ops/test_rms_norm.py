@@ -1,22 +1,25 @@
 """RMSNorm and add+RMSNorm: outputs and every gradient against float64, both backends."""
 
-import importlib
-
 import pytest
 import torch
 
-from lash_kernels.rms_norm import RMSNorm, add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
+from lash_kernels.ops import rms_norm as rms_norm_module
+from lash_kernels.ops.rms_norm import RMSNorm, add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 
-from .compile_check import assert_compiles_like_eager
+from .checks import assert_close_scaled, assert_compiles_like_eager
 
-# The package re-exports functions named like their modules; importlib gives the module itself.
-rms_norm_module = importlib.import_module("lash_kernels.rms_norm")
 
 EPS = 1e-6
-# (rtol, atol relative to the largest expected magnitude) per dtype.
-TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (5e-3, 5e-3)}
 SHAPES = [(1, 8), (7, 48), (33, 100), (5, 384), (2, 3, 100)]
 LAYOUTS = ["contiguous", "row_strided", "strided_hidden"]
+
+
+def _every_case(test):
+    """Parametrize ``test`` over both backends × every layout × fp32/bf16 × every shape."""
+    cases = (("shape", SHAPES), ("dtype", [torch.float32, torch.bfloat16]), ("layout", LAYOUTS), ("kernels", ["triton", "torch"]))
+    for name, values in cases:  # innermost first, as stacked decorators apply
+        test = pytest.mark.parametrize(name, values)(test)
+    return test
 
 
 def _make(shape, dtype, layout):
@@ -44,18 +47,7 @@ def _expected_add_rms_norm(x, residual, weight, gy, gs):
     return y, s, x64.grad, r64.grad, w64.grad
 
 
-def _assert_close(actual, expected, dtype, name):
-    rtol, atol = TOLERANCES[dtype]
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(
-        actual.double(), expected, rtol=rtol, atol=atol * scale, msg=lambda m: f"{name}: {m}"
-    )
-
-
-@pytest.mark.parametrize("kernels", ["triton", "torch"])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", SHAPES)
+@_every_case
 def test_add_rms_norm_matches_float64(monkeypatch, kernels, layout, dtype, shape):
     monkeypatch.setenv("LASH_KERNELS", kernels)
     x, residual = _make(shape, dtype, layout), _make(shape, dtype, "contiguous")
@@ -68,13 +60,10 @@ def test_add_rms_norm_matches_float64(monkeypatch, kernels, layout, dtype, shape
     actual = (y, s, x.grad, residual.grad, weight.grad)
     for name, got, want in zip(("y", "s", "dx", "dresidual", "dweight"), actual, expected):
         assert got.dtype == dtype, name
-        _assert_close(got, want, dtype, name)
+        assert_close_scaled(got, want, dtype, name)
 
 
-@pytest.mark.parametrize("kernels", ["triton", "torch"])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", SHAPES)
+@_every_case
 def test_rms_norm_matches_float64(monkeypatch, kernels, layout, dtype, shape):
     monkeypatch.setenv("LASH_KERNELS", kernels)
     x, weight = _make(shape, dtype, layout), _weight(shape[-1], dtype)
@@ -86,7 +75,7 @@ def test_rms_norm_matches_float64(monkeypatch, kernels, layout, dtype, shape):
     y64 = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + EPS) * w64
     y64.backward(gy.double())
     for name, actual, want in (("y", y, y64), ("dx", x.grad, x64.grad), ("dweight", weight.grad, w64.grad)):
-        _assert_close(actual, want, dtype, name)
+        assert_close_scaled(actual, want, dtype, name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -103,7 +92,7 @@ def test_sliced_backward_matches_float64(monkeypatch, dtype, shape):
     torch.autograd.backward([y, s], [gy, gs])
     expected = _expected_add_rms_norm(x, residual, weight, gy, gs)
     for name, got, want in zip(("dx", "dresidual", "dweight"), (x.grad, residual.grad, weight.grad), expected[2:]):
-        _assert_close(got, want, dtype, name)
+        assert_close_scaled(got, want, dtype, name)
 
 
 def test_triton_path_does_not_call_the_reference(monkeypatch):
@@ -142,7 +131,7 @@ def test_mixed_dtypes_follow_the_dtype_rule(monkeypatch, kernels):
     pairs = {"y": (y, y64), "s": (s, s64), "dresidual": (residual.grad, dresidual64)}
     pairs["dweight"] = (weight.grad, dweight64)
     for name, (got, want) in pairs.items():
-        _assert_close(got, want, torch.float32, name)
+        assert_close_scaled(got, want, torch.float32, name)
 
 
 def test_only_one_output_used(monkeypatch):
@@ -156,7 +145,7 @@ def test_only_one_output_used(monkeypatch):
     s64 = x64 + residual.double()
     y64 = s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + EPS) * weight.detach().double()
     (dx64,) = torch.autograd.grad(y64.pow(2).sum(), x64)
-    _assert_close(dx, dx64, torch.float32, "dx")
+    assert_close_scaled(dx, dx64, torch.float32, "dx")
 
 
 def test_torch_backend_is_the_reference(monkeypatch):
@@ -244,4 +233,4 @@ def test_large_shapes_cuda_match_float64(monkeypatch, dim, dtype):
     expected = _expected_add_rms_norm(x, residual, weight, gy, gs)
     actual = (y, s, x.grad, residual.grad, weight.grad)
     for name, got, want in zip(("y", "s", "dx", "dresidual", "dweight"), actual, expected):
-        _assert_close(got, want, dtype, name)
+        assert_close_scaled(got, want, dtype, name)

@@ -1,19 +1,14 @@
 """RoPE on q and k: outputs and both gradients against float64, both backends."""
 
-import importlib
-
 import pytest
 import torch
 
-from lash_kernels.rotary import apply_rotary, apply_rotary_reference
+from lash_kernels.ops import rotary as rotary_module
+from lash_kernels.ops.rotary import apply_rotary, apply_rotary_reference
 
-from .compile_check import assert_compiles_like_eager
+from .checks import assert_close_scaled, assert_compiles_like_eager
 
-# The package re-exports functions named like their modules; importlib gives the module itself.
-rotary_module = importlib.import_module("lash_kernels.rotary")
 
-# (rtol, atol relative to the largest expected magnitude) per dtype.
-TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (5e-3, 5e-3)}
 # (B, Hq, Hk, T, D): odd lengths, grouped keys, head dims that are not powers of two.
 SHAPES = [(1, 1, 1, 1, 8), (2, 3, 1, 7, 12), (1, 4, 2, 33, 64), (2, 2, 2, 5, 100)]
 LAYOUTS = ["contiguous", "transposed", "strided_head_dim"]
@@ -54,14 +49,6 @@ def _expected(q, k, cos, sin, gq, gk):
     return q_rot, k_rot, q64.grad, k64.grad
 
 
-def _assert_close(actual, expected, dtype, name):
-    rtol, atol = TOLERANCES[dtype]
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(
-        actual.double(), expected, rtol=rtol, atol=atol * scale, msg=lambda m: f"{name}: {m}"
-    )
-
-
 @pytest.mark.parametrize("kernels", ["triton", "torch"])
 @pytest.mark.parametrize("tables", ["rope", "random"])
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -79,7 +66,7 @@ def test_apply_rotary_matches_float64(monkeypatch, kernels, tables, layout, dtyp
     torch.autograd.backward([q_rot, k_rot], [gq, gk])
     expected = _expected(q, k, cos, sin, gq, gk)
     for name, actual, want in zip(("q_rot", "k_rot", "dq", "dk"), (q_rot, k_rot, q.grad, k.grad), expected):
-        _assert_close(actual, want, dtype, name)
+        assert_close_scaled(actual, want, dtype, name)
 
 
 def test_transposed_input_keeps_its_layout(monkeypatch):
@@ -100,8 +87,8 @@ def test_non_contiguous_output_gradients(monkeypatch):
     loss = (q_rot.transpose(1, 2) * weights_q).sum() + (k_rot.transpose(1, 2) * weights_k).sum()
     loss.backward()
     expected = _expected(q, k, cos, sin, weights_q.transpose(1, 2), weights_k.transpose(1, 2))
-    _assert_close(q.grad, expected[2], torch.float32, "dq")
-    _assert_close(k.grad, expected[3], torch.float32, "dk")
+    assert_close_scaled(q.grad, expected[2], torch.float32, "dq")
+    assert_close_scaled(k.grad, expected[3], torch.float32, "dk")
 
 
 def test_triton_path_does_not_call_the_reference(monkeypatch):
@@ -203,4 +190,4 @@ def test_large_shapes_cuda_match_float64(monkeypatch, dtype):
     torch.autograd.backward([q_rot, k_rot], [gq, gk])
     expected = _expected(q, k, cos, sin, gq, gk)
     for name, actual, want in zip(("q_rot", "k_rot", "dq", "dk"), (q_rot, k_rot, q.grad, k.grad), expected):
-        _assert_close(actual, want, dtype, name)
+        assert_close_scaled(actual, want, dtype, name)

@@ -1,0 +1,46 @@
+"""Multi-exit cross-entropy through one shared output head, without materialising logits.
+
+K exits (hidden states of K layers) share the output head ``W`` of shape ``[V, D]``. For exit k and
+token n, with logits ``z = h_kn · Wᵀ`` and target ``y_n``:
+
+    lse_kn   = log Σ_v exp(z_v)                     (online log-sum-exp over vocab tiles)
+    CE_kn    = lse_kn − z_{y_n}
+    loss     = Σ_k w_k · (Σ_n∈valid CE_kn) / max(|valid|, 1)
+    conf_kn  = max_v softmax(z)_v = exp(max_v z_v − lse_kn),  pred_kn = argmax_v z_v
+
+Backward. With ``g_kn = ∂loss/∂CE_kn`` (``w_k / |valid|`` for valid tokens, 0 for ignored ones),
+``∂CE_kn/∂z_v = softmax(z)_v − [v = y_n]``, so the gradient of the logits is
+
+    G_kn,v = g_kn · (exp(z_v − lse_kn) − [v = y_n])
+    ∂loss/∂h_kn = Σ_v G_kn,v · W_v          (G · W, a reduction over the vocabulary)
+    ∂loss/∂W_v  = Σ_k Σ_n G_kn,v · h_kn     (Gᵀ · h, a reduction over exits and tokens)
+
+``g`` is known before the forward (weights and token count, kept on the device), so every path
+forms the gradients in the forward when they are needed and the backward only multiplies them by
+the incoming scalar gradient: the op's differentiable output is the scalar loss. The K exits are
+stacked on the token axis (``K·N`` rows), so each head matmul covers all exits at once.
+
+Two regimes behind the one op (:func:`multi_exit_cross_entropy` in :mod:`.op` picks):
+
+* **Fused** (:mod:`.fused`): narrow heads (``D ≤ 256``, the seed's models) on GPUs where
+  ``tl.dot`` has tensor cores; two Triton kernels, 4 head matmuls, no logits in memory.
+* **Chunked** (:mod:`.chunked`): wider heads, or sm < 80; cuBLAS matmuls over token chunks and
+  one fused Triton row pass per chunk, 3 head matmuls. The CPU runs the same driver with a torch
+  row pass (:mod:`.torch_path`).
+
+Exits with weight 0 run forward only (for ``per_exit`` and the statistics): the public function
+sends them through the op without gradients, so no gradient work is done for them.
+
+Numerics: statistics and reductions in fp32. bf16/fp16 operands feed ``tl.dot``/cuBLAS as they
+are (the chunked path's logits are in the input dtype, as in Liger-Kernel); fp32 operands use
+``tf32x3`` dots in the fused kernels (three TF32 products, near-fp32 accuracy on tensor cores)
+and cuBLAS fp32 (under the user's ``allow_tf32`` setting) in the chunked path. Envelope:
+``K·N·D``, ``V·D`` < 2³¹ elements; any V.
+
+The result type, the input checks and the eager reference are in :mod:`.reference`.
+"""
+
+from lash_kernels.ops.multi_exit_ce.op import multi_exit_cross_entropy
+from lash_kernels.ops.multi_exit_ce.reference import MultiExitCEOutput, multi_exit_cross_entropy_reference
+
+__all__ = ["MultiExitCEOutput", "multi_exit_cross_entropy", "multi_exit_cross_entropy_reference"]

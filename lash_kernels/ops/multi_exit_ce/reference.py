@@ -1,0 +1,108 @@
+"""The multi-exit cross-entropy's result type, input checks and eager reference, in pure torch.
+
+The maths are in :mod:`lash_kernels.ops.multi_exit_ce`; the reference materialises each exit's
+logits, which is what every other path avoids, and serves tests and benchmarks as the yardstick.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+
+class MultiExitCEOutput(NamedTuple):
+    """What :func:`multi_exit_cross_entropy` returns."""
+
+    loss: torch.Tensor  # () fp32, Σ_k w_k · mean CE_k, differentiable
+    per_exit: torch.Tensor  # (K,) fp32, detached mean CE of every exit
+    confidence: torch.Tensor | None  # (K, N) fp32 max softmax probability, or None
+    predictions: torch.Tensor | None  # (K, N) int64 argmax, or None
+    token_loss: torch.Tensor | None  # (K, N) fp32 detached per-token CE (0 where ignored), or None
+
+
+def validate_inputs(
+    hiddens: Sequence[torch.Tensor] | torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    exit_weights: list[float],
+    ignore_index: int,
+) -> None:
+    """Raise ValueError naming the offending shape or value; never a host sync.
+
+    Shapes and weights are checked on the host. Target values are checked on the host only for
+    CPU tensors outside ``torch.compile`` (free there); on a GPU, or while compiling, the check
+    is ``torch._assert_async``, which raises a RuntimeError with the same message when the device
+    gets to it (at the next sync), so a training step never waits for it.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, D]; got shape {tuple(weight.shape)}")
+    V, D = weight.shape
+    if isinstance(hiddens, torch.Tensor):
+        if hiddens.dim() != 3:
+            raise ValueError(f"stacked hiddens must be [K, N, D]; got shape {tuple(hiddens.shape)}")
+        K, exit_shape = hiddens.shape[0], tuple(hiddens.shape[1:])
+    else:
+        shapes = [tuple(h.shape) for h in hiddens]
+        if not shapes or any(len(s) != 2 or s != shapes[0] for s in shapes):
+            raise ValueError(f"hiddens must be K ≥ 1 tensors of one shape [N, D]; got shapes {shapes}")
+        K, exit_shape = len(shapes), shapes[0]
+    N = exit_shape[0]
+    if exit_shape[1] != D:
+        raise ValueError(f"hidden size of hiddens {exit_shape} does not match head weight {tuple(weight.shape)}")
+    if tuple(targets.shape) != (N,):
+        raise ValueError(f"targets must have shape ({N},) to match hiddens {exit_shape}; got {tuple(targets.shape)}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be an integer tensor; got {targets.dtype}")
+    if K != len(exit_weights):
+        raise ValueError(f"{K} exits in hiddens but {len(exit_weights)} exit_weights")
+    for k, w in enumerate(exit_weights):
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f"exit_weights[{k}] = {w}; must be finite and >= 0")
+    if N == 0:
+        return
+    labelled = torch.where(targets == ignore_index, 0, targets)  # (N,)
+    allowed = f"[0, {V}) or ignore_index={ignore_index}"
+    if targets.device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(((labelled >= 0) & (labelled < V)).all(), f"a target value is outside {allowed}")
+        return
+    lo, hi = torch.aminmax(labelled)
+    bad = int(lo) if lo < 0 else int(hi) if hi >= V else None
+    if bad is not None:
+        raise ValueError(f"target value {bad} is outside {allowed}")
+
+
+def multi_exit_cross_entropy_reference(
+    hiddens: Sequence[torch.Tensor] | torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    exit_weights: Sequence[float],
+    ignore_index: int = -100,
+    return_stats: bool = False,
+    validate: bool = True,
+) -> MultiExitCEOutput:
+    """Eager reference: materialises each exit's ``[N, V]`` logits and calls ``F.cross_entropy``.
+
+    Same arguments and result as :func:`multi_exit_cross_entropy`. Computes in fp32, or in
+    float64 when the inputs are float64 (which is how the tests get an exact yardstick).
+    """
+    weights = [float(w) for w in exit_weights]
+    if validate:
+        validate_inputs(hiddens, weight, targets, weights, ignore_index)
+    dtype = torch.promote_types(torch.promote_types(hiddens[0].dtype, weight.dtype), torch.float32)
+    count = (targets != ignore_index).sum().clamp(min=1)
+    per_exit, confidence, predictions, token_loss = [], [], [], []
+    for h in hiddens:
+        logits = h.to(dtype) @ weight.to(dtype).T  # (N, V)
+        ce = torch.nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")  # (N,)
+        per_exit.append(ce.sum() / count)
+        if return_stats:
+            confidence.append(torch.exp(logits.amax(-1) - logits.logsumexp(-1)))  # (N,)
+            predictions.append(logits.argmax(-1))  # (N,)
+            token_loss.append(ce.detach())
+    per_exit = torch.stack(per_exit)  # (K,)
+    loss = sum(w * ce for w, ce in zip(weights, per_exit))  # Python weights: no host-to-device copy
+    stats = (torch.stack(confidence), torch.stack(predictions), torch.stack(token_loss)) if return_stats else (None,) * 3
+    return MultiExitCEOutput(loss, per_exit.detach(), *stats)
