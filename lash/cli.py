@@ -234,7 +234,7 @@ def run_train_command(args: argparse.Namespace, command: str) -> int:
     )  # fmt: skip
     model = DeepSupervisionTransformer(
         data.vocab_size, args.dim, args.num_layers, args.num_heads, max_seq_len=args.seq_len,
-        exit_layer=args.exit_layer, routing_threshold=args.routing_threshold,
+        exit_layer=args.exit_layer, routing_threshold=config.routing_threshold,
     ).to(trainer.device)  # fmt: skip
     optimizer = trainer.create_optimizer(model, args.lr, args.weight_decay)
     out = Path(args.out)

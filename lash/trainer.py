@@ -29,6 +29,7 @@ from lash.distributed import ShardedBatches, all_reduce_sum, init_distributed, l
 from lash.losses import exit_statistics, multi_exit_loss
 from lash.models import StandardTransformer
 from lash.optim import layer_param_groups, warmup_cosine
+from lash.routing import compute_cost, exits
 from lash.validation import check_device, check_int, check_optional_int, check_real, check_token_ids
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -378,10 +379,10 @@ class Trainer:
             sums[L : 2 * L] += hit.sum(dim=1)
             sums[-1] += valid.sum()
             if cfg.has_routing:
-                exits = (stats.confidence[exit_] >= cfg.routing_threshold) & valid  # (N,)
-                sums[-4] += torch.where(exits, stats.token_loss[exit_], stats.token_loss[out]).mul(valid).sum()
-                sums[-3] += torch.where(exits, hit[exit_], hit[out]).sum()
-                sums[-2] += exits.sum()
+                exited = exits(stats.confidence[exit_], cfg.routing_threshold) & valid  # (N,)
+                sums[-4] += torch.where(exited, stats.token_loss[exit_], stats.token_loss[out]).mul(valid).sum()
+                sums[-3] += torch.where(exited, hit[exit_], hit[out]).sum()
+                sums[-2] += exited.sum()
         model.train(was_training)
         if sharded is not None:
             sharded.reshard()
@@ -398,13 +399,12 @@ class Trainer:
             loss, acc, shallow_ratio = (s / n for s in sums[-4:-1])
         else:
             loss, acc, shallow_ratio = per_loss[out], per_acc[out], 0.0
-        compute_cost = (shallow_ratio * cfg.exit_layer + (1 - shallow_ratio) * cfg.output_layer) / cfg.output_layer
         return {
             "loss": loss,
             "ppl": perplexity(loss),
             "acc": acc,
             "shallow_ratio": shallow_ratio,
-            "compute_cost": compute_cost,
+            "compute_cost": compute_cost(shallow_ratio, cfg.exit_layer, cfg.output_layer),
             "weighted_loss": sum(cfg.weight(layer) * per_loss[layer - 1] for layer in cfg.active_layers),
             "tokens": int(n),
             "output_layer": cfg.output_layer,

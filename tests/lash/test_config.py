@@ -61,7 +61,7 @@ def test_depth_checks():
         TrainingConfig(layer_weights={4: 1}).validate_for(3)
     with pytest.raises(ValueError, match=r"layer_lr_scales: layer index 5 is outside \[1, 3\]"):
         TrainingConfig(layer_weights={3: 1}, layer_lr_scales={5: 1.0}).validate_for(3)
-    with pytest.raises(ValueError, match=r"exit_layer=3 must be a shallower layer .* \[1, 2\]"):
+    with pytest.raises(ValueError, match=r"exit_layer=3 is outside \[1, 2\] \(a layer shallower than layer 3\)"):
         TrainingConfig(layer_weights={3: 1}, routing_threshold=0.5, exit_layer=3).validate_for(3)
     with pytest.raises(ValueError, match="exit_layer: layer index 5"):
         TrainingConfig(layer_weights={3: 1}, exit_layer=5).validate_for(3)
