@@ -26,6 +26,7 @@ from torch import nn
 
 from lash.config import ASHEMConfig, TrainingConfig, create_standard_config
 from lash.data import TokenBatches
+from lash.evaluation import evaluate
 from lash.files import write_atomic
 from lash.losses import exit_statistics
 from lash.models import DeepSupervisionTransformer
@@ -143,8 +144,8 @@ def evaluate_on_hard_examples(
     model: DeepSupervisionTransformer, examples: HardExamples, batch_size: int = 64, device: str | torch.device = "cpu"
 ) -> dict[str, float]:
     """Loss, perplexity and accuracy of the model's last layer on the hard tokens only."""
-    trainer = Trainer(create_standard_config(model.num_layers), model.vocab_size, device, progress=False)
-    stats = trainer.evaluate(model, examples.batches(batch_size))
+    config = create_standard_config(model.num_layers)
+    stats = evaluate(model, examples.batches(batch_size), config, torch.device(device), IGNORE_INDEX)
     return {key: stats[key] for key in ("loss", "ppl", "acc", "tokens")}
 
 
@@ -266,7 +267,7 @@ def run_ashem(
         verbose=verbose,
     )
     seconds["phase1"] = time.perf_counter() - start
-    phase1_stats = trainer1.evaluate(model1, val_batches)
+    phase1_stats = evaluate(model1, val_batches, trainer1.config, device)
 
     start = time.perf_counter()
     mine_from = val_batches if config.protocol == "reference" else train_batches
@@ -291,12 +292,11 @@ def run_ashem(
     hard_after = evaluate_on_hard_examples(model2, val_hard, batch_size, device)
 
     start = time.perf_counter()
-    full = Trainer(create_standard_config(config.phase2_layers), vocab_size, device, progress=False)
-    phase2_stats = full.evaluate(model2, val_batches)
+    phase2_stats = evaluate(model2, val_batches, create_standard_config(config.phase2_layers), device)
     routed = TrainingConfig(
         layer_weights={config.phase2_layers: 1.0}, routing_threshold=threshold, exit_layer=config.phase1_layers
     )
-    routing = Trainer(routed, vocab_size, device, progress=False).evaluate(model2, val_batches)
+    routing = evaluate(model2, val_batches, routed, device)
     seconds["evaluation"] = time.perf_counter() - start
 
     counts, edges = torch.histogram(mined_conf.flatten().double(), bins=50, range=(0.0, 1.0))

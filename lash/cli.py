@@ -27,7 +27,8 @@ from lash.distributed import shutdown_distributed
 from lash.files import check_writable_dir, write_atomic
 from lash.models import DeepSupervisionTransformer
 from lash.report import summary_table, write_report
-from lash.trainer import DISTRIBUTED, PRECISIONS, NonFiniteLossError, Trainer
+from lash.parallel import DISTRIBUTED, PRECISIONS
+from lash.trainer import NonFiniteLossError, Trainer
 from lash.validation import check_device, check_int, check_real
 
 # --quick: a small ASHEM run that finishes in a few minutes on two CPU cores.

@@ -15,7 +15,6 @@ import contextlib
 import itertools
 import logging
 import math
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +22,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lash import checkpoint
+from lash import checkpoint, evaluation, parallel
 from lash.config import TrainingConfig
 from lash.distributed import ShardedBatches, all_reduce_sum, init_distributed, launched_by_torchrun
-from lash.losses import exit_statistics, multi_exit_loss
+from lash.evaluation import Batches
+from lash.losses import multi_exit_loss
 from lash.models import StandardTransformer
 from lash.optim import layer_param_groups, warmup_cosine
-from lash.routing import compute_cost, exits
+from lash.parallel import DISTRIBUTED, PRECISIONS
 from lash.validation import check_device, check_int, check_optional_int, check_real, check_token_ids
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-DISTRIBUTED = ("ddp", "fsdp")
 logger = logging.getLogger("lash")
 
 # Steps between host syncs that check the loss is finite and refresh the progress bar: a sync
@@ -44,11 +41,6 @@ _SYNC_EVERY = 25
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
-
-
-def perplexity(loss: float) -> float:
-    """``exp(loss)``, infinite instead of overflowing."""
-    return math.exp(loss) if loss < 700 else math.inf
 
 
 class _WeightedLoss(nn.Module):
@@ -140,6 +132,10 @@ class Trainer:
     def world_size(self) -> int:
         return 1 if self.dist is None else self.dist.world_size
 
+    @property
+    def _is_sharded(self) -> bool:
+        return self.world_size > 1 and self.distributed == "fsdp"
+
     def _prepare(self, model: StandardTransformer) -> None:
         """Check the model against the config, the vocabulary and the device before any work."""
         self.config.validate_for(model.num_layers)
@@ -153,8 +149,7 @@ class Trainer:
             raise ValueError(f"model is on {param_device} but Trainer device is {self.device}; move one of them")
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        dtype = PRECISIONS[self.precision]
-        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        return parallel.autocast(self.device, self.precision)
 
     def _shard(self, batches: Batches) -> Batches:
         return ShardedBatches(batches, self.dist) if self.world_size > 1 else batches
@@ -162,20 +157,12 @@ class Trainer:
     def _runner(self, model: StandardTransformer) -> nn.Module:
         """The loss module for ``model``: wrapped in DDP/FSDP2 under torchrun, compiled on request."""
         if id(model) not in self._runners:
-            runner: nn.Module = _WeightedLoss(model, self.config, self.ignore_index)
-            if self.world_size > 1 and self.distributed == "fsdp":
-                from torch.distributed.fsdp import fully_shard
-
-                for block in model.layers:
-                    fully_shard(block)
-                runner = self._sharded[id(model)] = fully_shard(runner)
-            elif self.world_size > 1:
-                ids = [self.device.index] if self.device.type == "cuda" else None
-                unused = self.config.output_layer < model.num_layers  # deeper layers never run
-                runner = nn.parallel.DistributedDataParallel(runner, device_ids=ids, find_unused_parameters=unused)
-            if self.compile:
-                runner = torch.compile(runner)
+            unused = self.config.output_layer < model.num_layers  # deeper layers never run
+            loss = _WeightedLoss(model, self.config, self.ignore_index)
+            runner, root = parallel.wrap(loss, model, self.device, self.world_size, self.distributed, unused, self.compile)
             self._runners[id(model)] = runner
+            if root is not None:
+                self._sharded[id(model)] = root
         return self._runners[id(model)]
 
     def compute_loss(self, model: StandardTransformer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -249,12 +236,14 @@ class Trainer:
         if hasattr(train_batches, "epoch"):
             train_batches.epoch = self.epochs_trained
         resumed_at = self.batches_into_epoch
-        batches = itertools.islice(self._shard(train_batches), resumed_at, None)
+        shard = self._shard(train_batches)
+        batches = itertools.islice(shard, resumed_at, None)
+        total = len(shard) - resumed_at if hasattr(shard, "__len__") else None  # tqdm's ETA
         runner = self._runner(model)
         params = [p for p in model.parameters() if p.requires_grad]
         losses: list[torch.Tensor] = []
         checked, accumulated, completed = 0, 0, True
-        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not self.progress, leave=False)
+        bar = tqdm(batches, desc=f"epoch {epoch}", total=total, disable=not self.progress, leave=False)
         for x, y in bar:
             if max_steps is not None and self.global_step >= max_steps:
                 completed = False
@@ -342,74 +331,17 @@ class Trainer:
             raise NonFiniteLossError(f"training loss became {recent[step - checked - 1].item()} at epoch {epoch}, step {step}")
         return len(losses)
 
-    @torch.no_grad()
     def evaluate(self, model: StandardTransformer, val_batches: Batches) -> dict[str, Any]:
-        """Loss, perplexity and accuracy of the model's answer, of every exit, and of routing.
-
-        The model answers from its output layer (the deepest weighted layer; the last layer in
-        every preset). With routing on, a token whose confidence at ``exit_layer`` is at least
-        ``routing_threshold`` takes the exit layer's prediction instead. All layers still run:
-        this is the seed's selection-based measure, and ``compute_cost`` is its accounting,
-        (shallow · exit_layer + deep · output_layer) / (tokens · output_layer). Under torchrun
-        each rank evaluates its rows and the sums are all-reduced.
-
-        Returns:
-            ``loss``, ``ppl``, ``acc``, ``shallow_ratio``, ``compute_cost``, ``weighted_loss``
-            (the training objective), ``tokens``, ``output_layer`` and ``per_layer``
-            ({layer: {loss, ppl, acc}} for every layer).
-        """
+        """:func:`lash.evaluation.evaluate` under this trainer's config, device, precision and sharding."""
         self._prepare(model)
         sharded = self._sharded.get(id(model))
         if sharded is not None:
             sharded.unshard()  # evaluation bypasses the root's forward hooks, so gather explicitly
-        was_training = model.training
-        model.eval()
-        cfg, L = self.config, model.num_layers
-        out, exit_ = cfg.output_layer - 1, cfg.exit_layer - 1
-        # Sums over tokens: per-layer loss and correct (2L), routed loss, correct, shallow, tokens.
-        sums = torch.zeros(2 * L + 4, device=self.device, dtype=torch.float64)
-        for x, y in self._shard(val_batches):
-            y = y.to(self.device).reshape(-1)
-            with self._autocast():
-                hiddens = model.hidden_states(x.to(self.device))
-                stats = exit_statistics(hiddens, model.output_head.weight, y, self.ignore_index)
-            valid = stats.valid
-            hit = (stats.predictions == y) & valid  # (L, N)
-            sums[:L] += (stats.token_loss * valid).sum(dim=1)
-            sums[L : 2 * L] += hit.sum(dim=1)
-            sums[-1] += valid.sum()
-            if cfg.has_routing:
-                exited = exits(stats.confidence[exit_], cfg.routing_threshold) & valid  # (N,)
-                sums[-4] += torch.where(exited, stats.token_loss[exit_], stats.token_loss[out]).mul(valid).sum()
-                sums[-3] += torch.where(exited, hit[exit_], hit[out]).sum()
-                sums[-2] += exited.sum()
-        model.train(was_training)
-        if sharded is not None:
-            sharded.reshard()
-        sums = all_reduce_sum(sums).tolist()
-        n = sums[-1]
-        if n == 0:
-            raise ValueError("val_batches held no token with a label")
-        per_loss, per_acc = [s / n for s in sums[:L]], [s / n for s in sums[L : 2 * L]]
-        per_layer = {
-            layer: {"loss": per_loss[layer - 1], "ppl": perplexity(per_loss[layer - 1]), "acc": per_acc[layer - 1]}
-            for layer in range(1, L + 1)
-        }
-        if cfg.has_routing:
-            loss, acc, shallow_ratio = (s / n for s in sums[-4:-1])
-        else:
-            loss, acc, shallow_ratio = per_loss[out], per_acc[out], 0.0
-        return {
-            "loss": loss,
-            "ppl": perplexity(loss),
-            "acc": acc,
-            "shallow_ratio": shallow_ratio,
-            "compute_cost": compute_cost(shallow_ratio, cfg.exit_layer, cfg.output_layer),
-            "weighted_loss": sum(cfg.weight(layer) * per_loss[layer - 1] for layer in cfg.active_layers),
-            "tokens": int(n),
-            "output_layer": cfg.output_layer,
-            "per_layer": per_layer,
-        }
+        try:
+            return evaluation.evaluate(model, self._shard(val_batches), self.config, self.device, self.ignore_index, self.precision)
+        finally:
+            if sharded is not None:
+                sharded.reshard()
 
     def train_with_early_stopping(
         self,
@@ -474,11 +406,12 @@ class Trainer:
         return result
 
     def _report(self, line: str, verbose: bool) -> None:
-        """Log a progress line; print it too (beside the tqdm bars) when ``verbose``; rank 0 only."""
+        """Log a progress line, and with ``verbose`` print it (beside the tqdm bars) unless a
+        logging handler already shows it, so it appears once; rank 0 only."""
         if not self.is_main:
             return
         logger.info(line)
-        if verbose:
+        if verbose and not (logger.isEnabledFor(logging.INFO) and logger.hasHandlers()):
             tqdm.write(line)
 
     def state_dict(self) -> dict[str, Any]:
@@ -515,7 +448,7 @@ class Trainer:
         """
         if self.model is None or self.optimizer is None:
             raise ValueError("save_checkpoint needs a model and optimizer: call create_optimizer first")
-        model_state, optim_state = self._full_states()
+        model_state, optim_state = parallel.full_states(self.model, self.optimizer, self._is_sharded)
         if self.is_main:
             payload = {
                 "model": model_state,
@@ -526,14 +459,6 @@ class Trainer:
                 "extra": extra or {},
             }
             checkpoint.save_atomic(payload, path)
-
-    def _full_states(self) -> tuple[dict, dict]:
-        """Model and optimizer state dicts; gathered in full when FSDP2 shards them."""
-        if self.world_size > 1 and self.distributed == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-            return get_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return self.model.state_dict(), self.optimizer.state_dict()
 
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
         """Restore what :meth:`save_checkpoint` saved into the last :meth:`create_optimizer` pair.
@@ -549,17 +474,10 @@ class Trainer:
             raise ValueError("load_checkpoint needs a model and optimizer: call create_optimizer first")
         payload = checkpoint.load(path)
         checkpoint.check_model_state(payload["model"], self.model, path)
-        self._check_compatible(payload, path)
-        if self.world_size > 1 and self.distributed == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-            set_state_dict(
-                self.model, self.optimizer, model_state_dict=payload["model"],
-                optim_state_dict=payload["optimizer"], options=StateDictOptions(full_state_dict=True),
-            )  # fmt: skip
-        else:
-            self.model.load_state_dict(payload["model"])
-            self.optimizer.load_state_dict(payload["optimizer"])
+        checkpoint.check_resumable(
+            payload, path, self.config.as_dict(), self._settings(), self.optimizer, self.scheduler is not None
+        )
+        parallel.load_full_states(self.model, self.optimizer, payload["model"], payload["optimizer"], self._is_sharded)
         state = payload["trainer"]
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -569,37 +487,3 @@ class Trainer:
         self.partial_epoch_loss = tuple(state["partial_epoch_loss"])
         checkpoint.set_rng_state(payload["rng"])
         return payload["extra"]
-
-    def _check_compatible(self, payload: dict[str, Any], path: str | Path) -> None:
-        """Raise ``ValueError`` unless the checkpoint was saved by a run set up like this one."""
-        state = payload["trainer"]
-        for key in ("epochs_trained", "global_step", "batches_into_epoch"):
-            if isinstance(state.get(key), bool) or not isinstance(state.get(key), int) or state[key] < 0:
-                raise ValueError(f"checkpoint {path} is damaged: its trainer {key} is {state.get(key)!r}")
-        partial = state.get("partial_epoch_loss")
-        if not (isinstance(partial, list) and len(partial) == 2 and isinstance(partial[0], float) and isinstance(partial[1], int)):
-            raise ValueError(f"checkpoint {path} is damaged: its trainer partial_epoch_loss is {partial!r}")
-        if "settings" not in state or not isinstance(state["settings"], (dict, type(None))) or not isinstance(state.get("scaler"), dict):
-            raise ValueError(f"checkpoint {path} is damaged: its trainer settings or scaler state are missing")
-        if payload["config"] != self.config.as_dict():
-            raise ValueError(f"checkpoint {path} was trained with {payload['config']}, this trainer has {self.config.as_dict()}")
-        saved_settings = state["settings"] or self._settings()  # None: converted from v1, which did not record them
-        for key, mine in self._settings().items():
-            if saved_settings.get(key) != mine:
-                raise ValueError(
-                    f"checkpoint {path} was trained with {key}={saved_settings.get(key)!r}, this trainer has {key}={mine!r}"
-                )
-        if (state.get("scheduler") is None) != (self.scheduler is None):
-            raise ValueError(f"checkpoint {path} and this trainer disagree on having a learning-rate schedule")
-        groups = payload["optimizer"].get("param_groups")
-        if not isinstance(groups, list) or len(groups) != len(self.optimizer.param_groups):
-            raise ValueError(f"checkpoint {path} has an optimizer with a different number of param groups")
-        for saved, own in zip(groups, self.optimizer.param_groups):
-            # The schedule moves "lr" (its base is "initial_lr"); without one, "lr" is the setting.
-            skip = {"params", "lr"} if self.scheduler is not None else {"params"}
-            for key in sorted(own.keys() - skip):
-                if saved.get(key) != own[key]:
-                    raise ValueError(
-                        f"checkpoint {path} has {key}={saved.get(key)!r} in param group {own.get('name', '?')}, "
-                        f"this optimizer has {own[key]!r}: create the optimizer with the checkpoint's settings"
-                    )

@@ -353,3 +353,21 @@ def test_trainer_rejects_unknown_or_missing_devices():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device='cuda': this machine has no cuda device"):
             Trainer(TrainingConfig(layer_weights={1: 1}), V, device="cuda")
+
+
+def test_epoch_lines_are_printed_once_when_logging_shows_them(capsys):
+    import logging
+    import sys
+
+    handler, logger = logging.StreamHandler(sys.stdout), logging.getLogger("lash")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        model, trainer = tiny(), Trainer(TrainingConfig(layer_weights={3: 1}), V, progress=False)
+        trainer.train_with_early_stopping(model, make_batches(), make_batches(seed=1), trainer.create_optimizer(model, 1e-3), max_epochs=1)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+    assert capsys.readouterr().out.count("epoch 1: train loss") == 1
+    trainer.train_with_early_stopping(model, make_batches(), make_batches(seed=1), trainer.create_optimizer(model, 1e-3), max_epochs=1)
+    assert capsys.readouterr().out.count("epoch 1: train loss") == 1  # no handler: printed instead
