@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lash import parallel
 from lash.files import write_atomic
 
 FORMAT = "lash-checkpoint-v2"
@@ -251,3 +252,37 @@ def check_resumable(
                     f"checkpoint {path} has {key}={saved.get(key)!r} in param group {own.get('name', '?')}, "
                     f"this optimizer has {own[key]!r}: create the optimizer with the checkpoint's settings"
                 )
+
+
+def save_training(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sections: dict[str, Any], *,
+                  sharded: bool, write: bool) -> None:  # fmt: skip
+    """Save a training run atomically: model, optimizer and RNG states plus ``sections``
+    (``trainer`` state, ``config``, ``extra``).
+
+    Every process takes part in gathering a sharded model's state; only ``write`` ones write.
+    """
+    model_state, optim_state = parallel.full_states(model, optimizer, sharded)
+    if write:
+        save_atomic({"model": model_state, "optimizer": optim_state, "rng": rng_state(), **sections}, path)
+
+
+def load_training(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: dict[str, Any],
+    settings: dict[str, Any],
+    has_scheduler: bool,
+    sharded: bool,
+) -> dict[str, Any]:
+    """Check a saved run against this one (see :func:`check_resumable`), then load its model,
+    optimizer and RNG states; return the payload (for the trainer's own state and ``extra``).
+
+    Nothing changes unless every check passes.
+    """
+    payload = load(path)
+    check_model_state(payload["model"], model, path)
+    check_resumable(payload, path, config, settings, optimizer, has_scheduler)
+    parallel.load_full_states(model, optimizer, payload["model"], payload["optimizer"], sharded)
+    set_rng_state(payload["rng"])
+    return payload

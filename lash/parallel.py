@@ -12,6 +12,7 @@ import contextlib
 import torch
 from torch import nn
 
+from lash.distributed import all_reduce_sum
 from lash.models import StandardTransformer
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -81,3 +82,18 @@ def load_full_states(model: nn.Module, optimizer: torch.optim.Optimizer, model_s
     else:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
+
+
+def scale_for_ranks(loss: torch.Tensor, y: torch.Tensor, ignore_index: int, world_size: int) -> torch.Tensor:
+    """Scale a rank's mean loss so DDP's gradient average is the global batch's mean.
+
+    Rank r's loss is a mean over its n_r labelled tokens; multiplying by
+    ``world_size · n_r / Σ n`` makes the average over ranks Σ (sum_r) / Σ n, exact even when
+    a batch does not split evenly. The mean of the scaled losses over ranks is therefore the
+    global batch's loss, which is what ``Trainer.train_epoch`` reports.
+    """
+    if world_size == 1:
+        return loss
+    local = (y != ignore_index).sum().float()
+    total = all_reduce_sum(local.clone())
+    return loss * (world_size * local / total.clamp(min=1))

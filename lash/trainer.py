@@ -56,6 +56,18 @@ class _WeightedLoss(nn.Module):
         return multi_exit_loss(hiddens, self.model.output_head.weight, y, self.weights, self.ignore_index)
 
 
+def check_finite(losses: list[torch.Tensor], checked: int, epoch: int) -> int:
+    """Raise on the first non-finite loss after index ``checked``; return the new index."""
+    if checked == len(losses):
+        return checked
+    recent = torch.stack(losses[checked:])
+    finite = torch.isfinite(recent)
+    if not bool(finite.all()):
+        step = checked + int((~finite).nonzero()[0]) + 1
+        raise NonFiniteLossError(f"training loss became {recent[step - checked - 1].item()} at epoch {epoch}, step {step}")
+    return len(losses)
+
+
 class Trainer:
     """Trains and evaluates LASH models under a :class:`TrainingConfig`.
 
@@ -261,7 +273,7 @@ class Trainer:
             sync = accumulated == self.grad_accum_steps
             no_sync = getattr(runner, "no_sync", None)
             with contextlib.nullcontext() if sync or no_sync is None else no_sync(), self._autocast():
-                loss = self._distributed_scale(runner(x, y), y)
+                loss = parallel.scale_for_ranks(runner(x, y), y, self.ignore_index, self.world_size)
             self.scaler.scale(loss / self.grad_accum_steps).backward()
             losses.append(loss.detach())
             self.batches_into_epoch += 1
@@ -269,7 +281,7 @@ class Trainer:
                 self._optimizer_step(params, optimizer, grad_clip)
                 accumulated = 0
             if len(losses) % _SYNC_EVERY == 0:
-                checked = self._check_finite(losses, checked, epoch)
+                checked = check_finite(losses, checked, epoch)
                 bar.set_postfix(loss=f"{torch.stack(losses[-_SYNC_EVERY:]).mean().item():.4f}")
         if accumulated:
             self._optimizer_step(params, optimizer, grad_clip)
@@ -280,7 +292,7 @@ class Trainer:
             if not completed or resumed_at:
                 return math.nan
             raise ValueError("train_batches yielded no batch with a labelled target")
-        self._check_finite(losses, checked, epoch)
+        check_finite(losses, checked, epoch)
         # fp64 sums of fp32 losses are exact, so an epoch split by a stop sums to the same value.
         total = torch.tensor(carried_sum, dtype=torch.float64, device=self.device)
         if losses:
@@ -294,20 +306,6 @@ class Trainer:
             self.partial_epoch_loss = (total.item(), count)
         return (all_reduce_sum(total / count) / self.world_size).item()
 
-    def _distributed_scale(self, loss: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Scale a rank's mean loss so DDP's gradient average is the global batch's mean.
-
-        Rank r's loss is a mean over its n_r labelled tokens; multiplying by
-        ``world_size · n_r / Σ n`` makes the average over ranks Σ (sum_r) / Σ n, exact even when
-        a batch does not split evenly. The mean of the scaled losses over ranks is therefore the
-        global batch's loss, which is what ``train_epoch`` reports.
-        """
-        if self.world_size == 1:
-            return loss
-        local = (y != self.ignore_index).sum().float()
-        total = all_reduce_sum(local.clone())
-        return loss * (self.world_size * local / total.clamp(min=1))
-
     def _optimizer_step(self, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
         if grad_clip:
             self.scaler.unscale_(optimizer)
@@ -318,18 +316,6 @@ class Trainer:
         if self.scheduler is not None and self.scheduler.optimizer is optimizer:
             self.scheduler.step()
         self.global_step += 1
-
-    @staticmethod
-    def _check_finite(losses: list[torch.Tensor], checked: int, epoch: int) -> int:
-        """Raise on the first non-finite loss after index ``checked``; return the new index."""
-        if checked == len(losses):
-            return checked
-        recent = torch.stack(losses[checked:])
-        finite = torch.isfinite(recent)
-        if not bool(finite.all()):
-            step = checked + int((~finite).nonzero()[0]) + 1
-            raise NonFiniteLossError(f"training loss became {recent[step - checked - 1].item()} at epoch {epoch}, step {step}")
-        return len(losses)
 
     def evaluate(self, model: StandardTransformer, val_batches: Batches) -> dict[str, Any]:
         """:func:`lash.evaluation.evaluate` under this trainer's config, device, precision and sharding."""
@@ -448,17 +434,8 @@ class Trainer:
         """
         if self.model is None or self.optimizer is None:
             raise ValueError("save_checkpoint needs a model and optimizer: call create_optimizer first")
-        model_state, optim_state = parallel.full_states(self.model, self.optimizer, self._is_sharded)
-        if self.is_main:
-            payload = {
-                "model": model_state,
-                "optimizer": optim_state,
-                "trainer": self.state_dict(),
-                "rng": checkpoint.rng_state(),
-                "config": self.config.as_dict(),
-                "extra": extra or {},
-            }
-            checkpoint.save_atomic(payload, path)
+        sections = {"trainer": self.state_dict(), "config": self.config.as_dict(), "extra": extra or {}}
+        checkpoint.save_training(path, self.model, self.optimizer, sections, sharded=self._is_sharded, write=self.is_main)
 
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
         """Restore what :meth:`save_checkpoint` saved into the last :meth:`create_optimizer` pair.
@@ -472,12 +449,8 @@ class Trainer:
         """
         if self.model is None or self.optimizer is None:
             raise ValueError("load_checkpoint needs a model and optimizer: call create_optimizer first")
-        payload = checkpoint.load(path)
-        checkpoint.check_model_state(payload["model"], self.model, path)
-        checkpoint.check_resumable(
-            payload, path, self.config.as_dict(), self._settings(), self.optimizer, self.scheduler is not None
-        )
-        parallel.load_full_states(self.model, self.optimizer, payload["model"], payload["optimizer"], self._is_sharded)
+        payload = checkpoint.load_training(path, self.model, self.optimizer, self.config.as_dict(), self._settings(),
+                                           self.scheduler is not None, self._is_sharded)  # fmt: skip
         state = payload["trainer"]
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -485,5 +458,4 @@ class Trainer:
         self.epochs_trained, self.global_step = state["epochs_trained"], state["global_step"]
         self.batches_into_epoch = state["batches_into_epoch"]
         self.partial_epoch_loss = tuple(state["partial_epoch_loss"])
-        checkpoint.set_rng_state(payload["rng"])
         return payload["extra"]
