@@ -8,7 +8,7 @@ to the hard tokens, so attention still sees the whole context. At inference a to
 phase-1 layers are confident about exits there (two-stage routing); the rest go deeper.
 
 Everything reported is measured on the validation split. ``protocol="reference"`` instead
-repeats the seed's protocol (hard tokens mined from the validation set, phase 2 trained and
+repeats the original description's protocol (hard tokens mined from the validation set, phase 2 trained and
 measured on them as single-token sequences) so its published table can be compared like for like.
 """
 
@@ -53,14 +53,16 @@ class HardExamples(NamedTuple):
         return TokenBatches(self.inputs, self.targets.masked_fill(~self.hard, IGNORE_INDEX), batch_size, shuffle, seed)
 
     def single_tokens(self) -> HardExamples:
-        """Each hard token alone as a length-1 sequence: the seed's phase-2 data (no context)."""
+        """Each hard token alone as a length-1 sequence: the original description's phase-2 data (no context)."""
         x, y = self.inputs[self.hard][:, None], self.targets[self.hard][:, None]  # (m, 1)
         return HardExamples(x, y, torch.ones_like(x, dtype=torch.bool))
 
 
 @torch.no_grad()
-def _token_confidence(model: DeepSupervisionTransformer, batches: Batches, device: torch.device) -> HardExamples:
-    """Inputs, targets and the output layer's confidence of every token, gathered over ``batches``."""
+def _token_confidence(
+    model: DeepSupervisionTransformer, batches: Batches, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs, targets and the output layer's confidence of every token ``(n, T)``, over ``batches``."""
     model.eval()
     xs, ys, confs = [], [], []
     for x, y in batches:
@@ -68,12 +70,12 @@ def _token_confidence(model: DeepSupervisionTransformer, batches: Batches, devic
         confs.append(exit_statistics(h, model.output_head.weight, y.to(device)).confidence[0].view_as(x).cpu())
         xs.append(x)
         ys.append(y)
-    return HardExamples(torch.cat(xs), torch.cat(ys), torch.cat(confs))
+    return torch.cat(xs), torch.cat(ys), torch.cat(confs)
 
 
 def compute_confidence(model: DeepSupervisionTransformer, batches: Batches, device: str | torch.device = "cpu") -> torch.Tensor:
     """Max softmax probability of the model's last layer for every token: ``(n, T)``."""
-    return _token_confidence(model, batches, torch.device(device)).hard
+    return _token_confidence(model, batches, torch.device(device))[2]
 
 
 def compute_confidence_threshold(confidence: torch.Tensor, hard_example_ratio: float) -> float:
@@ -88,8 +90,8 @@ def collect_hard_examples(
     model: DeepSupervisionTransformer, batches: Batches, threshold: float, device: str | torch.device = "cpu"
 ) -> HardExamples:
     """Every sequence of ``batches`` with the mask of tokens whose confidence is below ``threshold``."""
-    gathered = _token_confidence(model, batches, torch.device(device))
-    return gathered._replace(hard=gathered.hard < threshold)
+    inputs, targets, confidence = _token_confidence(model, batches, torch.device(device))
+    return HardExamples(inputs, targets, confidence < threshold)
 
 
 def extend_model(model: DeepSupervisionTransformer, phase2_layers: int) -> DeepSupervisionTransformer:
@@ -102,7 +104,7 @@ def extend_model(model: DeepSupervisionTransformer, phase2_layers: int) -> DeepS
     so a gain ``g2 = rms(w)`` gives back ``h`` up to the per-token factor ``rms(w) / rms(u · w)``,
     which is close to 1 and never changes a prediction. With fully random new layers the
     phase-2 model starts far worse than phase 1, and with unit gains the logits start rescaled
-    by ``1 / rms(w)``; either way the seed's small phase-2 learning rate spends its epochs
+    by ``1 / rms(w)``; either way the original description's small phase-2 learning rate spends its epochs
     undoing the start. ``exit_layer`` is the last copied layer.
     """
     if phase2_layers <= model.num_layers:

@@ -126,9 +126,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "ashem" and args.quick:
-        sub = parser._subparsers._group_actions[0].choices["ashem"]
+        defaults = parser.parse_args(["ashem"])  # --quick changes only the values left at their default
         for key, value in QUICK.items():
-            if getattr(args, key) == sub.get_default(key):
+            if getattr(args, key) == getattr(defaults, key):
                 setattr(args, key, value)
     return args
 

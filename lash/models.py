@@ -148,7 +148,7 @@ class DeepSupervisionTransformer(StandardTransformer):
 
         Every token still attends over the full sequence, so the deeper layers run for the whole
         sequence unless every token exits (then they are skipped). ``compute_cost`` is
-        :func:`lash.routing.compute_cost`, the seed's accounting.
+        :func:`lash.routing.compute_cost`, the original description's accounting.
 
         Returns:
             ``(logits (B, T, V), stats)`` with ``shallow_ratio`` and ``compute_cost``.

@@ -1,4 +1,4 @@
-"""The seed's reference model, restated step by step in eager PyTorch.
+"""The original description's reference model, restated step by step in eager PyTorch.
 
 It keeps the reference's derived buffers (``rope.inv_freq``, ``causal_mask``) in its state dict,
 as the reference's checkpoints do, and computes attention by hand. Tests use it to check that

@@ -1,6 +1,6 @@
 """Real early exit: confident tokens stop at ``exit_layer`` and the deeper layers skip their work.
 
-The seed's routing (:meth:`DeepSupervisionTransformer.forward_inference`, ``Trainer.evaluate``)
+The original description's routing (:meth:`DeepSupervisionTransformer.forward_inference`, ``Trainer.evaluate``)
 *selects* between the exit layer's and the last layer's predictions after running every layer
 for every token. Here the deeper layers really run only for the tokens that did not exit:
 
@@ -15,7 +15,7 @@ for every token. Here the deeper layers really run only for the tokens that did 
    for the attention, whose queries read their own row's keys causally).
 4. Exited tokens answer with the exit logits, the others with the last layer's.
 
-The answer differs from the seed's selection-only routing: a deep token's attention reads the
+The answer differs from the original description's selection-only routing: a deep token's attention reads the
 propagated (exit-layer) states of exited tokens instead of their true deep states.
 
 Also here: :func:`calibrate_threshold`, which picks a threshold on held-out batches.
@@ -81,7 +81,7 @@ def exits(confidence: torch.Tensor, threshold: float | None) -> torch.Tensor:
 
 
 def compute_cost(shallow_ratio: float, exit_layer: int, num_layers: int) -> float:
-    """The seed's cost: (shallow · exit_layer + deep · num_layers) / (tokens · num_layers)."""
+    """The original description's cost: (shallow · exit_layer + deep · num_layers) / (tokens · num_layers)."""
     return (shallow_ratio * exit_layer + (1 - shallow_ratio) * num_layers) / num_layers
 
 
@@ -236,7 +236,7 @@ def early_exit_forward(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Early-exit inference that skips the deeper layers' work for confident tokens.
 
-    See the module docstring for the rule. Unlike the seed's selection-only routing, non-exited
+    See the module docstring for the rule. Unlike the original description's selection-only routing, non-exited
     tokens attend to exited tokens' propagated exit-layer states, so their logits differ from
     the full model's whenever any earlier token exited.
 
@@ -306,7 +306,7 @@ def calibrate_threshold(
         target_shallow_ratio: in [0, 1]: the threshold at which this fraction of the tokens has
             exit confidence ``>= threshold`` (ties may add a few).
         max_accuracy_drop: in [0, 1]: the lowest threshold whose *selection-based* accuracy
-            (the seed's ``Trainer.evaluate`` rule: exited tokens scored with the exit layer's
+            (the original description's ``Trainer.evaluate`` rule: exited tokens scored with the exit layer's
             prediction, the rest with the last layer's, all layers computed normally) is at
             least the last layer's accuracy minus this drop. The early-exit path
             (:func:`early_exit_forward`) can score a little differently, since deep tokens see

@@ -1,4 +1,4 @@
-"""The package's shape: every ``lash`` module imports, and none takes part in an import cycle."""
+"""The package's shape: every ``lash`` module imports, none takes part in an import cycle, none is too long."""
 
 import ast
 import importlib
@@ -69,3 +69,9 @@ def test_no_import_cycle():
     for module in sorted(graph):
         walk(module, [])
 
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_files_are_short_enough_to_read(module):
+    lines = MODULES[module].read_text().count("\n")
+    assert lines <= 500, f"{module} has {lines} lines (at most 500)"
