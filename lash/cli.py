@@ -250,11 +250,10 @@ def run_train_command(args: argparse.Namespace, command: str) -> int:
     start = time.perf_counter()
     if trainer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(trainer.device)
-    while trainer.epochs_trained < epochs and (limit is None or trainer.global_step < limit):
-        before = trainer.global_step
-        train_loss = trainer.train_epoch(model, data.train, optimizer, args.grad_clip, limit)
+    before = trainer.global_step
+    for train_loss, stats in trainer.epochs(model, data.train, data.val, optimizer, args.grad_clip, epochs, limit):
         tokens += (trainer.global_step - before) * args.grad_accum * args.batch_size * args.seq_len
-        stats = trainer.evaluate(model, data.val)
+        before = trainer.global_step
         history.append({"epoch": trainer.epochs_trained, "step": trainer.global_step, "train_loss": train_loss} | stats)
         if trainer.is_main:
             logging.info("step %d: train loss %.4f | val loss %.4f ppl %.2f acc %.4f",

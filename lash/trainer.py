@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -329,6 +330,27 @@ class Trainer:
             if sharded is not None:
                 sharded.reshard()
 
+    def epochs(
+        self,
+        model: StandardTransformer,
+        train_batches: Batches,
+        val_batches: Batches,
+        optimizer: torch.optim.Optimizer,
+        grad_clip: float | None = 1.0,
+        max_epochs: int | None = None,
+        max_steps: int | None = None,
+    ) -> Iterator[tuple[float, dict[str, Any]]]:
+        """The training loop: :meth:`train_epoch` then :meth:`evaluate`, yielding ``(train_loss, stats)``.
+
+        Runs until ``epochs_trained`` reaches ``max_epochs`` or ``global_step`` reaches
+        ``max_steps`` (counted from the start of the run, so a resumed run stops where the
+        uninterrupted one would), or until the caller stops iterating. Early stopping and the
+        CLI both drive this one loop.
+        """
+        while (max_epochs is None or self.epochs_trained < max_epochs) and (max_steps is None or self.global_step < max_steps):
+            train_loss = self.train_epoch(model, train_batches, optimizer, grad_clip, max_steps)
+            yield train_loss, self.evaluate(model, val_batches)
+
     def train_with_early_stopping(
         self,
         model: StandardTransformer,
@@ -358,34 +380,33 @@ class Trainer:
         result: dict[str, Any] = {"train_losses": [], "val_losses": [], "val_ppls": [], "val_accs": [], "history": []}
         best_loss, best_epoch, best_state, waited = math.inf, 0, None, 0
         stopped_early = False
-        for epoch in range(1, max_epochs + 1):
-            try:
-                train_loss = self.train_epoch(model, train_batches, optimizer, grad_clip)
-            except NonFiniteLossError:
-                if best_state is not None:
-                    model.load_state_dict(best_state)
-                raise
-            stats = self.evaluate(model, val_batches)
-            result["train_losses"].append(train_loss)
-            result["val_losses"].append(stats["loss"])
-            result["val_ppls"].append(stats["ppl"])
-            result["val_accs"].append(stats["acc"])
-            result["history"].append(stats)
-            improved = stats["loss"] < best_loss - min_delta
-            if improved:
-                best_loss, best_epoch, waited = stats["loss"], epoch, 0
-                best_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
-            else:
-                waited += 1
-            line = (
-                f"epoch {epoch}: train loss {train_loss:.4f} | val loss {stats['loss']:.4f} "
-                f"ppl {stats['ppl']:.2f} acc {stats['acc']:.4f}" + ("  *best" if improved else "")
-            )
-            self._report(line, verbose)
-            if waited >= patience:
-                stopped_early = True
-                self._report(f"early stop after epoch {epoch}: best epoch {best_epoch} (val loss {best_loss:.4f})", verbose)
-                break
+        loop = self.epochs(model, train_batches, val_batches, optimizer, grad_clip, self.epochs_trained + max_epochs)
+        try:
+            for epoch, (train_loss, stats) in enumerate(loop, start=1):
+                result["train_losses"].append(train_loss)
+                result["val_losses"].append(stats["loss"])
+                result["val_ppls"].append(stats["ppl"])
+                result["val_accs"].append(stats["acc"])
+                result["history"].append(stats)
+                improved = stats["loss"] < best_loss - min_delta
+                if improved:
+                    best_loss, best_epoch, waited = stats["loss"], epoch, 0
+                    best_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+                else:
+                    waited += 1
+                line = (
+                    f"epoch {epoch}: train loss {train_loss:.4f} | val loss {stats['loss']:.4f} "
+                    f"ppl {stats['ppl']:.2f} acc {stats['acc']:.4f}" + ("  *best" if improved else "")
+                )
+                self._report(line, verbose)
+                if waited >= patience:
+                    stopped_early = True
+                    self._report(f"early stop after epoch {epoch}: best epoch {best_epoch} (val loss {best_loss:.4f})", verbose)
+                    break
+        except NonFiniteLossError:
+            if best_state is not None:
+                model.load_state_dict(best_state)
+            raise
         if best_state is not None:
             model.load_state_dict(best_state)
         result.update(best_epoch=best_epoch, best_val_loss=best_loss, total_epochs=epoch, stopped_early=stopped_early)
