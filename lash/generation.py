@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lash.routing import check_exit_layer, check_threshold, compute_cost, early_exit_step, run_layers
-from lash.validation import check_int, check_token_ids
+from lash.validation import check_index, check_int, check_real, check_token_ids
 
 if TYPE_CHECKING:
     from lash.models import DeepSupervisionTransformer
@@ -198,10 +198,9 @@ def _check(model, input_ids, max_new_tokens, temperature, top_k, draft_tokens, g
             f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} = {total} is outside "
             f"[1, max_seq_len={model.max_seq_len}]"
         )
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
-        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0: greedy)")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= model.vocab_size):
-        raise ValueError(f"top_k={top_k!r} is outside [1, vocab_size={model.vocab_size}] (or None)")
+    check_real("temperature", temperature, 0.0)  # 0: greedy
+    if top_k is not None:
+        check_index("top_k", top_k, 1, model.vocab_size, " (the vocabulary size), or None")
     check_int("draft_tokens", draft_tokens, 1)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")

@@ -16,7 +16,7 @@ from torch import nn
 
 from lash.modules import TransformerBlock
 from lash.routing import check_exit_layer, check_threshold, compute_cost, confidence, exits
-from lash.validation import check_int, check_optional_int, check_token_ids
+from lash.validation import check_index, check_int, check_optional_int, check_token_ids
 
 
 class StandardTransformer(nn.Module):
@@ -84,8 +84,7 @@ class StandardTransformer(nn.Module):
         if not wanted:
             raise ValueError("layers must name at least one layer")
         for layer in wanted:
-            if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= self.num_layers:
-                raise ValueError(f"layer {layer!r} is outside [1, {self.num_layers}]")
+            check_index("layer", layer, 1, self.num_layers)
         h = self.embed(x)  # (B, T, D)
         kept: dict[int, torch.Tensor] = {}
         for index, block in enumerate(self.layers[: max(wanted)], start=1):

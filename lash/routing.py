@@ -24,14 +24,13 @@ Also here: :func:`calibrate_threshold`, which picks a threshold on held-out batc
 from __future__ import annotations
 
 from collections.abc import Iterable
-from numbers import Integral
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from lash.modules.attention import causal_mask
-from lash.validation import check_real, check_token_ids
+from lash.validation import check_index, check_real, check_token_ids
 from lash_kernels import add_rms_norm
 
 if TYPE_CHECKING:
@@ -59,10 +58,7 @@ def check_threshold(threshold: object) -> float | None:
 
 def check_exit_layer(exit_layer: object, num_layers: int) -> int:
     """Return ``exit_layer`` if it is an int in ``[1, num_layers - 1]`` (shallower than the answering layer)."""
-    top = num_layers - 1
-    if isinstance(exit_layer, bool) or not isinstance(exit_layer, Integral) or not 1 <= exit_layer <= top:
-        raise ValueError(f"exit_layer={exit_layer!r} is outside [1, {top}] (a layer shallower than layer {num_layers})")
-    return int(exit_layer)
+    return check_index("exit_layer", exit_layer, 1, num_layers - 1, f" (a layer shallower than layer {num_layers})")
 
 
 def confidence(logits: torch.Tensor) -> torch.Tensor:
@@ -318,8 +314,8 @@ def calibrate_threshold(
     if (target_shallow_ratio is None) == (max_accuracy_drop is None):
         raise ValueError("give exactly one of target_shallow_ratio and max_accuracy_drop")
     for name, value in (("target_shallow_ratio", target_shallow_ratio), ("max_accuracy_drop", max_accuracy_drop)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
-            raise ValueError(f"{name}={value!r} is outside [0, 1]")
+        if value is not None:
+            check_real(name, value, 0.0, 1.0)
     check_exit_layer(exit_layer, model.num_layers)
     confidences, exit_hit, last_hit = _exit_statistics(model, batches, exit_layer, ignore_index)
     order = confidences.argsort(descending=True)

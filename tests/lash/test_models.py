@@ -31,9 +31,9 @@ def test_hidden_states_runs_no_deeper_layer_than_asked():
     assert calls == [1, 1, 1, 0]
     torch.testing.assert_close(h1, model.hidden_states(x, [1])[0])
     torch.testing.assert_close(h3, model.hidden_states(x)[2])
-    with pytest.raises(ValueError, match=r"layer 5 is outside \[1, 4\]"):
+    with pytest.raises(ValueError, match=r"layer=5 is outside \[1, 4\]"):
         model.hidden_states(x, [5])
-    with pytest.raises(ValueError, match=r"layer 0 is outside"):
+    with pytest.raises(ValueError, match=r"layer=0 is outside"):
         model.hidden_states(x, [0])
 
 

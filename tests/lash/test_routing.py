@@ -170,9 +170,9 @@ def test_calibration_errors():
         calibrate_threshold(model, data, 2)
     with pytest.raises(ValueError, match="exactly one"):
         calibrate_threshold(model, data, 2, target_shallow_ratio=0.5, max_accuracy_drop=0.1)
-    with pytest.raises(ValueError, match=r"target_shallow_ratio=1.5 is outside \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"target_shallow_ratio=1.5 is outside \[0.0, 1.0\]"):
         calibrate_threshold(model, data, 2, target_shallow_ratio=1.5)
-    with pytest.raises(ValueError, match=r"max_accuracy_drop=-0.1 is outside \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"max_accuracy_drop=-0.1 is outside \[0.0, 1.0\]"):
         calibrate_threshold(model, data, 2, max_accuracy_drop=-0.1)
     with pytest.raises(ValueError, match=r"exit_layer=4 is outside \[1, 3\]"):
         calibrate_threshold(model, data, 4, target_shallow_ratio=0.5)

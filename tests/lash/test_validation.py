@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lash.validation import check_bool, check_device, check_int, check_optional_int, check_real, check_token_ids
+from lash.validation import check_bool, check_device, check_index, check_int, check_optional_int, check_real, check_token_ids
 
 
 @pytest.mark.parametrize("value", [0, -3, 1.0, True, "2", None])
@@ -44,3 +44,10 @@ def test_check_token_ids():
         check_token_ids(torch.tensor([0, 5]), 5)
     with pytest.raises(ValueError, match="must be an integer tensor"):
         check_token_ids(torch.zeros(2), 5)
+
+
+@pytest.mark.parametrize("value", [0, 4, 2.0, True, None])
+def test_check_index_range(value):
+    with pytest.raises(ValueError, match=rf"^layer={value!r} is outside \[1, 3\] \(why\)$"):
+        check_index("layer", value, 1, 3, " (why)")
+    assert check_index("layer", 3, 1, 3) == 3
