@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lash import DeepSupervisionTransformer, Trainer, TrainingConfig, cli
 
@@ -236,3 +238,43 @@ def test_output_files_follow_the_umask(tmp_path):
         os.umask(old)
     for name in ("checkpoint.pt", "metrics.json"):
         assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o644
+
+
+BAD_FLAGS = [("--epochs", "0"), ("--max-steps", "-1"), ("--grad-accum", "0"), ("--grad-clip", "-1"), ("--grad-clip", "nan"),
+             ("--lr", "0"), ("--lr", "inf"), ("--seq-len", "0"), ("--batch-size", "0"), ("--layer-weights", "1:-1"),
+             ("--layer-weights", "1:1,1:1"), ("--layer-weights", "2:1"), ("--samples", "-3"), ("--device", "tpu"),
+             ("--stop-at-step", "0"), ("--warmup-steps", "-1"), ("--max-vocab", "1"), ("--val-samples", "0")]  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore")
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    good=st.fixed_dictionaries(
+        {
+            "--max-steps": st.sampled_from(["1", "2", "3"]),
+            "--grad-accum": st.sampled_from(["1", "2"]),
+            "--grad-clip": st.sampled_from(["0", "0.5"]),
+            "--seq-len": st.sampled_from(["1", "4"]),
+            "--batch-size": st.sampled_from(["1", "3"]),
+            "--warmup-steps": st.sampled_from(["0", "2"]),
+        }
+    ),
+    bad=st.one_of(st.none(), st.sampled_from(BAD_FLAGS)),
+)
+def test_cli_train_runs_or_names_the_bad_flag_in_one_line(tmp_path_factory, capsys, good, bad):
+    out = tmp_path_factory.mktemp("run")
+    argv = ["train", "--dataset", "offline", "--samples", "6", "--val-samples", "2", "--num-layers", "1", "--dim", "8",
+            "--num-heads", "2", "--max-vocab", "64", "--no-progress", "--out", str(out)]  # fmt: skip
+    for flag, value in [*good.items(), *([bad] if bad else [])]:
+        argv += [flag, value]
+    try:
+        code = cli.main(argv)
+    except SystemExit as done:  # argparse's own errors
+        code = done.code
+    err = capsys.readouterr().err
+    if bad is None:
+        assert code == 0 and (out / "metrics.json").is_file() and (out / "checkpoint.pt").is_file()
+    else:
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+        assert bad[0] in err or bad[0][2:].replace("-", "_") in err  # the flag, or the config field it sets
+        assert not (out / "checkpoint.pt").exists()
