@@ -36,6 +36,8 @@ import measure  # noqa: E402
 import model_bench  # noqa: E402
 from measure import ON_GPU  # noqa: E402
 
+from lash.routing import early_exit_forward  # noqa: E402
+
 # The whole suite should take ≤ 8 minutes on an H100; the tests get at most this share of it.
 TESTS_TIMEOUT_S = 300
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -294,8 +296,8 @@ def early_exit(suite: Suite) -> None:
             full = measure.median_seconds(lambda: model(x))
             for shallow in (0.5,) if suite.quick or suite.dry else (0.3, 0.5, 0.7, 0.9):
                 threshold = model_bench.threshold_for(model, x, shallow)
-                _, stats = model.forward_early_exit(x, threshold)
-                early = measure.median_seconds(lambda: model.forward_early_exit(x, threshold))
+                _, stats = early_exit_forward(model, x, threshold)
+                early = measure.median_seconds(lambda: early_exit_forward(model, x, threshold))
                 speedup, ideal = full / early, 1 / stats["compute_cost"]
                 name = (f"early exit {config.name} (dim {config.dim}, {config.layers} layers, B {config.batch}, exit "
                         f"{config.exit_layer}), {stats['shallow_ratio']:.0%} shallow")

@@ -2,7 +2,7 @@
 
 * :func:`train_step_call`: one optimizer step at the seed configuration (DESIGN.md: dim 64,
   4 layers, 4 heads, seq 32, batch 64, all exits supervised) for ``eager`` (the seed's reference
-  model, :class:`lash.reference.RefModel`, with ``F.cross_entropy`` on every exit's logits),
+  model, :class:`lash.original.OriginalModel`, with ``F.cross_entropy`` on every exit's logits),
   ``lash`` (:class:`lash.DeepSupervisionTransformer` and ``Trainer.compute_loss``) or
   ``lash-compile`` (the same loss under ``torch.compile``), in fp32 or bf16 autocast.
 * :func:`host_syncs`: runs one such step under ``torch.cuda.set_sync_debug_mode("warn")``
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from measure import DEVICE, ON_GPU, compiled, synchronize
 from lash import DeepSupervisionTransformer, Trainer, TrainingConfig
-from lash.reference import RefModel
+from lash.original import OriginalModel
 
 DIM, LAYERS, HEADS, SEQ_LEN, BATCH = 64, 4, 4, 32, 64  # the seed configuration
 WEIGHTS = {layer: 1.0 / LAYERS for layer in range(1, LAYERS + 1)}  # every exit supervised
@@ -38,7 +38,7 @@ def train_step_call(provider: str, vocab: int, precision: str = "fp32", batch: i
     x, y = seq[:, :-1], seq[:, 1:]  # (B, T) each
     torch.manual_seed(0)
     if provider == "eager":
-        model = RefModel(vocab, DIM, LAYERS, HEADS, max_len=SEQ_LEN).to(DEVICE)
+        model = OriginalModel(vocab, DIM, LAYERS, HEADS, max_len=SEQ_LEN).to(DEVICE)
         dtype = PRECISIONS[precision]
         autocast = (lambda: torch.autocast(DEVICE.type, dtype=dtype)) if dtype else contextlib.nullcontext
 

@@ -3,7 +3,7 @@
 Trains a small deep-supervision model on the offline corpus, calibrates thresholds for 30/50/70%
 shallow tokens on the validation split, and prints a Markdown table comparing
 ``Trainer.evaluate`` (every layer runs; a confident token takes the exit layer's prediction) with
-``model.forward_early_exit`` (exited tokens keep their exit state; deeper layers see it).
+``lash.routing.early_exit_forward`` (exited tokens keep their exit state; deeper layers see it).
 
     PYTHONPATH=. python benchmarks/routing_quality.py
 """
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lash import DeepSupervisionTransformer, Trainer, TrainingConfig, calibrate_threshold, load_dataset
+from lash.routing import early_exit_forward
 
 LAYERS, EXIT = 4, 2
 
@@ -22,7 +23,7 @@ LAYERS, EXIT = 4, 2
 def early_exit_metrics(model, batches, threshold):
     nll = hits = shallow = tokens = 0.0
     for x, y in batches:
-        logits, stats = model.forward_early_exit(x, threshold, EXIT)  # (B, T, V)
+        logits, stats = early_exit_forward(model, x, threshold, EXIT)  # (B, T, V)
         nll += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
         hits += (logits.argmax(-1) == y).sum().item()
         shallow += stats["shallow_ratio"] * y.numel()

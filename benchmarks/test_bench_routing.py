@@ -1,7 +1,7 @@
 """Early exit measured in wall-clock time: routed inference and the three decoding modes.
 
 ``test_forward``: :meth:`forward` (every layer for every token) against
-:meth:`forward_early_exit` at thresholds that make about 30/50/70/90% of the tokens exit (the
+:func:`lash.routing.early_exit_forward` at thresholds that make about 30/50/70/90% of the tokens exit (the
 quantiles of the exit-layer confidence on the benchmark's own input: an untrained model's
 confidences are near-uniform, so a fixed threshold would not control the mix). Each early-exit
 case times the full forward in the same test and records ``speedup_vs_forward``, ``ideal`` =
@@ -33,6 +33,9 @@ import torch
 from conftest import record_speedups, run_benchmark
 from measure import ON_GPU, device_name
 from model_bench import LLM_ROUTING, SEED_ROUTING, RoutingConfig, build, threshold_for
+
+from lash.generation import generate
+from lash.routing import early_exit_forward
 
 ACCEPTANCE = RoutingConfig("cpu-acceptance", 2048, 256, 8, 4, 256, 8, 2)
 SHALLOW = [0.3, 0.5, 0.7, 0.9]
@@ -72,8 +75,8 @@ def test_forward(benchmark, case):
             run_benchmark(benchmark, lambda: model(x), mode="forward", **info)
             return
         threshold = threshold_for(model, x, shallow)
-        _, stats = model.forward_early_exit(x, threshold)
-        early = functools.partial(model.forward_early_exit, x, threshold)
+        _, stats = early_exit_forward(model, x, threshold)
+        early = functools.partial(early_exit_forward, model, x, threshold)
         run_benchmark(benchmark, early, mode="early_exit", threshold=threshold, **stats, **info)
         record_speedups(benchmark, early, {"forward": lambda: functools.partial(model, x)})
     benchmark.extra_info["ideal"] = 1 / stats["compute_cost"]
@@ -99,8 +102,8 @@ def test_decode(benchmark, mode, case):
         kwargs = {"routing_threshold": threshold_for(model, x, 0.5)}
     elif mode == "speculative":
         kwargs = {"speculative": True, "draft_tokens": 4}
-    _, stats = model.generate(prompt, new_tokens, return_stats=True, **kwargs)
-    run_benchmark(benchmark, lambda: model.generate(prompt, new_tokens, **kwargs), mode=mode, config=config.name,
+    _, stats = generate(model, prompt, new_tokens, return_stats=True, **kwargs)
+    run_benchmark(benchmark, lambda: generate(model, prompt, new_tokens, **kwargs), mode=mode, config=config.name,
                   prompt_len=prompt_len, new_tokens=new_tokens, batch=config.batch, exit_layer=config.exit_layer, **stats)
     benchmark.extra_info["tokens_per_s"] = config.batch * new_tokens / benchmark.stats.stats.median
     if mode != "plain":
@@ -115,15 +118,15 @@ def measure_acceptance(repeats: int, threads: int) -> str:
     threshold = threshold_for(model, x, 0.75)
     full, early = [], []
     with torch.no_grad():
-        _, stats = model.forward_early_exit(x, threshold)
+        _, stats = early_exit_forward(model, x, threshold)
         for _ in range(2):  # warm-up
-            model(x), model.forward_early_exit(x, threshold)
+            model(x), early_exit_forward(model, x, threshold)
         for _ in range(repeats):  # interleaved, so load from other processes hits both alike
             start = time.perf_counter()
             model(x)
             full.append(time.perf_counter() - start)
             start = time.perf_counter()
-            model.forward_early_exit(x, threshold)
+            early_exit_forward(model, x, threshold)
             early.append(time.perf_counter() - start)
     t_full, t_early = statistics.median(full), statistics.median(early)
     speedup, ideal = t_full / t_early, 1 / stats["compute_cost"]
@@ -133,7 +136,7 @@ def measure_acceptance(repeats: int, threads: int) -> str:
         f"dim {c.dim}, {c.layers} layers, {c.heads} heads, vocab {c.vocab}, batch {c.batch}, seq {c.seq_len}, fp32, "
         f"exit at {c.exit_layer}, threshold {threshold:.6f} (25% quantile); median of {repeats} interleaved runs.",
         "",
-        "| forward (ms) | forward_early_exit (ms) | shallow | compute_cost | flop_ratio | speedup | ideal 1/cost | speedup / ideal |",
+        "| forward (ms) | early_exit_forward (ms) | shallow | compute_cost | flop_ratio | speedup | ideal 1/cost | speedup / ideal |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {t_full * 1e3:.1f} | {t_early * 1e3:.1f} | {stats['shallow_ratio']:.1%} | {stats['compute_cost']:.4f} | "
         f"{stats['flop_ratio']:.4f} | {speedup:.2f}× | {ideal:.2f}× | {speedup / ideal:.2f} |",

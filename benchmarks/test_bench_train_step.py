@@ -4,7 +4,7 @@ One step = forward through every layer, the loss of every supervised exit throug
 head, backward, and an AdamW update (``model_bench.train_step_call``), in fp32 and bf16
 autocast. Providers:
 
-* ``eager``: the seed's reference model (:class:`lash.reference.RefModel`, hand-written
+* ``eager``: the seed's reference model (:class:`lash.original.OriginalModel`, hand-written
   attention) with ``F.cross_entropy`` on every exit's materialised logits;
 * ``lash``: :class:`lash.DeepSupervisionTransformer` and ``Trainer.compute_loss`` (fused
   kernels on a GPU, the torch paths on the CPU);

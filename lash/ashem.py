@@ -8,7 +8,7 @@ to the hard tokens, so attention still sees the whole context. At inference a to
 phase-1 layers are confident about exits there (two-stage routing); the rest go deeper.
 
 Everything reported is measured on the validation split. ``protocol="reference"`` instead
-repeats the seed's protocol (hard tokens mined from the validation set, phase 2 trained and
+repeats the original description's protocol (hard tokens mined from the validation set, phase 2 trained and
 measured on them as single-token sequences) so its published table can be compared like for like.
 """
 
@@ -26,6 +26,7 @@ from torch import nn
 
 from lash.config import ASHEMConfig, TrainingConfig, create_standard_config
 from lash.data import TokenBatches
+from lash.evaluation import evaluate
 from lash.files import write_atomic
 from lash.losses import exit_statistics
 from lash.models import DeepSupervisionTransformer
@@ -52,14 +53,16 @@ class HardExamples(NamedTuple):
         return TokenBatches(self.inputs, self.targets.masked_fill(~self.hard, IGNORE_INDEX), batch_size, shuffle, seed)
 
     def single_tokens(self) -> HardExamples:
-        """Each hard token alone as a length-1 sequence: the seed's phase-2 data (no context)."""
+        """Each hard token alone as a length-1 sequence: the original description's phase-2 data (no context)."""
         x, y = self.inputs[self.hard][:, None], self.targets[self.hard][:, None]  # (m, 1)
         return HardExamples(x, y, torch.ones_like(x, dtype=torch.bool))
 
 
 @torch.no_grad()
-def _token_confidence(model: DeepSupervisionTransformer, batches: Batches, device: torch.device) -> HardExamples:
-    """Inputs, targets and the output layer's confidence of every token, gathered over ``batches``."""
+def _token_confidence(
+    model: DeepSupervisionTransformer, batches: Batches, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs, targets and the output layer's confidence of every token ``(n, T)``, over ``batches``."""
     model.eval()
     xs, ys, confs = [], [], []
     for x, y in batches:
@@ -67,12 +70,12 @@ def _token_confidence(model: DeepSupervisionTransformer, batches: Batches, devic
         confs.append(exit_statistics(h, model.output_head.weight, y.to(device)).confidence[0].view_as(x).cpu())
         xs.append(x)
         ys.append(y)
-    return HardExamples(torch.cat(xs), torch.cat(ys), torch.cat(confs))
+    return torch.cat(xs), torch.cat(ys), torch.cat(confs)
 
 
 def compute_confidence(model: DeepSupervisionTransformer, batches: Batches, device: str | torch.device = "cpu") -> torch.Tensor:
     """Max softmax probability of the model's last layer for every token: ``(n, T)``."""
-    return _token_confidence(model, batches, torch.device(device)).hard
+    return _token_confidence(model, batches, torch.device(device))[2]
 
 
 def compute_confidence_threshold(confidence: torch.Tensor, hard_example_ratio: float) -> float:
@@ -87,8 +90,8 @@ def collect_hard_examples(
     model: DeepSupervisionTransformer, batches: Batches, threshold: float, device: str | torch.device = "cpu"
 ) -> HardExamples:
     """Every sequence of ``batches`` with the mask of tokens whose confidence is below ``threshold``."""
-    gathered = _token_confidence(model, batches, torch.device(device))
-    return gathered._replace(hard=gathered.hard < threshold)
+    inputs, targets, confidence = _token_confidence(model, batches, torch.device(device))
+    return HardExamples(inputs, targets, confidence < threshold)
 
 
 def extend_model(model: DeepSupervisionTransformer, phase2_layers: int) -> DeepSupervisionTransformer:
@@ -101,7 +104,7 @@ def extend_model(model: DeepSupervisionTransformer, phase2_layers: int) -> DeepS
     so a gain ``g2 = rms(w)`` gives back ``h`` up to the per-token factor ``rms(w) / rms(u · w)``,
     which is close to 1 and never changes a prediction. With fully random new layers the
     phase-2 model starts far worse than phase 1, and with unit gains the logits start rescaled
-    by ``1 / rms(w)``; either way the seed's small phase-2 learning rate spends its epochs
+    by ``1 / rms(w)``; either way the original description's small phase-2 learning rate spends its epochs
     undoing the start. ``exit_layer`` is the last copied layer.
     """
     if phase2_layers <= model.num_layers:
@@ -143,8 +146,8 @@ def evaluate_on_hard_examples(
     model: DeepSupervisionTransformer, examples: HardExamples, batch_size: int = 64, device: str | torch.device = "cpu"
 ) -> dict[str, float]:
     """Loss, perplexity and accuracy of the model's last layer on the hard tokens only."""
-    trainer = Trainer(create_standard_config(model.num_layers), model.vocab_size, device, progress=False)
-    stats = trainer.evaluate(model, examples.batches(batch_size))
+    config = create_standard_config(model.num_layers)
+    stats = evaluate(model, examples.batches(batch_size), config, torch.device(device), IGNORE_INDEX)
     return {key: stats[key] for key in ("loss", "ppl", "acc", "tokens")}
 
 
@@ -266,7 +269,7 @@ def run_ashem(
         verbose=verbose,
     )
     seconds["phase1"] = time.perf_counter() - start
-    phase1_stats = trainer1.evaluate(model1, val_batches)
+    phase1_stats = evaluate(model1, val_batches, trainer1.config, device)
 
     start = time.perf_counter()
     mine_from = val_batches if config.protocol == "reference" else train_batches
@@ -291,12 +294,11 @@ def run_ashem(
     hard_after = evaluate_on_hard_examples(model2, val_hard, batch_size, device)
 
     start = time.perf_counter()
-    full = Trainer(create_standard_config(config.phase2_layers), vocab_size, device, progress=False)
-    phase2_stats = full.evaluate(model2, val_batches)
+    phase2_stats = evaluate(model2, val_batches, create_standard_config(config.phase2_layers), device)
     routed = TrainingConfig(
         layer_weights={config.phase2_layers: 1.0}, routing_threshold=threshold, exit_layer=config.phase1_layers
     )
-    routing = Trainer(routed, vocab_size, device, progress=False).evaluate(model2, val_batches)
+    routing = evaluate(model2, val_batches, routed, device)
     seconds["evaluation"] = time.perf_counter() - start
 
     counts, edges = torch.histogram(mined_conf.flatten().double(), bins=50, range=(0.0, 1.0))

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lash import parallel
 from lash.files import write_atomic
 
 FORMAT = "lash-checkpoint-v2"
@@ -202,3 +203,86 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def check_resumable(
+    payload: dict[str, Any],
+    path: str | Path,
+    config: dict[str, Any],
+    settings: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    has_scheduler: bool,
+) -> None:
+    """Raise ``ValueError`` unless ``payload`` was saved by a run set up like this one.
+
+    Args:
+        payload: what :func:`load` returned.
+        path: the file, for messages.
+        config: this run's ``TrainingConfig.as_dict()``.
+        settings: this run's trainer settings (accumulation, schedule, precision).
+        optimizer: this run's optimizer, whose param groups' settings must match.
+        has_scheduler: whether this run has a learning-rate schedule.
+    """
+    state = payload["trainer"]
+    for key in ("epochs_trained", "global_step", "batches_into_epoch"):
+        if isinstance(state.get(key), bool) or not isinstance(state.get(key), int) or state[key] < 0:
+            raise ValueError(f"checkpoint {path} is damaged: its trainer {key} is {state.get(key)!r}")
+    partial = state.get("partial_epoch_loss")
+    if not (isinstance(partial, list) and len(partial) == 2 and isinstance(partial[0], float) and isinstance(partial[1], int)):
+        raise ValueError(f"checkpoint {path} is damaged: its trainer partial_epoch_loss is {partial!r}")
+    if "settings" not in state or not isinstance(state["settings"], (dict, type(None))) or not isinstance(state.get("scaler"), dict):
+        raise ValueError(f"checkpoint {path} is damaged: its trainer settings or scaler state are missing")
+    if payload["config"] != config:
+        raise ValueError(f"checkpoint {path} was trained with {payload['config']}, this trainer has {config}")
+    saved_settings = state["settings"] or settings  # None: converted from v1, which did not record them
+    for key, mine in settings.items():
+        if saved_settings.get(key) != mine:
+            raise ValueError(f"checkpoint {path} was trained with {key}={saved_settings.get(key)!r}, this trainer has {key}={mine!r}")
+    if (state.get("scheduler") is None) != (not has_scheduler):
+        raise ValueError(f"checkpoint {path} and this trainer disagree on having a learning-rate schedule")
+    groups = payload["optimizer"].get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"checkpoint {path} has an optimizer with a different number of param groups")
+    for saved, own in zip(groups, optimizer.param_groups):
+        # The schedule moves "lr" (its base is "initial_lr"); without one, "lr" is the setting.
+        skip = {"params", "lr"} if has_scheduler else {"params"}
+        for key in sorted(own.keys() - skip):
+            if saved.get(key) != own[key]:
+                raise ValueError(
+                    f"checkpoint {path} has {key}={saved.get(key)!r} in param group {own.get('name', '?')}, "
+                    f"this optimizer has {own[key]!r}: create the optimizer with the checkpoint's settings"
+                )
+
+
+def save_training(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sections: dict[str, Any], *,
+                  sharded: bool, write: bool) -> None:  # fmt: skip
+    """Save a training run atomically: model, optimizer and RNG states plus ``sections``
+    (``trainer`` state, ``config``, ``extra``).
+
+    Every process takes part in gathering a sharded model's state; only ``write`` ones write.
+    """
+    model_state, optim_state = parallel.full_states(model, optimizer, sharded)
+    if write:
+        save_atomic({"model": model_state, "optimizer": optim_state, "rng": rng_state(), **sections}, path)
+
+
+def load_training(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: dict[str, Any],
+    settings: dict[str, Any],
+    has_scheduler: bool,
+    sharded: bool,
+) -> dict[str, Any]:
+    """Check a saved run against this one (see :func:`check_resumable`), then load its model,
+    optimizer and RNG states; return the payload (for the trainer's own state and ``extra``).
+
+    Nothing changes unless every check passes.
+    """
+    payload = load(path)
+    check_model_state(payload["model"], model, path)
+    check_resumable(payload, path, config, settings, optimizer, has_scheduler)
+    parallel.load_full_states(model, optimizer, payload["model"], payload["optimizer"], sharded)
+    set_rng_state(payload["rng"])
+    return payload

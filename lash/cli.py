@@ -27,7 +27,8 @@ from lash.distributed import shutdown_distributed
 from lash.files import check_writable_dir, write_atomic
 from lash.models import DeepSupervisionTransformer
 from lash.report import summary_table, write_report
-from lash.trainer import DISTRIBUTED, PRECISIONS, NonFiniteLossError, Trainer
+from lash.parallel import DISTRIBUTED, PRECISIONS
+from lash.trainer import NonFiniteLossError, Trainer
 from lash.validation import check_device, check_int, check_real
 
 # --quick: a small ASHEM run that finishes in a few minutes on two CPU cores.
@@ -125,9 +126,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "ashem" and args.quick:
-        sub = parser._subparsers._group_actions[0].choices["ashem"]
+        defaults = parser.parse_args(["ashem"])  # --quick changes only the values left at their default
         for key, value in QUICK.items():
-            if getattr(args, key) == sub.get_default(key):
+            if getattr(args, key) == getattr(defaults, key):
                 setattr(args, key, value)
     return args
 
@@ -234,7 +235,7 @@ def run_train_command(args: argparse.Namespace, command: str) -> int:
     )  # fmt: skip
     model = DeepSupervisionTransformer(
         data.vocab_size, args.dim, args.num_layers, args.num_heads, max_seq_len=args.seq_len,
-        exit_layer=args.exit_layer, routing_threshold=args.routing_threshold,
+        exit_layer=args.exit_layer, routing_threshold=config.routing_threshold,
     ).to(trainer.device)  # fmt: skip
     optimizer = trainer.create_optimizer(model, args.lr, args.weight_decay)
     out = Path(args.out)
@@ -249,11 +250,10 @@ def run_train_command(args: argparse.Namespace, command: str) -> int:
     start = time.perf_counter()
     if trainer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(trainer.device)
-    while trainer.epochs_trained < epochs and (limit is None or trainer.global_step < limit):
-        before = trainer.global_step
-        train_loss = trainer.train_epoch(model, data.train, optimizer, args.grad_clip, limit)
+    before = trainer.global_step
+    for train_loss, stats in trainer.epochs(model, data.train, data.val, optimizer, args.grad_clip, epochs, limit):
         tokens += (trainer.global_step - before) * args.grad_accum * args.batch_size * args.seq_len
-        stats = trainer.evaluate(model, data.val)
+        before = trainer.global_step
         history.append({"epoch": trainer.epochs_trained, "step": trainer.global_step, "train_loss": train_loss} | stats)
         if trainer.is_main:
             logging.info("step %d: train loss %.4f | val loss %.4f ppl %.2f acc %.4f",

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from numbers import Integral
 
+from lash.routing import check_exit_layer, check_threshold
 from lash.validation import check_bool, check_int, check_real
 
 
@@ -32,13 +33,15 @@ class TrainingConfig:
         layer_lr_scales: learning-rate multiplier per layer (missing layers: 1.0); ``None`` means
             one learning rate for everything.
         routing_threshold: early exit at evaluation and inference: a token whose confidence at
-            ``exit_layer`` is >= this takes that layer's prediction. 0 turns routing off.
+            ``exit_layer`` is >= this takes that layer's prediction (:mod:`lash.routing`'s rule).
+            ``None`` turns routing off; so does 0, the original description's spelling of "off", which is
+            stored as ``None`` (everywhere else 0 sends every token out early).
         exit_layer: the layer tokens may exit at; must be shallower than the output layer.
     """
 
     layer_weights: dict[int, float]
     layer_lr_scales: dict[int, float] | None = None
-    routing_threshold: float = 0.0
+    routing_threshold: float | None = None
     exit_layer: int = 1
     _checked_depth: int | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -56,13 +59,13 @@ class TrainingConfig:
             for layer, scale in self.layer_lr_scales.items():
                 _check_layer_index("layer_lr_scales", layer)
                 check_real(f"layer_lr_scales[{layer}]", scale, 0.0, low_open=True)
-        check_real("routing_threshold", self.routing_threshold, 0.0, 1.0)
+        self.routing_threshold = check_threshold(self.routing_threshold) or None  # the original description's 0 = off
         _check_layer_index("exit_layer", self.exit_layer)
 
     @property
     def has_routing(self) -> bool:
         """Whether evaluation routes confident tokens out at ``exit_layer``."""
-        return self.routing_threshold > 0
+        return self.routing_threshold is not None
 
     @property
     def has_layer_lr(self) -> bool:
@@ -84,7 +87,7 @@ class TrainingConfig:
         return {
             "layer_weights": dict(self.layer_weights),
             "layer_lr_scales": None if self.layer_lr_scales is None else dict(self.layer_lr_scales),
-            "routing_threshold": self.routing_threshold,
+            "routing_threshold": self.routing_threshold or 0.0,  # files keep the original description's 0 = off
             "exit_layer": self.exit_layer,
         }
 
@@ -111,12 +114,9 @@ class TrainingConfig:
             _check_layer_index("layer_weights", layer, num_layers)
         for layer in self.layer_lr_scales or {}:
             _check_layer_index("layer_lr_scales", layer, num_layers)
-        if self.has_routing and not 1 <= self.exit_layer < self.output_layer:
-            raise ValueError(
-                f"exit_layer={self.exit_layer} must be a shallower layer than the output layer "
-                f"{self.output_layer}, i.e. in [1, {self.output_layer - 1}]"
-            )
-        if not self.has_routing:
+        if self.has_routing:
+            check_exit_layer(self.exit_layer, self.output_layer)
+        else:
             _check_layer_index("exit_layer", self.exit_layer, num_layers)
         self._checked_depth = num_layers
 
@@ -147,7 +147,7 @@ def create_standard_config(num_layers: int, **options) -> TrainingConfig:
 
 
 def create_deep_supervision_config(num_layers: int, **options) -> TrainingConfig:
-    """Deep supervision: every layer weighs ``1 / num_layers`` (the seed shows 0.33 for 3 layers)."""
+    """Deep supervision: every layer weighs ``1 / num_layers`` (the original description shows 0.33 for 3 layers)."""
     check_int("num_layers", num_layers, 1)
     weights = {layer: 1.0 / num_layers for layer in range(1, num_layers + 1)}
     return TrainingConfig(layer_weights=weights, **options)
@@ -176,7 +176,7 @@ class ASHEMConfig:
             the phase-1 model did. Off by default: training the head (it is shared, so the exit
             layer's answers move too) measured better hard-token and routing PPL (README).
         protocol: ``"held-out"`` mines hard tokens from the training data and reports validation
-            numbers only; ``"reference"`` repeats the seed's protocol (hard tokens mined from the
+            numbers only; ``"reference"`` repeats the original description's protocol (hard tokens mined from the
             validation set, phase 2 trained and measured on them as single-token sequences).
     """
 

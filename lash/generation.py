@@ -25,9 +25,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lash import models
-from lash.routing import check_exit_layer, check_threshold, early_exit_step, run_layers
-from lash.validation import check_int
+from lash.routing import check_exit_layer, check_threshold, compute_cost, early_exit_step, run_layers
+from lash.validation import check_index, check_int, check_real, check_token_ids
 
 if TYPE_CHECKING:
     from lash.models import DeepSupervisionTransformer
@@ -121,8 +120,7 @@ def early_exit_decode(model, prompt, max_new_tokens, temperature, top_k, generat
 
     tokens = _decode(model, prompt, max_new_tokens, step, temperature, top_k, generator)
     shallow = torch.stack(exits).float().mean().item() if exits else 0.0
-    L = model.num_layers
-    return tokens, {"shallow_ratio": shallow, "compute_cost": (shallow * exit_layer + (1 - shallow) * L) / L}
+    return tokens, {"shallow_ratio": shallow, "compute_cost": compute_cost(shallow, exit_layer, model.num_layers)}
 
 
 def _accepted(drafts, draft_probs, verify_probs, temperature, generator) -> tuple[int, torch.Tensor]:
@@ -200,14 +198,13 @@ def _check(model, input_ids, max_new_tokens, temperature, top_k, draft_tokens, g
             f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} = {total} is outside "
             f"[1, max_seq_len={model.max_seq_len}]"
         )
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
-        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0: greedy)")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= model.vocab_size):
-        raise ValueError(f"top_k={top_k!r} is outside [1, vocab_size={model.vocab_size}] (or None)")
+    check_real("temperature", temperature, 0.0)  # 0: greedy
+    if top_k is not None:
+        check_index("top_k", top_k, 1, model.vocab_size, " (the vocabulary size), or None")
     check_int("draft_tokens", draft_tokens, 1)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    models.check_token_ids(input_ids, model.vocab_size)
+    check_token_ids(input_ids, model.vocab_size)
 
 
 @torch.no_grad()
@@ -235,8 +232,10 @@ def generate(
         max_new_tokens: tokens to add; ``T0 + max_new_tokens <= max_seq_len``.
         temperature: 0 for greedy, else sampling at this temperature.
         top_k: sample among the ``top_k`` most likely tokens only (None: all).
-        exit_layer: exit / draft layer in ``[1, num_layers - 1]`` (early exit, speculative).
-        routing_threshold: early exit's confidence threshold, a number >= 0 (> 1: never exits).
+        exit_layer: exit / draft layer in ``[1, num_layers - 1]`` (early exit, speculative);
+            default ``model.exit_layer``.
+        routing_threshold: early exit's confidence threshold in [0, 1] (the rule of
+            :mod:`lash.routing`); ``None``: no early exit.
         speculative: self-speculative decoding with ``exit_layer`` as the draft model.
         draft_tokens: most tokens drafted per verification (speculative).
         generator: random source for sampling, on the model's device.
@@ -250,12 +249,14 @@ def generate(
     if speculative and routing_threshold is not None:
         raise ValueError("choose one mode: speculative=True or a routing_threshold (early exit), not both")
     args = (model, input_ids.to(model.output_head.weight.device), max_new_tokens, temperature, top_k, generator)
+    exit_layer = model.exit_layer if exit_layer is None else exit_layer
     if max_new_tokens == 0:
         tokens, stats = args[1], {}
     elif speculative:
-        tokens, stats = speculative_decode(*args, check_exit_layer(model, exit_layer), draft_tokens)
+        tokens, stats = speculative_decode(*args, check_exit_layer(exit_layer, model.num_layers), draft_tokens)
     elif routing_threshold is not None:
-        tokens, stats = early_exit_decode(*args, check_exit_layer(model, exit_layer), check_threshold(routing_threshold))
+        threshold = check_threshold(routing_threshold)
+        tokens, stats = early_exit_decode(*args, check_exit_layer(exit_layer, model.num_layers), threshold)
     else:
         tokens, stats = plain_decode(*args)
     return (tokens, stats) if return_stats else tokens

@@ -12,12 +12,11 @@ import math
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lash import generation, routing
 from lash.modules import TransformerBlock
-from lash.validation import check_int, check_optional_int, check_real, check_token_ids
+from lash.routing import check_exit_layer, check_threshold, compute_cost, confidence, exits
+from lash.validation import check_index, check_int, check_optional_int, check_token_ids
 
 
 class StandardTransformer(nn.Module):
@@ -85,8 +84,7 @@ class StandardTransformer(nn.Module):
         if not wanted:
             raise ValueError("layers must name at least one layer")
         for layer in wanted:
-            if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= self.num_layers:
-                raise ValueError(f"layer {layer!r} is outside [1, {self.num_layers}]")
+            check_index("layer", layer, 1, self.num_layers)
         h = self.embed(x)  # (B, T, D)
         kept: dict[int, torch.Tensor] = {}
         for index, block in enumerate(self.layers[: max(wanted)], start=1):
@@ -107,9 +105,14 @@ class StandardTransformer(nn.Module):
 class DeepSupervisionTransformer(StandardTransformer):
     """A :class:`StandardTransformer` whose intermediate layers are trained and can answer early.
 
+    The routing rule is :mod:`lash.routing`'s: a token exits when its confidence at
+    ``exit_layer`` is ``>= routing_threshold``. :func:`lash.routing.early_exit_forward` (real
+    early exit) and :func:`lash.generation.generate` (decoding) take the model as an argument.
+
     Args:
-        exit_layer: the layer confident tokens exit at in :meth:`forward_inference`.
-        routing_threshold: the confidence (max softmax probability) needed to exit, in [0, 1].
+        exit_layer: the layer confident tokens exit at, in ``[1, num_layers - 1]``.
+        routing_threshold: ``None`` (routing off) or the confidence (max softmax probability)
+            needed to exit, in [0, 1]: 0 sends every token out early, 1 only fully confident ones.
         Other arguments as :class:`StandardTransformer`.
     """
 
@@ -122,18 +125,17 @@ class DeepSupervisionTransformer(StandardTransformer):
         ffn_dim: int | None = None,
         max_seq_len: int = 1024,
         exit_layer: int = 1,
-        routing_threshold: float = 0.8,
+        routing_threshold: float | None = 0.8,
     ) -> None:
         super().__init__(vocab_size, dim, num_layers, num_heads, ffn_dim, max_seq_len)
-        if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or not 1 <= exit_layer <= num_layers:
-            raise ValueError(f"exit_layer={exit_layer!r} is outside [1, {num_layers}]")
-        check_real("routing_threshold", routing_threshold, 0.0, 1.0)
+        if num_layers > 1:  # a one-layer model has no shallower layer to exit at: it never routes
+            check_exit_layer(exit_layer, num_layers)
         self.exit_layer = exit_layer
-        self.routing_threshold = routing_threshold
+        self.routing_threshold = check_threshold(routing_threshold)
 
     def compute_confidence(self, h: torch.Tensor) -> torch.Tensor:
         """Max softmax probability of the shared head at hidden state ``h``: ``(B, T, D)`` → ``(B, T)``."""
-        return F.softmax(self.output_head(h).float(), dim=-1).amax(dim=-1)
+        return confidence(self.output_head(h))
 
     def forward_train(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every layer (for deep supervision), as :meth:`forward_all_layers`."""
@@ -144,69 +146,24 @@ class DeepSupervisionTransformer(StandardTransformer):
         """Two-stage routing: confident tokens take the exit layer's logits, the rest the last layer's.
 
         Every token still attends over the full sequence, so the deeper layers run for the whole
-        sequence unless every token exits (then they are skipped). ``compute_cost`` is the seed's
-        accounting, (shallow · exit_layer + deep · num_layers) / (tokens · num_layers).
+        sequence unless every token exits (then they are skipped). ``compute_cost`` is
+        :func:`lash.routing.compute_cost`, the original description's accounting.
 
         Returns:
             ``(logits (B, T, V), stats)`` with ``shallow_ratio`` and ``compute_cost``.
         """
-        h = self.hidden_states(x, [self.exit_layer])[0]  # (B, T, D)
+        threshold = check_threshold(self.routing_threshold)
+        if threshold is None or self.num_layers == 1:
+            return self(x), {"shallow_ratio": 0.0, "compute_cost": 1.0}
+        exit_layer = check_exit_layer(self.exit_layer, self.num_layers)
+        h = self.hidden_states(x, [exit_layer])[0]  # (B, T, D)
         shallow_logits = self.output_head(h)  # (B, T, V)
-        confidence = F.softmax(shallow_logits.float(), dim=-1).amax(dim=-1)  # (B, T)
-        exits = confidence >= self.routing_threshold if self.routing_threshold > 0 else torch.zeros_like(confidence, dtype=torch.bool)
-        shallow_ratio = exits.float().mean().item()
+        exited = exits(confidence(shallow_logits), threshold)  # (B, T)
+        shallow_ratio = exited.float().mean().item()
         if shallow_ratio < 1.0:
-            for block in self.layers[self.exit_layer :]:
+            for block in self.layers[exit_layer:]:
                 h = block(h)
-            logits = torch.where(exits.unsqueeze(-1), shallow_logits, self.output_head(h))
+            logits = torch.where(exited.unsqueeze(-1), shallow_logits, self.output_head(h))
         else:
             logits = shallow_logits
-        compute_cost = (shallow_ratio * self.exit_layer + (1 - shallow_ratio) * self.num_layers) / self.num_layers
-        return logits, {"shallow_ratio": shallow_ratio, "compute_cost": compute_cost}
-
-    def forward_early_exit(
-        self, x: torch.Tensor, routing_threshold: float | None = None, exit_layer: int | None = None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Real early exit: the deeper layers run only for tokens that did not exit.
-
-        Exited tokens keep their exit-layer state (CALM's state propagation): deeper layers see
-        their keys/values from it, so deep tokens' logits differ from :meth:`forward_inference`,
-        which selects after running every layer for every token. See :mod:`lash.routing`.
-
-        Args:
-            x: token ids ``(B, T)``.
-            routing_threshold: exit when confidence ``>= threshold``, any number >= 0 (0: all
-                exit; > 1: none); default ``self.routing_threshold``.
-            exit_layer: in ``[1, num_layers - 1]``; default ``self.exit_layer``.
-
-        Returns:
-            ``(logits (B, T, V), stats)`` with ``shallow_ratio``, ``compute_cost``, ``flop_ratio``.
-        """
-        threshold = self.routing_threshold if routing_threshold is None else routing_threshold
-        return routing.early_exit_forward(self, x, threshold, self.exit_layer if exit_layer is None else exit_layer)
-
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        exit_layer: int | None = None,
-        routing_threshold: float | None = None,
-        speculative: bool = False,
-        draft_tokens: int = 4,
-        generator: torch.Generator | None = None,
-        return_stats: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
-        """Autoregressive decoding with a KV cache: plain, early-exit or self-speculative.
-
-        See :func:`lash.generation.generate` for the modes and arguments; ``exit_layer``
-        defaults to ``self.exit_layer``.
-
-        Returns:
-            ``(B, T0 + max_new_tokens)`` token ids, and a stats dict with ``return_stats``.
-        """
-        return generation.generate(
-            self, input_ids, max_new_tokens, temperature, top_k, self.exit_layer if exit_layer is None else exit_layer,
-            routing_threshold, speculative, draft_tokens, generator, return_stats,
-        )
+        return logits, {"shallow_ratio": shallow_ratio, "compute_cost": compute_cost(shallow_ratio, exit_layer, self.num_layers)}

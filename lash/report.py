@@ -13,7 +13,7 @@ from pathlib import Path
 from lash.ashem import ASHEMResult
 from lash.files import publish
 
-# The seed's published ASHEM numbers (WikiText-2, 10K samples, dim 64), mined and measured on
+# The original description's published ASHEM numbers (WikiText-2, 10K samples, dim 64), mined and measured on
 # the validation set with single-token phase-2 training.
 SEED_REFERENCE = {"phase1_ppl": 986.0, "routing_ppl": 830.0, "hard_ppl_before": 2600.0, "hard_ppl_after": 571.0, "compute_cost": 0.64}
 
@@ -68,7 +68,7 @@ def results_markdown(result: ASHEMResult, command: str = "") -> str:
     ref = SEED_REFERENCE
     out += [
         "",
-        "## The seed's published numbers (for comparison)",
+        "## The original description's published numbers (for comparison)",
         "",
         f"Phase-1 PPL {ref['phase1_ppl']:.0f}, routing PPL {ref['routing_ppl']:.0f}, hard PPL "
         f"{ref['hard_ppl_before']:.0f} → {ref['hard_ppl_after']:.0f}, compute cost {ref['compute_cost']:.0%} "

@@ -1,6 +1,6 @@
 """Real early exit: confident tokens stop at ``exit_layer`` and the deeper layers skip their work.
 
-The seed's routing (:meth:`DeepSupervisionTransformer.forward_inference`, ``Trainer.evaluate``)
+The original description's routing (:meth:`DeepSupervisionTransformer.forward_inference`, ``Trainer.evaluate``)
 *selects* between the exit layer's and the last layer's predictions after running every layer
 for every token. Here the deeper layers really run only for the tokens that did not exit:
 
@@ -15,7 +15,7 @@ for every token. Here the deeper layers really run only for the tokens that did 
    for the attention, whose queries read their own row's keys causally).
 4. Exited tokens answer with the exit logits, the others with the last layer's.
 
-The answer differs from the seed's selection-only routing: a deep token's attention reads the
+The answer differs from the original description's selection-only routing: a deep token's attention reads the
 propagated (exit-layer) states of exited tokens instead of their true deep states.
 
 Also here: :func:`calibrate_threshold`, which picks a threshold on held-out batches.
@@ -23,7 +23,6 @@ Also here: :func:`calibrate_threshold`, which picks a threshold on held-out batc
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
 
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from lash.modules.attention import causal_mask
-from lash.validation import check_token_ids
+from lash.validation import check_index, check_real, check_token_ids
 from lash_kernels import add_rms_norm
 
 if TYPE_CHECKING:
@@ -45,22 +44,41 @@ class KeyValueStore(Protocol):
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def check_exit_layer(model: DeepSupervisionTransformer, exit_layer: object) -> int:
-    """Return ``exit_layer`` if it is an int in ``[1, num_layers - 1]``, else raise ``ValueError``."""
-    top = model.num_layers - 1
-    if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or not 1 <= exit_layer <= top:
-        raise ValueError(f"exit_layer={exit_layer!r} is outside [1, {top}] (a layer shallower than the last)")
-    return exit_layer
+def check_threshold(threshold: object) -> float | None:
+    """Return ``threshold`` (``None``: routing off; else a float in [0, 1]), or raise ``ValueError``.
 
-
-def check_threshold(threshold: object) -> float:
-    """Return ``threshold`` as a float if it is a number >= 0, else raise ``ValueError``.
-
-    Values above 1 are allowed: no confidence reaches them, so no token exits.
+    A token exits when its confidence is ``>= threshold``: 0 sends every token out early, 1 only
+    the fully confident ones.
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
-        raise ValueError(f"routing_threshold={threshold!r} must be a number in [0, inf) (> 1: no token exits)")
+    if threshold is None:
+        return None
+    check_real("routing_threshold", threshold, 0.0, 1.0)
     return float(threshold)
+
+
+def check_exit_layer(exit_layer: object, num_layers: int) -> int:
+    """Return ``exit_layer`` if it is an int in ``[1, num_layers - 1]`` (shallower than the answering layer)."""
+    return check_index("exit_layer", exit_layer, 1, num_layers - 1, f" (a layer shallower than layer {num_layers})")
+
+
+def confidence(logits: torch.Tensor) -> torch.Tensor:
+    """Max softmax probability of logits already computed: ``(..., V)`` → ``(...)`` fp32.
+
+    Where no logits are needed, :func:`lash.losses.exit_statistics` gives the same value fused.
+    """
+    return F.softmax(logits.float(), dim=-1).amax(dim=-1)
+
+
+def exits(confidence: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """The routing rule: which tokens exit early, ``confidence >= threshold`` (none when ``None``)."""
+    if threshold is None:
+        return torch.zeros_like(confidence, dtype=torch.bool)
+    return confidence >= threshold
+
+
+def compute_cost(shallow_ratio: float, exit_layer: int, num_layers: int) -> float:
+    """The original description's cost: (shallow · exit_layer + deep · num_layers) / (tokens · num_layers)."""
+    return (shallow_ratio * exit_layer + (1 - shallow_ratio) * num_layers) / num_layers
 
 
 def _kv(cache: KeyValueStore | None, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
@@ -180,7 +198,7 @@ def _matmul_flops(model: DeepSupervisionTransformer, B: int, n: int, exit_layer:
 def early_exit_step(
     model: DeepSupervisionTransformer,
     x: torch.Tensor,
-    threshold: float,
+    threshold: float | None,
     exit_layer: int,
     start: int = 0,
     cache: KeyValueStore | None = None,
@@ -199,47 +217,46 @@ def early_exit_step(
     else:
         h = run_layers(model, model.embed(x), start, range(1, exit_layer + 1), cache)
     logits = model.output_head(h)  # (B, n, V)
-    exits = F.softmax(logits.float(), dim=-1).amax(dim=-1) >= threshold  # (B, n)
+    exited = exits(confidence(logits), threshold)  # (B, n)
     B, n, V = logits.shape
-    if cache is None and bool(exits.all()):
-        return logits, exits, _matmul_flops(model, B, n, exit_layer, None, 0)
-    deep, hd, width = _deep_layers(model, h, exits, start, exit_layer, cache)
+    if cache is None and bool(exited.all()):
+        return logits, exited, _matmul_flops(model, B, n, exit_layer, None, 0)
+    deep, hd, width = _deep_layers(model, h, exited, start, exit_layer, cache)
     logits.view(B * n, V).index_copy_(0, deep, model.output_head(hd))
-    return logits, exits, _matmul_flops(model, B, n, exit_layer, deep.numel(), width)
+    return logits, exited, _matmul_flops(model, B, n, exit_layer, deep.numel(), width)
 
 
 @torch.no_grad()
 def early_exit_forward(
-    model: DeepSupervisionTransformer, x: torch.Tensor, threshold: float, exit_layer: int
+    model: DeepSupervisionTransformer, x: torch.Tensor, threshold: float | None, exit_layer: int | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Early-exit inference that skips the deeper layers' work for confident tokens.
 
-    See the module docstring for the rule. Unlike the seed's selection-only routing, non-exited
+    See the module docstring for the rule. Unlike the original description's selection-only routing, non-exited
     tokens attend to exited tokens' propagated exit-layer states, so their logits differ from
     the full model's whenever any earlier token exited.
 
     Args:
         model: a :class:`DeepSupervisionTransformer`.
         x: token ids ``(B, T)``.
-        threshold: exit when confidence ``>= threshold``; any number >= 0 (0: every token
-            exits; above 1: none does, and the result is :meth:`forward`'s).
-        exit_layer: in ``[1, num_layers - 1]``.
+        threshold: exit when confidence ``>= threshold``, in [0, 1] (0: every token exits);
+            ``None``: none does, and the result is :meth:`forward`'s.
+        exit_layer: in ``[1, num_layers - 1]``; default ``model.exit_layer``.
 
     Returns:
-        ``(logits (B, T, V), stats)``: ``shallow_ratio``; ``compute_cost``, the seed's
-        (shallow · exit_layer + deep · num_layers) / (tokens · num_layers); ``flop_ratio``,
+        ``(logits (B, T, V), stats)``: ``shallow_ratio``; ``compute_cost`` (:func:`compute_cost`); ``flop_ratio``,
         matmul FLOPs executed (exit head, exited tokens' deeper keys/values, padding included)
         over those of the full forward.
     """
-    threshold, exit_layer = check_threshold(threshold), check_exit_layer(model, exit_layer)
+    threshold = check_threshold(threshold)
+    exit_layer = check_exit_layer(model.exit_layer if exit_layer is None else exit_layer, model.num_layers)
     if x.dim() != 2 or x.numel() == 0:
         raise ValueError(f"input ids must have shape (batch >= 1, seq_len >= 1); got {tuple(x.shape)}")
-    logits, exits, (routed, full) = early_exit_step(model, x, threshold, exit_layer)
-    shallow = exits.float().mean().item()
-    L = model.num_layers
+    logits, exited, (routed, full) = early_exit_step(model, x, threshold, exit_layer)
+    shallow = exited.float().mean().item()
     return logits, {
         "shallow_ratio": shallow,
-        "compute_cost": (shallow * exit_layer + (1 - shallow) * L) / L,
+        "compute_cost": compute_cost(shallow, exit_layer, model.num_layers),
         "flop_ratio": routed / full,
     }
 
@@ -248,20 +265,22 @@ def _exit_statistics(
     model: DeepSupervisionTransformer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], exit_layer: int, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exit-layer confidence and correctness of the exit and last layers over labelled tokens."""
-    confidence, exit_hit, last_hit = [], [], []
+    confidences, exit_hit, last_hit = [], [], []
     device = model.output_head.weight.device
     for x, y in batches:
         x, y = x.to(device), y.to(device).reshape(-1)
         check_token_ids(y, model.vocab_size, "target value", ignore_index)
         h_exit, h_last = model.hidden_states(x, [exit_layer, model.num_layers])
         valid = y != ignore_index
-        exit_logits = model.output_head(h_exit).reshape(-1, model.vocab_size)[valid].float()  # (N, V)
-        confidence.append(F.softmax(exit_logits, dim=-1).amax(dim=-1))
+        # The forward's own confidence on materialised logits, so the threshold splits tokens
+        # exactly as early_exit_forward will (the fused fp32 statistics can differ by an ulp).
+        exit_logits = model.output_head(h_exit).reshape(-1, model.vocab_size)[valid]  # (N, V)
+        confidences.append(confidence(exit_logits))
         exit_hit.append(exit_logits.argmax(-1) == y[valid])
         last_hit.append(model.output_head(h_last).reshape(-1, model.vocab_size)[valid].argmax(-1) == y[valid])
-    if not confidence or not sum(c.numel() for c in confidence):
+    if not confidences or not sum(c.numel() for c in confidences):
         raise ValueError("batches held no token with a label")
-    return torch.cat(confidence), torch.cat(exit_hit).double(), torch.cat(last_hit).double()
+    return torch.cat(confidences), torch.cat(exit_hit).double(), torch.cat(last_hit).double()
 
 
 @torch.no_grad()
@@ -272,7 +291,7 @@ def calibrate_threshold(
     target_shallow_ratio: float | None = None,
     max_accuracy_drop: float | None = None,
     ignore_index: int = -100,
-) -> float:
+) -> float | None:
     """Pick a routing threshold on held-out ``(x, y)`` batches; give exactly one target.
 
     Args:
@@ -283,24 +302,24 @@ def calibrate_threshold(
         target_shallow_ratio: in [0, 1]: the threshold at which this fraction of the tokens has
             exit confidence ``>= threshold`` (ties may add a few).
         max_accuracy_drop: in [0, 1]: the lowest threshold whose *selection-based* accuracy
-            (the seed's ``Trainer.evaluate`` rule: exited tokens scored with the exit layer's
+            (the original description's ``Trainer.evaluate`` rule: exited tokens scored with the exit layer's
             prediction, the rest with the last layer's, all layers computed normally) is at
             least the last layer's accuracy minus this drop. The early-exit path
             (:func:`early_exit_forward`) can score a little differently, since deep tokens see
             propagated states; check it on the chosen threshold.
 
     Returns:
-        The threshold (above every observed confidence when no token should exit).
+        The threshold, or ``None`` (routing off) when no token should exit.
     """
     if (target_shallow_ratio is None) == (max_accuracy_drop is None):
         raise ValueError("give exactly one of target_shallow_ratio and max_accuracy_drop")
     for name, value in (("target_shallow_ratio", target_shallow_ratio), ("max_accuracy_drop", max_accuracy_drop)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
-            raise ValueError(f"{name}={value!r} is outside [0, 1]")
-    check_exit_layer(model, exit_layer)
-    confidence, exit_hit, last_hit = _exit_statistics(model, batches, exit_layer, ignore_index)
-    order = confidence.argsort(descending=True)
-    ranked = confidence[order]  # (N,) fp32, most confident first: exiting the top k tokens
+        if value is not None:
+            check_real(name, value, 0.0, 1.0)
+    check_exit_layer(exit_layer, model.num_layers)
+    confidences, exit_hit, last_hit = _exit_statistics(model, batches, exit_layer, ignore_index)
+    order = confidences.argsort(descending=True)
+    ranked = confidences[order]  # (N,) fp32, most confident first: exiting the top k tokens
     N = ranked.numel()
     if target_shallow_ratio is not None:
         k = round(target_shallow_ratio * N)
@@ -311,5 +330,4 @@ def calibrate_threshold(
         # Only cut between distinct confidences: a threshold cannot split tied tokens.
         ok[1:N] &= ranked[:-1] > ranked[1:]
         k = int(ok.nonzero().max())
-    # No exit: the next fp32 value above the top confidence, which fp32 comparisons keep apart.
-    return float(ranked[k - 1] if k else torch.nextafter(ranked[0], ranked.new_tensor(math.inf)))
+    return float(ranked[k - 1]) if k else None

@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +23,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lash import checkpoint
+from lash import checkpoint, evaluation, parallel
 from lash.config import TrainingConfig
 from lash.distributed import ShardedBatches, all_reduce_sum, init_distributed, launched_by_torchrun
-from lash.losses import exit_statistics, multi_exit_loss
+from lash.evaluation import Batches
+from lash.losses import multi_exit_loss
 from lash.models import StandardTransformer
 from lash.optim import layer_param_groups, warmup_cosine
+from lash.parallel import DISTRIBUTED, PRECISIONS
 from lash.validation import check_device, check_int, check_optional_int, check_real, check_token_ids
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-DISTRIBUTED = ("ddp", "fsdp")
 logger = logging.getLogger("lash")
 
 # Steps between host syncs that check the loss is finite and refresh the progress bar: a sync
@@ -43,11 +42,6 @@ _SYNC_EVERY = 25
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
-
-
-def perplexity(loss: float) -> float:
-    """``exp(loss)``, infinite instead of overflowing."""
-    return math.exp(loss) if loss < 700 else math.inf
 
 
 class _WeightedLoss(nn.Module):
@@ -61,6 +55,18 @@ class _WeightedLoss(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         hiddens = self.model.hidden_states(x, self.layers)  # K × (B, T, D)
         return multi_exit_loss(hiddens, self.model.output_head.weight, y, self.weights, self.ignore_index)
+
+
+def check_finite(losses: list[torch.Tensor], checked: int, epoch: int) -> int:
+    """Raise on the first non-finite loss after index ``checked``; return the new index."""
+    if checked == len(losses):
+        return checked
+    recent = torch.stack(losses[checked:])
+    finite = torch.isfinite(recent)
+    if not bool(finite.all()):
+        step = checked + int((~finite).nonzero()[0]) + 1
+        raise NonFiniteLossError(f"training loss became {recent[step - checked - 1].item()} at epoch {epoch}, step {step}")
+    return len(losses)
 
 
 class Trainer:
@@ -139,6 +145,10 @@ class Trainer:
     def world_size(self) -> int:
         return 1 if self.dist is None else self.dist.world_size
 
+    @property
+    def _is_sharded(self) -> bool:
+        return self.world_size > 1 and self.distributed == "fsdp"
+
     def _prepare(self, model: StandardTransformer) -> None:
         """Check the model against the config, the vocabulary and the device before any work."""
         self.config.validate_for(model.num_layers)
@@ -152,8 +162,7 @@ class Trainer:
             raise ValueError(f"model is on {param_device} but Trainer device is {self.device}; move one of them")
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        dtype = PRECISIONS[self.precision]
-        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        return parallel.autocast(self.device, self.precision)
 
     def _shard(self, batches: Batches) -> Batches:
         return ShardedBatches(batches, self.dist) if self.world_size > 1 else batches
@@ -161,20 +170,12 @@ class Trainer:
     def _runner(self, model: StandardTransformer) -> nn.Module:
         """The loss module for ``model``: wrapped in DDP/FSDP2 under torchrun, compiled on request."""
         if id(model) not in self._runners:
-            runner: nn.Module = _WeightedLoss(model, self.config, self.ignore_index)
-            if self.world_size > 1 and self.distributed == "fsdp":
-                from torch.distributed.fsdp import fully_shard
-
-                for block in model.layers:
-                    fully_shard(block)
-                runner = self._sharded[id(model)] = fully_shard(runner)
-            elif self.world_size > 1:
-                ids = [self.device.index] if self.device.type == "cuda" else None
-                unused = self.config.output_layer < model.num_layers  # deeper layers never run
-                runner = nn.parallel.DistributedDataParallel(runner, device_ids=ids, find_unused_parameters=unused)
-            if self.compile:
-                runner = torch.compile(runner)
+            unused = self.config.output_layer < model.num_layers  # deeper layers never run
+            loss = _WeightedLoss(model, self.config, self.ignore_index)
+            runner, root = parallel.wrap(loss, model, self.device, self.world_size, self.distributed, unused, self.compile)
             self._runners[id(model)] = runner
+            if root is not None:
+                self._sharded[id(model)] = root
         return self._runners[id(model)]
 
     def compute_loss(self, model: StandardTransformer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -248,12 +249,14 @@ class Trainer:
         if hasattr(train_batches, "epoch"):
             train_batches.epoch = self.epochs_trained
         resumed_at = self.batches_into_epoch
-        batches = itertools.islice(self._shard(train_batches), resumed_at, None)
+        shard = self._shard(train_batches)
+        batches = itertools.islice(shard, resumed_at, None)
+        total = len(shard) - resumed_at if hasattr(shard, "__len__") else None  # tqdm's ETA
         runner = self._runner(model)
         params = [p for p in model.parameters() if p.requires_grad]
         losses: list[torch.Tensor] = []
         checked, accumulated, completed = 0, 0, True
-        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not self.progress, leave=False)
+        bar = tqdm(batches, desc=f"epoch {epoch}", total=total, disable=not self.progress, leave=False)
         for x, y in bar:
             if max_steps is not None and self.global_step >= max_steps:
                 completed = False
@@ -270,7 +273,7 @@ class Trainer:
             sync = accumulated == self.grad_accum_steps
             no_sync = getattr(runner, "no_sync", None)
             with contextlib.nullcontext() if sync or no_sync is None else no_sync(), self._autocast():
-                loss = self._distributed_scale(runner(x, y), y)
+                loss = parallel.scale_for_ranks(runner(x, y), y, self.ignore_index, self.world_size)
             self.scaler.scale(loss / self.grad_accum_steps).backward()
             losses.append(loss.detach())
             self.batches_into_epoch += 1
@@ -278,7 +281,7 @@ class Trainer:
                 self._optimizer_step(params, optimizer, grad_clip)
                 accumulated = 0
             if len(losses) % _SYNC_EVERY == 0:
-                checked = self._check_finite(losses, checked, epoch)
+                checked = check_finite(losses, checked, epoch)
                 bar.set_postfix(loss=f"{torch.stack(losses[-_SYNC_EVERY:]).mean().item():.4f}")
         if accumulated:
             self._optimizer_step(params, optimizer, grad_clip)
@@ -289,7 +292,7 @@ class Trainer:
             if not completed or resumed_at:
                 return math.nan
             raise ValueError("train_batches yielded no batch with a labelled target")
-        self._check_finite(losses, checked, epoch)
+        check_finite(losses, checked, epoch)
         # fp64 sums of fp32 losses are exact, so an epoch split by a stop sums to the same value.
         total = torch.tensor(carried_sum, dtype=torch.float64, device=self.device)
         if losses:
@@ -303,20 +306,6 @@ class Trainer:
             self.partial_epoch_loss = (total.item(), count)
         return (all_reduce_sum(total / count) / self.world_size).item()
 
-    def _distributed_scale(self, loss: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Scale a rank's mean loss so DDP's gradient average is the global batch's mean.
-
-        Rank r's loss is a mean over its n_r labelled tokens; multiplying by
-        ``world_size · n_r / Σ n`` makes the average over ranks Σ (sum_r) / Σ n, exact even when
-        a batch does not split evenly. The mean of the scaled losses over ranks is therefore the
-        global batch's loss, which is what ``train_epoch`` reports.
-        """
-        if self.world_size == 1:
-            return loss
-        local = (y != self.ignore_index).sum().float()
-        total = all_reduce_sum(local.clone())
-        return loss * (self.world_size * local / total.clamp(min=1))
-
     def _optimizer_step(self, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
         if grad_clip:
             self.scaler.unscale_(optimizer)
@@ -328,87 +317,38 @@ class Trainer:
             self.scheduler.step()
         self.global_step += 1
 
-    @staticmethod
-    def _check_finite(losses: list[torch.Tensor], checked: int, epoch: int) -> int:
-        """Raise on the first non-finite loss after index ``checked``; return the new index."""
-        if checked == len(losses):
-            return checked
-        recent = torch.stack(losses[checked:])
-        finite = torch.isfinite(recent)
-        if not bool(finite.all()):
-            step = checked + int((~finite).nonzero()[0]) + 1
-            raise NonFiniteLossError(f"training loss became {recent[step - checked - 1].item()} at epoch {epoch}, step {step}")
-        return len(losses)
-
-    @torch.no_grad()
     def evaluate(self, model: StandardTransformer, val_batches: Batches) -> dict[str, Any]:
-        """Loss, perplexity and accuracy of the model's answer, of every exit, and of routing.
-
-        The model answers from its output layer (the deepest weighted layer; the last layer in
-        every preset). With routing on, a token whose confidence at ``exit_layer`` is at least
-        ``routing_threshold`` takes the exit layer's prediction instead. All layers still run:
-        this is the seed's selection-based measure, and ``compute_cost`` is its accounting,
-        (shallow · exit_layer + deep · output_layer) / (tokens · output_layer). Under torchrun
-        each rank evaluates its rows and the sums are all-reduced.
-
-        Returns:
-            ``loss``, ``ppl``, ``acc``, ``shallow_ratio``, ``compute_cost``, ``weighted_loss``
-            (the training objective), ``tokens``, ``output_layer`` and ``per_layer``
-            ({layer: {loss, ppl, acc}} for every layer).
-        """
+        """:func:`lash.evaluation.evaluate` under this trainer's config, device, precision and sharding."""
         self._prepare(model)
         sharded = self._sharded.get(id(model))
         if sharded is not None:
             sharded.unshard()  # evaluation bypasses the root's forward hooks, so gather explicitly
-        was_training = model.training
-        model.eval()
-        cfg, L = self.config, model.num_layers
-        out, exit_ = cfg.output_layer - 1, cfg.exit_layer - 1
-        # Sums over tokens: per-layer loss and correct (2L), routed loss, correct, shallow, tokens.
-        sums = torch.zeros(2 * L + 4, device=self.device, dtype=torch.float64)
-        for x, y in self._shard(val_batches):
-            y = y.to(self.device).reshape(-1)
-            with self._autocast():
-                hiddens = model.hidden_states(x.to(self.device))
-                stats = exit_statistics(hiddens, model.output_head.weight, y, self.ignore_index)
-            valid = stats.valid
-            hit = (stats.predictions == y) & valid  # (L, N)
-            sums[:L] += (stats.token_loss * valid).sum(dim=1)
-            sums[L : 2 * L] += hit.sum(dim=1)
-            sums[-1] += valid.sum()
-            if cfg.has_routing:
-                exits = (stats.confidence[exit_] >= cfg.routing_threshold) & valid  # (N,)
-                sums[-4] += torch.where(exits, stats.token_loss[exit_], stats.token_loss[out]).mul(valid).sum()
-                sums[-3] += torch.where(exits, hit[exit_], hit[out]).sum()
-                sums[-2] += exits.sum()
-        model.train(was_training)
-        if sharded is not None:
-            sharded.reshard()
-        sums = all_reduce_sum(sums).tolist()
-        n = sums[-1]
-        if n == 0:
-            raise ValueError("val_batches held no token with a label")
-        per_loss, per_acc = [s / n for s in sums[:L]], [s / n for s in sums[L : 2 * L]]
-        per_layer = {
-            layer: {"loss": per_loss[layer - 1], "ppl": perplexity(per_loss[layer - 1]), "acc": per_acc[layer - 1]}
-            for layer in range(1, L + 1)
-        }
-        if cfg.has_routing:
-            loss, acc, shallow_ratio = (s / n for s in sums[-4:-1])
-        else:
-            loss, acc, shallow_ratio = per_loss[out], per_acc[out], 0.0
-        compute_cost = (shallow_ratio * cfg.exit_layer + (1 - shallow_ratio) * cfg.output_layer) / cfg.output_layer
-        return {
-            "loss": loss,
-            "ppl": perplexity(loss),
-            "acc": acc,
-            "shallow_ratio": shallow_ratio,
-            "compute_cost": compute_cost,
-            "weighted_loss": sum(cfg.weight(layer) * per_loss[layer - 1] for layer in cfg.active_layers),
-            "tokens": int(n),
-            "output_layer": cfg.output_layer,
-            "per_layer": per_layer,
-        }
+        try:
+            return evaluation.evaluate(model, self._shard(val_batches), self.config, self.device, self.ignore_index, self.precision)
+        finally:
+            if sharded is not None:
+                sharded.reshard()
+
+    def epochs(
+        self,
+        model: StandardTransformer,
+        train_batches: Batches,
+        val_batches: Batches,
+        optimizer: torch.optim.Optimizer,
+        grad_clip: float | None = 1.0,
+        max_epochs: int | None = None,
+        max_steps: int | None = None,
+    ) -> Iterator[tuple[float, dict[str, Any]]]:
+        """The training loop: :meth:`train_epoch` then :meth:`evaluate`, yielding ``(train_loss, stats)``.
+
+        Runs until ``epochs_trained`` reaches ``max_epochs`` or ``global_step`` reaches
+        ``max_steps`` (counted from the start of the run, so a resumed run stops where the
+        uninterrupted one would), or until the caller stops iterating. Early stopping and the
+        CLI both drive this one loop.
+        """
+        while (max_epochs is None or self.epochs_trained < max_epochs) and (max_steps is None or self.global_step < max_steps):
+            train_loss = self.train_epoch(model, train_batches, optimizer, grad_clip, max_steps)
+            yield train_loss, self.evaluate(model, val_batches)
 
     def train_with_early_stopping(
         self,
@@ -439,45 +379,45 @@ class Trainer:
         result: dict[str, Any] = {"train_losses": [], "val_losses": [], "val_ppls": [], "val_accs": [], "history": []}
         best_loss, best_epoch, best_state, waited = math.inf, 0, None, 0
         stopped_early = False
-        for epoch in range(1, max_epochs + 1):
-            try:
-                train_loss = self.train_epoch(model, train_batches, optimizer, grad_clip)
-            except NonFiniteLossError:
-                if best_state is not None:
-                    model.load_state_dict(best_state)
-                raise
-            stats = self.evaluate(model, val_batches)
-            result["train_losses"].append(train_loss)
-            result["val_losses"].append(stats["loss"])
-            result["val_ppls"].append(stats["ppl"])
-            result["val_accs"].append(stats["acc"])
-            result["history"].append(stats)
-            improved = stats["loss"] < best_loss - min_delta
-            if improved:
-                best_loss, best_epoch, waited = stats["loss"], epoch, 0
-                best_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
-            else:
-                waited += 1
-            line = (
-                f"epoch {epoch}: train loss {train_loss:.4f} | val loss {stats['loss']:.4f} "
-                f"ppl {stats['ppl']:.2f} acc {stats['acc']:.4f}" + ("  *best" if improved else "")
-            )
-            self._report(line, verbose)
-            if waited >= patience:
-                stopped_early = True
-                self._report(f"early stop after epoch {epoch}: best epoch {best_epoch} (val loss {best_loss:.4f})", verbose)
-                break
+        loop = self.epochs(model, train_batches, val_batches, optimizer, grad_clip, self.epochs_trained + max_epochs)
+        try:
+            for epoch, (train_loss, stats) in enumerate(loop, start=1):
+                result["train_losses"].append(train_loss)
+                result["val_losses"].append(stats["loss"])
+                result["val_ppls"].append(stats["ppl"])
+                result["val_accs"].append(stats["acc"])
+                result["history"].append(stats)
+                improved = stats["loss"] < best_loss - min_delta
+                if improved:
+                    best_loss, best_epoch, waited = stats["loss"], epoch, 0
+                    best_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+                else:
+                    waited += 1
+                line = (
+                    f"epoch {epoch}: train loss {train_loss:.4f} | val loss {stats['loss']:.4f} "
+                    f"ppl {stats['ppl']:.2f} acc {stats['acc']:.4f}" + ("  *best" if improved else "")
+                )
+                self._report(line, verbose)
+                if waited >= patience:
+                    stopped_early = True
+                    self._report(f"early stop after epoch {epoch}: best epoch {best_epoch} (val loss {best_loss:.4f})", verbose)
+                    break
+        except NonFiniteLossError:
+            if best_state is not None:
+                model.load_state_dict(best_state)
+            raise
         if best_state is not None:
             model.load_state_dict(best_state)
         result.update(best_epoch=best_epoch, best_val_loss=best_loss, total_epochs=epoch, stopped_early=stopped_early)
         return result
 
     def _report(self, line: str, verbose: bool) -> None:
-        """Log a progress line; print it too (beside the tqdm bars) when ``verbose``; rank 0 only."""
+        """Log a progress line, and with ``verbose`` print it (beside the tqdm bars) unless a
+        logging handler already shows it, so it appears once; rank 0 only."""
         if not self.is_main:
             return
         logger.info(line)
-        if verbose:
+        if verbose and not (logger.isEnabledFor(logging.INFO) and logger.hasHandlers()):
             tqdm.write(line)
 
     def state_dict(self) -> dict[str, Any]:
@@ -514,25 +454,8 @@ class Trainer:
         """
         if self.model is None or self.optimizer is None:
             raise ValueError("save_checkpoint needs a model and optimizer: call create_optimizer first")
-        model_state, optim_state = self._full_states()
-        if self.is_main:
-            payload = {
-                "model": model_state,
-                "optimizer": optim_state,
-                "trainer": self.state_dict(),
-                "rng": checkpoint.rng_state(),
-                "config": self.config.as_dict(),
-                "extra": extra or {},
-            }
-            checkpoint.save_atomic(payload, path)
-
-    def _full_states(self) -> tuple[dict, dict]:
-        """Model and optimizer state dicts; gathered in full when FSDP2 shards them."""
-        if self.world_size > 1 and self.distributed == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-            return get_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return self.model.state_dict(), self.optimizer.state_dict()
+        sections = {"trainer": self.state_dict(), "config": self.config.as_dict(), "extra": extra or {}}
+        checkpoint.save_training(path, self.model, self.optimizer, sections, sharded=self._is_sharded, write=self.is_main)
 
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
         """Restore what :meth:`save_checkpoint` saved into the last :meth:`create_optimizer` pair.
@@ -546,19 +469,8 @@ class Trainer:
         """
         if self.model is None or self.optimizer is None:
             raise ValueError("load_checkpoint needs a model and optimizer: call create_optimizer first")
-        payload = checkpoint.load(path)
-        checkpoint.check_model_state(payload["model"], self.model, path)
-        self._check_compatible(payload, path)
-        if self.world_size > 1 and self.distributed == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-            set_state_dict(
-                self.model, self.optimizer, model_state_dict=payload["model"],
-                optim_state_dict=payload["optimizer"], options=StateDictOptions(full_state_dict=True),
-            )  # fmt: skip
-        else:
-            self.model.load_state_dict(payload["model"])
-            self.optimizer.load_state_dict(payload["optimizer"])
+        payload = checkpoint.load_training(path, self.model, self.optimizer, self.config.as_dict(), self._settings(),
+                                           self.scheduler is not None, self._is_sharded)  # fmt: skip
         state = payload["trainer"]
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -566,39 +478,4 @@ class Trainer:
         self.epochs_trained, self.global_step = state["epochs_trained"], state["global_step"]
         self.batches_into_epoch = state["batches_into_epoch"]
         self.partial_epoch_loss = tuple(state["partial_epoch_loss"])
-        checkpoint.set_rng_state(payload["rng"])
         return payload["extra"]
-
-    def _check_compatible(self, payload: dict[str, Any], path: str | Path) -> None:
-        """Raise ``ValueError`` unless the checkpoint was saved by a run set up like this one."""
-        state = payload["trainer"]
-        for key in ("epochs_trained", "global_step", "batches_into_epoch"):
-            if isinstance(state.get(key), bool) or not isinstance(state.get(key), int) or state[key] < 0:
-                raise ValueError(f"checkpoint {path} is damaged: its trainer {key} is {state.get(key)!r}")
-        partial = state.get("partial_epoch_loss")
-        if not (isinstance(partial, list) and len(partial) == 2 and isinstance(partial[0], float) and isinstance(partial[1], int)):
-            raise ValueError(f"checkpoint {path} is damaged: its trainer partial_epoch_loss is {partial!r}")
-        if "settings" not in state or not isinstance(state["settings"], (dict, type(None))) or not isinstance(state.get("scaler"), dict):
-            raise ValueError(f"checkpoint {path} is damaged: its trainer settings or scaler state are missing")
-        if payload["config"] != self.config.as_dict():
-            raise ValueError(f"checkpoint {path} was trained with {payload['config']}, this trainer has {self.config.as_dict()}")
-        saved_settings = state["settings"] or self._settings()  # None: converted from v1, which did not record them
-        for key, mine in self._settings().items():
-            if saved_settings.get(key) != mine:
-                raise ValueError(
-                    f"checkpoint {path} was trained with {key}={saved_settings.get(key)!r}, this trainer has {key}={mine!r}"
-                )
-        if (state.get("scheduler") is None) != (self.scheduler is None):
-            raise ValueError(f"checkpoint {path} and this trainer disagree on having a learning-rate schedule")
-        groups = payload["optimizer"].get("param_groups")
-        if not isinstance(groups, list) or len(groups) != len(self.optimizer.param_groups):
-            raise ValueError(f"checkpoint {path} has an optimizer with a different number of param groups")
-        for saved, own in zip(groups, self.optimizer.param_groups):
-            # The schedule moves "lr" (its base is "initial_lr"); without one, "lr" is the setting.
-            skip = {"params", "lr"} if self.scheduler is not None else {"params"}
-            for key in sorted(own.keys() - skip):
-                if saved.get(key) != own[key]:
-                    raise ValueError(
-                        f"checkpoint {path} has {key}={saved.get(key)!r} in param group {own.get('name', '?')}, "
-                        f"this optimizer has {own[key]!r}: create the optimizer with the checkpoint's settings"
-                    )

@@ -27,6 +27,13 @@ def check_real(
         raise ValueError(f"{name}={value} is outside {allowed}")
 
 
+def check_index(name: str, value: object, low: int, high: int, note: str = "") -> int:
+    """Return ``value`` if it is an int (not a bool) in ``[low, high]``, else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or not low <= value <= high:
+        raise ValueError(f"{name}={value!r} is outside [{low}, {high}]{note}")
+    return int(value)
+
+
 def check_optional_int(name: str, value: object, low: int) -> None:
     """Like :func:`check_int`, and ``None`` is allowed too."""
     if value is not None:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lash import DeepSupervisionTransformer, Trainer, TrainingConfig, cli
-from lash.optim import warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["train", "--dataset", "offline", "--samples", "96", "--val-samples", "32", "--seq-len", "12",
@@ -94,37 +95,6 @@ def test_bad_flags(tmp_path, capsys):
         Trainer(TrainingConfig(layer_weights={1: 1}), 10, precision="int8")
     with pytest.raises(ValueError, match="grad_accum_steps=0"):
         Trainer(TrainingConfig(layer_weights={1: 1}), 10, grad_accum_steps=0)
-
-
-def test_gradient_accumulation_equals_the_big_batch():
-    g = torch.Generator().manual_seed(0)
-    seq = torch.randint(0, 30, (8, 11), generator=g)
-    x, y = seq[:, :-1], seq[:, 1:]
-    params = []
-    for accum, batches in ((1, [(x, y)]), (2, [(x[:4], y[:4]), (x[4:], y[4:])])):
-        torch.manual_seed(1)
-        model = DeepSupervisionTransformer(30, dim=16, num_layers=2, num_heads=2)
-        trainer = Trainer(TrainingConfig(layer_weights={1: 0.5, 2: 0.5}), 30, progress=False, grad_accum_steps=accum)
-        trainer.train_epoch(model, batches, trainer.create_optimizer(model, 1e-2), grad_clip=None)
-        assert trainer.global_step == 1
-        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    torch.testing.assert_close(params[0], params[1], atol=1e-6, rtol=1e-5)
-
-
-def test_warmup_cosine_schedule_keeps_per_layer_scales():
-    groups = [{"params": [torch.zeros(1, requires_grad=True)], "lr": lr} for lr in (1.0, 0.5)]
-    opt = torch.optim.SGD(groups, lr=1.0)
-    sched = warmup_cosine(opt, warmup_steps=2, total_steps=6, min_lr_ratio=0.1)
-    seen = []
-    for _ in range(7):
-        seen.append([g["lr"] for g in opt.param_groups])
-        opt.step()
-        sched.step()
-    assert seen[0] == [0.5, 0.25] and seen[1] == [1.0, 0.5]
-    assert seen[4][0] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 0.5)).item()))
-    assert seen[6] == pytest.approx([0.1, 0.05])
-    with pytest.raises(ValueError, match="warmup_steps=-1"):
-        warmup_cosine(opt, -1, None)
 
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
@@ -268,3 +238,43 @@ def test_output_files_follow_the_umask(tmp_path):
         os.umask(old)
     for name in ("checkpoint.pt", "metrics.json"):
         assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o644
+
+
+BAD_FLAGS = [("--epochs", "0"), ("--max-steps", "-1"), ("--grad-accum", "0"), ("--grad-clip", "-1"), ("--grad-clip", "nan"),
+             ("--lr", "0"), ("--lr", "inf"), ("--seq-len", "0"), ("--batch-size", "0"), ("--layer-weights", "1:-1"),
+             ("--layer-weights", "1:1,1:1"), ("--layer-weights", "2:1"), ("--samples", "-3"), ("--device", "tpu"),
+             ("--stop-at-step", "0"), ("--warmup-steps", "-1"), ("--max-vocab", "1"), ("--val-samples", "0")]  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore")
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    good=st.fixed_dictionaries(
+        {
+            "--max-steps": st.sampled_from(["1", "2", "3"]),
+            "--grad-accum": st.sampled_from(["1", "2"]),
+            "--grad-clip": st.sampled_from(["0", "0.5"]),
+            "--seq-len": st.sampled_from(["1", "4"]),
+            "--batch-size": st.sampled_from(["1", "3"]),
+            "--warmup-steps": st.sampled_from(["0", "2"]),
+        }
+    ),
+    bad=st.one_of(st.none(), st.sampled_from(BAD_FLAGS)),
+)
+def test_cli_train_runs_or_names_the_bad_flag_in_one_line(tmp_path_factory, capsys, good, bad):
+    out = tmp_path_factory.mktemp("run")
+    argv = ["train", "--dataset", "offline", "--samples", "6", "--val-samples", "2", "--num-layers", "1", "--dim", "8",
+            "--num-heads", "2", "--max-vocab", "64", "--no-progress", "--out", str(out)]  # fmt: skip
+    for flag, value in [*good.items(), *([bad] if bad else [])]:
+        argv += [flag, value]
+    try:
+        code = cli.main(argv)
+    except SystemExit as done:  # argparse's own errors
+        code = done.code
+    err = capsys.readouterr().err
+    if bad is None:
+        assert code == 0 and (out / "metrics.json").is_file() and (out / "checkpoint.pt").is_file()
+    else:
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+        assert bad[0] in err or bad[0][2:].replace("-", "_") in err  # the flag, or the config field it sets
+        assert not (out / "checkpoint.pt").exists()

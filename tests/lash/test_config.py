@@ -1,8 +1,11 @@
 import math
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lash import ASHEMConfig, TrainingConfig, create_deep_supervision_config, create_standard_config
+from tests.lash.strategies import FAST, NUMBER, ODD
 
 
 def test_presets_match_the_seed():
@@ -61,7 +64,7 @@ def test_depth_checks():
         TrainingConfig(layer_weights={4: 1}).validate_for(3)
     with pytest.raises(ValueError, match=r"layer_lr_scales: layer index 5 is outside \[1, 3\]"):
         TrainingConfig(layer_weights={3: 1}, layer_lr_scales={5: 1.0}).validate_for(3)
-    with pytest.raises(ValueError, match=r"exit_layer=3 must be a shallower layer .* \[1, 2\]"):
+    with pytest.raises(ValueError, match=r"exit_layer=3 is outside \[1, 2\] \(a layer shallower than layer 3\)"):
         TrainingConfig(layer_weights={3: 1}, routing_threshold=0.5, exit_layer=3).validate_for(3)
     with pytest.raises(ValueError, match="exit_layer: layer index 5"):
         TrainingConfig(layer_weights={3: 1}, exit_layer=5).validate_for(3)
@@ -90,3 +93,42 @@ def test_ashem_config_defaults_and_validation():
 def test_ashem_flags_must_be_booleans(field):
     with pytest.raises(ValueError, match=f"{field}='no' must be True or False"):
         ASHEMConfig(**{field: "no"})
+
+
+@FAST
+@given(
+    weights=st.dictionaries(st.one_of(st.integers(-1, 5), st.booleans(), st.text(max_size=1)), NUMBER, max_size=4),
+    scales=st.one_of(st.none(), st.dictionaries(st.integers(-1, 5), NUMBER, max_size=3)),
+    threshold=st.one_of(NUMBER, ODD),
+    exit_layer=ODD,
+)
+def test_training_config_is_valid_or_a_value_error(weights, scales, threshold, exit_layer):
+    try:
+        config = TrainingConfig(weights, scales, threshold, exit_layer)
+    except ValueError as error:
+        assert "\n" not in str(error)
+        return
+    assert config.active_layers and all(w >= 0 and math.isfinite(w) for w in config.layer_weights.values())
+    assert 0 <= config.routing_threshold <= 1 and config.output_layer >= 1
+    try:
+        config.validate_for(4)
+    except ValueError:
+        return
+    assert all(1 <= layer <= 4 for layer in config.layer_weights)
+
+
+@FAST
+@given(
+    layers=st.tuples(ODD, ODD),
+    lrs=st.tuples(NUMBER, NUMBER),
+    ratio=NUMBER,
+    flags=st.tuples(ODD, ODD, ODD),
+    protocol=st.sampled_from(["held-out", "reference", "other", 3]),
+)
+def test_ashem_config_is_valid_or_a_value_error(layers, lrs, ratio, flags, protocol):
+    try:
+        config = ASHEMConfig(layers[0], lrs[0], 1, ratio, layers[1], lrs[1], 1, 1, 1, *flags, protocol)
+    except ValueError:
+        return
+    assert 1 <= config.phase1_layers < config.phase2_layers and 0 < config.hard_example_ratio < 1
+    assert all(isinstance(flag, bool) for flag in flags)

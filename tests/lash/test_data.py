@@ -4,10 +4,13 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import lash.data
 from lash import create_wikitext_dataloaders, load_dataset
 from lash.data import OfflineCorpus, TokenBatches, WordTokenizer
+from tests.lash.strategies import FAST
 
 TRAIN = ["The cat sat on the mat .", "", " = Heading = ", "the dog sat on the log ."] * 40
 VALID = ["the cat saw a zebra .", "the dog sat ."] * 30
@@ -148,3 +151,20 @@ def test_text_file_errors_name_the_file_and_the_split(tmp_path):
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ValueError, match=rf"data file .*{name} is not UTF-8 text"):
             load_dataset(str(tmp_path / name), 4, 2, 8)
+
+
+@FAST
+@given(
+    samples=st.integers(-1, 12),
+    batch=st.integers(-1, 5),
+    seq_len=st.integers(-1, 6),
+    max_vocab=st.sampled_from([None, 0, 1, 2, 40, 64, 64.0, "64"]),
+    val_samples=st.sampled_from([None, -1, 0, 1, 3]),
+)
+def test_offline_data_is_valid_or_a_value_error(samples, batch, seq_len, max_vocab, val_samples):
+    try:
+        data = load_dataset("offline", samples, batch, seq_len, 0, max_vocab, val_samples)
+    except ValueError:
+        return
+    assert data.train.inputs.shape == (samples, seq_len) and data.val.inputs.shape[1] == seq_len
+    assert int(data.train.inputs.max()) < data.vocab_size and len(data.train) == -(-samples // batch)

@@ -31,9 +31,9 @@ def test_hidden_states_runs_no_deeper_layer_than_asked():
     assert calls == [1, 1, 1, 0]
     torch.testing.assert_close(h1, model.hidden_states(x, [1])[0])
     torch.testing.assert_close(h3, model.hidden_states(x)[2])
-    with pytest.raises(ValueError, match=r"layer 5 is outside \[1, 4\]"):
+    with pytest.raises(ValueError, match=r"layer=5 is outside \[1, 4\]"):
         model.hidden_states(x, [5])
-    with pytest.raises(ValueError, match=r"layer 0 is outside"):
+    with pytest.raises(ValueError, match=r"layer=0 is outside"):
         model.hidden_states(x, [0])
 
 
@@ -54,7 +54,7 @@ def test_too_long_sequence_and_bad_shapes():
         model(torch.zeros(9, dtype=torch.long))
     with pytest.raises(ValueError, match="num_layers=0"):
         StandardTransformer(vocab_size=20, num_layers=0)
-    with pytest.raises(ValueError, match=r"exit_layer=4 is outside \[1, 3\]"):
+    with pytest.raises(ValueError, match=r"exit_layer=4 is outside \[1, 2\]"):
         DeepSupervisionTransformer(vocab_size=20, exit_layer=4)
     with pytest.raises(ValueError, match="routing_threshold=1.2"):
         DeepSupervisionTransformer(vocab_size=20, routing_threshold=1.2)
@@ -87,12 +87,12 @@ def test_deep_supervision_confidence_and_inference():
     assert stats["shallow_ratio"] == pytest.approx(shallow)
     assert stats["compute_cost"] == pytest.approx((shallow * 1 + (1 - shallow) * 3) / 3)
 
-    model.routing_threshold = 0.0  # routing off
+    model.routing_threshold = None  # routing off
     logits, stats = model.forward_inference(x)
     torch.testing.assert_close(logits, all_logits[2])
     assert stats == {"shallow_ratio": 0.0, "compute_cost": 1.0}
 
-    model.routing_threshold = 1e-9  # every token exits: deeper layers are skipped
+    model.routing_threshold = 0.0  # every token exits: deeper layers are skipped
     calls = count_layer_calls(model)
     logits, stats = model.forward_inference(x)
     torch.testing.assert_close(logits, all_logits[0])

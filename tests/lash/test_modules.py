@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from lash import DeepSupervisionTransformer, StandardTransformer
 from lash.modules import GatedLinearUnit, MultiHeadAttention, RMSNorm, RotaryPositionalEmbedding, TransformerBlock
 
-from lash.reference import RefModel
+from lash.original import OriginalModel
 
 
 def test_rms_norm_matches_formula_in_float64():
@@ -87,7 +87,7 @@ def test_state_dict_keys_match_reference_layout():
 
 @pytest.mark.parametrize("model_cls", [StandardTransformer, DeepSupervisionTransformer])
 def test_reference_checkpoint_loads_strictly_with_same_logits(model_cls, tmp_path):
-    ref = RefModel(vocab_size=97, dim=32, num_layers=3, num_heads=4)
+    ref = OriginalModel(vocab_size=97, dim=32, num_layers=3, num_heads=4)
     assert any(k.endswith("causal_mask") for k in ref.state_dict())
     torch.save(ref.state_dict(), tmp_path / "ref.pt")
     model = model_cls(vocab_size=97, dim=32, num_layers=3, num_heads=4)

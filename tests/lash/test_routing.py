@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lash import DeepSupervisionTransformer, calibrate_threshold
-from lash.routing import _deep_layers
+from lash.routing import _deep_layers, early_exit_forward
 
 V, DIM, LAYERS, HEADS = 40, 32, 4, 4
 
@@ -42,7 +42,7 @@ def test_matches_plain_propagation_rule(exit_layer, quantile):
     exits = conf >= threshold
     assert 0 < exits.sum() < exits.numel()
     assert len({tuple(row.tolist()) for row in exits}) == 3  # every row exits differently
-    logits, stats = model.forward_early_exit(x, threshold, exit_layer)
+    logits, stats = early_exit_forward(model, x, threshold, exit_layer)
     torch.testing.assert_close(logits, propagated_reference(model, x, exits, exit_layer), rtol=1e-10, atol=1e-10)
     shallow = exits.double().mean().item()
     assert stats["shallow_ratio"] == pytest.approx(shallow)
@@ -55,7 +55,7 @@ def test_deep_tokens_see_propagated_states_not_true_ones():
     x = torch.randint(0, V, (2, 20))
     conf = exit_confidence(model, x, 2)
     threshold = float(conf.quantile(0.5))
-    logits, _ = model.forward_early_exit(x, threshold, 2)
+    logits, _ = early_exit_forward(model, x, threshold, 2)
     model.routing_threshold = threshold
     selected, _ = model.forward_inference(x)
     exits = conf >= threshold
@@ -80,45 +80,43 @@ def test_rows_with_no_or_only_deep_tokens():
     torch.testing.assert_close(model.output_head(hd), expected, rtol=1e-10, atol=1e-10)
 
 
-def test_threshold_above_one_is_forward_and_zero_is_the_exit_layer():
+def test_no_threshold_is_forward_and_zero_is_the_exit_layer():
     model = make_model(torch.float32)
     x = torch.randint(0, V, (2, 31))
     with torch.no_grad():
         full, all_logits = model(x), model.forward_all_layers(x)
-    logits, stats = model.forward_early_exit(x, 1.5, 2)
+    logits, stats = early_exit_forward(model, x, None, 2)
     torch.testing.assert_close(logits, full, rtol=0, atol=1e-5)
     assert stats["shallow_ratio"] == 0.0 and stats["compute_cost"] == 1.0
     ffn, head = 4 * DIM, 2 * DIM * V
     layer_tokens = 2 * (4 * DIM * DIM + 3 * DIM * ffn)
     assert stats["flop_ratio"] > 1.0  # the exit head and padding are extra work
-    logits, stats = model.forward_early_exit(x, 0.0, 2)
+    logits, stats = early_exit_forward(model, x, 0.0, 2)
     torch.testing.assert_close(logits, all_logits[1], rtol=0, atol=1e-6)
     causal = layer_tokens * 31 + 31 * 32 // 2 * 4 * DIM  # one row, one layer
     expected = (2 * causal + 31 * head) / (LAYERS * causal + 31 * head)
     assert stats == {"shallow_ratio": 1.0, "compute_cost": 0.5, "flop_ratio": pytest.approx(expected)}
 
 
-def test_defaults_come_from_the_model():
+def test_exit_layer_defaults_to_the_model_s():
     model = make_model()
     x = torch.randint(0, V, (2, 9))
-    model.routing_threshold, model.exit_layer = 0.0, 3
-    logits, stats = model.forward_early_exit(x)
+    model.exit_layer = 3
+    logits, stats = early_exit_forward(model, x, 0.0)
     torch.testing.assert_close(logits, model.forward_all_layers(x)[2])
     assert stats["compute_cost"] == pytest.approx(0.75)
 
 
-@pytest.mark.parametrize("threshold", [-0.1, math.nan, "0.5", True, None])
+@pytest.mark.parametrize("threshold", [-0.1, 1.5, math.nan, "0.5", True])
 def test_bad_threshold(threshold):
-    model = make_model()
-    model.routing_threshold = threshold
-    with pytest.raises(ValueError, match=r"routing_threshold=.* must be a number in \[0, inf\)"):
-        model.forward_early_exit(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"routing_threshold=.* (must be a finite number in|is outside) \[0.0, 1.0\]"):
+        early_exit_forward(make_model(), torch.zeros(1, 4, dtype=torch.long), threshold)
 
 
 @pytest.mark.parametrize("exit_layer", [0, 4, 1.0, True])
 def test_bad_exit_layer(exit_layer):
     with pytest.raises(ValueError, match=rf"exit_layer={exit_layer!r} is outside \[1, 3\]"):
-        make_model().forward_early_exit(torch.zeros(1, 4, dtype=torch.long), 0.5, exit_layer)
+        early_exit_forward(make_model(), torch.zeros(1, 4, dtype=torch.long), 0.5, exit_layer)
 
 
 def batches(n=4, seed=0):
@@ -134,7 +132,7 @@ def batches(n=4, seed=0):
 def test_calibration_hits_the_target_shallow_ratio(target):
     model, data = make_model(), batches()
     threshold = calibrate_threshold(model, data, 2, target_shallow_ratio=target)
-    ratios = [model.forward_early_exit(x, threshold, 2)[1]["shallow_ratio"] for x, _ in data]
+    ratios = [early_exit_forward(model, x, threshold, 2)[1]["shallow_ratio"] for x, _ in data]
     assert sum(ratios) / len(ratios) == pytest.approx(target, abs=0.02)
 
 
@@ -156,6 +154,7 @@ def test_calibration_keeps_accuracy_within_the_drop(drop):
     with torch.no_grad():
         full = selection_accuracy(model, data, math.inf, 2)
         threshold = calibrate_threshold(model, data, 2, max_accuracy_drop=drop)
+        threshold = math.inf if threshold is None else threshold  # None: no token exits
         assert selection_accuracy(model, data, threshold, 2) >= full - drop - 1e-12
         conf = torch.cat([exit_confidence(model, x, 2).flatten() for x, _ in data])
         lower = conf[conf < threshold]
@@ -171,9 +170,9 @@ def test_calibration_errors():
         calibrate_threshold(model, data, 2)
     with pytest.raises(ValueError, match="exactly one"):
         calibrate_threshold(model, data, 2, target_shallow_ratio=0.5, max_accuracy_drop=0.1)
-    with pytest.raises(ValueError, match=r"target_shallow_ratio=1.5 is outside \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"target_shallow_ratio=1.5 is outside \[0.0, 1.0\]"):
         calibrate_threshold(model, data, 2, target_shallow_ratio=1.5)
-    with pytest.raises(ValueError, match=r"max_accuracy_drop=-0.1 is outside \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"max_accuracy_drop=-0.1 is outside \[0.0, 1.0\]"):
         calibrate_threshold(model, data, 2, max_accuracy_drop=-0.1)
     with pytest.raises(ValueError, match=r"exit_layer=4 is outside \[1, 3\]"):
         calibrate_threshold(model, data, 4, target_shallow_ratio=0.5)
@@ -185,7 +184,29 @@ def test_early_exit_on_empty_input_and_calibration_on_bad_targets_are_value_erro
     model = make_model()
     for shape in ((2, 0), (0, 3)):
         with pytest.raises(ValueError, match=r"must have shape \(batch >= 1, seq_len >= 1\)"):
-            model.forward_early_exit(torch.zeros(shape, dtype=torch.long), 0.5, 2)
+            early_exit_forward(model, torch.zeros(shape, dtype=torch.long), 0.5, 2)
     x = torch.randint(0, V, (2, 5))
     with pytest.raises(ValueError, match=rf"target value {V} is outside \[0, {V}\) or -100"):
         calibrate_threshold(model, [(x, torch.full_like(x, V))], exit_layer=2, target_shallow_ratio=0.5)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
+def test_selection_and_early_exit_send_the_same_tokens_out(threshold):
+    model = make_model()
+    model.routing_threshold = threshold
+    x = torch.randint(0, V, (3, 25))
+    with torch.no_grad():
+        exit_logits = model.forward_all_layers(x)[1]  # (B, T, V), layer 2
+
+    def exited(logits):
+        return (logits == exit_logits).all(-1)  # (B, T)
+
+    selected, selection_stats = model.forward_inference(x)
+    routed, routed_stats = early_exit_forward(model, x, threshold, 2)
+    assert torch.equal(exited(selected), exited(routed))
+    assert selection_stats["shallow_ratio"] == routed_stats["shallow_ratio"]
+    assert selection_stats["compute_cost"] == routed_stats["compute_cost"]
+    if threshold == 0.0:
+        assert bool(exited(routed).all())
+    if threshold == 0.5:
+        assert 0 < exited(routed).sum() < exited(routed).numel()

@@ -66,35 +66,6 @@ def test_weighted_loss_skips_zero_weight_heads_and_deep_layers(monkeypatch):
     assert all(p.grad is None for p in model.layers[3:].parameters())
 
 
-def test_param_groups_follow_layer_lr_scales():
-    model = tiny(num_layers=6)
-    scales = {1: 1.0, 2: 0.8, 3: 0.6, 4: 0.4, 5: 0.2, 6: 0.1}
-    trainer = Trainer(TrainingConfig(layer_weights={6: 1}, layer_lr_scales=scales), vocab_size=V)
-    opt = trainer.create_optimizer(model, base_lr=1e-3, weight_decay=0.01)
-    groups = {g["name"]: g for g in opt.param_groups}
-    assert list(groups) == [f"layer_{i}" for i in range(1, 7)] + ["embedding_head"]
-    for layer, scale in scales.items():
-        assert groups[f"layer_{layer}"]["lr"] == pytest.approx(1e-3 * scale)
-        assert {id(p) for p in groups[f"layer_{layer}"]["params"]} == {id(p) for p in model.layers[layer - 1].parameters()}
-    assert groups["embedding_head"]["lr"] == 1e-3
-    assert {id(p) for p in groups["embedding_head"]["params"]} == {id(model.embedding.weight), id(model.output_head.weight)}
-    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
-    with pytest.raises(ValueError, match="base_lr=0"):
-        trainer.create_optimizer(model, base_lr=0)
-
-
-def test_lr_scales_change_per_layer_step_size():
-    model = tiny(num_layers=2)
-    config = TrainingConfig(layer_weights={1: 0.5, 2: 0.5}, layer_lr_scales={1: 1.0, 2: 1e-6})
-    trainer = Trainer(config, vocab_size=V, progress=False)
-    opt = trainer.create_optimizer(model, base_lr=1e-2)
-    before = [p.detach().clone() for p in model.layers.parameters()]
-    trainer.train_epoch(model, make_batches(1), opt)
-    n1 = len(list(model.layers[0].parameters()))
-    moved = [(p - b).abs().max().item() for p, b in zip(model.layers.parameters(), before)]
-    assert min(moved[:n1]) > 1e-4 > max(moved[n1:]) * 10
-
-
 def test_trainer_checks_model_and_device():
     trainer = Trainer(TrainingConfig(layer_weights={4: 1}), vocab_size=V)
     x, y = make_batches(1)[0]
@@ -354,6 +325,38 @@ def test_trainer_rejects_unknown_or_missing_devices():
         with pytest.raises(ValueError, match="device='cuda': this machine has no cuda device"):
             Trainer(TrainingConfig(layer_weights={1: 1}), V, device="cuda")
 
+
+def test_epoch_lines_are_printed_once_when_logging_shows_them(capsys):
+    import logging
+    import sys
+
+    handler, logger = logging.StreamHandler(sys.stdout), logging.getLogger("lash")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        model, trainer = tiny(), Trainer(TrainingConfig(layer_weights={3: 1}), V, progress=False)
+        trainer.train_with_early_stopping(model, make_batches(), make_batches(seed=1), trainer.create_optimizer(model, 1e-3), max_epochs=1)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+    assert capsys.readouterr().out.count("epoch 1: train loss") == 1
+    trainer.train_with_early_stopping(model, make_batches(), make_batches(seed=1), trainer.create_optimizer(model, 1e-3), max_epochs=1)
+    assert capsys.readouterr().out.count("epoch 1: train loss") == 1  # no handler: printed instead
+
+
+def test_gradient_accumulation_equals_the_big_batch():
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(0, 30, (8, 11), generator=g)
+    x, y = seq[:, :-1], seq[:, 1:]
+    params = []
+    for accum, batches in ((1, [(x, y)]), (2, [(x[:4], y[:4]), (x[4:], y[4:])])):
+        torch.manual_seed(1)
+        model = DeepSupervisionTransformer(30, dim=16, num_layers=2, num_heads=2)
+        trainer = Trainer(TrainingConfig(layer_weights={1: 0.5, 2: 0.5}), 30, progress=False, grad_accum_steps=accum)
+        trainer.train_epoch(model, batches, trainer.create_optimizer(model, 1e-2), grad_clip=None)
+        assert trainer.global_step == 1
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(params[0], params[1], atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.gpu

@@ -1,7 +1,7 @@
-"""The seed's reference model, restated step by step in eager PyTorch.
+"""The model of the original description, restated step by step in eager PyTorch.
 
-It keeps the reference's derived buffers (``rope.inv_freq``, ``causal_mask``) in its state dict,
-as the reference's checkpoints do, and computes attention by hand. Tests use it to check that
+It keeps the original code's derived buffers (``rope.inv_freq``, ``causal_mask``) in its state dict,
+as that code's checkpoints do, and computes attention by hand. Tests use it to check that
 LASH loads such checkpoints strictly and reproduces their outputs; benchmarks use it, with a
 per-layer ``F.cross_entropy``, as the eager baseline LASH is measured against.
 """
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 
-class RefRMSNorm(nn.Module):
+class OriginalRMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
         super().__init__()
         self.eps = eps
@@ -22,7 +22,7 @@ class RefRMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-class RefRoPE(nn.Module):
+class OriginalRoPE(nn.Module):
     def __init__(self, head_dim):
         super().__init__()
         self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
@@ -35,12 +35,12 @@ class RefRoPE(nn.Module):
         return x * emb.cos() + torch.cat((-x2, x1), dim=-1) * emb.sin()
 
 
-class RefAttention(nn.Module):
+class OriginalAttention(nn.Module):
     def __init__(self, dim, num_heads, max_len=128):
         super().__init__()
         self.h, self.hd = num_heads, dim // num_heads
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim, bias=False) for _ in range(4))
-        self.rope = RefRoPE(self.hd)
+        self.rope = OriginalRoPE(self.hd)
         self.register_buffer("causal_mask", torch.tril(torch.ones(max_len, max_len)).bool())
 
     def forward(self, x):
@@ -53,7 +53,7 @@ class RefAttention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
 
 
-class RefGLU(nn.Module):
+class OriginalGLU(nn.Module):
     def __init__(self, dim, ffn_dim):
         super().__init__()
         self.w1, self.w2, self.w3 = nn.Linear(dim, ffn_dim, bias=False), nn.Linear(ffn_dim, dim, bias=False), nn.Linear(dim, ffn_dim, bias=False)
@@ -63,22 +63,22 @@ class RefGLU(nn.Module):
         return self.w2(a * torch.sigmoid(a) * self.w3(x))
 
 
-class RefBlock(nn.Module):
+class OriginalBlock(nn.Module):
     def __init__(self, dim, num_heads, max_len=128):
         super().__init__()
-        self.attn, self.ffn = RefAttention(dim, num_heads, max_len), RefGLU(dim, 4 * dim)
-        self.norm1, self.norm2 = RefRMSNorm(dim), RefRMSNorm(dim)
+        self.attn, self.ffn = OriginalAttention(dim, num_heads, max_len), OriginalGLU(dim, 4 * dim)
+        self.norm1, self.norm2 = OriginalRMSNorm(dim), OriginalRMSNorm(dim)
 
     def forward(self, h):
         h = self.norm1(h + self.attn(h))
         return self.norm2(h + self.ffn(h))
 
 
-class RefModel(nn.Module):
+class OriginalModel(nn.Module):
     def __init__(self, vocab_size, dim, num_layers, num_heads, max_len=128):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, dim)
-        self.layers = nn.ModuleList(RefBlock(dim, num_heads, max_len) for _ in range(num_layers))
+        self.layers = nn.ModuleList(OriginalBlock(dim, num_heads, max_len) for _ in range(num_layers))
         self.output_head = nn.Linear(dim, vocab_size, bias=False)
         for p in self.parameters():
             nn.init.normal_(p, std=0.3)  # random norm weights too, so a wrong mapping shows

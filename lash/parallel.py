@@ -1,0 +1,99 @@
+"""Precision and parallelism: autocast, DDP / FSDP2 wrapping, ``torch.compile``, full state dicts.
+
+Everything the :class:`lash.trainer.Trainer` does differently on several GPUs or at lower
+precision lives here, so the training loop reads the same in every set-up. PyTorch's own DDP
+and FSDP2 (``fully_shard``) do the work; see :mod:`lash.distributed` for the process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from lash.distributed import all_reduce_sum
+from lash.models import StandardTransformer
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DISTRIBUTED = ("ddp", "fsdp")
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast to ``precision``'s dtype on ``device`` (no-op for fp32)."""
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def wrap(
+    loss: nn.Module,
+    model: StandardTransformer,
+    device: torch.device,
+    world_size: int,
+    distributed: str,
+    find_unused: bool,
+    compile: bool,
+) -> tuple[nn.Module, nn.Module | None]:
+    """The training-loss module ready to run: DDP or FSDP2 with several processes, compiled on request.
+
+    Args:
+        loss: the module computing the loss of ``model``.
+        model: its model; FSDP2 shards each of its blocks.
+        device: this process's device.
+        world_size: the number of processes.
+        distributed: ``"ddp"`` or ``"fsdp"``.
+        find_unused: DDP must look for parameters without gradient (layers deeper than trained).
+        compile: wrap the result in ``torch.compile``.
+
+    Returns:
+        The runner, and the FSDP2 root (``None`` otherwise), which evaluation gathers explicitly.
+    """
+    root = None
+    if world_size > 1 and distributed == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.layers:
+            fully_shard(block)
+        loss = root = fully_shard(loss)
+    elif world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        loss = nn.parallel.DistributedDataParallel(loss, device_ids=ids, find_unused_parameters=find_unused)
+    return (torch.compile(loss) if compile else loss), root
+
+
+def full_states(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> tuple[dict, dict]:
+    """Model and optimizer state dicts; gathered in full (on the CPU) when FSDP2 shards them."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict(), optimizer.state_dict()
+
+
+def load_full_states(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict, sharded: bool) -> None:
+    """Load full state dicts (as :func:`full_states` gives) into a possibly sharded model and optimizer."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(
+            model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+            options=StateDictOptions(full_state_dict=True),
+        )  # fmt: skip
+    else:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+
+
+def scale_for_ranks(loss: torch.Tensor, y: torch.Tensor, ignore_index: int, world_size: int) -> torch.Tensor:
+    """Scale a rank's mean loss so DDP's gradient average is the global batch's mean.
+
+    Rank r's loss is a mean over its n_r labelled tokens; multiplying by
+    ``world_size · n_r / Σ n`` makes the average over ranks Σ (sum_r) / Σ n, exact even when
+    a batch does not split evenly. The mean of the scaled losses over ranks is therefore the
+    global batch's loss, which is what ``Trainer.train_epoch`` reports.
+    """
+    if world_size == 1:
+        return loss
+    local = (y != ignore_index).sum().float()
+    total = all_reduce_sum(local.clone())
+    return loss * (world_size * local / total.clamp(min=1))
