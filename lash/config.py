@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from numbers import Integral
 
-from lash.routing import check_exit_layer, check_threshold
-from lash.validation import check_bool, check_int, check_real
+from lash.validation import check_bool, check_exit_layer, check_int, check_real, check_threshold
 
 
 def _check_layer_index(name: str, layer: object, num_layers: int | None = None) -> None:

@@ -90,3 +90,20 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int, name: str = "token id", 
         torch._assert_async(~bad.any(), f"a {name} is outside {allowed}")
     elif bool(bad.any()):
         raise ValueError(f"{name} {int(ids[bad][0])} is outside {allowed}")
+
+
+def check_threshold(threshold: object) -> float | None:
+    """Return ``threshold`` (``None``: routing off; else a float in [0, 1]), or raise ``ValueError``.
+
+    A token exits when its confidence is ``>= threshold``: 0 sends every token out early, 1 only
+    the fully confident ones.
+    """
+    if threshold is None:
+        return None
+    check_real("routing_threshold", threshold, 0.0, 1.0)
+    return float(threshold)
+
+
+def check_exit_layer(exit_layer: object, num_layers: int) -> int:
+    """Return ``exit_layer`` if it is an int in ``[1, num_layers - 1]`` (shallower than the answering layer)."""
+    return check_index("exit_layer", exit_layer, 1, num_layers - 1, f" (a layer shallower than layer {num_layers})")
