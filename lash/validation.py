@@ -34,6 +34,16 @@ def check_index(name: str, value: object, low: int, high: int, note: str = "") -
     return int(value)
 
 
+def check_layer_index(name: str, layer: object, num_layers: int | None = None) -> None:
+    """Raise ``ValueError``, naming ``name``, unless ``layer`` is an int in ``[1, num_layers]``
+    (no upper bound when ``num_layers`` is ``None``)."""
+    upper = "num_layers" if num_layers is None else str(num_layers)
+    if isinstance(layer, bool) or not isinstance(layer, Integral):
+        raise ValueError(f"{name}: layer index {layer!r} must be an int in [1, {upper}]")
+    if layer < 1 or (num_layers is not None and layer > num_layers):
+        raise ValueError(f"{name}: layer index {layer} is outside [1, {upper}]")
+
+
 def check_optional_int(name: str, value: object, low: int) -> None:
     """Like :func:`check_int`, and ``None`` is allowed too."""
     if value is not None:
