@@ -135,6 +135,16 @@ def _close_epoch(trainer: Trainer, losses: list[torch.Tensor], checked: int, epo
     return (all_reduce_sum(total / count) / trainer.world_size).item()
 
 
+def _report(line: str, verbose: bool, is_main: bool) -> None:
+    """Log a progress line, and with ``verbose`` print it (beside the tqdm bars) unless a
+    logging handler already shows it, so it appears once; rank 0 (``is_main``) only."""
+    if not is_main:
+        return
+    logger.info(line)
+    if verbose and not (logger.isEnabledFor(logging.INFO) and logger.hasHandlers()):
+        tqdm.write(line)
+
+
 def train_with_early_stopping(
     trainer: Trainer,
     model: StandardTransformer,
@@ -156,7 +166,7 @@ def train_with_early_stopping(
     Returns:
         ``train_losses``, ``val_losses``, ``val_ppls``, ``val_accs``, ``best_epoch``
         (1-based), ``best_val_loss``, ``total_epochs``, ``stopped_early`` and ``history``
-        (the full :meth:`evaluate` dict of every epoch).
+        (the full :meth:`Trainer.evaluate` dict of every epoch).
     """
     check_int("max_epochs", max_epochs, 1)
     check_int("patience", patience, 1)
@@ -447,13 +457,3 @@ class Trainer:
         the checkpoint's ``extra``.
         """
         return checkpoint.load_trainer(path, self)
-
-
-def _report(line: str, verbose: bool, is_main: bool) -> None:
-    """Log a progress line, and with ``verbose`` print it (beside the tqdm bars) unless a
-    logging handler already shows it, so it appears once; rank 0 (``is_main``) only."""
-    if not is_main:
-        return
-    logger.info(line)
-    if verbose and not (logger.isEnabledFor(logging.INFO) and logger.hasHandlers()):
-        tqdm.write(line)
