@@ -73,7 +73,7 @@ def _token_confidence(
     return torch.cat(xs), torch.cat(ys), torch.cat(confs)
 
 
-def compute_confidence(model: DeepSupervisionTransformer, batches: Batches, device: str | torch.device = "cpu") -> torch.Tensor:
+def last_layer_confidence(model: DeepSupervisionTransformer, batches: Batches, device: str | torch.device = "cpu") -> torch.Tensor:
     """Max softmax probability of the model's last layer for every token: ``(n, T)``."""
     return _token_confidence(model, batches, torch.device(device))[2]
 
@@ -273,7 +273,7 @@ def run_ashem(
 
     start = time.perf_counter()
     mine_from = val_batches if config.protocol == "reference" else train_batches
-    mined_conf = compute_confidence(model1, mine_from, device)
+    mined_conf = last_layer_confidence(model1, mine_from, device)
     threshold = compute_confidence_threshold(mined_conf, config.hard_example_ratio)
     train_hard = collect_hard_examples(model1, train_batches, threshold, device)
     val_hard = collect_hard_examples(model1, val_batches, threshold, device)

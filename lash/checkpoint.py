@@ -20,13 +20,16 @@ import random
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from lash import parallel
 from lash.files import write_atomic
+
+if TYPE_CHECKING:
+    from lash.trainer import Trainer
 
 FORMAT = "lash-checkpoint-v2"
 OLD_FORMAT = "lash-checkpoint-v1"
@@ -286,3 +289,49 @@ def load_training(
     parallel.load_full_states(model, optimizer, payload["model"], payload["optimizer"], sharded)
     set_rng_state(payload["rng"])
     return payload
+
+
+def _trainer_settings(trainer: Trainer) -> dict[str, Any]:
+    """The settings a resumed run must share with the saved one."""
+    warmup, total, floor = trainer.schedule
+    return {"grad_accum_steps": trainer.grad_accum_steps, "warmup_steps": warmup, "total_steps": total,
+            "min_lr_ratio": floor, "precision": trainer.precision}  # fmt: skip
+
+
+def _trained_pair(trainer: Trainer, action: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    if trainer.model is None or trainer.optimizer is None:
+        raise ValueError(f"{action} needs a model and optimizer: call create_optimizer first")
+    return trainer.model, trainer.optimizer
+
+
+def save_trainer(path: str | Path, trainer: Trainer, extra: dict[str, Any] | None = None) -> None:
+    """Save ``trainer``'s model and optimizer (those of its last ``create_optimizer``), its
+    progress counters, schedule, scaler and settings, the RNG states and ``extra``."""
+    model, optimizer = _trained_pair(trainer, "save_checkpoint")
+    state = {
+        "epochs_trained": trainer.epochs_trained,
+        "global_step": trainer.global_step,
+        "batches_into_epoch": trainer.batches_into_epoch,
+        "partial_epoch_loss": list(trainer.partial_epoch_loss),
+        "scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
+        "scaler": trainer.scaler.state_dict(),
+        "settings": _trainer_settings(trainer),
+    }
+    sections = {"trainer": state, "config": trainer.config.as_dict(), "extra": extra or {}}
+    save_training(path, model, optimizer, sections, sharded=trainer.is_sharded, write=trainer.is_main)
+
+
+def load_trainer(path: str | Path, trainer: Trainer) -> dict[str, Any]:
+    """Restore what :func:`save_trainer` saved into ``trainer`` (checked first by
+    :func:`load_training`: nothing changes unless it fits); return the checkpoint's ``extra``."""
+    model, optimizer = _trained_pair(trainer, "load_checkpoint")
+    payload = load_training(path, model, optimizer, trainer.config.as_dict(), _trainer_settings(trainer),
+                            trainer.scheduler is not None, trainer.is_sharded)  # fmt: skip
+    state = payload["trainer"]
+    if trainer.scheduler is not None:
+        trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.scaler.load_state_dict(state["scaler"])
+    trainer.epochs_trained, trainer.global_step = state["epochs_trained"], state["global_step"]
+    trainer.batches_into_epoch = state["batches_into_epoch"]
+    trainer.partial_epoch_loss = tuple(state["partial_epoch_loss"])
+    return payload["extra"]

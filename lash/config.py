@@ -9,18 +9,8 @@ depth is checked by :meth:`TrainingConfig.validate_for` when training starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from numbers import Integral
 
-from lash.routing import check_exit_layer, check_threshold
-from lash.validation import check_bool, check_int, check_real
-
-
-def _check_layer_index(name: str, layer: object, num_layers: int | None = None) -> None:
-    upper = "num_layers" if num_layers is None else str(num_layers)
-    if isinstance(layer, bool) or not isinstance(layer, Integral):
-        raise ValueError(f"{name}: layer index {layer!r} must be an int in [1, {upper}]")
-    if layer < 1 or (num_layers is not None and layer > num_layers):
-        raise ValueError(f"{name}: layer index {layer} is outside [1, {upper}]")
+from lash.validation import check_bool, check_exit_layer, check_int, check_layer_index, check_real, check_threshold
 
 
 @dataclass
@@ -49,7 +39,7 @@ class TrainingConfig:
         if not isinstance(self.layer_weights, dict) or not self.layer_weights:
             raise ValueError(f"layer_weights={self.layer_weights!r} must be a non-empty dict {{layer: weight}}")
         for layer, weight in self.layer_weights.items():
-            _check_layer_index("layer_weights", layer)
+            check_layer_index("layer_weights", layer)
             check_real(f"layer_weights[{layer}]", weight, 0.0)
         if not any(weight > 0 for weight in self.layer_weights.values()):
             raise ValueError(f"layer_weights={self.layer_weights}: at least one weight must be > 0")
@@ -57,10 +47,10 @@ class TrainingConfig:
             if not isinstance(self.layer_lr_scales, dict):
                 raise ValueError(f"layer_lr_scales={self.layer_lr_scales!r} must be a dict {{layer: scale}} or None")
             for layer, scale in self.layer_lr_scales.items():
-                _check_layer_index("layer_lr_scales", layer)
+                check_layer_index("layer_lr_scales", layer)
                 check_real(f"layer_lr_scales[{layer}]", scale, 0.0, low_open=True)
         self.routing_threshold = check_threshold(self.routing_threshold) or None  # the original description's 0 = off
-        _check_layer_index("exit_layer", self.exit_layer)
+        check_layer_index("exit_layer", self.exit_layer)
 
     @property
     def has_routing(self) -> bool:
@@ -111,13 +101,13 @@ class TrainingConfig:
         if self._checked_depth == num_layers:
             return
         for layer in self.layer_weights:
-            _check_layer_index("layer_weights", layer, num_layers)
+            check_layer_index("layer_weights", layer, num_layers)
         for layer in self.layer_lr_scales or {}:
-            _check_layer_index("layer_lr_scales", layer, num_layers)
+            check_layer_index("layer_lr_scales", layer, num_layers)
         if self.has_routing:
             check_exit_layer(self.exit_layer, self.output_layer)
         else:
-            _check_layer_index("exit_layer", self.exit_layer, num_layers)
+            check_layer_index("exit_layer", self.exit_layer, num_layers)
         self._checked_depth = num_layers
 
     def describe(self) -> str:

@@ -315,8 +315,7 @@ def load_dataset(
         check_int(field, value, 1)
     check_optional_int("val_samples", val_samples, 1)
     check_optional_int("max_vocab", max_vocab, 2)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed={seed!r} must be an int")
+    check_int("seed", seed, 0)  # NumPy's generators take no negative seed
     val_samples = max(1, num_samples // 5) if val_samples is None else val_samples
     if name == "auto":
         if _hub_reachable():

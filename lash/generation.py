@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lash.routing import check_exit_layer, check_threshold, compute_cost, early_exit_step, run_layers
-from lash.validation import check_index, check_int, check_real, check_token_ids
+from lash.routing import compute_cost, early_exit_step, run_layers
+from lash.validation import check_exit_layer, check_index, check_int, check_real, check_threshold, check_token_ids
 
 if TYPE_CHECKING:
     from lash.models import DeepSupervisionTransformer

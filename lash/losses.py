@@ -12,8 +12,17 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from lash_kernels import multi_exit_cross_entropy
+
+
+def confidence(logits: torch.Tensor) -> torch.Tensor:
+    """Max softmax probability of logits already computed: ``(..., V)`` → ``(...)`` fp32.
+
+    Where no logits are needed, :func:`exit_statistics` gives the same value fused.
+    """
+    return F.softmax(logits.float(), dim=-1).amax(dim=-1)
 
 
 def _flatten(hiddens: Sequence[torch.Tensor], targets: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -14,9 +14,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from lash.losses import confidence
 from lash.modules import TransformerBlock
-from lash.routing import check_exit_layer, check_threshold, compute_cost, confidence, exits
-from lash.validation import check_index, check_int, check_optional_int, check_token_ids
+from lash.validation import check_exit_layer, check_index, check_int, check_optional_int, check_threshold, check_token_ids
 
 
 class StandardTransformer(nn.Module):
@@ -106,8 +106,9 @@ class DeepSupervisionTransformer(StandardTransformer):
     """A :class:`StandardTransformer` whose intermediate layers are trained and can answer early.
 
     The routing rule is :mod:`lash.routing`'s: a token exits when its confidence at
-    ``exit_layer`` is ``>= routing_threshold``. :func:`lash.routing.early_exit_forward` (real
-    early exit) and :func:`lash.generation.generate` (decoding) take the model as an argument.
+    ``exit_layer`` is ``>= routing_threshold``. :func:`lash.routing.forward_inference` (selection),
+    :func:`lash.routing.early_exit_forward` (real early exit) and :func:`lash.generation.generate`
+    (decoding) take the model as an argument.
 
     Args:
         exit_layer: the layer confident tokens exit at, in ``[1, num_layers - 1]``.
@@ -140,30 +141,3 @@ class DeepSupervisionTransformer(StandardTransformer):
     def forward_train(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every layer (for deep supervision), as :meth:`forward_all_layers`."""
         return self.forward_all_layers(x)
-
-    @torch.no_grad()
-    def forward_inference(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Two-stage routing: confident tokens take the exit layer's logits, the rest the last layer's.
-
-        Every token still attends over the full sequence, so the deeper layers run for the whole
-        sequence unless every token exits (then they are skipped). ``compute_cost`` is
-        :func:`lash.routing.compute_cost`, the original description's accounting.
-
-        Returns:
-            ``(logits (B, T, V), stats)`` with ``shallow_ratio`` and ``compute_cost``.
-        """
-        threshold = check_threshold(self.routing_threshold)
-        if threshold is None or self.num_layers == 1:
-            return self(x), {"shallow_ratio": 0.0, "compute_cost": 1.0}
-        exit_layer = check_exit_layer(self.exit_layer, self.num_layers)
-        h = self.hidden_states(x, [exit_layer])[0]  # (B, T, D)
-        shallow_logits = self.output_head(h)  # (B, T, V)
-        exited = exits(confidence(shallow_logits), threshold)  # (B, T)
-        shallow_ratio = exited.float().mean().item()
-        if shallow_ratio < 1.0:
-            for block in self.layers[exit_layer:]:
-                h = block(h)
-            logits = torch.where(exited.unsqueeze(-1), shallow_logits, self.output_head(h))
-        else:
-            logits = shallow_logits
-        return logits, {"shallow_ratio": shallow_ratio, "compute_cost": compute_cost(shallow_ratio, exit_layer, self.num_layers)}

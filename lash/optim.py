@@ -1,4 +1,4 @@
-"""Optimiser pieces: one AdamW param group per layer, and the warm-up + cosine schedule."""
+"""Optimiser pieces: one AdamW param group per layer, the warm-up + cosine schedule, and both together."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from lash.config import TrainingConfig
 from lash.models import StandardTransformer
+from lash.validation import check_real
 
 
 def layer_param_groups(model: StandardTransformer, config: TrainingConfig, base_lr: float) -> list[dict]:
@@ -50,3 +51,25 @@ def warmup_cosine(
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def create_optimizer(
+    model: StandardTransformer,
+    config: TrainingConfig,
+    base_lr: float,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+    min_lr_ratio: float = 0.1,
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR | None]:
+    """AdamW over :func:`layer_param_groups`, and its :func:`warmup_cosine` schedule.
+
+    Returns:
+        The optimizer, and the schedule (``None`` when neither ``warmup_steps`` nor
+        ``total_steps`` is set: every group keeps its rate).
+    """
+    check_real("base_lr", base_lr, 0.0, low_open=True)
+    check_real("weight_decay", weight_decay, 0.0)
+    optimizer = torch.optim.AdamW(layer_param_groups(model, config, base_lr), lr=base_lr, weight_decay=weight_decay)
+    schedule = warmup_cosine(optimizer, warmup_steps, total_steps, min_lr_ratio) if warmup_steps or total_steps else None
+    return optimizer, schedule

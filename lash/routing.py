@@ -1,6 +1,6 @@
 """Real early exit: confident tokens stop at ``exit_layer`` and the deeper layers skip their work.
 
-The original description's routing (:meth:`DeepSupervisionTransformer.forward_inference`, ``Trainer.evaluate``)
+The original description's routing (:func:`forward_inference`, ``Trainer.evaluate``)
 *selects* between the exit layer's and the last layer's predictions after running every layer
 for every token. Here the deeper layers really run only for the tokens that did not exit:
 
@@ -27,10 +27,10 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from lash.modules.attention import causal_mask
-from lash.validation import check_index, check_real, check_token_ids
+from lash.losses import confidence
+from lash.validation import check_exit_layer, check_real, check_threshold, check_token_ids
 from lash_kernels import add_rms_norm
 
 if TYPE_CHECKING:
@@ -42,31 +42,6 @@ class KeyValueStore(Protocol):
     """Where a layer's keys and values for all positions so far live (see :class:`lash.generation.KVCache`)."""
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-def check_threshold(threshold: object) -> float | None:
-    """Return ``threshold`` (``None``: routing off; else a float in [0, 1]), or raise ``ValueError``.
-
-    A token exits when its confidence is ``>= threshold``: 0 sends every token out early, 1 only
-    the fully confident ones.
-    """
-    if threshold is None:
-        return None
-    check_real("routing_threshold", threshold, 0.0, 1.0)
-    return float(threshold)
-
-
-def check_exit_layer(exit_layer: object, num_layers: int) -> int:
-    """Return ``exit_layer`` if it is an int in ``[1, num_layers - 1]`` (shallower than the answering layer)."""
-    return check_index("exit_layer", exit_layer, 1, num_layers - 1, f" (a layer shallower than layer {num_layers})")
-
-
-def confidence(logits: torch.Tensor) -> torch.Tensor:
-    """Max softmax probability of logits already computed: ``(..., V)`` → ``(...)`` fp32.
-
-    Where no logits are needed, :func:`lash.losses.exit_statistics` gives the same value fused.
-    """
-    return F.softmax(logits.float(), dim=-1).amax(dim=-1)
 
 
 def exits(confidence: torch.Tensor, threshold: float | None) -> torch.Tensor:
@@ -224,6 +199,41 @@ def early_exit_step(
     deep, hd, width = _deep_layers(model, h, exited, start, exit_layer, cache)
     logits.view(B * n, V).index_copy_(0, deep, model.output_head(hd))
     return logits, exited, _matmul_flops(model, B, n, exit_layer, deep.numel(), width)
+
+
+@torch.no_grad()
+def forward_inference(
+    model: DeepSupervisionTransformer, x: torch.Tensor, threshold: float | None, exit_layer: int | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The original description's two-stage routing: confident tokens take the exit layer's logits, the rest the last layer's.
+
+    Every token still attends over the full sequence, so the deeper layers run for the whole
+    sequence unless every token exits (then they are skipped).
+
+    Args:
+        model: a :class:`DeepSupervisionTransformer`.
+        x: token ids ``(B, T)``.
+        threshold: exit when confidence ``>= threshold``, in [0, 1]; ``None``: routing off.
+        exit_layer: in ``[1, num_layers - 1]``; default ``model.exit_layer``.
+
+    Returns:
+        ``(logits (B, T, V), stats)`` with ``shallow_ratio`` and ``compute_cost`` (:func:`compute_cost`).
+    """
+    threshold = check_threshold(threshold)
+    if threshold is None or model.num_layers == 1:
+        return model(x), {"shallow_ratio": 0.0, "compute_cost": 1.0}
+    exit_layer = check_exit_layer(model.exit_layer if exit_layer is None else exit_layer, model.num_layers)
+    h = model.hidden_states(x, [exit_layer])[0]  # (B, T, D)
+    shallow_logits = model.output_head(h)  # (B, T, V)
+    exited = exits(confidence(shallow_logits), threshold)  # (B, T)
+    shallow_ratio = exited.float().mean().item()
+    if shallow_ratio < 1.0:
+        for block in model.layers[exit_layer:]:
+            h = block(h)
+        logits = torch.where(exited.unsqueeze(-1), shallow_logits, model.output_head(h))
+    else:
+        logits = shallow_logits
+    return logits, {"shallow_ratio": shallow_ratio, "compute_cost": compute_cost(shallow_ratio, exit_layer, model.num_layers)}
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ from lash.distributed import ShardedBatches, all_reduce_sum, init_distributed, l
 from lash.evaluation import Batches
 from lash.losses import multi_exit_loss
 from lash.models import StandardTransformer
-from lash.optim import layer_param_groups, warmup_cosine
+from lash.optim import create_optimizer
 from lash.parallel import DISTRIBUTED, PRECISIONS
 from lash.validation import check_device, check_int, check_optional_int, check_real, check_token_ids
 
@@ -57,6 +57,33 @@ class _WeightedLoss(nn.Module):
         return multi_exit_loss(hiddens, self.model.output_head.weight, y, self.weights, self.ignore_index)
 
 
+def _check_options(config: TrainingConfig, vocab_size: int, precision: str, grad_accum_steps: int, warmup_steps: int,
+                   total_steps: int | None, min_lr_ratio: float, distributed: str) -> None:  # fmt: skip
+    """Check the :class:`Trainer`'s arguments, each error naming the argument, the value and the allowed range."""
+    if not isinstance(config, TrainingConfig):
+        raise ValueError(f"config must be a TrainingConfig, got {type(config).__name__}")
+    check_int("vocab_size", vocab_size, 1)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}")
+    check_int("grad_accum_steps", grad_accum_steps, 1)
+    check_int("warmup_steps", warmup_steps, 0)
+    check_optional_int("total_steps", total_steps, 1)
+    check_real("min_lr_ratio", min_lr_ratio, 0.0, 1.0)
+    if distributed not in DISTRIBUTED:
+        raise ValueError(f"distributed={distributed!r} must be one of {', '.join(DISTRIBUTED)}")
+
+
+def check_model(model: StandardTransformer, config: TrainingConfig, vocab_size: int, device: torch.device) -> None:
+    """Check the model against the config, the vocabulary and the device before any work."""
+    config.validate_for(model.num_layers)
+    if model.vocab_size != vocab_size:
+        raise ValueError(f"model vocab_size={model.vocab_size} but Trainer vocab_size={vocab_size}")
+    param_device = next(model.parameters()).device
+    same = param_device.type == device.type and (device.index is None or param_device.index == device.index)
+    if not same:
+        raise ValueError(f"model is on {param_device} but Trainer device is {device}; move one of them")
+
+
 def check_finite(losses: list[torch.Tensor], checked: int, epoch: int) -> int:
     """Raise on the first non-finite loss after index ``checked``; return the new index."""
     if checked == len(losses):
@@ -67,6 +94,117 @@ def check_finite(losses: list[torch.Tensor], checked: int, epoch: int) -> int:
         step = checked + int((~finite).nonzero()[0]) + 1
         raise NonFiniteLossError(f"training loss became {recent[step - checked - 1].item()} at epoch {epoch}, step {step}")
     return len(losses)
+
+
+def _checked_batch(x: torch.Tensor, y: torch.Tensor, vocab_size: int, ignore_index: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` checked, then moved to ``device``.
+
+    Checked before the copy: a bad id is a ValueError, never a device-side assert, and reading
+    CPU ids costs the device no sync (inside a compiled graph no check runs).
+    """
+    check_token_ids(x, vocab_size)
+    check_token_ids(y, vocab_size, "target value", ignore_index)
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def _close_epoch(trainer: Trainer, losses: list[torch.Tensor], checked: int, epoch: int, completed: bool, resumed_at: int) -> float:
+    """The end of :meth:`Trainer.train_epoch`: its mean loss, and the progress counters a resumed run needs.
+
+    A completed epoch counts and clears the carried loss; one stopped part-way carries its
+    sum and count into the next call. Returns NaN for a call that trained on nothing.
+    """
+    carried_sum, carried_count = trainer.partial_epoch_loss
+    if not losses and not (completed and carried_count):
+        if completed and resumed_at:  # resumed at the very end (a converted v1 checkpoint of such a stop)
+            trainer.epochs_trained, trainer.batches_into_epoch = trainer.epochs_trained + 1, 0
+        if not completed or resumed_at:
+            return math.nan
+        raise ValueError("train_batches yielded no batch with a labelled target")
+    check_finite(losses, checked, epoch)
+    # fp64 sums of fp32 losses are exact, so an epoch split by a stop sums to the same value.
+    total = torch.tensor(carried_sum, dtype=torch.float64, device=trainer.device)
+    if losses:
+        total = total + torch.stack(losses).double().sum()
+    count = len(losses) + carried_count
+    if completed:
+        trainer.epochs_trained += 1
+        trainer.batches_into_epoch = 0
+        trainer.partial_epoch_loss = (0.0, 0)
+    else:
+        trainer.partial_epoch_loss = (total.item(), count)
+    return (all_reduce_sum(total / count) / trainer.world_size).item()
+
+
+def _report(line: str, verbose: bool, is_main: bool) -> None:
+    """Log a progress line, and with ``verbose`` print it (beside the tqdm bars) unless a
+    logging handler already shows it, so it appears once; rank 0 (``is_main``) only."""
+    if not is_main:
+        return
+    logger.info(line)
+    if verbose and not (logger.isEnabledFor(logging.INFO) and logger.hasHandlers()):
+        tqdm.write(line)
+
+
+def train_with_early_stopping(
+    trainer: Trainer,
+    model: StandardTransformer,
+    train_batches: Batches,
+    val_batches: Batches,
+    optimizer: torch.optim.Optimizer,
+    max_epochs: int = 100,
+    patience: int = 1,
+    min_delta: float = 0.0,
+    grad_clip: float | None = 1.0,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Train until the validation loss has not improved for ``patience`` epochs.
+
+    An epoch improves when its validation loss is below the best so far by more than
+    ``min_delta``. The best weights are restored at the end, and also when a non-finite
+    loss stops training (the error is re-raised after the restore).
+
+    Returns:
+        ``train_losses``, ``val_losses``, ``val_ppls``, ``val_accs``, ``best_epoch``
+        (1-based), ``best_val_loss``, ``total_epochs``, ``stopped_early`` and ``history``
+        (the full :meth:`Trainer.evaluate` dict of every epoch).
+    """
+    check_int("max_epochs", max_epochs, 1)
+    check_int("patience", patience, 1)
+    check_real("min_delta", min_delta, 0.0)
+    result: dict[str, Any] = {"train_losses": [], "val_losses": [], "val_ppls": [], "val_accs": [], "history": []}
+    best_loss, best_epoch, best_state, waited = math.inf, 0, None, 0
+    stopped_early = False
+    loop = trainer.epochs(model, train_batches, val_batches, optimizer, grad_clip, trainer.epochs_trained + max_epochs)
+    try:
+        for epoch, (train_loss, stats) in enumerate(loop, start=1):
+            result["train_losses"].append(train_loss)
+            result["val_losses"].append(stats["loss"])
+            result["val_ppls"].append(stats["ppl"])
+            result["val_accs"].append(stats["acc"])
+            result["history"].append(stats)
+            improved = stats["loss"] < best_loss - min_delta
+            if improved:
+                best_loss, best_epoch, waited = stats["loss"], epoch, 0
+                best_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+            else:
+                waited += 1
+            line = (
+                f"epoch {epoch}: train loss {train_loss:.4f} | val loss {stats['loss']:.4f} "
+                f"ppl {stats['ppl']:.2f} acc {stats['acc']:.4f}" + ("  *best" if improved else "")
+            )
+            _report(line, verbose, trainer.is_main)
+            if waited >= patience:
+                stopped_early = True
+                _report(f"early stop after epoch {epoch}: best epoch {best_epoch} (val loss {best_loss:.4f})", verbose, trainer.is_main)
+                break
+    except NonFiniteLossError:
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        raise
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    result.update(best_epoch=best_epoch, best_val_loss=best_loss, total_epochs=epoch, stopped_early=stopped_early)
+    return result
 
 
 class Trainer:
@@ -86,6 +224,11 @@ class Trainer:
         total_steps: with it, cosine decay to ``min_lr_ratio`` at this step.
         min_lr_ratio: the cosine schedule's floor, as a fraction of each group's rate.
         distributed: ``"ddp"`` or ``"fsdp"`` (FSDP2 ``fully_shard``) when launched by torchrun.
+
+    State, all public: the progress counters that checkpoints carry, the fp16 ``scaler``, and what
+    the last :meth:`create_optimizer` made: ``model``, ``optimizer``, ``scheduler``, ``runner`` (the
+    model's loss, wrapped for DDP/FSDP2 and compiled once) and FSDP2's ``sharded_root``. The seed's
+    ``save_checkpoint(path)`` and ``load_checkpoint(path)`` name no model nor optimizer: they use that pair.
     """
 
     def __init__(
@@ -104,35 +247,20 @@ class Trainer:
         min_lr_ratio: float = 0.1,
         distributed: str = "ddp",
     ) -> None:
-        if not isinstance(config, TrainingConfig):
-            raise ValueError(f"config must be a TrainingConfig, got {type(config).__name__}")
-        check_int("vocab_size", vocab_size, 1)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}")
-        check_int("grad_accum_steps", grad_accum_steps, 1)
-        check_int("warmup_steps", warmup_steps, 0)
-        check_optional_int("total_steps", total_steps, 1)
-        check_real("min_lr_ratio", min_lr_ratio, 0.0, 1.0)
-        if distributed not in DISTRIBUTED:
-            raise ValueError(f"distributed={distributed!r} must be one of {', '.join(DISTRIBUTED)}")
-        self.config = config
-        self.vocab_size = vocab_size
+        _check_options(config, vocab_size, precision, grad_accum_steps, warmup_steps, total_steps, min_lr_ratio, distributed)
+        self.config, self.vocab_size, self.ignore_index = config, vocab_size, ignore_index
         self.dist, self.device = init_distributed(device) if launched_by_torchrun() else (None, check_device("device", device))
-        self.ignore_index = ignore_index
         self.progress = progress and self.is_main
         self.precision, self.compile, self.grad_accum_steps = precision, compile, grad_accum_steps
-        self.schedule = (warmup_steps, total_steps, min_lr_ratio)
-        self.distributed = distributed
+        self.schedule, self.distributed = (warmup_steps, total_steps, min_lr_ratio), distributed
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
-        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.model: StandardTransformer | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        self._runners: dict[int, nn.Module] = {}
-        self._sharded: dict[int, nn.Module] = {}  # FSDP2 roots, gathered for evaluation
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.runner: nn.Module | None = None
+        self.sharded_root: nn.Module | None = None  # gathered for evaluation
         # Progress through the data, saved in checkpoints so a resumed run continues exactly.
-        self.epochs_trained = 0
-        self.global_step = 0
-        self.batches_into_epoch = 0
+        self.epochs_trained, self.global_step, self.batches_into_epoch = 0, 0, 0
         # Sum and count of the losses of an epoch stopped part-way, so its mean covers the whole epoch.
         self.partial_epoch_loss: tuple[float, int] = (0.0, 0)
 
@@ -146,20 +274,8 @@ class Trainer:
         return 1 if self.dist is None else self.dist.world_size
 
     @property
-    def _is_sharded(self) -> bool:
+    def is_sharded(self) -> bool:
         return self.world_size > 1 and self.distributed == "fsdp"
-
-    def _prepare(self, model: StandardTransformer) -> None:
-        """Check the model against the config, the vocabulary and the device before any work."""
-        self.config.validate_for(model.num_layers)
-        if model.vocab_size != self.vocab_size:
-            raise ValueError(f"model vocab_size={model.vocab_size} but Trainer vocab_size={self.vocab_size}")
-        param_device = next(model.parameters()).device
-        same = param_device.type == self.device.type and (
-            self.device.index is None or param_device.index == self.device.index
-        )
-        if not same:
-            raise ValueError(f"model is on {param_device} but Trainer device is {self.device}; move one of them")
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return parallel.autocast(self.device, self.precision)
@@ -167,16 +283,11 @@ class Trainer:
     def _shard(self, batches: Batches) -> Batches:
         return ShardedBatches(batches, self.dist) if self.world_size > 1 else batches
 
-    def _runner(self, model: StandardTransformer) -> nn.Module:
-        """The loss module for ``model``: wrapped in DDP/FSDP2 under torchrun, compiled on request."""
-        if id(model) not in self._runners:
-            unused = self.config.output_layer < model.num_layers  # deeper layers never run
-            loss = _WeightedLoss(model, self.config, self.ignore_index)
-            runner, root = parallel.wrap(loss, model, self.device, self.world_size, self.distributed, unused, self.compile)
-            self._runners[id(model)] = runner
-            if root is not None:
-                self._sharded[id(model)] = root
-        return self._runners[id(model)]
+    def _wrap(self, model: StandardTransformer) -> tuple[nn.Module, nn.Module | None]:
+        """The loss module for ``model``, wrapped in DDP/FSDP2 under torchrun, compiled on request; its FSDP2 root."""
+        unused = self.config.output_layer < model.num_layers  # deeper layers never run
+        loss = _WeightedLoss(model, self.config, self.ignore_index)
+        return parallel.wrap(loss, model, self.device, self.world_size, self.distributed, unused, self.compile)
 
     def compute_loss(self, model: StandardTransformer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Σ_l w_l · CE(head(h_l), y) over the layers with a positive weight.
@@ -190,7 +301,7 @@ class Trainer:
             x: input ids ``(B, T)``.
             y: target ids ``(B, T)``.
         """
-        self._prepare(model)
+        check_model(model, self.config, self.vocab_size, self.device)
         with self._autocast():
             return _WeightedLoss(model, self.config, self.ignore_index)(x.to(self.device), y.to(self.device))
 
@@ -200,18 +311,15 @@ class Trainer:
         Groups are named ``layer_1`` … ``layer_L``; the embedding and the shared head (and any
         other parameter) form ``embedding_head`` at ``base_lr``. With ``warmup_steps`` or
         ``total_steps`` set, ``trainer.scheduler`` drives every group's rate per optimizer step.
-        The model and optimizer are remembered for :meth:`save_checkpoint`.
+        The model, optimizer, schedule and the model's wrapped loss are kept for
+        :meth:`train_epoch` and the checkpoints.
         """
-        check_real("base_lr", base_lr, 0.0, low_open=True)
-        check_real("weight_decay", weight_decay, 0.0)
-        self._prepare(model)
-        if self.world_size > 1:
-            self._runner(model)  # FSDP2 replaces the parameters: wrap before the optimizer sees them
-        optimizer = torch.optim.AdamW(layer_param_groups(model, self.config, base_lr), lr=base_lr, weight_decay=weight_decay)
-        warmup, total, floor = self.schedule
-        self.scheduler = warmup_cosine(optimizer, warmup, total, floor) if warmup or total else None
-        self.model, self.optimizer = model, optimizer
-        return optimizer
+        check_model(model, self.config, self.vocab_size, self.device)
+        # FSDP2 replaces the parameters: wrap before the optimizer sees them.
+        self.runner, self.sharded_root = self._wrap(model)
+        self.optimizer, self.scheduler = create_optimizer(model, self.config, base_lr, weight_decay, *self.schedule)
+        self.model = model
+        return self.optimizer
 
     def train_epoch(
         self,
@@ -224,12 +332,12 @@ class Trainer:
         """One pass over ``train_batches`` (or until ``global_step`` reaches ``max_steps``).
 
         Returns the mean training loss of the epoch's batches, those before a stop (``max_steps``)
-        or a resume included. Shuffled :class:`lash.data.TokenBatches`
-        are served in the order of epoch ``epochs_trained`` (a function of their seed and that
-        epoch alone), so a run restored from a checkpoint, whether taken mid-epoch or at an
-        epoch's end, continues in the batches the uninterrupted run would have seen. A batch
-        without any labelled target is skipped: no step is taken on a loss of 0. (The check
-        runs on CPU batches before they move; under torchrun it is left to each rank's share.)
+        or a resume included. Shuffled :class:`lash.data.TokenBatches` are served in the order of
+        epoch ``epochs_trained`` (a function of their seed and that epoch alone), so a run restored
+        from a checkpoint, mid-epoch or at an epoch's end, continues in the batches the
+        uninterrupted run would have seen. A batch without any labelled target is skipped: no
+        step is taken on a loss of 0. (The check runs on CPU batches before they move; under
+        torchrun it is left to each rank's share.)
 
         Args:
             grad_clip: clip the gradient norm to this (> 0); ``None`` or 0: no clipping.
@@ -243,7 +351,7 @@ class Trainer:
         if grad_clip is not None:
             check_real("grad_clip", grad_clip, 0.0)
         check_optional_int("max_steps", max_steps, 1)
-        self._prepare(model)
+        check_model(model, self.config, self.vocab_size, self.device)
         model.train()
         epoch = self.epochs_trained + 1
         if hasattr(train_batches, "epoch"):
@@ -252,7 +360,7 @@ class Trainer:
         shard = self._shard(train_batches)
         batches = itertools.islice(shard, resumed_at, None)
         total = len(shard) - resumed_at if hasattr(shard, "__len__") else None  # tqdm's ETA
-        runner = self._runner(model)
+        runner = self.runner if model is self.model else self._wrap(model)[0]
         params = [p for p in model.parameters() if p.requires_grad]
         losses: list[torch.Tensor] = []
         checked, accumulated, completed = 0, 0, True
@@ -264,11 +372,7 @@ class Trainer:
             if self.world_size == 1 and y.device.type == "cpu" and not bool((y != self.ignore_index).any()):
                 self.batches_into_epoch += 1  # nothing to learn from; deciding on the CPU costs no device sync
                 continue
-            # Checked before the copy: a bad id is a ValueError, never a device-side assert, and
-            # reading CPU ids costs the device no sync (inside a compiled graph no check runs).
-            check_token_ids(x, self.vocab_size)
-            check_token_ids(y, self.vocab_size, "target value", self.ignore_index)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = _checked_batch(x, y, self.vocab_size, self.ignore_index, self.device)
             accumulated += 1
             sync = accumulated == self.grad_accum_steps
             no_sync = getattr(runner, "no_sync", None)
@@ -285,26 +389,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{torch.stack(losses[-_SYNC_EVERY:]).mean().item():.4f}")
         if accumulated:
             self._optimizer_step(params, optimizer, grad_clip)
-        carried_sum, carried_count = self.partial_epoch_loss
-        if not losses and not (completed and carried_count):
-            if completed and resumed_at:  # resumed at the very end (a converted v1 checkpoint of such a stop)
-                self.epochs_trained, self.batches_into_epoch = self.epochs_trained + 1, 0
-            if not completed or resumed_at:
-                return math.nan
-            raise ValueError("train_batches yielded no batch with a labelled target")
-        check_finite(losses, checked, epoch)
-        # fp64 sums of fp32 losses are exact, so an epoch split by a stop sums to the same value.
-        total = torch.tensor(carried_sum, dtype=torch.float64, device=self.device)
-        if losses:
-            total = total + torch.stack(losses).double().sum()
-        count = len(losses) + carried_count
-        if completed:
-            self.epochs_trained += 1
-            self.batches_into_epoch = 0
-            self.partial_epoch_loss = (0.0, 0)
-        else:
-            self.partial_epoch_loss = (total.item(), count)
-        return (all_reduce_sum(total / count) / self.world_size).item()
+        return _close_epoch(self, losses, checked, epoch, completed, resumed_at)
 
     def _optimizer_step(self, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
         if grad_clip:
@@ -319,8 +404,8 @@ class Trainer:
 
     def evaluate(self, model: StandardTransformer, val_batches: Batches) -> dict[str, Any]:
         """:func:`lash.evaluation.evaluate` under this trainer's config, device, precision and sharding."""
-        self._prepare(model)
-        sharded = self._sharded.get(id(model))
+        check_model(model, self.config, self.vocab_size, self.device)
+        sharded = self.sharded_root if model is self.model else None
         if sharded is not None:
             sharded.unshard()  # evaluation bypasses the root's forward hooks, so gather explicitly
         try:
@@ -350,101 +435,8 @@ class Trainer:
             train_loss = self.train_epoch(model, train_batches, optimizer, grad_clip, max_steps)
             yield train_loss, self.evaluate(model, val_batches)
 
-    def train_with_early_stopping(
-        self,
-        model: StandardTransformer,
-        train_batches: Batches,
-        val_batches: Batches,
-        optimizer: torch.optim.Optimizer,
-        max_epochs: int = 100,
-        patience: int = 1,
-        min_delta: float = 0.0,
-        grad_clip: float | None = 1.0,
-        verbose: bool = True,
-    ) -> dict[str, Any]:
-        """Train until the validation loss has not improved for ``patience`` epochs.
-
-        An epoch improves when its validation loss is below the best so far by more than
-        ``min_delta``. The best weights are restored at the end, and also when a non-finite
-        loss stops training (the error is re-raised after the restore).
-
-        Returns:
-            ``train_losses``, ``val_losses``, ``val_ppls``, ``val_accs``, ``best_epoch``
-            (1-based), ``best_val_loss``, ``total_epochs``, ``stopped_early`` and ``history``
-            (the full :meth:`evaluate` dict of every epoch).
-        """
-        check_int("max_epochs", max_epochs, 1)
-        check_int("patience", patience, 1)
-        check_real("min_delta", min_delta, 0.0)
-        result: dict[str, Any] = {"train_losses": [], "val_losses": [], "val_ppls": [], "val_accs": [], "history": []}
-        best_loss, best_epoch, best_state, waited = math.inf, 0, None, 0
-        stopped_early = False
-        loop = self.epochs(model, train_batches, val_batches, optimizer, grad_clip, self.epochs_trained + max_epochs)
-        try:
-            for epoch, (train_loss, stats) in enumerate(loop, start=1):
-                result["train_losses"].append(train_loss)
-                result["val_losses"].append(stats["loss"])
-                result["val_ppls"].append(stats["ppl"])
-                result["val_accs"].append(stats["acc"])
-                result["history"].append(stats)
-                improved = stats["loss"] < best_loss - min_delta
-                if improved:
-                    best_loss, best_epoch, waited = stats["loss"], epoch, 0
-                    best_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
-                else:
-                    waited += 1
-                line = (
-                    f"epoch {epoch}: train loss {train_loss:.4f} | val loss {stats['loss']:.4f} "
-                    f"ppl {stats['ppl']:.2f} acc {stats['acc']:.4f}" + ("  *best" if improved else "")
-                )
-                self._report(line, verbose)
-                if waited >= patience:
-                    stopped_early = True
-                    self._report(f"early stop after epoch {epoch}: best epoch {best_epoch} (val loss {best_loss:.4f})", verbose)
-                    break
-        except NonFiniteLossError:
-            if best_state is not None:
-                model.load_state_dict(best_state)
-            raise
-        if best_state is not None:
-            model.load_state_dict(best_state)
-        result.update(best_epoch=best_epoch, best_val_loss=best_loss, total_epochs=epoch, stopped_early=stopped_early)
-        return result
-
-    def _report(self, line: str, verbose: bool) -> None:
-        """Log a progress line, and with ``verbose`` print it (beside the tqdm bars) unless a
-        logging handler already shows it, so it appears once; rank 0 only."""
-        if not self.is_main:
-            return
-        logger.info(line)
-        if verbose and not (logger.isEnabledFor(logging.INFO) and logger.hasHandlers()):
-            tqdm.write(line)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Progress counters, schedule and scaler: what a resumed run needs besides model and optimizer.
-
-        The settings a resumed run must share (accumulation, schedule, precision) come along so
-        :meth:`load_checkpoint` can refuse a run that would silently differ.
-        """
-        return {
-            "epochs_trained": self.epochs_trained,
-            "global_step": self.global_step,
-            "batches_into_epoch": self.batches_into_epoch,
-            "partial_epoch_loss": list(self.partial_epoch_loss),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.scaler.state_dict(),
-            "settings": self._settings(),
-        }
-
-    def _settings(self) -> dict[str, Any]:
-        warmup, total, floor = self.schedule
-        return {
-            "grad_accum_steps": self.grad_accum_steps,
-            "warmup_steps": warmup,
-            "total_steps": total,
-            "min_lr_ratio": floor,
-            "precision": self.precision,
-        }
+    # The free function below as the method: ``trainer.train_with_early_stopping(model, ...)``.
+    train_with_early_stopping = train_with_early_stopping
 
     def save_checkpoint(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Save model, optimizer, scheduler, trainer state and RNG states atomically (rank 0 writes).
@@ -452,10 +444,7 @@ class Trainer:
         The model and optimizer are the ones of the last :meth:`create_optimizer`. ``extra``
         holds anything else worth keeping (the CLI stores its arguments and history).
         """
-        if self.model is None or self.optimizer is None:
-            raise ValueError("save_checkpoint needs a model and optimizer: call create_optimizer first")
-        sections = {"trainer": self.state_dict(), "config": self.config.as_dict(), "extra": extra or {}}
-        checkpoint.save_training(path, self.model, self.optimizer, sections, sharded=self._is_sharded, write=self.is_main)
+        checkpoint.save_trainer(path, self, extra)
 
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
         """Restore what :meth:`save_checkpoint` saved into the last :meth:`create_optimizer` pair.
@@ -467,15 +456,4 @@ class Trainer:
         naming the difference, and the model, optimizer and files are left untouched. Returns
         the checkpoint's ``extra``.
         """
-        if self.model is None or self.optimizer is None:
-            raise ValueError("load_checkpoint needs a model and optimizer: call create_optimizer first")
-        payload = checkpoint.load_training(path, self.model, self.optimizer, self.config.as_dict(), self._settings(),
-                                           self.scheduler is not None, self._is_sharded)  # fmt: skip
-        state = payload["trainer"]
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.epochs_trained, self.global_step = state["epochs_trained"], state["global_step"]
-        self.batches_into_epoch = state["batches_into_epoch"]
-        self.partial_epoch_loss = tuple(state["partial_epoch_loss"])
-        return payload["extra"]
+        return checkpoint.load_trainer(path, self)

@@ -34,6 +34,16 @@ def check_index(name: str, value: object, low: int, high: int, note: str = "") -
     return int(value)
 
 
+def check_layer_index(name: str, layer: object, num_layers: int | None = None) -> None:
+    """Raise ``ValueError``, naming ``name``, unless ``layer`` is an int in ``[1, num_layers]``
+    (no upper bound when ``num_layers`` is ``None``)."""
+    upper = "num_layers" if num_layers is None else str(num_layers)
+    if isinstance(layer, bool) or not isinstance(layer, Integral):
+        raise ValueError(f"{name}: layer index {layer!r} must be an int in [1, {upper}]")
+    if layer < 1 or (num_layers is not None and layer > num_layers):
+        raise ValueError(f"{name}: layer index {layer} is outside [1, {upper}]")
+
+
 def check_optional_int(name: str, value: object, low: int) -> None:
     """Like :func:`check_int`, and ``None`` is allowed too."""
     if value is not None:
@@ -90,3 +100,20 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int, name: str = "token id", 
         torch._assert_async(~bad.any(), f"a {name} is outside {allowed}")
     elif bool(bad.any()):
         raise ValueError(f"{name} {int(ids[bad][0])} is outside {allowed}")
+
+
+def check_threshold(threshold: object) -> float | None:
+    """Return ``threshold`` (``None``: routing off; else a float in [0, 1]), or raise ``ValueError``.
+
+    A token exits when its confidence is ``>= threshold``: 0 sends every token out early, 1 only
+    the fully confident ones.
+    """
+    if threshold is None:
+        return None
+    check_real("routing_threshold", threshold, 0.0, 1.0)
+    return float(threshold)
+
+
+def check_exit_layer(exit_layer: object, num_layers: int) -> int:
+    """Return ``exit_layer`` if it is an int in ``[1, num_layers - 1]`` (shallower than the answering layer)."""
+    return check_index("exit_layer", exit_layer, 1, num_layers - 1, f" (a layer shallower than layer {num_layers})")

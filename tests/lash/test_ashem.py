@@ -9,11 +9,11 @@ from lash.ashem import (
     IGNORE_INDEX,
     ASHEMResult,
     collect_hard_examples,
-    compute_confidence,
     compute_confidence_threshold,
     evaluate_on_hard_examples,
     extend_model,
     freeze_lower_layers,
+    last_layer_confidence,
     run_ashem,
     train_phase2,
     write_atomic,
@@ -35,20 +35,20 @@ def result(data):
 
 def test_threshold_gives_target_hard_ratio_on_training_tokens(data):
     model = DeepSupervisionTransformer(data.vocab_size, dim=16, num_layers=1, num_heads=2)
-    conf = compute_confidence(model, data.train)
+    conf = last_layer_confidence(model, data.train)
     assert conf.shape == data.train.inputs.shape and ((conf > 0) & (conf <= 1)).all()
     for ratio in (0.2, 0.5, 0.7):
         threshold = compute_confidence_threshold(conf, ratio)
         hard = collect_hard_examples(model, data.train, threshold)
         assert abs(hard.ratio - ratio) <= 0.02
-        torch.testing.assert_close(hard.hard, compute_confidence(model, hard.batches(32)) < threshold)
+        torch.testing.assert_close(hard.hard, last_layer_confidence(model, hard.batches(32)) < threshold)
     with pytest.raises(ValueError, match=r"hard_example_ratio=1.0 is outside \(0, 1\)"):
         compute_confidence_threshold(conf, 1.0)
 
 
 def test_loss_mask_covers_exactly_the_hard_tokens(data):
     model = DeepSupervisionTransformer(data.vocab_size, dim=16, num_layers=1, num_heads=2)
-    hard = collect_hard_examples(model, data.train, 0.5 * compute_confidence(model, data.train).median().item() * 2)
+    hard = collect_hard_examples(model, data.train, 0.5 * last_layer_confidence(model, data.train).median().item() * 2)
     seen_x, seen_y = [], []
     for x, y in hard.batches(32, shuffle=True):
         seen_x.append(x)
@@ -82,7 +82,7 @@ def test_extend_and_freeze_keep_phase1_function_and_weights(data):
     assert set(frozen) == {"embedding.weight", "output_head.weight"} | {
         n for n, _ in model2.named_parameters() if n.startswith("layers.0.")
     }
-    hard = collect_hard_examples(model1, data.train, compute_confidence_threshold(compute_confidence(model1, data.train), 0.5))
+    hard = collect_hard_examples(model1, data.train, compute_confidence_threshold(last_layer_confidence(model1, data.train), 0.5))
     before = {n: p.detach().clone() for n, p in model2.named_parameters() if p.requires_grad}
     train_phase2(model2, hard, hard, TINY, batch_size=32, progress=False, verbose=False)
     for name, p in model2.named_parameters():
@@ -96,7 +96,7 @@ def test_extend_and_freeze_keep_phase1_function_and_weights(data):
 
 def test_evaluate_on_hard_examples_counts_only_hard_tokens(data):
     model = DeepSupervisionTransformer(data.vocab_size, dim=16, num_layers=1, num_heads=2)
-    hard = collect_hard_examples(model, data.val, compute_confidence_threshold(compute_confidence(model, data.val), 0.3))
+    hard = collect_hard_examples(model, data.val, compute_confidence_threshold(last_layer_confidence(model, data.val), 0.3))
     stats = evaluate_on_hard_examples(model, hard, batch_size=16)
     assert stats["tokens"] == int(hard.hard.sum())
     with torch.no_grad():

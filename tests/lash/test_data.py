@@ -135,6 +135,8 @@ def test_token_batches_shuffle_per_epoch_and_cover_everything():
         ({"val_samples": -5}, "val_samples=-5 must be None or an int >= 1"),
         ({"max_vocab": 0}, "max_vocab=0 must be None or an int >= 2"),
         ({"max_vocab": 64.0}, "max_vocab=64.0 must be None or an int >= 2"),
+        ({"seed": -1}, "seed=-1 must be an int >= 0"),
+        ({"seed": True}, "seed=True must be an int >= 0"),
     ],
 )
 def test_load_dataset_rejects_bad_sizes(kwargs, message):

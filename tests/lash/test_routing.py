@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lash import DeepSupervisionTransformer, calibrate_threshold
-from lash.routing import _deep_layers, early_exit_forward
+from lash.routing import _deep_layers, early_exit_forward, forward_inference
+from tests.lash.test_models import count_layer_calls
 
 V, DIM, LAYERS, HEADS = 40, 32, 4, 4
 
@@ -56,8 +57,7 @@ def test_deep_tokens_see_propagated_states_not_true_ones():
     conf = exit_confidence(model, x, 2)
     threshold = float(conf.quantile(0.5))
     logits, _ = early_exit_forward(model, x, threshold, 2)
-    model.routing_threshold = threshold
-    selected, _ = model.forward_inference(x)
+    selected, _ = forward_inference(model, x, threshold)
     exits = conf >= threshold
     torch.testing.assert_close(logits[exits], selected[exits])  # exited tokens: the same exit logits
     first_exit = int(exits[0].nonzero()[0])
@@ -201,7 +201,7 @@ def test_selection_and_early_exit_send_the_same_tokens_out(threshold):
     def exited(logits):
         return (logits == exit_logits).all(-1)  # (B, T)
 
-    selected, selection_stats = model.forward_inference(x)
+    selected, selection_stats = forward_inference(model, x, threshold)
     routed, routed_stats = early_exit_forward(model, x, threshold, 2)
     assert torch.equal(exited(selected), exited(routed))
     assert selection_stats["shallow_ratio"] == routed_stats["shallow_ratio"]
@@ -210,3 +210,27 @@ def test_selection_and_early_exit_send_the_same_tokens_out(threshold):
         assert bool(exited(routed).all())
     if threshold == 0.5:
         assert 0 < exited(routed).sum() < exited(routed).numel()
+
+
+def test_forward_inference_selects_by_the_rule():
+    model = DeepSupervisionTransformer(vocab_size=30, dim=16, num_layers=3, num_heads=2, exit_layer=1, routing_threshold=0.5)
+    x = torch.randint(0, 30, (3, 6))
+    with torch.no_grad():
+        all_logits = model.forward_all_layers(x)
+        conf = model.compute_confidence(model.hidden_states(x, [1])[0])
+    threshold = float(conf.median())
+    logits, stats = forward_inference(model, x, threshold)
+    exits = conf >= threshold
+    torch.testing.assert_close(logits, torch.where(exits[..., None], all_logits[0], all_logits[2]))
+    shallow = exits.float().mean().item()
+    assert stats["shallow_ratio"] == pytest.approx(shallow)
+    assert stats["compute_cost"] == pytest.approx((shallow * 1 + (1 - shallow) * 3) / 3)
+
+    logits, stats = forward_inference(model, x, None)  # routing off
+    torch.testing.assert_close(logits, all_logits[2])
+    assert stats == {"shallow_ratio": 0.0, "compute_cost": 1.0}
+
+    calls = count_layer_calls(model)
+    logits, stats = forward_inference(model, x, 0.0)  # every token exits: deeper layers are skipped
+    torch.testing.assert_close(logits, all_logits[0])
+    assert stats["compute_cost"] == pytest.approx(1 / 3) and calls == [1, 0, 0]
