@@ -2,7 +2,7 @@
 
     python colab2.py                      # defaults: WikiText-2 (offline corpus without the hub)
     python colab2.py --quick --out DIR    # a few minutes on a laptop CPU
-    python colab2.py --protocol reference # the seed's own protocol, for a like-for-like comparison
+    python colab2.py --protocol original  # the seed's own protocol, for a like-for-like comparison
 
 Writes DIR/results.json, DIR/results.md and PNG plots (training curves, the phase-1 confidence
 histogram with the threshold, PPL per exit before and after phase 2). ``python -m lash ashem``

@@ -7,7 +7,7 @@ model, freezes what the config says, and trains on full training sequences with 
 to the hard tokens, so attention still sees the whole context. At inference a token the
 phase-1 layers are confident about exits there (two-stage routing); the rest go deeper.
 
-Everything reported is measured on the validation split. ``protocol="reference"`` instead
+Everything reported is measured on the validation split. ``protocol="original"`` instead
 repeats the original description's protocol (hard tokens mined from the validation set, phase 2 trained and
 measured on them as single-token sequences) so its published table can be compared like for like.
 """
@@ -272,14 +272,14 @@ def run_ashem(
     phase1_stats = evaluate(model1, val_batches, trainer1.config, device)
 
     start = time.perf_counter()
-    mine_from = val_batches if config.protocol == "reference" else train_batches
+    mine_from = val_batches if config.protocol == "original" else train_batches
     mined_conf = last_layer_confidence(model1, mine_from, device)
     threshold = compute_confidence_threshold(mined_conf, config.hard_example_ratio)
     train_hard = collect_hard_examples(model1, train_batches, threshold, device)
     val_hard = collect_hard_examples(model1, val_batches, threshold, device)
     seconds["mining"] = time.perf_counter() - start
     hard_ratio_val = val_hard.ratio
-    if config.protocol == "reference":
+    if config.protocol == "original":
         # The seed trains and measures phase 2 on the validation hard tokens, one token at a time.
         train_hard = val_hard = val_hard.single_tokens()
     hard_before = evaluate_on_hard_examples(model1, val_hard, batch_size, device)
@@ -312,7 +312,7 @@ def run_ashem(
             "batch_size": batch_size,
             "train_sequences": train_batches.inputs.shape[0],
             "val_sequences": val_batches.inputs.shape[0],
-            "mined_from": "validation" if config.protocol == "reference" else "train",
+            "mined_from": "validation" if config.protocol == "original" else "train",
             "device": str(device),
             "seed": seed,
         },

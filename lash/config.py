@@ -143,7 +143,7 @@ def create_deep_supervision_config(num_layers: int, **options) -> TrainingConfig
     return TrainingConfig(layer_weights=weights, **options)
 
 
-PROTOCOLS = ("held-out", "reference")
+PROTOCOLS = ("held-out", "original")
 
 
 @dataclass
@@ -166,7 +166,7 @@ class ASHEMConfig:
             the phase-1 model did. Off by default: training the head (it is shared, so the exit
             layer's answers move too) measured better hard-token and routing PPL (README).
         protocol: ``"held-out"`` mines hard tokens from the training data and reports validation
-            numbers only; ``"reference"`` repeats the original description's protocol (hard tokens mined from the
+            numbers only; ``"original"`` repeats the original description's protocol (hard tokens mined from the
             validation set, phase 2 trained and measured on them as single-token sequences).
     """
 

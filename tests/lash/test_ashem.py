@@ -133,8 +133,8 @@ def test_pipeline_end_to_end_and_json_schema(result, tmp_path):
     assert not list((tmp_path / "out").glob("*.tmp"))
 
 
-def test_reference_protocol_runs(data):
-    config = ASHEMConfig(**{**TINY.__dict__, "protocol": "reference"})
+def test_original_protocol_runs(data):
+    config = ASHEMConfig(**{**TINY.__dict__, "protocol": "original"})
     ref = run_ashem(config, data.train, data.val, data.vocab_size, dim=16, num_heads=2, progress=False, verbose=False)
     assert ref.setup["mined_from"] == "validation" and abs(ref.hard_ratio_mined - 0.5) <= 0.02
     assert ref.hard_before["tokens"] == ref.hard_after["tokens"] == round(ref.hard_ratio_mined * data.val.num_tokens)

@@ -123,7 +123,7 @@ def test_training_config_is_valid_or_a_value_error(weights, scales, threshold, e
     lrs=st.tuples(NUMBER, NUMBER),
     ratio=NUMBER,
     flags=st.tuples(ODD, ODD, ODD),
-    protocol=st.sampled_from(["held-out", "reference", "other", 3]),
+    protocol=st.sampled_from(["held-out", "original", "reference", "other", 3]),
 )
 def test_ashem_config_is_valid_or_a_value_error(layers, lrs, ratio, flags, protocol):
     try:
