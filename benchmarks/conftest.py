@@ -12,7 +12,18 @@ from collections.abc import Callable
 
 import pytest
 
-from measure import ON_GPU, copy_bandwidth_gbps, describe, device_name, environment, median_seconds, synchronize
+from kernel_bench import Unavailable, bytes_moved, dtype_name, op_call
+from measure import (
+    ON_GPU,
+    compile_counts,
+    copy_bandwidth_gbps,
+    describe,
+    device_name,
+    environment,
+    median_seconds,
+    peak_memory_bytes,
+    synchronize,
+)
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
@@ -63,3 +74,22 @@ def record_speedups(benchmark, fn: Callable[[], object], baselines: dict[str, Ca
 def copy_bandwidth() -> float:
     """Measured device-to-device copy bandwidth in GB/s (read + write bytes), the memory ceiling."""
     return copy_bandwidth_gbps()
+
+
+def bench_memory_bound_op(benchmark, copy_bandwidth: float, op: str, size: tuple, mode: str, provider: str, dtype) -> None:
+    """One norm or RoPE case: time it, record GB/s over the bytes the op must move
+    (``kernel_bench.bytes_moved``) and that as a fraction of the session's copy bandwidth; the
+    ``lash`` case also times eager and Liger-Kernel here and records ``speedup_vs_*``."""
+    try:
+        call = op_call(op, provider, size, mode, dtype)
+    except Unavailable as why:
+        pytest.skip(str(why))
+    moved = bytes_moved(op, size, mode, dtype)
+    info = dict(op=op, provider=provider, mode=mode, size=list(size), dtype=dtype_name(dtype), bytes_moved=moved)
+    run_benchmark(benchmark, call, **info, peak_memory_bytes=peak_memory_bytes(call), copy_bandwidth_gbps=copy_bandwidth)
+    gbps = moved / median_seconds(call) / 1e9
+    benchmark.extra_info.update(gbps=gbps, fraction_of_copy=gbps / copy_bandwidth)
+    if provider == "compile":
+        benchmark.extra_info.update(compile_counts())
+    if provider == "lash":
+        record_speedups(benchmark, call, {p: lambda p=p: op_call(op, p, size, mode, dtype) for p in ("eager", "liger")})

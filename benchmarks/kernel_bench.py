@@ -69,6 +69,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 # ---------------------------------------------------------------- RMSNorm, add+RMSNorm, RoPE
 
+MEMORY_BOUND_PROVIDERS = ("lash", "eager", "compile", "liger")  # for the norms and RoPE
 NORM_MODES = ("forward", "backward")
 ROPE_MODES = ("forward", "forward+backward")
 # Activation-sized tensors each op must move (q and k count as one tensor each):
