@@ -1,36 +1,38 @@
 """ASHEM: Adaptive Supervision via Hard Example Mining, done on held-out data.
 
-Phase 1 trains a shallow model on all training data. Its confidence (max softmax probability)
-on every training token gives a threshold, the ``hard_example_ratio`` quantile; tokens below it
-are hard. Phase 2 copies the embedding, the phase-1 layers and the shared head into a deeper
-model, freezes what the config says, and trains on full training sequences with the loss masked
-to the hard tokens, so attention still sees the whole context. At inference a token the
-phase-1 layers are confident about exits there (two-stage routing); the rest go deeper.
+A dev slice (``dev_fraction`` of the training sequences) is set aside first. Phase 1 trains a
+shallow model on the rest, early-stopped and selected on the dev slice. Its confidence (max
+softmax probability) on every training token gives a threshold, the ``hard_example_ratio``
+quantile; tokens below it are hard. Phase 2 copies the embedding, the phase-1 layers and the
+shared head into a deeper model whose new layers start as identities, freezes what the config
+says, and trains on full training sequences with the loss masked to the hard tokens (or
+weighted towards them), so attention still sees the whole context. Its starting model is
+epoch 0, a candidate like every trained epoch: the kept epoch is the best on the dev slice's
+hard tokens among those whose dev two-stage routing loss is no worse than the start. At
+inference a token the phase-1 layers are confident about exits there (two-stage routing); the
+rest go deeper.
 
-Everything reported is measured on the validation split. ``protocol="original"`` instead
-repeats the original description's protocol (hard tokens mined from the validation set, phase 2 trained and
-measured on them as single-token sequences) so its published table can be compared like for like.
+Everything reported is measured on the validation split, which nothing else looks at.
+``protocol="original"`` instead repeats the original description's protocol in phase 2 (hard
+tokens mined from the validation set, phase 2 trained, selected and measured on them as
+single-token sequences) so its published table can be compared like for like.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from torch import nn
 
 from lash.config import ASHEMConfig, TrainingConfig, create_standard_config
 from lash.data import TokenBatches
 from lash.evaluation import evaluate
-from lash.files import write_atomic
 from lash.losses import exit_statistics
 from lash.models import DeepSupervisionTransformer
-from lash.trainer import Trainer
+from lash.trainer import Trainer, log_progress
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 IGNORE_INDEX = -100
@@ -48,9 +50,17 @@ class HardExamples(NamedTuple):
         """Fraction of tokens that are hard."""
         return self.hard.float().mean().item()
 
-    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> TokenBatches:
-        """Full sequences whose targets are ``IGNORE_INDEX`` except at hard tokens."""
-        return TokenBatches(self.inputs, self.targets.masked_fill(~self.hard, IGNORE_INDEX), batch_size, shuffle, seed)
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, easy_weight: float = 0.0) -> TokenBatches:
+        """Full sequences with the loss on the hard tokens.
+
+        With ``easy_weight`` 0 the targets are ``IGNORE_INDEX`` except at hard tokens; otherwise
+        every token keeps its target and the batches carry loss weights, 1 at hard tokens and
+        ``easy_weight`` at the others.
+        """
+        if easy_weight == 0:
+            return TokenBatches(self.inputs, self.targets.masked_fill(~self.hard, IGNORE_INDEX), batch_size, shuffle, seed)
+        weights = torch.where(self.hard, 1.0, easy_weight)  # (n, T)
+        return TokenBatches(self.inputs, self.targets, batch_size, shuffle, seed, weights)
 
     def single_tokens(self) -> HardExamples:
         """Each hard token alone as a length-1 sequence: the original description's phase-2 data (no context)."""
@@ -97,15 +107,14 @@ def collect_hard_examples(
 def extend_model(model: DeepSupervisionTransformer, phase2_layers: int) -> DeepSupervisionTransformer:
     """A ``phase2_layers`` model holding a copy of ``model``'s embedding, layers and head.
 
-    The new layers start as near-identities, so the deeper model starts where the phase-1 model
-    is: their residual branches' output projections (``attn.o_proj``, ``ffn.w2``) are zero, so a
-    new post-norm block computes ``norm2(norm1(h))`` = ``h / rms(h) · g2`` with ``norm1`` at ones.
-    ``h`` is the phase-1 output ``u · w`` (``u`` of unit RMS, ``w`` the last phase-1 norm gain),
-    so a gain ``g2 = rms(w)`` gives back ``h`` up to the per-token factor ``rms(w) / rms(u · w)``,
-    which is close to 1 and never changes a prediction. With fully random new layers the
-    phase-2 model starts far worse than phase 1, and with unit gains the logits start rescaled
-    by ``1 / rms(w)``; either way the original description's small phase-2 learning rate spends its epochs
-    undoing the start. ``exit_layer`` is the last copied layer.
+    The new layers start as identities, so the deeper model starts exactly where the phase-1
+    model is (phase 2's epoch 0 is the phase-1 model). Their residual branches' output
+    projections (``attn.o_proj``, ``ffn.w2``) are zero, so a new post-norm block computes
+    ``norm2(norm1(h))``. The phase-1 output is ``h = u · w``, with ``u`` of unit RMS and ``w`` the
+    last phase-1 norm gain. With ``norm1``'s gain ``1 / w``, ``norm1(h)`` is ``u`` times a
+    per-token constant, which ``norm2`` removes; its gain ``w`` then gives back ``h`` (up to the
+    norms' ``eps``; a gain entry of exactly 0 loses that coordinate's ``u``, and the start is
+    then only close). ``exit_layer`` is the last copied layer.
     """
     if phase2_layers <= model.num_layers:
         raise ValueError(f"phase2_layers={phase2_layers} must be greater than the model's {model.num_layers} layers")
@@ -122,13 +131,14 @@ def extend_model(model: DeepSupervisionTransformer, phase2_layers: int) -> DeepS
     deeper.output_head.load_state_dict(model.output_head.state_dict())
     for old, new in zip(model.layers, deeper.layers):
         new.load_state_dict(old.state_dict())
-    gain = model.layers[-1].norm2.weight.detach().pow(2).mean().sqrt()  # rms(w)
-    for block in deeper.layers[model.num_layers :]:
-        nn.init.zeros_(block.attn.o_proj.weight)
-        nn.init.zeros_(block.ffn.w2.weight)
-        nn.init.ones_(block.norm1.weight)
-        with torch.no_grad():
-            block.norm2.weight.fill_(gain)
+    gain = model.layers[-1].norm2.weight.detach()  # w
+    inverse = torch.where(gain == 0, 1.0, gain.reciprocal())
+    with torch.no_grad():
+        for block in deeper.layers[model.num_layers :]:
+            block.attn.o_proj.weight.zero_()
+            block.ffn.w2.weight.zero_()
+            block.norm1.weight.copy_(inverse)
+            block.norm2.weight.copy_(gain)
     return deeper
 
 
@@ -151,47 +161,103 @@ def evaluate_on_hard_examples(
     return {key: stats[key] for key in ("loss", "ppl", "acc", "tokens")}
 
 
+def _phase2_config(model: DeepSupervisionTransformer, config: ASHEMConfig) -> TrainingConfig:
+    """Loss on the last layer; the phase-1 layers at ``lower_lr_scale`` when they train."""
+    scales = None if config.lower_lr_scale == 1.0 else {layer: config.lower_lr_scale for layer in range(1, config.phase1_layers + 1)}
+    return create_standard_config(model.num_layers, layer_lr_scales=scales)
+
+
 def train_phase2(
     model: DeepSupervisionTransformer,
     train_examples: HardExamples,
-    val_examples: HardExamples,
+    dev_examples: HardExamples,
     config: ASHEMConfig,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: bool = True,
     verbose: bool = True,
+    routing: tuple[TokenBatches, float] | None = None,
 ) -> dict[str, Any]:
-    """Train the phase-2 model's last layer loss on the hard tokens, with early stopping.
+    """Train the phase-2 model's last layer on the hard tokens; keep its best epoch on the dev slice.
 
-    The loss is masked to the hard tokens, while every sequence keeps its full context.
+    The loss is masked to the hard tokens (or, with ``phase2_easy_weight``, weighted towards
+    them), while every sequence keeps its full context. The starting model is epoch 0 and a
+    candidate like every trained epoch, so phase 2 never returns a model worse on the dev
+    slice's hard tokens than where it started. With ``routing = (dev_batches, threshold)`` an
+    epoch is a candidate only if its two-stage routing loss on those batches is no worse than
+    epoch 0's, so the routed model never gets worse on the dev slice either. Training stops after
+    ``phase2_patience`` epochs without a better candidate.
+
+    Returns:
+        ``train_losses`` (epochs 1…E), ``dev_losses`` and ``dev_ppls`` (hard tokens) and, with
+        ``routing``, ``dev_routing_losses`` (epochs 0…E), ``best_epoch`` (0: phase 2 did not
+        help), ``total_epochs`` and ``stopped_early``.
     """
-    trainer = Trainer(create_standard_config(model.num_layers), model.vocab_size, device, IGNORE_INDEX, progress)
+    device = torch.device(device)
+    trainer = Trainer(_phase2_config(model, config), model.vocab_size, device, IGNORE_INDEX, progress)
     optimizer = trainer.create_optimizer(model, config.phase2_lr)
-    return trainer.train_with_early_stopping(
-        model,
-        train_examples.batches(batch_size, shuffle=True, seed=seed),
-        val_examples.batches(batch_size),
-        optimizer,
-        max_epochs=config.phase2_max_epochs,
-        patience=config.phase2_patience,
-        verbose=verbose,
-    )
+    dev_batches = dev_examples.batches(batch_size)
+    routed = None if routing is None else TrainingConfig(
+        layer_weights={model.num_layers: 1.0}, routing_threshold=routing[1], exit_layer=config.phase1_layers
+    )  # fmt: skip
+
+    def routing_loss() -> float | None:
+        return None if routed is None else evaluate(model, routing[0], routed, device)["loss"]
+
+    start = trainer.evaluate(model, dev_batches)
+    result: dict[str, Any] = {"train_losses": [], "dev_losses": [start["loss"]], "dev_ppls": [start["ppl"]]}
+    result["dev_routing_losses"] = [routing_loss()]
+    best_loss, best_epoch, waited, epoch = start["loss"], 0, 0, 0
+    best_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    routed_start = "" if routed is None else f" | dev routing loss {result['dev_routing_losses'][0]:.4f}"
+    log_progress(f"phase 2 epoch 0 (start): dev hard loss {start['loss']:.4f} ppl {start['ppl']:.2f}{routed_start}", verbose)
+    train_batches = train_examples.batches(batch_size, shuffle=True, seed=seed, easy_weight=config.phase2_easy_weight)
+    clock = time.perf_counter()
+    for epoch, (train_loss, stats) in enumerate(
+        trainer.epochs(model, train_batches, dev_batches, optimizer, max_epochs=config.phase2_max_epochs), start=1
+    ):
+        routed_loss = routing_loss()
+        result["train_losses"].append(train_loss)
+        result["dev_losses"].append(stats["loss"])
+        result["dev_ppls"].append(stats["ppl"])
+        result["dev_routing_losses"].append(routed_loss)
+        candidate = routed_loss is None or routed_loss <= result["dev_routing_losses"][0]
+        improved = candidate and stats["loss"] < best_loss
+        if improved:
+            best_loss, best_epoch, waited = stats["loss"], epoch, 0
+            best_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+        else:
+            waited += 1
+        routed_text = "" if routed_loss is None else f" | dev routing loss {routed_loss:.4f}"
+        seconds = (time.perf_counter() - clock) / epoch
+        left = min(config.phase2_max_epochs - epoch, config.phase2_patience - waited)
+        log_progress(
+            f"phase 2 epoch {epoch}: train loss {train_loss:.4f} | dev hard loss {stats['loss']:.4f} ppl "
+            f"{stats['ppl']:.2f}{routed_text} | {seconds:.1f} s/epoch, phase 2 ends within "
+            f"{duration(seconds * left)} unless it improves" + ("  *best" if improved else ""),
+            verbose,
+        )
+        if waited >= config.phase2_patience:
+            break
+    model.load_state_dict(best_state)
+    result.update(best_epoch=best_epoch, total_epochs=epoch, stopped_early=epoch < config.phase2_max_epochs)
+    return result
 
 
 @dataclasses.dataclass
 class ASHEMResult:
-    """Everything one ASHEM run measured; ``save_json`` writes it atomically."""
+    """Everything one ASHEM run measured (:mod:`lash.report` writes and reads a list of them)."""
 
     config: dict[str, Any]
-    setup: dict[str, Any]  # data and model sizes, device, seed
-    phase1: dict[str, Any]  # val loss/ppl/acc, per_layer, history, epochs, seconds
+    setup: dict[str, Any]  # data and model sizes (train, dev and val sequences), device, seed
+    phase1: dict[str, Any]  # val loss/ppl/acc, per_layer; dev-slice history, kept epoch, seconds
     threshold: float
     hard_ratio_mined: float  # achieved on the tokens the threshold was mined from (setup["mined_from"])
     hard_ratio_val: float
     hard_before: dict[str, float]  # phase-1 model on the validation hard tokens
     hard_after: dict[str, float]  # phase-2 model on the same tokens
-    phase2: dict[str, Any]  # full-depth val metrics, per_layer, history, epochs, seconds
+    phase2: dict[str, Any]  # full-depth val metrics, per_layer; dev history from epoch 0, kept epoch, seconds
     routing: dict[str, Any]  # two-stage routing on validation: ppl, acc, shallow_ratio, compute_cost
     confidence_histogram: dict[str, list[float]]  # phase-1 confidences the threshold came from
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -199,21 +265,12 @@ class ASHEMResult:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), indent=2, default=float).encode()
-
-    def save_json(self, path: str | Path) -> None:
-        """Write the result as JSON through a temporary file, so a failure never leaves half a file."""
-        write_atomic(Path(path), self.to_json())
-
-    @classmethod
-    def load_json(cls, path: str | Path) -> ASHEMResult:
-        return cls(**json.loads(Path(path).read_text()))
-
 
 def _history(result: dict[str, Any], seconds: float) -> dict[str, Any]:
-    keys = ("train_losses", "val_losses", "val_ppls", "val_accs", "best_epoch", "total_epochs", "stopped_early")
-    return {key: result[key] for key in keys} | {"seconds": seconds}
+    """Phase 1's early-stopping record, its validation losses named for what they are: the dev slice's."""
+    renamed = {"dev_losses": result["val_losses"], "dev_ppls": result["val_ppls"], "train_losses": result["train_losses"]}
+    keys = ("best_epoch", "total_epochs", "stopped_early")
+    return renamed | {key: result[key] for key in keys} | {"seconds": seconds}
 
 
 def _summary(stats: dict[str, Any]) -> dict[str, Any]:
@@ -237,38 +294,49 @@ def run_ashem(
 ) -> ASHEMResult:
     """Run both phases and the evaluation.
 
+    ``config.dev_fraction`` of the training sequences become the dev slice: early stopping and
+    model selection in both phases look at it alone, and the validation split is only measured
+    for the report (except under ``protocol="original"``, whose phase 2 uses it as the
+    original description did).
+
     Args:
         config: the ASHEM settings (depths, learning rates, patience, freezing, protocol).
-        train_batches: training ``(x, y)`` batches.
+        train_batches: training ``(x, y)`` batches (the dev slice is carved from them).
         val_batches: validation batches; every reported number is measured on them.
         vocab_size: vocabulary size.
         dim: model width.
         num_heads: attention heads.
         device: where to train.
         batch_size: batch size of the phase-2 data (default: ``train_batches.batch_size``).
-        seed: seed of the initialisation and the shuffling.
+        seed: seed of the dev slice, the initialisation and the shuffling.
         progress: tqdm bars.
-        verbose: one line per epoch.
+        verbose: one line per epoch and per phase.
     """
     device = torch.device(device)
     batch_size = batch_size or train_batches.batch_size
     seq_len = train_batches.inputs.shape[1]
+    train_batches, dev_batches = train_batches.split(config.dev_fraction, seed)
     torch.manual_seed(seed)
     seconds: dict[str, float] = {}
 
     start = time.perf_counter()
+    log_progress(f"phase 1: {config.phase1_layers} layers, up to {config.phase1_max_epochs} epochs (patience "
+                 f"{config.phase1_patience}) on {train_batches.inputs.shape[0]} sequences; early stopping and "
+                 f"selection on a dev slice of {dev_batches.inputs.shape[0]} (val loss below = dev loss)", verbose)  # fmt: skip
     model1 = DeepSupervisionTransformer(vocab_size, dim, config.phase1_layers, num_heads, max_seq_len=seq_len).to(device)
     trainer1 = Trainer(create_standard_config(config.phase1_layers), vocab_size, device, progress=progress)
     history1 = trainer1.train_with_early_stopping(
         model1,
         train_batches,
-        val_batches,
+        dev_batches,
         trainer1.create_optimizer(model1, config.phase1_lr),
         max_epochs=config.phase1_max_epochs,
         patience=config.phase1_patience,
         verbose=verbose,
     )
     seconds["phase1"] = time.perf_counter() - start
+    log_progress(f"phase 1 done: kept epoch {history1['best_epoch']} of {history1['total_epochs']}, "
+                 f"{duration(seconds['phase1'])}", verbose)  # fmt: skip
     phase1_stats = evaluate(model1, val_batches, trainer1.config, device)
 
     start = time.perf_counter()
@@ -276,21 +344,31 @@ def run_ashem(
     mined_conf = last_layer_confidence(model1, mine_from, device)
     threshold = compute_confidence_threshold(mined_conf, config.hard_example_ratio)
     train_hard = collect_hard_examples(model1, train_batches, threshold, device)
+    dev_hard = collect_hard_examples(model1, dev_batches, threshold, device)
     val_hard = collect_hard_examples(model1, val_batches, threshold, device)
     seconds["mining"] = time.perf_counter() - start
     hard_ratio_val = val_hard.ratio
+    routing_check: tuple[TokenBatches, float] | None = (dev_batches, threshold)
     if config.protocol == "original":
-        # The seed trains and measures phase 2 on the validation hard tokens, one token at a time.
-        train_hard = val_hard = val_hard.single_tokens()
+        # The seed trains, selects and measures phase 2 on the validation hard tokens, one token at a time.
+        train_hard = dev_hard = val_hard = val_hard.single_tokens()
+        routing_check = None
     hard_before = evaluate_on_hard_examples(model1, val_hard, batch_size, device)
 
     start = time.perf_counter()
+    log_progress(f"phase 2: {config.phase2_layers} layers, up to {config.phase2_max_epochs} epochs "
+                 f"(patience {config.phase2_patience}) on {int(train_hard.hard.sum())} hard tokens", verbose)  # fmt: skip
     model2 = extend_model(model1, config.phase2_layers)
     freeze_lower_layers(
         model2, config.phase1_layers, config.freeze_embedding, config.freeze_lower_layers, config.freeze_head
     )
-    history2 = train_phase2(model2, train_hard, val_hard, config, batch_size, device, seed, progress, verbose)
+    history2 = train_phase2(
+        model2, train_hard, dev_hard, config, batch_size, device, seed, progress, verbose, routing_check
+    )  # fmt: skip
     seconds["phase2"] = time.perf_counter() - start
+    log_progress(f"phase 2 done: kept epoch {history2['best_epoch']} of {history2['total_epochs']}"
+                 f"{' (the starting model: phase 2 did not help)' if history2['best_epoch'] == 0 else ''}, "
+                 f"{duration(seconds['phase2'])}", verbose)  # fmt: skip
     hard_after = evaluate_on_hard_examples(model2, val_hard, batch_size, device)
 
     start = time.perf_counter()
@@ -311,6 +389,7 @@ def run_ashem(
             "seq_len": seq_len,
             "batch_size": batch_size,
             "train_sequences": train_batches.inputs.shape[0],
+            "dev_sequences": dev_batches.inputs.shape[0],
             "val_sequences": val_batches.inputs.shape[0],
             "mined_from": "validation" if config.protocol == "original" else "train",
             "device": str(device),
@@ -322,8 +401,14 @@ def run_ashem(
         hard_ratio_val=hard_ratio_val,
         hard_before=hard_before,
         hard_after=hard_after,
-        phase2=_summary(phase2_stats) | _history(history2, seconds["phase2"]),
+        phase2=_summary(phase2_stats) | history2 | {"seconds": seconds["phase2"]},
         routing={key: routing[key] for key in ("loss", "ppl", "acc", "shallow_ratio", "compute_cost")},
         confidence_histogram={"counts": counts.tolist(), "edges": edges.tolist()},
         seconds=seconds,
     )
+
+
+def duration(seconds: float) -> str:
+    """``"42 s"``, ``"3 min 07 s"``."""
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"

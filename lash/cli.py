@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lash.ashem import run_ashem
+from lash.ashem import duration, run_ashem
 from lash.checkpoint import set_seed
 from lash.config import PROTOCOLS, ASHEMConfig, TrainingConfig, create_standard_config
 from lash.data import load_dataset
@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
             ashem.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(defaults, f.name))
         else:
             ashem.add_argument(flag, type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name))
+    ashem.add_argument("--seeds", type=int, default=1, help="runs with seeds --seed, --seed + 1, …; figures as mean ± std")
     ashem.add_argument("--quick", action="store_true", help="a small run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     return parser
 
@@ -154,20 +155,31 @@ def run_ashem_command(args: argparse.Namespace, command: str) -> int:
     device = _check_common_args(args)
     check_int("--dim", args.dim, 1)
     check_int("--heads", args.heads, 1)
+    check_int("--seeds", args.seeds, 1)
     check_writable_dir("--out", args.out)
     data = load_dataset(args.dataset, args.samples, args.batch_size, args.seq_len, args.seed, args.max_vocab, args.val_samples)
     print(f"device: {_device_name(device)}")
     best = f"; entropy rate {data.entropy_rate:.3f} nats (best PPL {torch.tensor(data.entropy_rate).exp():.2f})" if data.entropy_rate else ""
     print(f"data: {data.source}, vocab {data.vocab_size}, {data.train.inputs.shape[0]} train / "
           f"{data.val.inputs.shape[0]} val sequences of {args.seq_len}{best}")  # fmt: skip
-    result = run_ashem(
-        config, data.train, data.val, data.vocab_size, args.dim, args.heads, device, args.batch_size, args.seed,
-        progress=not args.no_progress,
-    )  # fmt: skip
-    result.setup.update(dataset=data.source, entropy_rate=data.entropy_rate)
-    paths = write_report(result, args.out, command)
+    results = []
+    start = time.perf_counter()
+    for run, seed in enumerate(range(args.seed, args.seed + args.seeds), 1):
+        print(f"run {run} of {args.seeds}: seed {seed}")
+        result = run_ashem(
+            config, data.train, data.val, data.vocab_size, args.dim, args.heads, device, args.batch_size, seed,
+            progress=not args.no_progress,
+        )  # fmt: skip
+        result.setup.update(dataset=data.source, entropy_rate=data.entropy_rate)
+        results.append(result)
+        elapsed = time.perf_counter() - start
+        left = args.seeds - run
+        eta = f"; ETA {duration(elapsed / run * left)} for the {left} run{'s' if left > 1 else ''} left" if left else ""
+        print(f"run {run} of {args.seeds} done in {duration(sum(result.seconds.values()))} "
+              f"(elapsed {duration(elapsed)}{eta})")  # fmt: skip
+    paths = write_report(results, args.out, command)
     print()
-    print(summary_table(result))
+    print(summary_table(results))
     print()
     print("wrote " + ", ".join(str(path) for path in paths))
     return 0

@@ -168,6 +168,13 @@ class ASHEMConfig:
         protocol: ``"held-out"`` mines hard tokens from the training data and reports validation
             numbers only; ``"original"`` repeats the original description's protocol (hard tokens mined from the
             validation set, phase 2 trained and measured on them as single-token sequences).
+        dev_fraction: share of the training sequences held out as the dev slice that early
+            stopping and model selection use in both phases (the validation split is only reported).
+        phase2_easy_weight: loss weight of the easy tokens in phase 2, the hard ones weighing 1:
+            0 trains on the hard tokens alone (ASHEM); 0.25 trains on every token with the hard
+            ones up-weighted 4×.
+        lower_lr_scale: learning-rate scale of the phase-1 layers in phase 2 when
+            ``freeze_lower_layers`` is off (``layer_lr_scales``), e.g. 0.1 to let them move slowly.
     """
 
     phase1_layers: int = 2
@@ -183,6 +190,9 @@ class ASHEMConfig:
     freeze_lower_layers: bool = True
     freeze_head: bool = False
     protocol: str = "held-out"
+    dev_fraction: float = 0.1
+    phase2_easy_weight: float = 0.0
+    lower_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         check_int("phase1_layers", self.phase1_layers, 1)
@@ -202,3 +212,8 @@ class ASHEMConfig:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol={self.protocol!r} must be one of {', '.join(PROTOCOLS)}")
         check_real("hard_example_ratio", self.hard_example_ratio, 0.0, 1.0, low_open=True, high_open=True)
+        check_real("dev_fraction", self.dev_fraction, 0.0, 0.5, low_open=True)
+        check_real("phase2_easy_weight", self.phase2_easy_weight, 0.0, 1.0)
+        check_real("lower_lr_scale", self.lower_lr_scale, 0.0, 1.0, low_open=True)
+        if self.lower_lr_scale != 1.0 and self.freeze_lower_layers:
+            raise ValueError(f"lower_lr_scale={self.lower_lr_scale} needs freeze_lower_layers=False (frozen layers do not learn)")

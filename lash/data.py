@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
-from lash.validation import check_int, check_optional_int
+from lash.validation import check_int, check_optional_int, check_real
 
 UNK = "<unk>"
 DATASETS = ("auto", "wikitext-2", "offline")
@@ -36,16 +36,29 @@ class TokenBatches:
         shuffle: reshuffle the sequences at every iteration (seeded, so runs repeat).
         seed: seed of the shuffling.
 
+        weights: optional ``(num_sequences, seq_len)`` per-token loss weights; with them every
+            batch is ``(x, y, w)``, which :class:`lash.Trainer` trains on as a weighted mean.
+
     ``epoch`` counts the iterations begun; the order of an iteration depends only on ``seed``
     and ``epoch``. :meth:`lash.Trainer.train_epoch` sets it to the epoch it trains, so a resumed
     run sees the order the uninterrupted run saw.
     """
 
-    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, shuffle: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        weights: torch.Tensor | None = None,
+    ) -> None:
         if inputs.shape != targets.shape or inputs.dim() != 2:
             raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must be equal (n, seq_len)")
+        if weights is not None and weights.shape != targets.shape:
+            raise ValueError(f"weights {tuple(weights.shape)} must have the targets' shape {tuple(targets.shape)}")
         check_int("batch_size", batch_size, 1)
-        self.inputs, self.targets = inputs, targets
+        self.inputs, self.targets, self.weights = inputs, targets, weights
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.epoch = 0
 
@@ -65,7 +78,34 @@ class TokenBatches:
         self.epoch += 1
         for start in range(0, n, self.batch_size):
             rows = order[start : start + self.batch_size]
-            yield self.inputs[rows], self.targets[rows]
+            if self.weights is None:
+                yield self.inputs[rows], self.targets[rows]
+            else:
+                yield self.inputs[rows], self.targets[rows], self.weights[rows]
+
+    def split(self, fraction: float, seed: int) -> tuple[TokenBatches, TokenBatches]:
+        """Carve a held-out slice: ``(rest, slice)`` with ``fraction`` of the sequences (at least one) in the slice.
+
+        The slice is one contiguous run of sequences at a random offset (``seed``): sequences cut
+        from text keep its order, so the slice holds whole passages the rest never saw, as a
+        validation split does, rather than windows interleaved with the training ones. ``rest``
+        keeps this object's batch size and shuffling, under ``seed``; the slice is served in
+        order (for model selection and early stopping).
+        """
+        check_real("fraction", fraction, 0.0, 1.0, low_open=True, high_open=True)
+        n = self.inputs.shape[0]
+        count = max(1, round(fraction * n))
+        if count >= n:
+            raise ValueError(f"cannot hold out {fraction:.0%} of {n} sequences (at least one) and train on the rest")
+        offset = int(torch.randint(n - count + 1, (), generator=torch.Generator().manual_seed(seed)))
+        held = torch.arange(offset, offset + count)
+        kept = torch.cat([torch.arange(offset), torch.arange(offset + count, n)])
+
+        def part(rows: torch.Tensor, shuffle: bool) -> TokenBatches:
+            w = None if self.weights is None else self.weights[rows]
+            return TokenBatches(self.inputs[rows], self.targets[rows], self.batch_size, shuffle, seed, w)
+
+        return part(kept, self.shuffle), part(held, False)
 
 
 class LMData(NamedTuple):

@@ -1,6 +1,7 @@
-"""ASHEM reports: the summary table, ``results.json``, ``results.md`` and the plots.
+"""ASHEM reports over one or more seeds: the summary table, ``results.json``, ``results.md`` and the plots.
 
-The files are published as a set (:func:`lash.files.publish`): all are rendered and written
+Every figure is given as mean ± sample standard deviation over the runs (the value alone for one
+run). The files are published as a set (:func:`lash.files.publish`): all are rendered and written
 to temporary names first, then renamed into place together, so an interrupted run never leaves
 a half-written result, or old and new files mixed, over an earlier report.
 """
@@ -8,7 +9,11 @@ a half-written result, or old and new files mixed, over an earlier report.
 from __future__ import annotations
 
 import io
+import json
+import statistics
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from lash.ashem import ASHEMResult
 from lash.files import publish
@@ -17,54 +22,139 @@ from lash.files import publish
 # the validation set with single-token phase-2 training.
 SEED_REFERENCE = {"phase1_ppl": 986.0, "routing_ppl": 830.0, "hard_ppl_before": 2600.0, "hard_ppl_after": 571.0, "compute_cost": 0.64}
 
+# Every scalar figure of a run, by name: what results.json's "summary" aggregates over the seeds.
+FIGURES: dict[str, Callable[[ASHEMResult], float]] = {
+    "phase1_ppl": lambda r: r.phase1["ppl"],
+    "phase1_acc": lambda r: r.phase1["acc"],
+    "phase2_ppl": lambda r: r.phase2["ppl"],
+    "phase2_acc": lambda r: r.phase2["acc"],
+    "routing_ppl": lambda r: r.routing["ppl"],
+    "routing_acc": lambda r: r.routing["acc"],
+    "routing_ppl_change": lambda r: r.routing["ppl"] / r.phase1["ppl"] - 1,
+    "shallow_ratio": lambda r: r.routing["shallow_ratio"],
+    "compute_cost": lambda r: r.routing["compute_cost"],
+    "hard_ppl_before": lambda r: r.hard_before["ppl"],
+    "hard_ppl_after": lambda r: r.hard_after["ppl"],
+    "hard_ppl_change": lambda r: r.hard_after["ppl"] / r.hard_before["ppl"] - 1,
+    "hard_acc_before": lambda r: r.hard_before["acc"],
+    "hard_acc_after": lambda r: r.hard_after["acc"],
+    "threshold": lambda r: r.threshold,
+    "hard_ratio_val": lambda r: r.hard_ratio_val,
+    "phase1_best_epoch": lambda r: r.phase1["best_epoch"],
+    "phase2_kept_epoch": lambda r: r.phase2["best_epoch"],
+    "seconds": lambda r: sum(r.seconds.values()),
+}
 
-def summary_table(result: ASHEMResult) -> str:
-    """The headline numbers as a Markdown table (validation split)."""
-    cfg, setup = result.config, result.setup
+
+def _spread(values: Sequence[float]) -> dict[str, Any]:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": list(values),
+    }
+
+
+def aggregate(results: Sequence[ASHEMResult]) -> dict[str, dict[str, Any]]:
+    """``{figure: {"mean", "std", "values"}}`` for every figure of :data:`FIGURES` (std: sample, 0 for one run)."""
+    if not results:
+        raise ValueError("aggregate needs at least one ASHEM result")
+    return {name: _spread([get(r) for r in results]) for name, get in FIGURES.items()}
+
+
+def _pm(stats: dict[str, Any], fmt: str, runs: int) -> str:
+    """``"24.33 ± 0.12"``, or the value alone for one run."""
+    text = format(stats["mean"], fmt)
+    return text if runs == 1 else f"{text} ± {format(stats['std'], fmt)}"
+
+
+def _change(stats: dict[str, Any], runs: int) -> str:
+    """A PPL ratio minus 1 in words: ``"4.4% lower PPL than phase 1 (better)"``."""
+    mean = stats["mean"]
+    spread = "" if runs == 1 else f" ± {stats['std']:.1%}"
+    word, verdict = ("lower", "better") if mean < 0 else ("higher", "worse") if mean > 0 else ("equal", "no change")
+    return f"{abs(mean):.1%}{spread} {word} PPL than phase 1 ({verdict})"
+
+
+def summary_table(results: Sequence[ASHEMResult]) -> str:
+    """The headline numbers as a Markdown table (validation split), mean ± std over the runs."""
+    s, n = aggregate(results), len(results)
+    cfg, setup = results[0].config, results[0].setup
     p1, p2 = cfg["phase1_layers"], cfg["phase2_layers"]
-    gain = 1 - result.hard_after["ppl"] / result.hard_before["ppl"]
     rows = [
-        ("Phase 1 model", f"{p1} layers", f"{result.phase1['ppl']:.2f}", f"{result.phase1['acc']:.2%}"),
-        ("Phase 2 model, full depth", f"{p2} layers", f"{result.phase2['ppl']:.2f}", f"{result.phase2['acc']:.2%}"),
+        ("Phase 1 model", f"{p1} layers", _pm(s["phase1_ppl"], ".2f", n), _pm(s["phase1_acc"], ".2%", n)),
+        ("Phase 2 model, full depth", f"{p2} layers", _pm(s["phase2_ppl"], ".2f", n), _pm(s["phase2_acc"], ".2%", n)),
         (
             "Two-stage routing",
-            f"exit at {p1}, cost {result.routing['compute_cost']:.1%}",
-            f"{result.routing['ppl']:.2f}",
-            f"{result.routing['acc']:.2%}",
+            f"exit at {p1}, cost {_pm(s['compute_cost'], '.1%', n)}; {_change(s['routing_ppl_change'], n)}",
+            _pm(s["routing_ppl"], ".2f", n),
+            _pm(s["routing_acc"], ".2%", n),
         ),
-        ("Hard tokens, phase 1", f"{result.hard_before['tokens']} tokens", f"{result.hard_before['ppl']:.2f}", f"{result.hard_before['acc']:.2%}"),
-        ("Hard tokens, phase 2", f"PPL {gain:+.1%} better" if gain >= 0 else f"PPL {-gain:.1%} worse", f"{result.hard_after['ppl']:.2f}", f"{result.hard_after['acc']:.2%}"),
+        ("Hard tokens, phase 1", f"{statistics.fmean(r.hard_before['tokens'] for r in results):.0f} tokens", _pm(s["hard_ppl_before"], ".2f", n), _pm(s["hard_acc_before"], ".2%", n)),
+        ("Hard tokens, phase 2", _change(s["hard_ppl_change"], n), _pm(s["hard_ppl_after"], ".2f", n), _pm(s["hard_acc_after"], ".2%", n)),
     ]
     lines = ["| | | PPL | accuracy |", "|---|---|---:|---:|"] + [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    lines.append("")
-    lines.append(
-        f"Threshold {result.threshold:.4f} (the {cfg['hard_example_ratio']:.0%} quantile of phase-1 confidence on "
-        f"{setup['mined_from']} tokens; achieved hard ratio {result.hard_ratio_mined:.2%} there, "
-        f"{result.hard_ratio_val:.2%} on validation); shallow ratio {result.routing['shallow_ratio']:.2%}; "
-        f"protocol {cfg['protocol']}."
-    )
+    kept = s["phase2_kept_epoch"]["values"]
+    totals = [r.phase2["total_epochs"] for r in results]
+    lines += [
+        "",
+        f"Over {n} run{'s' if n > 1 else ''} (seeds {', '.join(str(r.setup['seed']) for r in results)}). "
+        f"Threshold {_pm(s['threshold'], '.4f', n)} (the {cfg['hard_example_ratio']:.0%} quantile of phase-1 "
+        f"confidence on {setup['mined_from']} tokens; {_pm(s['hard_ratio_val'], '.2%', n)} of validation tokens "
+        f"are hard); shallow ratio {_pm(s['shallow_ratio'], '.2%', n)}; protocol {cfg['protocol']}.",
+        "",
+        _kept_sentence(kept, totals),
+    ]
     return "\n".join(lines)
 
 
-def results_markdown(result: ASHEMResult, command: str = "") -> str:
-    """``results.md``: the summary, per-exit PPL, per-epoch history and timings."""
+def _kept_sentence(kept: list[float], totals: list[int]) -> str:
+    listed = ", ".join(f"{int(k)} of {t}" for k, t in zip(kept, totals))
+    zeros = sum(k == 0 for k in kept)
+    if zeros == len(kept):
+        meaning = ("phase 2 never beat its starting model on the dev slice, so the phase-2 model is the phase-1 "
+                   "model with identity layers on top: phase 2 did not help")  # fmt: skip
+    elif zeros:
+        meaning = f"epoch 0 (the starting model: phase 2 did not help) in {zeros} of {len(kept)} runs"
+    else:
+        meaning = "a trained epoch in every run: phase 2 improved the dev slice's hard tokens"
+    return f"Phase 2 kept epoch {listed}: {meaning}."
+
+
+def results_markdown(results: Sequence[ASHEMResult], command: str = "") -> str:
+    """``results.md``: the summary, one row per run, per-exit PPL, per-epoch histories and timings."""
     out = ["# ASHEM results", ""]
     if command:
         out += ["```", command, "```", ""]
-    setup = ", ".join(f"{k}={v}" for k, v in result.setup.items())
-    out += [f"Setup: {setup}.", "", "## Summary (validation split)", "", summary_table(result), ""]
-    out += ["## PPL per exit", "", "| layer | phase 1 | phase 2 |", "|---:|---:|---:|"]
-    for layer, after in result.phase2["per_layer"].items():
-        before = result.phase1["per_layer"].get(layer)
-        out.append(f"| {layer} | {before['ppl']:.2f} | {after['ppl']:.2f} |" if before else f"| {layer} | – | {after['ppl']:.2f} |")
-    for name in ("phase1", "phase2"):
-        phase = result.__dict__[name]
-        out += ["", f"## {name} history (best epoch {phase['best_epoch']} of {phase['total_epochs']})", ""]
-        out += ["| epoch | train loss | val loss | val PPL | val acc |", "|---:|---:|---:|---:|---:|"]
-        for epoch, values in enumerate(zip(phase["train_losses"], phase["val_losses"], phase["val_ppls"], phase["val_accs"]), 1):
-            out.append("| {} | {:.4f} | {:.4f} | {:.2f} | {:.2%} |".format(epoch, *values))
-    out += ["", "## Wall time (s)", "", "| " + " | ".join(result.seconds) + " |", "|" + "---:|" * len(result.seconds)]
-    out.append("| " + " | ".join(f"{s:.1f}" for s in result.seconds.values()) + " |")
+    setup = ", ".join(f"{k}={v}" for k, v in results[0].setup.items() if k != "seed")
+    out += [f"Setup: {setup}.", "", "## Summary (validation split)", "", summary_table(results), ""]
+    out += ["## Runs", "", "| seed | phase-1 PPL | routing PPL | hard PPL before → after | phase-2 kept epoch | wall time (s) |",
+            "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in results:
+        out.append(
+            f"| {r.setup['seed']} | {r.phase1['ppl']:.2f} | {r.routing['ppl']:.2f} | {r.hard_before['ppl']:.2f} → "
+            f"{r.hard_after['ppl']:.2f} | {r.phase2['best_epoch']} of {r.phase2['total_epochs']} | {sum(r.seconds.values()):.0f} |"
+        )
+    out += ["", "## PPL per exit", "", "| layer | phase 1 | phase 2 |", "|---:|---:|---:|"]
+    n = len(results)
+    for layer in results[0].phase2["per_layer"]:
+        after = _spread([r.phase2["per_layer"][layer]["ppl"] for r in results])
+        before = [r.phase1["per_layer"][layer]["ppl"] for r in results if layer in r.phase1["per_layer"]]
+        out.append(f"| {layer} | {_pm(_spread(before), '.2f', n) if before else '–'} | {_pm(after, '.2f', n)} |")
+    for r in results:
+        out += ["", f"## Seed {r.setup['seed']}: history (dev slice)", ""]
+        p1, p2 = r.phase1, r.phase2
+        out += [f"Phase 1 (kept epoch {p1['best_epoch']} of {p1['total_epochs']}):", "",
+                "| epoch | train loss | dev loss | dev PPL |", "|---:|---:|---:|---:|"]  # fmt: skip
+        for epoch, values in enumerate(zip(p1["train_losses"], p1["dev_losses"], p1["dev_ppls"]), 1):
+            out.append("| {} | {:.4f} | {:.4f} | {:.2f} |".format(epoch, *values))
+        out += ["", f"Phase 2 (kept epoch {p2['best_epoch']} of {p2['total_epochs']}; epoch 0 is the starting model):", "",
+                "| epoch | train loss | dev hard-token loss | dev routing loss |", "|---:|---:|---:|---:|"]  # fmt: skip
+        for epoch, (dev, routed) in enumerate(zip(p2["dev_losses"], p2["dev_routing_losses"])):
+            train = f"{p2['train_losses'][epoch - 1]:.4f}" if epoch else "–"
+            out.append(f"| {epoch} | {train} | {dev:.4f} | {'–' if routed is None else f'{routed:.4f}'} |")
+    phases = list(results[0].seconds)
+    out += ["", "## Wall time (s)", "", "| seed | " + " | ".join(phases) + " |", "|---:|" + "---:|" * len(phases)]
+    out += [f"| {r.setup['seed']} | " + " | ".join(f"{r.seconds[p]:.1f}" for p in phases) + " |" for r in results]
     ref = SEED_REFERENCE
     out += [
         "",
@@ -77,53 +167,81 @@ def results_markdown(result: ASHEMResult, command: str = "") -> str:
     return "\n".join(out) + "\n"
 
 
+def results_json(results: Sequence[ASHEMResult], command: str = "") -> bytes:
+    """``results.json``: the command, the seeds, every figure's mean/std/values and each run in full."""
+    document = {
+        "command": command,
+        "seeds": [r.setup["seed"] for r in results],
+        "summary": aggregate(results),
+        "runs": [r.to_dict() for r in results],
+    }
+    return json.dumps(document, indent=2, default=float).encode()
+
+
+def load_results(path: str | Path) -> list[ASHEMResult]:
+    """The runs of a ``results.json``."""
+    return [ASHEMResult(**run) for run in json.loads(Path(path).read_text())["runs"]]
+
+
 def _png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     return buffer.getvalue()
 
 
-def render_plots(result: ASHEMResult) -> dict[str, bytes]:
+def render_plots(results: Sequence[ASHEMResult]) -> dict[str, bytes]:
     """Training curves, the confidence histogram with its threshold, and PPL per exit, as PNG files."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     plots = {}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, name in zip(axes, ("phase1", "phase2")):
-        phase = result.__dict__[name]
-        epochs = range(1, len(phase["train_losses"]) + 1)
-        ax.plot(epochs, phase["train_losses"], marker="o", label="train loss")
-        ax.plot(epochs, phase["val_losses"], marker="s", label="val loss")
-        ax.axvline(phase["best_epoch"], color="grey", linestyle=":", label="best epoch")
-        ax.set(title=f"{name} ({'hard tokens' if name == 'phase2' else 'all tokens'})", xlabel="epoch", ylabel="loss")
-        ax.legend()
+    for r, color in zip(results, plt.rcParams["axes.prop_cycle"].by_key()["color"] * len(results)):
+        seed = r.setup["seed"]
+        dev1 = r.phase1["dev_losses"]
+        axes[0].plot(range(1, len(dev1) + 1), dev1, marker="s", color=color, label=f"seed {seed}")
+        axes[0].plot(range(1, len(dev1) + 1), r.phase1["train_losses"], linestyle="--", color=color)
+        axes[0].plot(r.phase1["best_epoch"], dev1[r.phase1["best_epoch"] - 1], marker="*", markersize=14, color=color)
+        dev2 = r.phase2["dev_losses"]
+        axes[1].plot(range(len(dev2)), dev2, marker="s", color=color, label=f"seed {seed}")
+        axes[1].plot(r.phase2["best_epoch"], dev2[r.phase2["best_epoch"]], marker="*", markersize=14, color=color)
+    axes[0].set(title="phase 1: dev loss (solid), train loss (dashed)", xlabel="epoch", ylabel="loss")
+    axes[1].set(title="phase 2: dev hard-token loss (epoch 0 = start)", xlabel="epoch", ylabel="loss")
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(title="★ kept epoch", fontsize="small")
     plots["training_curves.png"] = _png(fig)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    edges, counts = result.confidence_histogram["edges"], result.confidence_histogram["counts"]
-    ax.stairs(counts, edges, fill=True, alpha=0.6)
-    ax.axvline(result.threshold, color="red", label=f"threshold {result.threshold:.3f}")
-    ax.set(title="phase-1 confidence (max softmax probability)", xlabel="confidence", ylabel="tokens")
-    ax.legend()
+    first = results[0]
+    ax.stairs(first.confidence_histogram["counts"], first.confidence_histogram["edges"], fill=True, alpha=0.6)
+    for r in results:
+        ax.axvline(r.threshold, color="red", alpha=0.7, label=f"threshold {r.threshold:.3f} (seed {r.setup['seed']})")
+    ax.set(title=f"phase-1 confidence (max softmax probability), seed {first.setup['seed']}", xlabel="confidence", ylabel="tokens")
+    ax.legend(fontsize="small")
     plots["confidence_histogram.png"] = _png(fig)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for name, marker in (("phase1", "o"), ("phase2", "s")):
-        per_layer = result.__dict__[name]["per_layer"]
-        ax.plot([int(k) for k in per_layer], [v["ppl"] for v in per_layer.values()], marker=marker, label=name)
-    ax.set(title="validation PPL per exit", xlabel="layer", ylabel="PPL", yscale="log")
+        layers = list(results[0].__dict__[name]["per_layer"])
+        spreads = [_spread([r.__dict__[name]["per_layer"][layer]["ppl"] for r in results]) for layer in layers]
+        ax.errorbar([int(k) for k in layers], [s["mean"] for s in spreads], yerr=[s["std"] for s in spreads],
+                    marker=marker, capsize=4, label=name)  # fmt: skip
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    runs = f"mean ± std over {len(results)} seeds" if len(results) > 1 else "one seed"
+    ax.set(title=f"validation PPL per exit ({runs})", xlabel="layer", ylabel="PPL")
     ax.legend()
     plots["ppl_per_exit.png"] = _png(fig)
     plt.close(fig)
     return plots
 
 
-def write_report(result: ASHEMResult, out_dir: str | Path, command: str = "") -> list[Path]:
+def write_report(results: Sequence[ASHEMResult], out_dir: str | Path, command: str = "") -> list[Path]:
     """Write ``results.json``, ``results.md`` and the plots into ``out_dir``; return the paths."""
-    files = {"results.json": result.to_json(), "results.md": results_markdown(result, command).encode()}
-    return publish(files | render_plots(result), out_dir)
+    files = {"results.json": results_json(results, command), "results.md": results_markdown(results, command).encode()}
+    return publish(files | render_plots(results), out_dir)

@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import logging
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,7 @@ def _close_epoch(trainer: Trainer, losses: list[torch.Tensor], checked: int, epo
     return (all_reduce_sum(total / count) / trainer.world_size).item()
 
 
-def _report(line: str, verbose: bool, is_main: bool) -> None:
+def log_progress(line: str, verbose: bool, is_main: bool = True) -> None:
     """Log a progress line, and with ``verbose`` print it (beside the tqdm bars) unless a
     logging handler already shows it, so it appears once; rank 0 (``is_main``) only."""
     if not is_main:
@@ -175,8 +176,10 @@ def train_with_early_stopping(
     best_loss, best_epoch, best_state, waited = math.inf, 0, None, 0
     stopped_early = False
     loop = trainer.epochs(model, train_batches, val_batches, optimizer, grad_clip, trainer.epochs_trained + max_epochs)
+    clock = time.perf_counter()
     try:
         for epoch, (train_loss, stats) in enumerate(loop, start=1):
+            seconds, clock = time.perf_counter() - clock, time.perf_counter()
             result["train_losses"].append(train_loss)
             result["val_losses"].append(stats["loss"])
             result["val_ppls"].append(stats["ppl"])
@@ -190,12 +193,12 @@ def train_with_early_stopping(
                 waited += 1
             line = (
                 f"epoch {epoch}: train loss {train_loss:.4f} | val loss {stats['loss']:.4f} "
-                f"ppl {stats['ppl']:.2f} acc {stats['acc']:.4f}" + ("  *best" if improved else "")
+                f"ppl {stats['ppl']:.2f} acc {stats['acc']:.4f} | {seconds:.1f} s" + ("  *best" if improved else "")
             )
-            _report(line, verbose, trainer.is_main)
+            log_progress(line, verbose, trainer.is_main)
             if waited >= patience:
                 stopped_early = True
-                _report(f"early stop after epoch {epoch}: best epoch {best_epoch} (val loss {best_loss:.4f})", verbose, trainer.is_main)
+                log_progress(f"early stop after epoch {epoch}: best epoch {best_epoch} (val loss {best_loss:.4f})", verbose, trainer.is_main)
                 break
     except NonFiniteLossError:
         if best_state is not None:

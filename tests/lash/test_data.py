@@ -128,6 +128,28 @@ def test_token_batches_shuffle_per_epoch_and_cover_everything():
     assert [len(bx) for bx, _ in TokenBatches(x, x, batch_size=4)] == [4, 4, 2]
 
 
+def test_split_holds_out_a_seeded_disjoint_slice():
+    x = torch.arange(40).view(20, 2)
+    weights = torch.rand(20, 2)
+    batches = TokenBatches(x, x + 100, batch_size=3, shuffle=True, seed=7, weights=weights)
+    rest, dev = batches.split(0.25, seed=1)
+    assert dev.inputs.shape == (5, 2) and rest.inputs.shape == (15, 2)
+    rows = sorted(torch.cat([rest.inputs, dev.inputs])[:, 0].tolist())
+    assert rows == x[:, 0].tolist()  # disjoint, and together every sequence
+    assert dev.inputs[:, 0].diff().eq(2).all()  # one contiguous passage
+    assert torch.equal(dev.targets, dev.inputs + 100) and torch.equal(dev.weights, weights[dev.inputs[:, 0] // 2])
+    assert rest.shuffle and not dev.shuffle and rest.batch_size == dev.batch_size == 3 and rest.seed == 1
+    assert torch.equal(batches.split(0.25, seed=1)[1].inputs, dev.inputs)
+    assert not torch.equal(batches.split(0.25, seed=2)[1].inputs, dev.inputs)
+    assert [len(b) for b in next(iter(dev))] == [3, 3, 3]  # (x, y, w) batches
+    with pytest.raises(ValueError, match=r"cannot hold out 10% of 1 sequences \(at least one\)"):
+        TokenBatches(x[:1], x[:1], batch_size=1).split(0.1, seed=0)
+    with pytest.raises(ValueError, match=r"fraction=0.0 is outside \(0.0, 1.0\)"):
+        batches.split(0.0, seed=0)
+    with pytest.raises(ValueError, match=r"weights \(20, 3\) must have the targets' shape \(20, 2\)"):
+        TokenBatches(x, x, 4, weights=torch.ones(20, 3))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
