@@ -95,6 +95,6 @@ class ShardedBatches:
     def epoch(self, value: int) -> None:
         self.batches.epoch = value
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in self.batches:
-            yield x[self.info.rank :: self.info.world_size], y[self.info.rank :: self.info.world_size]
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        for batch in self.batches:  # (x, y), or (x, y, w) with per-token loss weights
+            yield tuple(t[self.info.rank :: self.info.world_size] for t in batch)

@@ -35,6 +35,7 @@ def multi_exit_loss(
     targets: torch.Tensor,
     weights: Sequence[float],
     ignore_index: int = -100,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Σ_k w_k · CE(h_k · Wᵀ, y), each CE a mean over the non-ignored tokens.
 
@@ -44,15 +45,22 @@ def multi_exit_loss(
         targets: next-token ids ``(B, T)`` or ``(N,)``; ``ignore_index`` marks tokens without loss.
         weights: K non-negative loss weights; an exit of weight 0 gets no gradient.
         ignore_index: target value excluded from the loss.
+        token_weights: optional per-token loss weights ``≥ 0``, shaped like ``targets``: each CE
+            becomes the mean over the non-ignored tokens weighted by them.
 
     Returns:
-        The scalar weighted loss (0 if every token is ignored).
+        The scalar weighted loss (0 if every token is ignored or weighs 0).
 
     Raises:
-        ValueError: shapes that disagree, a bad weight, or a target outside ``[0, V)``.
+        ValueError: shapes that disagree, a bad weight, a target outside ``[0, V)``, or (CPU
+            tensors) a negative or non-finite token weight.
     """
-    flat, targets = _flatten(hiddens, targets)
-    return multi_exit_cross_entropy(flat, head_weight, targets, weights, ignore_index).loss
+    flat, flat_targets = _flatten(hiddens, targets)
+    if token_weights is not None:
+        if token_weights.shape != targets.shape:
+            raise ValueError(f"token_weights must have the targets' shape {tuple(targets.shape)}; got {tuple(token_weights.shape)}")
+        token_weights = token_weights.reshape(-1)  # (N,)
+    return multi_exit_cross_entropy(flat, head_weight, flat_targets, weights, ignore_index, token_weights=token_weights).loss
 
 
 class ExitStatistics(NamedTuple):

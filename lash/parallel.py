@@ -84,16 +84,21 @@ def load_full_states(model: nn.Module, optimizer: torch.optim.Optimizer, model_s
         optimizer.load_state_dict(optim_state)
 
 
-def scale_for_ranks(loss: torch.Tensor, y: torch.Tensor, ignore_index: int, world_size: int) -> torch.Tensor:
+def scale_for_ranks(
+    loss: torch.Tensor, y: torch.Tensor, ignore_index: int, world_size: int, w: torch.Tensor | None = None
+) -> torch.Tensor:
     """Scale a rank's mean loss so DDP's gradient average is the global batch's mean.
 
-    Rank r's loss is a mean over its n_r labelled tokens; multiplying by
+    Rank r's loss is a mean over its n_r labelled tokens (with per-token weights ``w``, a
+    weighted mean, and n_r the weight of its labelled tokens); multiplying by
     ``world_size · n_r / Σ n`` makes the average over ranks Σ (sum_r) / Σ n, exact even when
     a batch does not split evenly. The mean of the scaled losses over ranks is therefore the
     global batch's loss, which is what ``Trainer.train_epoch`` reports.
     """
     if world_size == 1:
         return loss
-    local = (y != ignore_index).sum().float()
+    labelled = y != ignore_index
+    local = (labelled.sum() if w is None else torch.where(labelled, w, 0.0).sum()).float()
     total = all_reduce_sum(local.clone())
-    return loss * (world_size * local / total.clamp(min=1))
+    # Counts are 0 or ≥ 1, weights any size ≥ 0: the clamp only turns 0 / 0 into 0.
+    return loss * (world_size * local / total.clamp(min=torch.finfo(torch.float32).tiny))

@@ -33,6 +33,7 @@ from lash.models import StandardTransformer
 from lash.optim import create_optimizer
 from lash.parallel import DISTRIBUTED, PRECISIONS
 from lash.validation import check_device, check_int, check_optional_int, check_real, check_token_ids
+from lash_kernels.ops.multi_exit_ce.reference import check_token_weights
 
 logger = logging.getLogger("lash")
 
@@ -53,9 +54,9 @@ class _WeightedLoss(nn.Module):
         self.model, self.layers, self.ignore_index = model, config.active_layers, ignore_index
         self.weights = [config.weight(layer) for layer in self.layers]
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         hiddens = self.model.hidden_states(x, self.layers)  # K × (B, T, D)
-        return multi_exit_loss(hiddens, self.model.output_head.weight, y, self.weights, self.ignore_index)
+        return multi_exit_loss(hiddens, self.model.output_head.weight, y, self.weights, self.ignore_index, w)
 
 
 def _check_options(config: TrainingConfig, vocab_size: int, precision: str, grad_accum_steps: int, warmup_steps: int,
@@ -97,15 +98,44 @@ def check_finite(losses: list[torch.Tensor], checked: int, epoch: int) -> int:
     return len(losses)
 
 
-def _checked_batch(x: torch.Tensor, y: torch.Tensor, vocab_size: int, ignore_index: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, y)`` checked, then moved to ``device``.
+def _checked_batch(batch: tuple[torch.Tensor, ...], vocab_size: int, ignore_index: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``(x, y)`` or ``(x, y, w)`` (``w``: per-token loss weights shaped like ``y``) checked, then moved to ``device``.
 
-    Checked before the copy: a bad id is a ValueError, never a device-side assert, and reading
-    CPU ids costs the device no sync (inside a compiled graph no check runs).
+    Checked before the copy: a bad id or weight is a ValueError, never a device-side assert, and
+    reading CPU tensors costs the device no sync (inside a compiled graph no check runs).
     """
+    if len(batch) not in (2, 3):
+        raise ValueError(f"a training batch must be (x, y) or (x, y, w); got {len(batch)} tensors")
+    x, y, *w = batch
     check_token_ids(x, vocab_size)
     check_token_ids(y, vocab_size, "target value", ignore_index)
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if w:
+        check_token_weights(w[0], tuple(y.shape))
+    return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
+def _nothing_to_learn(batch: tuple[torch.Tensor, ...], ignore_index: int) -> bool:
+    """Whether a CPU batch has no labelled target of nonzero weight, so its loss is 0 and a step
+    on it would only decay the weights. Batches already on a device are kept: reading them would sync."""
+    if len(batch) not in (2, 3) or any(t.device.type != "cpu" for t in batch[1:]):
+        return False  # a malformed batch is left to _checked_batch
+    y, labelled = batch[1], batch[1] != ignore_index
+    if len(batch) == 3 and batch[2].shape == y.shape:  # so is a misshapen w
+        labelled &= batch[2] != 0
+    return not bool(labelled.any())
+
+
+def _optimizer_step(trainer: Trainer, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
+    """One optimizer step of :meth:`Trainer.train_epoch`: unscale and clip, step, schedule, count."""
+    if grad_clip:
+        trainer.scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(params, grad_clip)
+    trainer.scaler.step(optimizer)
+    trainer.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if trainer.scheduler is not None and trainer.scheduler.optimizer is optimizer:
+        trainer.scheduler.step()
+    trainer.global_step += 1
 
 
 def _close_epoch(trainer: Trainer, losses: list[torch.Tensor], checked: int, epoch: int, completed: bool, resumed_at: int) -> float:
@@ -292,7 +322,7 @@ class Trainer:
         loss = _WeightedLoss(model, self.config, self.ignore_index)
         return parallel.wrap(loss, model, self.device, self.world_size, self.distributed, unused, self.compile)
 
-    def compute_loss(self, model: StandardTransformer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def compute_loss(self, model: StandardTransformer, x: torch.Tensor, y: torch.Tensor, token_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Σ_l w_l · CE(head(h_l), y) over the layers with a positive weight.
 
         Only the layers up to the deepest weighted one run, and the head meets only weighted
@@ -303,10 +333,12 @@ class Trainer:
             model: a LASH model.
             x: input ids ``(B, T)``.
             y: target ids ``(B, T)``.
+            token_weights: optional per-token loss weights ``(B, T)`` ≥ 0: each CE is then their weighted mean.
         """
         check_model(model, self.config, self.vocab_size, self.device)
+        w = None if token_weights is None else token_weights.to(self.device)
         with self._autocast():
-            return _WeightedLoss(model, self.config, self.ignore_index)(x.to(self.device), y.to(self.device))
+            return _WeightedLoss(model, self.config, self.ignore_index)(x.to(self.device), y.to(self.device), w)
 
     def create_optimizer(self, model: StandardTransformer, base_lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
         """AdamW with one param group per layer at ``base_lr * layer_lr_scales[l]``.
@@ -338,9 +370,10 @@ class Trainer:
         or a resume included. Shuffled :class:`lash.data.TokenBatches` are served in the order of
         epoch ``epochs_trained`` (a function of their seed and that epoch alone), so a run restored
         from a checkpoint, mid-epoch or at an epoch's end, continues in the batches the
-        uninterrupted run would have seen. A batch without any labelled target is skipped: no
-        step is taken on a loss of 0. (The check runs on CPU batches before they move; under
-        torchrun it is left to each rank's share.)
+        uninterrupted run would have seen. A batch is ``(x, y)`` or ``(x, y, w)``, ``w`` the
+        ``(B, T)`` per-token loss weights. A batch without any labelled target of nonzero weight
+        is skipped: no step is taken on a loss of 0. (The check runs on CPU batches before they
+        move; under torchrun it is left to each rank's share.)
 
         Args:
             grad_clip: clip the gradient norm to this (> 0); ``None`` or 0: no clipping.
@@ -368,42 +401,31 @@ class Trainer:
         losses: list[torch.Tensor] = []
         checked, accumulated, completed = 0, 0, True
         bar = tqdm(batches, desc=f"epoch {epoch}", total=total, disable=not self.progress, leave=False)
-        for x, y in bar:
+        for batch in bar:
             if max_steps is not None and self.global_step >= max_steps:
                 completed = False
                 break
-            if self.world_size == 1 and y.device.type == "cpu" and not bool((y != self.ignore_index).any()):
-                self.batches_into_epoch += 1  # nothing to learn from; deciding on the CPU costs no device sync
+            if self.world_size == 1 and _nothing_to_learn(batch, self.ignore_index):
+                self.batches_into_epoch += 1  # deciding on the CPU costs no device sync
                 continue
-            x, y = _checked_batch(x, y, self.vocab_size, self.ignore_index, self.device)
+            x, y, *w = _checked_batch(batch, self.vocab_size, self.ignore_index, self.device)  # w: [] or [(B, T)]
             accumulated += 1
             sync = accumulated == self.grad_accum_steps
             no_sync = getattr(runner, "no_sync", None)
             with contextlib.nullcontext() if sync or no_sync is None else no_sync(), self._autocast():
-                loss = parallel.scale_for_ranks(runner(x, y), y, self.ignore_index, self.world_size)
+                loss = parallel.scale_for_ranks(runner(x, y, *w), y, self.ignore_index, self.world_size, *w)
             self.scaler.scale(loss / self.grad_accum_steps).backward()
             losses.append(loss.detach())
             self.batches_into_epoch += 1
             if sync:
-                self._optimizer_step(params, optimizer, grad_clip)
+                _optimizer_step(self, params, optimizer, grad_clip)
                 accumulated = 0
             if len(losses) % _SYNC_EVERY == 0:
                 checked = check_finite(losses, checked, epoch)
                 bar.set_postfix(loss=f"{torch.stack(losses[-_SYNC_EVERY:]).mean().item():.4f}")
         if accumulated:
-            self._optimizer_step(params, optimizer, grad_clip)
+            _optimizer_step(self, params, optimizer, grad_clip)
         return _close_epoch(self, losses, checked, epoch, completed, resumed_at)
-
-    def _optimizer_step(self, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
-        if grad_clip:
-            self.scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(params, grad_clip)
-        self.scaler.step(optimizer)
-        self.scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if self.scheduler is not None and self.scheduler.optimizer is optimizer:
-            self.scheduler.step()
-        self.global_step += 1
 
     def evaluate(self, model: StandardTransformer, val_batches: Batches) -> dict[str, Any]:
         """:func:`lash.evaluation.evaluate` under this trainer's config, device, precision and sharding."""

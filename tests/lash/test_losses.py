@@ -62,3 +62,24 @@ def test_exit_statistics_match_softmax():
         assert torch.equal(stats.predictions[k], logits.argmax(-1))
         torch.testing.assert_close(stats.token_loss[k], F.cross_entropy(logits, y.reshape(-1), reduction="none"))
     assert stats.valid.sum() == 13 and not stats.valid[2]
+
+
+def test_token_weights_give_the_weighted_mean_per_exit():
+    hiddens = [torch.randn(3, 7, 6, requires_grad=True) for _ in range(2)]
+    w = torch.randn(13, 6, requires_grad=True)
+    y = torch.randint(0, 13, (3, 7))
+    y[0, :3] = -100
+    t = torch.rand(3, 7)
+    t[1, ::2] = 0.0
+    loss = multi_exit_loss(hiddens, w, y, [0.4, 1.0], token_weights=t)
+    leaves64 = [p.detach().double().requires_grad_() for p in hiddens + [w]]
+    t64 = t.double().reshape(-1) * (y.reshape(-1) != -100)
+    expected = sum(
+        k_weight * (t64 * F.cross_entropy(h.reshape(21, 6) @ leaves64[-1].T, y.reshape(-1), reduction="none")).sum() / t64.sum()
+        for k_weight, h in zip([0.4, 1.0], leaves64[:-1])
+    )
+    torch.testing.assert_close(loss.double(), expected, atol=1e-6, rtol=1e-6)
+    for g, e in zip(torch.autograd.grad(loss, hiddens + [w]), torch.autograd.grad(expected, leaves64)):
+        torch.testing.assert_close(g.double(), e, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"token_weights must have the targets' shape \(3, 7\); got \(7, 3\)"):
+        multi_exit_loss(hiddens, w, y, [0.4, 1.0], token_weights=t.T)

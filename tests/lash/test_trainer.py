@@ -380,3 +380,74 @@ def test_training_steps_on_cuda_never_wait_for_the_device(precision):
         trainer.train_epoch(model, batches(), optimizer, grad_clip=1.0)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def weighted_ce_float64(model, x, y, w, layer_weights):
+    """Σ_l w_l · Σ t·CE / Σ t over labelled tokens, from the model's logits in float64."""
+    t = w.double().reshape(-1) * (y.reshape(-1) != -100)
+    logits = model.forward_all_layers(x)
+    return sum(
+        weight * (t * F.cross_entropy(logits[layer - 1].double().reshape(-1, V), y.reshape(-1), reduction="none")).sum() / t.sum()
+        for layer, weight in layer_weights.items()
+    )
+
+
+def test_token_weighted_batches_train_on_the_weighted_mean():
+    layer_weights = {1: 0.4, 2: 0.0, 3: 0.6}
+    x, y = make_batches(1)[0]
+    y = y.clone()
+    y[0, :2] = -100
+    w = torch.rand(y.shape)
+    w[1, ::2] = 0.0
+    torch.manual_seed(0)
+    model = tiny()
+    trainer = Trainer(TrainingConfig(layer_weights=layer_weights), V, progress=False)
+    expected = weighted_ce_float64(model, x, y, w, layer_weights)
+    torch.testing.assert_close(trainer.compute_loss(model, x, y, w).double(), expected, atol=1e-5, rtol=1e-5)
+    expected.backward()
+    expected_grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    # SGD at rate 1 without clipping: each parameter moves by exactly minus its gradient.
+    trainer.train_epoch(model, [(x, y, w)], torch.optim.SGD(model.parameters(), lr=1.0), grad_clip=None)
+    assert trainer.global_step == 1
+    for p, b, g in zip(model.parameters(), before, expected_grads):
+        torch.testing.assert_close(b - p.detach(), g.float(), atol=1e-5, rtol=1e-4)
+
+
+def test_batches_whose_labelled_tokens_weigh_zero_take_no_step():
+    model = tiny(1)
+    trainer = Trainer(TrainingConfig(layer_weights={1: 1}), V, progress=False)
+    optimizer = trainer.create_optimizer(model, 1e-2, weight_decay=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randint(0, V, (2, 5))
+    y = x.clone()
+    y[0] = -100
+    only_on_ignored = torch.zeros(2, 5)
+    only_on_ignored[0] = 1.0
+    weightless = [(x, y, torch.zeros(2, 5)), (x, y, only_on_ignored)]
+    with pytest.raises(ValueError, match="no batch with a labelled target"):
+        trainer.train_epoch(model, weightless, optimizer)
+    assert trainer.global_step == 0 and all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    trainer.train_epoch(model, [*weightless, (x, y, torch.ones(2, 5))], optimizer)
+    assert trainer.global_step == 1
+
+
+@pytest.mark.parametrize(
+    ("w", "message"),
+    [
+        (torch.ones(5, 2), r"token_weights must have shape \(2, 5\) to match the targets; got \(5, 2\)"),
+        (torch.full((2, 5), -1.0), "token weight -1.0 is negative or not finite"),
+        (torch.ones(2, 5, dtype=torch.long), "must be a floating-point tensor"),
+    ],
+)
+def test_bad_token_weights_are_refused_before_any_step(w, message):
+    model = tiny(1)
+    trainer = Trainer(TrainingConfig(layer_weights={1: 1}), V, progress=False)
+    optimizer = trainer.create_optimizer(model, 1e-2)
+    x = torch.randint(0, V, (2, 5))
+    with pytest.raises(ValueError, match=message):
+        trainer.train_epoch(model, [(x, x, w)], optimizer)
+    with pytest.raises(ValueError, match=r"\(x, y\) or \(x, y, w\); got 4 tensors"):
+        trainer.train_epoch(model, [(x, x, w, w)], optimizer)
+    assert trainer.global_step == 0

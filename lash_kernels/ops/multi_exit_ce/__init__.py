@@ -5,17 +5,19 @@ token n, with logits ``z = h_kn · Wᵀ`` and target ``y_n``:
 
     lse_kn   = log Σ_v exp(z_v)                     (online log-sum-exp over vocab tiles)
     CE_kn    = lse_kn − z_{y_n}
-    loss     = Σ_k w_k · (Σ_n∈valid CE_kn) / max(|valid|, 1)
+    loss     = Σ_k w_k · (Σ_n∈valid t_n · CE_kn) / max(Σ_n∈valid t_n, tiny)
     conf_kn  = max_v softmax(z)_v = exp(max_v z_v − lse_kn),  pred_kn = argmax_v z_v
 
-Backward. With ``g_kn = ∂loss/∂CE_kn`` (``w_k / |valid|`` for valid tokens, 0 for ignored ones),
+with optional per-token weights ``t_n ≥ 0`` (all 1 by default, when the divisor is
+``max(|valid|, 1)``). Backward. With ``g_kn = ∂loss/∂CE_kn`` (``w_k · t_n / Σ_valid t`` for valid
+tokens, 0 for ignored ones),
 ``∂CE_kn/∂z_v = softmax(z)_v − [v = y_n]``, so the gradient of the logits is
 
     G_kn,v = g_kn · (exp(z_v − lse_kn) − [v = y_n])
     ∂loss/∂h_kn = Σ_v G_kn,v · W_v          (G · W, a reduction over the vocabulary)
     ∂loss/∂W_v  = Σ_k Σ_n G_kn,v · h_kn     (Gᵀ · h, a reduction over exits and tokens)
 
-``g`` is known before the forward (weights and token count, kept on the device), so every path
+``g`` is known before the forward (weights and token weights or count, kept on the device), so every path
 forms the gradients in the forward when they are needed and the backward only multiplies them by
 the incoming scalar gradient: the op's differentiable output is the scalar loss. The K exits are
 stacked on the token axis (``K·N`` rows), so each head matmul covers all exits at once.

@@ -11,10 +11,11 @@ rows. Per chunk, three matmuls and a few in-place passes over one ``[C, V]`` blo
     dH_c = G · W                                     (matmul 2, each row written once)
     dW  += Gᵀ · h_c                                  (matmul 3, the one fp32 accumulator)
 
-``g = w_k / |valid|`` (0 at ignored tokens) is known before the forward, so the gradient is formed
-there, assuming the op's output is the scalar loss, and the backward only multiplies ``dH`` and
-``dW`` by the incoming scalar gradient (as Liger-Kernel's fused linear cross-entropy does). When
-no gradient is needed the last three lines are skipped. Extra memory: one ``[C, V]`` block,
+``g = w_k · t_n / Σ_valid t`` (``w_k / |valid|`` without token weights; 0 at ignored tokens) is
+known before the forward, so the gradient is formed there, assuming the op's output is the
+scalar loss, and the backward only multiplies ``dH`` and ``dW`` by the incoming scalar gradient
+(as Liger-Kernel's fused linear cross-entropy does). When no gradient is needed the last three
+lines are skipped. Extra memory: one ``[C, V]`` block,
 ``dH`` ``[K·N, D]`` and ``dW`` ``[V, D]``; never ``[N, V]`` logits for a whole exit.
 
 On a GPU, :func:`run_chunked` runs the driver with cuBLAS matmuls in the input dtype and
@@ -114,7 +115,7 @@ def chunked_multi_exit_ce(
             torch.mm(logits, head, out=grad_h[start:end])  # logits now hold G
         if need_grad_weight:
             add_transposed_product(grad_w, logits, h_c)
-    loss = torch.dot(token_loss, g)  # Σ_k Σ_n g_kn · CE_kn = Σ_k w_k · mean CE_k
+    loss = torch.dot(token_loss, g)  # Σ_k Σ_n g_kn · CE_kn = Σ_k w_k · (weighted) mean CE_k
     stats_shape = (K, N) if with_stats else (0,)
     return (
         loss,

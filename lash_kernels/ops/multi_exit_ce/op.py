@@ -66,15 +66,26 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         return row_variants(shape, dtype)
 
 
-def token_scales(targets: torch.Tensor, exit_weights: Sequence[float], ignore_index: int) -> torch.Tensor:
-    """``g[k, n] = w_k / |valid|`` at labelled tokens, 0 at ignored ones: ``∂loss/∂CE_kn``, fp32 (K, N).
+def token_scales(
+    targets: torch.Tensor,
+    exit_weights: Sequence[float],
+    ignore_index: int,
+    token_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``g[k, n] = w_k · t_n / Σ_valid t`` at labelled tokens, 0 at ignored ones: ``∂loss/∂CE_kn``, fp32 (K, N).
 
-    Built on the device from Python floats (no host-to-device copy, so no sync); the
-    ``max(|valid|, 1)`` makes an all-ignored batch give loss 0 rather than NaN.
+    Without ``token_weights`` every ``t_n`` is 1, so ``g = w_k / |valid|``. Built on the device
+    from Python floats and device tensors (no host-to-device copy, so no sync); the divisor is
+    clamped (to 1 for the count, to fp32's smallest normal for weights) so that a batch with
+    nothing to learn gives loss 0 rather than NaN.
     """
     valid = targets != ignore_index  # (N,)
-    inv_count = 1.0 / valid.sum().clamp(min=1).float()  # () on the device
-    return torch.stack([torch.where(valid, w, 0.0) for w in exit_weights]) * inv_count  # (K, N)
+    if token_weights is None:
+        per_token = 1.0 / valid.sum().clamp(min=1).float()  # () on the device
+    else:
+        t = torch.where(valid, token_weights.float(), 0.0)  # (N,) weights of labelled tokens
+        per_token = t / t.sum().clamp(min=torch.finfo(torch.float32).tiny)  # (N,)
+    return torch.stack([torch.where(valid, w, 0.0) for w in exit_weights]) * per_token  # (K, N)
 
 
 def _stack(hiddens: Sequence[torch.Tensor] | torch.Tensor, exits: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -105,6 +116,7 @@ def multi_exit_cross_entropy(
     ignore_index: int = -100,
     return_stats: bool = False,
     validate: bool = True,
+    token_weights: torch.Tensor | None = None,
 ) -> MultiExitCEOutput:
     """Weighted cross-entropy of K exits through one shared head, without ``[N, V]`` logits.
 
@@ -117,25 +129,31 @@ def multi_exit_cross_entropy(
             statistics) but get no gradient and cost no gradient work.
         ignore_index: target value of tokens that carry no loss.
         return_stats: also return per-token confidence, argmax and loss of every exit.
-        validate: check shapes, weights and target values, without a host sync: target values
-            raise ValueError on the CPU and are checked with ``torch._assert_async`` on a GPU or
-            under ``torch.compile`` (a RuntimeError at the next sync). Pass False when the
-            caller already checked.
+        validate: check shapes, weights and target values, without a host sync: target and
+            token-weight values raise ValueError on the CPU and are checked with
+            ``torch._assert_async`` on a GPU or under ``torch.compile`` (a RuntimeError at the
+            next sync). Pass False when the caller already checked.
+        token_weights: optional ``[N]`` floating-point weights ``t_n ≥ 0`` of the tokens' losses:
+            each exit's CE becomes the weighted mean ``Σ_n t_n·CE_kn / Σ_valid t_n`` (0 when the
+            labelled tokens weigh 0 in all). ``None`` is the plain mean, as all-ones weights.
 
     Returns:
         ``MultiExitCEOutput(loss, per_exit, confidence, predictions, token_loss)``: ``loss`` ()
-        fp32 ``Σ_k w_k · mean CE_k`` over non-ignored tokens (0 when all are ignored);
-        ``per_exit`` (K,) fp32 detached; with ``return_stats``, ``confidence`` (K, N) fp32 max
+        fp32 ``Σ_k w_k · mean CE_k`` over non-ignored tokens (0 when all are ignored), each mean
+        weighted by ``token_weights`` when given; ``per_exit`` (K,) fp32 detached, the unweighted
+        mean CE of each exit whatever ``token_weights``; with ``return_stats``, ``confidence`` (K, N) fp32 max
         softmax probability, ``predictions`` (K, N) int64 argmax and ``token_loss`` (K, N) fp32
-        detached per-token CE (0 at ignored tokens), else None.
+        detached per-token CE (0 at ignored tokens, never weighted), else None.
 
     Raises:
         ValueError: with ``validate``, a shape mismatch, K ≠ len(exit_weights), a negative or
-            non-finite weight, or (CPU tensors) a target outside ``[0, V)`` other than ``ignore_index``.
+            non-finite weight, ``token_weights`` not a floating-point ``[N]`` tensor, or (CPU
+            tensors) a target outside ``[0, V)`` other than ``ignore_index`` or a token weight
+            that is negative or not finite.
     """
     weights = [float(w) for w in exit_weights]
     if validate:
-        validate_inputs(hiddens, weight, targets, weights, ignore_index)
+        validate_inputs(hiddens, weight, targets, weights, ignore_index, token_weights)
     device = weight.device
     # Like nn.Linear: the autocast dtype when autocast is on, else the common input dtype.
     if torch.is_autocast_enabled(device.type):
@@ -155,7 +173,7 @@ def multi_exit_cross_entropy(
     trained = trained or list(range(K))  # all weights 0: keep the loss differentiable
     frozen = [k for k in range(K) if k not in trained]
     stacked = _stack(hiddens, trained, dtype)
-    g = token_scales(targets, [weights[k] for k in trained], ignore_index)  # (K', N) on the device
+    g = token_scales(targets, [weights[k] for k in trained], ignore_index, token_weights)  # (K', N) on the device
     need_h, need_w = grad_on and stacked.requires_grad, grad_on and head.requires_grad
     loss, *outputs = per_token(stacked, head, targets, g, ignore_index, return_stats, need_h, need_w)
     if frozen:

@@ -16,8 +16,8 @@ import torch
 class MultiExitCEOutput(NamedTuple):
     """What :func:`multi_exit_cross_entropy` returns."""
 
-    loss: torch.Tensor  # () fp32, Σ_k w_k · mean CE_k, differentiable
-    per_exit: torch.Tensor  # (K,) fp32, detached mean CE of every exit
+    loss: torch.Tensor  # () fp32, Σ_k w_k · mean CE_k (token-weighted means if asked), differentiable
+    per_exit: torch.Tensor  # (K,) fp32, detached unweighted mean CE of every exit
     confidence: torch.Tensor | None  # (K, N) fp32 max softmax probability, or None
     predictions: torch.Tensor | None  # (K, N) int64 argmax, or None
     token_loss: torch.Tensor | None  # (K, N) fp32 detached per-token CE (0 where ignored), or None
@@ -29,13 +29,14 @@ def validate_inputs(
     targets: torch.Tensor,
     exit_weights: list[float],
     ignore_index: int,
+    token_weights: torch.Tensor | None = None,
 ) -> None:
     """Raise ValueError naming the offending shape or value; never a host sync.
 
-    Shapes and weights are checked on the host. Target values are checked on the host only for
-    CPU tensors outside ``torch.compile`` (free there); on a GPU, or while compiling, the check
-    is ``torch._assert_async``, which raises a RuntimeError with the same message when the device
-    gets to it (at the next sync), so a training step never waits for it.
+    Shapes and weights are checked on the host. Target and token-weight values are checked on
+    the host only for CPU tensors outside ``torch.compile`` (free there); on a GPU, or while
+    compiling, the check is ``torch._assert_async``, which raises a RuntimeError with the same
+    message when the device gets to it (at the next sync), so a training step never waits for it.
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be [V, D]; got shape {tuple(weight.shape)}")
@@ -61,17 +62,40 @@ def validate_inputs(
     for k, w in enumerate(exit_weights):
         if not math.isfinite(w) or w < 0:
             raise ValueError(f"exit_weights[{k}] = {w}; must be finite and >= 0")
+    if token_weights is not None:
+        check_token_weights(token_weights, (N,))
     if N == 0:
         return
     labelled = torch.where(targets == ignore_index, 0, targets)  # (N,)
     allowed = f"[0, {V}) or ignore_index={ignore_index}"
-    if targets.device.type != "cpu" or torch.compiler.is_compiling():
+    if _checked_on_device(targets):
         torch._assert_async(((labelled >= 0) & (labelled < V)).all(), f"a target value is outside {allowed}")
         return
     lo, hi = torch.aminmax(labelled)
     bad = int(lo) if lo < 0 else int(hi) if hi >= V else None
     if bad is not None:
         raise ValueError(f"target value {bad} is outside {allowed}")
+
+
+def check_token_weights(token_weights: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """Raise ValueError unless ``token_weights`` is a floating-point tensor of ``shape`` with
+    finite values ≥ 0; the values are checked as :func:`validate_inputs` checks targets."""
+    if tuple(token_weights.shape) != shape:
+        raise ValueError(f"token_weights must have shape {shape} to match the targets; got {tuple(token_weights.shape)}")
+    if not token_weights.is_floating_point():
+        raise ValueError(f"token_weights must be a floating-point tensor; got {token_weights.dtype}")
+    good = torch.isfinite(token_weights) & (token_weights >= 0)
+    if _checked_on_device(token_weights):
+        torch._assert_async(good.all(), "a token weight is negative or not finite")
+        return
+    bad = token_weights[~good]
+    if bad.numel():
+        raise ValueError(f"token weight {bad[0].item()} is negative or not finite; token weights must be finite and >= 0")
+
+
+def _checked_on_device(values: torch.Tensor) -> bool:
+    """Whether a value check must stay on the device: reading a GPU tensor, or one being traced, would sync or break the graph."""
+    return values.device.type != "cpu" or torch.compiler.is_compiling()
 
 
 def multi_exit_cross_entropy_reference(
@@ -82,6 +106,7 @@ def multi_exit_cross_entropy_reference(
     ignore_index: int = -100,
     return_stats: bool = False,
     validate: bool = True,
+    token_weights: torch.Tensor | None = None,
 ) -> MultiExitCEOutput:
     """Eager reference: materialises each exit's ``[N, V]`` logits and calls ``F.cross_entropy``.
 
@@ -90,19 +115,23 @@ def multi_exit_cross_entropy_reference(
     """
     weights = [float(w) for w in exit_weights]
     if validate:
-        validate_inputs(hiddens, weight, targets, weights, ignore_index)
+        validate_inputs(hiddens, weight, targets, weights, ignore_index, token_weights)
     dtype = torch.promote_types(torch.promote_types(hiddens[0].dtype, weight.dtype), torch.float32)
     count = (targets != ignore_index).sum().clamp(min=1)
-    per_exit, confidence, predictions, token_loss = [], [], [], []
+    if token_weights is not None:
+        t = torch.where(targets != ignore_index, token_weights.to(dtype), 0.0)  # (N,)
+        t = t / t.sum().clamp(min=torch.finfo(dtype).tiny)
+    per_exit, weighted, confidence, predictions, token_loss = [], [], [], [], []
     for h in hiddens:
         logits = h.to(dtype) @ weight.to(dtype).T  # (N, V)
         ce = torch.nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")  # (N,)
         per_exit.append(ce.sum() / count)
+        weighted.append(per_exit[-1] if token_weights is None else (t * ce).sum())
         if return_stats:
             confidence.append(torch.exp(logits.amax(-1) - logits.logsumexp(-1)))  # (N,)
             predictions.append(logits.argmax(-1))  # (N,)
             token_loss.append(ce.detach())
     per_exit = torch.stack(per_exit)  # (K,)
-    loss = sum(w * ce for w, ce in zip(weights, per_exit))  # Python weights: no host-to-device copy
+    loss = sum(w * ce for w, ce in zip(weights, weighted))  # Python weights: no host-to-device copy
     stats = (torch.stack(confidence), torch.stack(predictions), torch.stack(token_loss)) if return_stats else (None,) * 3
     return MultiExitCEOutput(loss, per_exit.detach(), *stats)

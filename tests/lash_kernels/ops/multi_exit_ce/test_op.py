@@ -179,6 +179,92 @@ def test_validation_errors(kernels, change, message):
         multi_exit_cross_entropy_reference(**args)
 
 
+def token_weighted_float64(hiddens, weight, targets, exit_weights, token_weights):
+    """Σ_k w_k · Σ_n t_n·CE_kn / Σ_valid t_n in float64 by hand: loss and grads of hiddens and head."""
+    exits = [h.detach().double().requires_grad_() for h in hiddens]
+    head = weight.detach().double().requires_grad_()
+    t = token_weights.double() * (targets != -100)  # (N,)
+    loss = sum(
+        w * (t * F.cross_entropy(h @ head.T, targets, reduction="none")).sum() / t.sum()
+        for w, h in zip(exit_weights, exits)
+    )
+    loss.backward()
+    return loss, [h.grad for h in exits], head.grad
+
+
+def test_token_weights_match_float64(kernels):
+    hiddens, weight, targets = make_inputs(2, 24, ignored=0.25)
+    weight = weight.detach()[:53].requires_grad_()  # an odd vocabulary: every mask used
+    targets = torch.where(targets == -100, -100, targets % 53)
+    token_weights = torch.rand(N) * 3
+    token_weights[torch.rand(N) < 0.3] = 0.0
+    assert (targets == -100).any() and (token_weights[targets != -100] == 0).any()
+    out = multi_exit_cross_entropy(hiddens, weight, targets, [1.3, 0.0], token_weights=token_weights)
+    out.loss.backward()
+    loss, grad_exits, grad_head = token_weighted_float64(hiddens, weight, targets, [1.3, 0.0], token_weights)
+    tol = TOL[torch.float32]
+    torch.testing.assert_close(out.loss.double(), loss, **tol)
+    torch.testing.assert_close(hiddens[0].grad.double(), grad_exits[0], **tol)
+    assert hiddens[1].grad is None or not hiddens[1].grad.any()  # the weight-0 exit
+    torch.testing.assert_close(weight.grad.double(), grad_head, **tol)
+    reference = multi_exit_cross_entropy_reference(
+        [h.detach().double() for h in hiddens], weight.detach().double(), targets, [1.3, 0.0],
+        token_weights=token_weights.double(),
+    )  # fmt: skip
+    torch.testing.assert_close(reference.loss, loss.detach())
+    unweighted = multi_exit_cross_entropy(hiddens, weight, targets, [1.3, 0.0])
+    torch.testing.assert_close(out.per_exit, unweighted.per_exit)  # statistics stay unweighted
+
+
+def test_unit_token_weights_equal_none_exactly(kernels):
+    hiddens, weight, targets = make_inputs(2, 24, stacked=True)
+    grads = []
+    for token_weights in (None, torch.ones(N)):
+        hiddens.grad = weight.grad = None
+        out = multi_exit_cross_entropy(hiddens, weight, targets, [0.7, 1.3], token_weights=token_weights)
+        out.loss.backward()
+        grads.append((out.loss, out.per_exit, hiddens.grad, weight.grad))
+    for unweighted, weighted in zip(*grads):
+        assert torch.equal(unweighted, weighted)
+
+
+def test_zero_token_weights_give_zero_loss_and_gradients(kernels):
+    hiddens, weight, targets = make_inputs(2, 24)
+    out = multi_exit_cross_entropy(hiddens, weight, targets, [1.0, 0.5], token_weights=torch.zeros(N))
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and out.per_exit.all()  # per_exit stays the unweighted mean
+    assert all(not h.grad.any() for h in hiddens) and not weight.grad.any()
+
+
+@pytest.mark.parametrize(
+    "token_weights, message",
+    [
+        (torch.ones(N + 1), r"token_weights must have shape \(37,\) to match the targets; got \(38,\)"),
+        (torch.ones(1, N), r"got \(1, 37\)"),
+        (torch.ones(N, dtype=torch.long), "token_weights must be a floating-point tensor; got torch.int64"),
+        (torch.tensor([1.0] * (N - 1) + [-0.5]), "token weight -0.5 is negative or not finite"),
+        (torch.tensor([float("nan")] + [1.0] * (N - 1)), "token weight nan is negative or not finite"),
+        (torch.tensor([1.0, float("inf")] + [1.0] * (N - 2)), "token weight inf is negative or not finite"),
+    ],
+)
+def test_token_weight_errors(kernels, token_weights, message):
+    hiddens, weight, targets = make_inputs(2, 24)
+    for fn in (multi_exit_cross_entropy, multi_exit_cross_entropy_reference):
+        with pytest.raises(ValueError, match=message):
+            fn(hiddens, weight, targets, [1.0, 1.0], token_weights=token_weights)
+
+
+def test_token_weight_check_without_host_sync(monkeypatch):
+    """Like the target check: torch._assert_async on a GPU and under torch.compile."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    hiddens, weight, targets = make_inputs(2, 24)
+    token_weights = torch.rand(N)
+    multi_exit_cross_entropy(hiddens, weight, targets, [1.0, 1.0], token_weights=token_weights)
+    token_weights[5] = -1.0
+    with pytest.raises(RuntimeError, match="a token weight is negative or not finite"):
+        multi_exit_cross_entropy(hiddens, weight, targets, [1.0, 1.0], token_weights=token_weights)
+
+
 def test_target_check_without_host_sync(monkeypatch):
     """On a GPU and under torch.compile the target check is torch._assert_async, never a sync."""
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
