@@ -356,8 +356,10 @@ def run_ashem(
     hard_before = evaluate_on_hard_examples(model1, val_hard, batch_size, device)
 
     start = time.perf_counter()
+    selection = "the validation hard tokens (original protocol)" if config.protocol == "original" else "the dev slice"
     log_progress(f"phase 2: {config.phase2_layers} layers, up to {config.phase2_max_epochs} epochs "
-                 f"(patience {config.phase2_patience}) on {int(train_hard.hard.sum())} hard tokens", verbose)  # fmt: skip
+                 f"(patience {config.phase2_patience}) on {int(train_hard.hard.sum())} hard tokens; "
+                 f"selection on {selection}", verbose)  # fmt: skip
     model2 = extend_model(model1, config.phase2_layers)
     freeze_lower_layers(
         model2, config.phase1_layers, config.freeze_embedding, config.freeze_lower_layers, config.freeze_head

@@ -147,8 +147,10 @@ def results_markdown(results: Sequence[ASHEMResult], command: str = "") -> str:
                 "| epoch | train loss | dev loss | dev PPL |", "|---:|---:|---:|---:|"]  # fmt: skip
         for epoch, values in enumerate(zip(p1["train_losses"], p1["dev_losses"], p1["dev_ppls"]), 1):
             out.append("| {} | {:.4f} | {:.4f} | {:.2f} |".format(epoch, *values))
-        out += ["", f"Phase 2 (kept epoch {p2['best_epoch']} of {p2['total_epochs']}; epoch 0 is the starting model):", "",
-                "| epoch | train loss | dev hard-token loss | dev routing loss |", "|---:|---:|---:|---:|"]  # fmt: skip
+        selected_on = "validation hard tokens, as the original protocol" if r.config["protocol"] == "original" else "dev slice"
+        out += ["", f"Phase 2 (kept epoch {p2['best_epoch']} of {p2['total_epochs']}; epoch 0 is the starting model; "
+                f"selected on the {selected_on}):", "",
+                "| epoch | train loss | hard-token loss | dev routing loss |", "|---:|---:|---:|---:|"]  # fmt: skip
         for epoch, (dev, routed) in enumerate(zip(p2["dev_losses"], p2["dev_routing_losses"])):
             train = f"{p2['train_losses'][epoch - 1]:.4f}" if epoch else "–"
             out.append(f"| {epoch} | {train} | {dev:.4f} | {'–' if routed is None else f'{routed:.4f}'} |")
