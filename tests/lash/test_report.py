@@ -1,4 +1,6 @@
 import json
+import runpy
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +80,11 @@ def test_write_report_publishes_every_file_and_reads_back(tmp_path):
     assert document["command"] == "cmd" and document["seeds"] == [0, 1] and document["summary"]["phase1_ppl"]["mean"] == 42.0
     assert load_results(tmp_path / "results.json") == runs
     assert all((tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in names if name.endswith(".png"))
+
+
+def test_compare_script_prints_one_row_per_directory(tmp_path):
+    compare = runpy.run_path(str(Path(__file__).parents[2] / "benchmarks" / "ashem_compare.py"))
+    write_report([run(0, 40.0, 80.0, kept=0), run(1, 44.0, 90.0)], tmp_path, "cmd")
+    row = compare["row"]("held-out", tmp_path)
+    assert row.startswith("| held-out | 42.0 ± 2.8 | 35.0 ± 0.0 | 37.5 ± 0.0 | -10.5% ± 6.0% | 83.3% ± 0.0% |")
+    assert "| 100.0 ± 0.0 → 85.0 ± 7.1 | -15.0% ± 7.1% | 0, 1 |" in row
