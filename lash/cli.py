@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shlex
 import sys
 import time
@@ -74,6 +75,19 @@ def _add_data_args(p: argparse.ArgumentParser, samples: int) -> None:
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
 
+def _documented_args(cls: type) -> dict[str, str]:
+    """``{name: text}`` from the ``Args:`` section of a Google-style docstring (``%`` escaped for argparse)."""
+    helps: dict[str, str] = {}
+    name = None
+    for line in (cls.__doc__ or "").split("Args:", 1)[-1].splitlines():
+        match = re.match(r"\s{8}(\w+): (.*)", line)
+        if match:
+            name, helps[match[1]] = match[1], match[2]
+        elif name and line.startswith(" " * 12):
+            helps[name] += " " + line.strip()
+    return {key: " ".join(text.split()).replace("%", "%%").replace("``", "") for key, text in helps.items()}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lash", description="LASH: layer-wise supervision and early exit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,15 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     ashem.set_defaults(out="runs/ashem")
     ashem.add_argument("--dim", type=int, default=64)
     ashem.add_argument("--heads", type=int, default=4)
-    defaults = ASHEMConfig()
+    defaults, helps = ASHEMConfig(), _documented_args(ASHEMConfig)
     for f in fields(ASHEMConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flag, default, text = "--" + f.name.replace("_", "-"), getattr(defaults, f.name), helps.get(f.name)
         if f.name == "protocol":
-            ashem.add_argument(flag, choices=PROTOCOLS, default=defaults.protocol)
+            ashem.add_argument(flag, choices=PROTOCOLS, default=default, help=text)
         elif f.type in ("bool", bool):
-            ashem.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(defaults, f.name))
+            ashem.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
-            ashem.add_argument(flag, type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name))
+            ashem.add_argument(flag, type=type(default), default=default, help=text)
     ashem.add_argument("--seeds", type=int, default=1, help="runs with seeds --seed, --seed + 1, …; figures as mean ± std")
     ashem.add_argument("--quick", action="store_true", help="a small run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     return parser

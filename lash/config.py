@@ -151,7 +151,7 @@ class ASHEMConfig:
     """Adaptive Supervision via Hard Example Mining: a shallow model, then deeper layers on hard tokens.
 
     Args:
-        phase1_layers: depth of the phase-1 model trained on all data.
+        phase1_layers: depth of the phase-1 model trained on all training data but the dev slice.
         phase1_lr: phase-1 learning rate.
         phase1_patience: early-stopping patience of phase 1 (epochs without improvement).
         hard_example_ratio: fraction of training tokens called hard (the confidence quantile).

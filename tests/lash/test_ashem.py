@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -236,5 +237,9 @@ def test_colab2_cli_writes_results(tmp_path, capsys):
     assert "hard_example_ratio=1.5 is outside" in capsys.readouterr().err
     assert cli.ashem_main(["--seeds", "0", "--out", str(tmp_path)]) == 2
     assert "--seeds=0 must be an int >= 1" in capsys.readouterr().err
+    ashem = next(a for a in cli.build_parser()._actions if a.dest == "command").choices["ashem"]
+    documented = {a.dest: a.help for a in ashem._actions}
+    assert all(documented[f.name] for f in dataclasses.fields(ASHEMConfig)), documented
+    assert "loss weight of the easy tokens in phase 2" in documented["phase2_easy_weight"]
     assert cli.parse_args(["ashem", "--quick"]).samples == cli.QUICK["samples"]
     assert cli.parse_args(["ashem", "--quick", "--samples", "50"]).samples == 50
