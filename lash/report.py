@@ -102,21 +102,21 @@ def summary_table(results: Sequence[ASHEMResult]) -> str:
         f"confidence on {setup['mined_from']} tokens; {_pm(s['hard_ratio_val'], '.2%', n)} of validation tokens "
         f"are hard); shallow ratio {_pm(s['shallow_ratio'], '.2%', n)}; protocol {cfg['protocol']}.",
         "",
-        _kept_sentence(kept, totals),
+        _kept_sentence(kept, totals, "validation hard tokens" if cfg["protocol"] == "original" else "dev slice's hard tokens"),
     ]
     return "\n".join(lines)
 
 
-def _kept_sentence(kept: list[float], totals: list[int]) -> str:
+def _kept_sentence(kept: list[float], totals: list[int], selected_on: str) -> str:
     listed = ", ".join(f"{int(k)} of {t}" for k, t in zip(kept, totals))
     zeros = sum(k == 0 for k in kept)
     if zeros == len(kept):
-        meaning = ("phase 2 never beat its starting model on the dev slice, so the phase-2 model is the phase-1 "
+        meaning = (f"phase 2 never beat its starting model on the {selected_on}, so the phase-2 model is the phase-1 "
                    "model with identity layers on top: phase 2 did not help")  # fmt: skip
     elif zeros:
         meaning = f"epoch 0 (the starting model: phase 2 did not help) in {zeros} of {len(kept)} runs"
     else:
-        meaning = "a trained epoch in every run: phase 2 improved the dev slice's hard tokens"
+        meaning = f"a trained epoch in every run: phase 2 improved the {selected_on}"
     return f"Phase 2 kept epoch {listed}: {meaning}."
 
 
