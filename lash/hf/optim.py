@@ -29,7 +29,9 @@ def layer_param_groups(model: nn.Module, config: TrainingConfig, base_lr: float,
         params = list(block.parameters())
         in_layers.update(id(p) for p in params)
         scale = config.lr_scale(layer)
-        groups.append({"params": params, "lr": base_lr * scale, "lr_scale": scale, "weight_decay": weight_decay, "name": f"layer_{layer}"})
+        groups.append({"params": params, "lr": base_lr * scale, "lr_scale": scale, "name": f"layer_{layer}"})
     rest = [p for p in model.parameters() if id(p) not in in_layers]
-    groups.append({"params": rest, "lr": base_lr, "lr_scale": 1.0, "weight_decay": weight_decay, "name": "rest"})
+    groups.append({"params": rest, "lr": base_lr, "lr_scale": 1.0, "name": "rest"})
+    for group in groups:
+        group["weight_decay"] = weight_decay
     return groups
