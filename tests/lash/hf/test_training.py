@@ -76,6 +76,18 @@ def test_layers_below_the_deepest_weighted_one_do_not_run_nor_learn():
         torch.testing.assert_close(a, b, **TOL)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_keeps_every_exits_gradient(reentrant):
+    model = apply_lash(tiny_model("llama"), TrainingConfig(EXITS))
+    input_ids, labels = batch()
+    reference_loss(model, input_ids, labels, EXITS).backward()
+    want = grads(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model(input_ids=input_ids, labels=labels).loss.backward()
+    for a, b in zip(grads(model), want):
+        torch.testing.assert_close(a, b, **TOL)
+
+
 @pytest.mark.parametrize("as_tensor", [False, True])
 def test_gradient_accumulation_with_num_items_equals_the_large_batch(as_tensor):
     model = apply_lash(tiny_model("mistral"), TrainingConfig(EXITS))
