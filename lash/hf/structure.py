@@ -5,7 +5,8 @@ same shape: ``model.get_decoder()`` embeds, runs ``layers`` and applies ``norm``
 model maps the normed state through ``lm_head`` and nothing else. Layer ``l`` (1..L, as in LASH)
 is the residual stream after decoder layer ``l``; its exit is ``head(norm(h_l))``.
 
-:func:`decoder_hidden_states` reads hidden states with forward hooks and stops the decoder
+:func:`decoder_hidden_states` reads hidden states with forward hooks (installed once, idle
+outside a run) and stops the decoder
 after the deepest requested layer by lowering ``config.num_hidden_layers`` for the call: the
 decoders loop over ``layers[: config.num_hidden_layers]``, so no forward is copied. The value is
 restored in a ``finally`` (so after an exception too); under ``torch.compile`` Dynamo traces the
@@ -15,6 +16,7 @@ attribute store as a side effect and guards on the value, so a training step sta
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -92,23 +94,43 @@ def truncated(backbone: nn.Module, depth: int) -> Iterator[None]:
         config.num_hidden_layers = full
 
 
+class _Recorder:
+    """The layers wanted in the current decoder run and their outputs; the hooks write here."""
+
+    def __init__(self) -> None:
+        self.wanted: frozenset[int] = frozenset()
+        self.record: dict[int, torch.Tensor] = {}
+
+
+def _record(recorder: _Recorder, layer: int, module: nn.Module, args: tuple, output) -> None:
+    if layer in recorder.wanted:
+        recorder.record[layer] = output[0] if isinstance(output, tuple) else output  # (B, T, D)
+
+
+def layer_recorder(layers: nn.ModuleList) -> _Recorder:
+    """The recorder of ``layers``, installing its forward hooks on the first call.
+
+    The hooks stay (they do nothing outside :func:`recording`), so a compiled model never sees
+    a hook registered, which ``torch.compile`` cannot trace without breaking the graph.
+    """
+    recorder = getattr(layers, "_lash_recorder", None)
+    if recorder is None:
+        recorder = _Recorder()
+        for layer, block in enumerate(layers, start=1):
+            block.register_forward_hook(functools.partial(_record, recorder, layer))
+        layers._lash_recorder = recorder
+    return recorder
+
+
 @contextlib.contextmanager
 def recording(layers: nn.ModuleList, wanted: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
     """Record the outputs of layers ``wanted`` (1-based) into the yielded dict while inside the block."""
-    record: dict[int, torch.Tensor] = {}
-
-    def hook_for(layer: int):
-        def hook(module: nn.Module, args: tuple, output) -> None:
-            record[layer] = output[0] if isinstance(output, tuple) else output  # (B, T, D)
-
-        return hook
-
-    handles = [layers[layer - 1].register_forward_hook(hook_for(layer)) for layer in wanted]
+    recorder = layer_recorder(layers)
+    recorder.wanted, recorder.record = frozenset(wanted), {}
     try:
-        yield record
+        yield recorder.record
     finally:
-        for handle in handles:
-            handle.remove()
+        recorder.wanted, recorder.record = frozenset(), {}
 
 
 class DecoderRun(NamedTuple):
@@ -138,4 +160,5 @@ def decoder_hidden_states(model: nn.Module, layers: Sequence[int], **inputs) -> 
         raise ValueError(f"layers={list(layers)} must be a non-empty list of layers in [1, {len(parts.layers)}]")
     with truncated(parts.backbone, wanted[-1]), recording(parts.layers, wanted) as record:
         output = parts.backbone(**inputs, use_cache=False)
-    return DecoderRun(dict(record), output.last_hidden_state, output)
+        hiddens = dict(record)
+    return DecoderRun(hiddens, output.last_hidden_state, output)

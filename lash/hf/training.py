@@ -24,7 +24,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lash.config import TrainingConfig
-from lash.hf.structure import decoder_hidden_states, decoder_parts
+from lash.hf.structure import decoder_hidden_states, decoder_parts, layer_recorder
 from lash_kernels import multi_exit_cross_entropy
 
 IGNORE_INDEX = -100  # Hugging Face's label of tokens without loss
@@ -70,6 +70,7 @@ def apply_lash(model: nn.Module, config: TrainingConfig) -> nn.Module:
     config.validate_for(len(parts.layers))
     previous = getattr(model, "_lash_patch", None)
     inner = previous.inner_forward if previous is not None else model.forward
+    layer_recorder(parts.layers)  # its hooks now, outside any compiled region
     model._lash_patch = _Patch(config, inner)
     model.forward = MethodType(_lash_forward, model)
     return model

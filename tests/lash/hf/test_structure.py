@@ -53,7 +53,6 @@ def test_hidden_states_equal_the_models_and_deeper_layers_do_not_run(family):
     model.model.layers[2].register_forward_hook(lambda *_: calls.append(1))
     full = model(input_ids=input_ids, output_hidden_states=True).hidden_states  # L + 1 × (B, T, D)
     assert len(calls) == 1
-    hooks = [len(layer._forward_hooks) for layer in model.model.layers]
     run = decoder_hidden_states(model, [2, 1], input_ids=input_ids)
     assert len(calls) == 1, "layer 3 ran although layer 2 was the deepest asked for"
     assert sorted(run.hiddens) == [1, 2]
@@ -61,21 +60,25 @@ def test_hidden_states_equal_the_models_and_deeper_layers_do_not_run(family):
     torch.testing.assert_close(run.hiddens[2], full[2], rtol=0, atol=0)
     torch.testing.assert_close(run.last_normed, model.model.norm(full[2]), rtol=0, atol=0)
     assert model.config.num_hidden_layers == LAYERS
-    assert [len(layer._forward_hooks) for layer in model.model.layers] == hooks
+    hooks = [len(layer._forward_hooks) for layer in model.model.layers]
+    again = decoder_hidden_states(model, [1], input_ids=input_ids)
+    assert [len(layer._forward_hooks) for layer in model.model.layers] == hooks, "hooks are installed once"
+    assert sorted(again.hiddens) == [1]
+    torch.testing.assert_close(again.last_normed, model.model.norm(full[1]), rtol=0, atol=0)
 
 
-def test_depth_and_hooks_are_restored_after_an_exception():
+def test_depth_and_recorder_are_restored_after_an_exception():
     model = tiny_model("llama")
 
     def fail(*_):
         raise RuntimeError("boom")
 
     model.model.layers[0].register_forward_hook(fail)
-    hooks = len(model.model.layers[1]._forward_hooks)
     with pytest.raises(RuntimeError, match="boom"):
         decoder_hidden_states(model, [2], input_ids=batch()[0])
     assert model.config.num_hidden_layers == LAYERS
-    assert len(model.model.layers[1]._forward_hooks) == hooks
+    recorder = model.model.layers._lash_recorder
+    assert not recorder.wanted and not recorder.record
 
 
 def test_layers_outside_the_model_are_refused():

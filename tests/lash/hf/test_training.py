@@ -180,12 +180,11 @@ def test_training_patched_and_unpatched_stays_together(optimizer, lr):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.slow
 def test_compiled_equals_eager():
     model = apply_lash(tiny_model("llama"), TrainingConfig({1: 0.5, 2: 0.5}))
     calls = []
     model.model.layers[2].register_forward_hook(lambda *_: calls.append(1))
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, fullgraph=True)  # the depth change and the hooks break no graph
     input_ids, labels = batch()
     eager = model(input_ids=input_ids, labels=labels)
     eager.loss.backward()
