@@ -53,7 +53,9 @@ def apply_lash(model: nn.Module, config: TrainingConfig) -> nn.Module:
 
     Afterwards ``model(input_ids, labels=..., attention_mask=..., num_items_in_batch=...)``
     returns a :class:`LashCausalLMOutput` (``loss``, ``exit_losses``, no logits); calls without
-    ``labels`` behave exactly as before. Applying again replaces the config.
+    ``labels`` behave exactly as before. Applying again replaces the config. Labels mean LASH's
+    loss in eval mode too, so ``Trainer.evaluate`` gets the loss but no logits
+    (``prediction_loss_only=True``).
 
     Args:
         model: a decoder-only ``transformers`` causal LM that :func:`~lash.hf.structure.decoder_parts`
