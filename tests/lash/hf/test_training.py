@@ -58,7 +58,7 @@ def test_tied_embeddings_get_the_head_and_embedding_gradient_once():
     torch.testing.assert_close(got, model.lm_head.weight.grad, **TOL)
 
 
-def test_layers_below_the_deepest_weighted_one_do_not_run_nor_learn():
+def test_layers_deeper_than_the_deepest_weighted_one_do_not_run_nor_learn():
     model = apply_lash(tiny_model("qwen3"), TrainingConfig({1: 0.6, 2: 0.4}))
     calls = []
     model.model.layers[2].register_forward_hook(lambda *_: calls.append(1))
