@@ -1,0 +1,188 @@
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from lash.hf import generate  # noqa: E402
+
+V, PROMPT, NEW = 40, 5, 10
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+    # A window shorter than prompt + generation: sliding masks and rolling back past the window.
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": 6}),
+}
+
+
+def make_model(family="llama", head_scale=1.0, deep_scale=1.0, weight_scale=1.0, seed=0):
+    """A tiny float32 model. ``head_scale`` > 1 spreads the confidences; ``weight_scale`` > 1
+    scales every matrix so each layer's update counts (a threshold then splits tokens, and the
+    deeper layers' cache entries of exited tokens change later predictions); ``deep_scale`` < 1
+    shrinks layers 2+'s residual updates so the exit layer often agrees with the last
+    (speculative drafts then get both accepted and rejected)."""
+    config_class, model_class, extra = FAMILIES[family]
+    config = config_class(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        **extra,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = model_class(config).float().eval()
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() == 2:
+                weight.mul_(weight_scale)
+        model.lm_head.weight.mul_(head_scale)
+        for layer in model.model.layers[1:]:
+            layer.self_attn.o_proj.weight.mul_(deep_scale)
+            layer.mlp.down_proj.weight.mul_(deep_scale)
+    return model
+
+
+def prompts(batch, seed=0):
+    return torch.randint(0, V, (batch, PROMPT), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_greedy(model, x, new=NEW, **kwargs):
+    return model.generate(x, do_sample=False, max_new_tokens=new, **kwargs)
+
+
+@torch.no_grad()
+def routed_greedy_without_cache(model, x, new, exit_layer, threshold):
+    """LASH's rule recomputed from scratch each step with the model's own forward: hooks decide
+    the exits at ``exit_layer`` and hold exited positions at their exit state in deeper layers.
+    Returns the ids and the ``(B, new)`` exit decisions of the predicting positions."""
+    layers, state = model.model.layers, {}
+
+    def decide(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        logits = model.lm_head(model.model.norm(h))
+        state.update(h=h, logits=logits, exited=logits.float().softmax(-1).amax(-1) >= threshold)
+
+    def hold(module, args, kwargs, output):
+        h = output[0] if isinstance(output, tuple) else output
+        return torch.where(state["exited"].unsqueeze(-1), state["h"], h)
+
+    hooks = [layers[exit_layer - 1].register_forward_hook(decide)]
+    hooks += [layer.register_forward_hook(hold, with_kwargs=True) for layer in layers[exit_layer:]]
+    decisions = []
+    try:
+        for _ in range(new):
+            logits = model(x).logits[:, -1]  # (B, V)
+            exited = state["exited"][:, -1]  # (B,)
+            logits = torch.where(exited.unsqueeze(1), state["logits"][:, -1], logits)
+            x = torch.cat((x, logits.argmax(-1, keepdim=True)), dim=1)
+            decisions.append(exited)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return x, torch.stack(decisions, dim=1)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_plain_greedy_equals_hf_generate(family, batch):
+    model, x = make_model(family), prompts(batch)
+    out = generate(model, x, NEW, exit_layer=2)
+    assert out.shape == (batch, PROMPT + NEW) and out.dtype == torch.long
+    assert torch.equal(out, hf_greedy(model, x))
+
+
+def test_plain_greedy_with_left_padding_equals_hf_generate():
+    model, x = make_model(), prompts(3)
+    mask = torch.ones_like(x)
+    mask[0, :2] = 0
+    mask[2, :1] = 0
+    x = x.masked_fill(mask == 0, 0)
+    assert torch.equal(generate(model, x, NEW, exit_layer=2, attention_mask=mask), hf_greedy(model, x, attention_mask=mask))
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_eos_pads_finished_rows_and_stops_like_hf_generate(speculative):
+    model, x = make_model(deep_scale=0.2), prompts(3)
+    reference = hf_greedy(model, x)
+    eos = [int(reference[0, PROMPT + 2]), int(reference[1, PROMPT + 4])]
+    model.generation_config.pad_token_id = 7
+    expected = hf_greedy(model, x, eos_token_id=eos, pad_token_id=7)
+    out = generate(model, x, NEW, exit_layer=1, speculative=speculative, draft_tokens=3, eos_token_id=eos)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_threshold_zero_takes_every_token_from_the_exit_layer(family):
+    model, x = make_model(family), prompts(3)
+    out, stats = generate(model, x, NEW, exit_layer=2, routing_threshold=0.0, return_stats=True)
+    assert stats["shallow_ratio"] == 1.0 and stats["exited"] == 3 * NEW
+    # Layers 1..2 of the full model, then norm and head: a 2-layer model with the same weights.
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    assert torch.equal(out, hf_greedy(model, x))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_threshold_one_equals_plain_greedy(family):
+    model, x = make_model(family, head_scale=4.0), prompts(3)
+    out, stats = generate(model, x, NEW, exit_layer=2, routing_threshold=1.0, return_stats=True)
+    assert stats["exited"] == 0
+    assert torch.equal(out, hf_greedy(model, x))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("exit_layer", [1, 2])
+def test_mixed_early_exit_follows_lashs_rule_row_by_row(family, exit_layer):
+    model, x = make_model(family, weight_scale=10.0), prompts(3)
+    threshold = 0.2
+    out, stats = generate(model, x, NEW, exit_layer=exit_layer, routing_threshold=threshold, return_stats=True)
+    expected, decisions = routed_greedy_without_cache(model, x, NEW, exit_layer, threshold)
+    assert torch.equal(out, expected)
+    assert stats["exited"] == decisions.sum()
+    mixed = decisions.any(0) & ~decisions.all(0)  # steps where some rows exit and others do not
+    assert bool(mixed.any()), decisions
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("exit_layer", [1, 2, 3])
+@pytest.mark.parametrize("draft_tokens", [1, 3, 5])
+def test_speculative_greedy_equals_hf_generate(family, batch, exit_layer, draft_tokens):
+    model, x = make_model(family, deep_scale=0.2), prompts(batch)
+    out, stats = generate(model, x, NEW, exit_layer=exit_layer, speculative=True, draft_tokens=draft_tokens, return_stats=True)
+    assert torch.equal(out, hf_greedy(model, x))
+    assert 0.0 <= stats["acceptance_rate"] <= 1.0 and stats["drafted"] > 0
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_speculative_exercises_accepts_and_rejects(batch):
+    model, x = make_model(deep_scale=0.2), prompts(batch)
+    _, stats = generate(model, x, 20, exit_layer=1, speculative=True, draft_tokens=4, return_stats=True)
+    assert 0.0 < stats["acceptance_rate"] < 1.0
+
+
+def test_zero_new_tokens_returns_the_prompt():
+    model, x = make_model(), prompts(2)
+    assert torch.equal(generate(model, x, 0, exit_layer=1, speculative=True), x)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"exit_layer": 0}, r"exit_layer=0 is outside \[1, 3\]"),
+        ({"exit_layer": 4}, r"exit_layer=4 is outside \[1, 3\]"),
+        ({"exit_layer": 1, "draft_tokens": 0, "speculative": True}, r"draft_tokens=0 must be an int >= 1"),
+        ({"exit_layer": 1, "max_new_tokens": -1}, r"max_new_tokens=-1 must be an int >= 0"),
+        ({"exit_layer": 1, "routing_threshold": 1.5}, r"routing_threshold=1.5 is outside \[0.0, 1.0\]"),
+        ({"exit_layer": 1, "routing_threshold": 0.5, "speculative": True}, "choose one mode"),
+    ],
+)
+def test_bad_arguments_name_the_value_and_the_range(kwargs, message):
+    model, x = make_model(), prompts(1)
+    kwargs = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        generate(model, x, kwargs.pop("max_new_tokens"), **kwargs)
+
+
+def test_softcapped_heads_are_refused():
+    model = make_model()
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match=r"final_logit_softcapping=30.0"):
+        generate(model, prompts(1), 3, exit_layer=1)
