@@ -35,51 +35,30 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from lash.hf.structure import DecoderParts, decoder_parts
 from lash.losses import confidence
 from lash.routing import compute_cost, exits
 from lash.validation import check_exit_layer, check_int, check_threshold
 
 
-class _Parts(NamedTuple):
-    """The pieces of a decoder-only LM decoding runs through."""
-
-    backbone: nn.Module  # the decoder: rotary_emb, config
-    embed: nn.Module  # token ids → (B, n, D)
-    layers: nn.ModuleList  # decoder layers, the cache indexed by position in this list
-    norm: nn.Module  # final norm, applied before the head at every exit
-    head: nn.Module  # (B, n, D) → (B, n, V)
-
-
-def _parts(model: nn.Module) -> _Parts:
-    """Find the parts structurally (``get_decoder``, the embeddings' getters, ``layers``, ``norm``)."""
-    config = model.config
-    if getattr(config, "is_encoder_decoder", False):
-        raise ValueError("model must be a decoder-only causal LM, got an encoder-decoder")
-    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        value = getattr(config, name, None)
-        if value is not None and value != 1:
-            raise ValueError(f"config.{name}={value!r}: only plain lm_head(norm(h)) logits are supported (None or 1)")
-    backbone = model.get_decoder()
-    parts = _Parts(
-        backbone,
-        model.get_input_embeddings(),
-        getattr(backbone, "layers", None),
-        getattr(backbone, "norm", None),
-        model.get_output_embeddings(),
-    )
-    missing = [name for name, part in parts._asdict().items() if part is None]
-    if missing or not hasattr(backbone, "rotary_emb"):
-        raise ValueError(f"{type(model).__name__} lacks {missing or ['rotary_emb']}: not an embed → layers → norm decoder")
+def _parts(model: nn.Module) -> DecoderParts:
+    """:func:`lash.hf.structure.decoder_parts`, plus what stepping the layers by hand needs:
+    the backbone's ``rotary_emb``, and embeddings the backbone does not rescale (Gemma does)."""
+    parts = decoder_parts(model)
+    if not hasattr(parts.backbone, "rotary_emb"):
+        raise ValueError(f"{type(model).__name__} has no backbone.rotary_emb: lash.hf.generate steps RoPE decoders only")
+    if "gemma" in str(getattr(model.config, "model_type", "")):
+        raise ValueError(f"model_type={model.config.model_type!r} scales its embeddings inside the backbone; lash.hf.generate does not")
     return parts
 
 
-def _logits(parts: _Parts, h: torch.Tensor) -> torch.Tensor:
+def _logits(parts: DecoderParts, h: torch.Tensor) -> torch.Tensor:
     """Any layer's states ``(B, n, D)`` → logits ``(B, n, V)``: the shared norm and head."""
     return parts.head(parts.norm(h))
 
 
 def _run(
-    parts: _Parts,
+    parts: DecoderParts,
     cache,
     h: torch.Tensor,
     layers: range,
@@ -124,7 +103,7 @@ def _run(
 class _Context(NamedTuple):
     """What every decoding loop shares."""
 
-    parts: _Parts
+    parts: DecoderParts
     cache: object  # the one DynamicCache
     mask: torch.Tensor  # (B, T0 + room) padding mask: the prompt's, then ones
     positions: torch.Tensor  # (B, T0 + room) position ids, as generate derives them from the mask
@@ -242,7 +221,7 @@ def _speculative(ctx: _Context, prompt, max_new_tokens, eos, exit_layer, draft_t
     return tokens, stats
 
 
-def _context(model: nn.Module, parts: _Parts, input_ids: torch.Tensor, attention_mask, room: int) -> _Context:
+def _context(model: nn.Module, parts: DecoderParts, input_ids: torch.Tensor, attention_mask, room: int) -> _Context:
     """A fresh cache; the padding mask and position ids for the prompt and ``room`` more positions."""
     from transformers import DynamicCache
 

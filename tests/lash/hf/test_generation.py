@@ -9,6 +9,8 @@ V, PROMPT, NEW = 40, 5, 10
 FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {}),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, {}),
     # A window shorter than prompt + generation: sliding masks and rolling back past the window.
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": 6}),
 }
@@ -181,8 +183,15 @@ def test_bad_arguments_name_the_value_and_the_range(kwargs, message):
         generate(model, x, kwargs.pop("max_new_tokens"), **kwargs)
 
 
+def test_gemma_is_refused_with_its_model_type():
+    config = transformers.GemmaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
+    with pytest.raises(ValueError, match="model_type='gemma' scales its embeddings inside the backbone"):
+        generate(transformers.GemmaForCausalLM(config).eval(), prompts(1), 3, exit_layer=1)
+
+
 def test_softcapped_heads_are_refused():
     model = make_model()
     model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match=r"final_logit_softcapping=30.0"):
+    with pytest.raises(ValueError, match=r"final_logit_softcapping is set"):
         generate(model, prompts(1), 3, exit_layer=1)

@@ -1,0 +1,16 @@
+"""The README's lash.hf example runs as written."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+
+def test_readme_hf_example_runs(capsys):
+    readme = (Path(__file__).parents[3] / "README.md").read_text()
+    section = readme[readme.index("## Hugging Face models"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S)[1]
+    exec(compile(code, "README.md", "exec"), {})
+    assert re.match(r"loss \d+\.\d+; early exit took \d+% of tokens at layer 2", capsys.readouterr().out)
