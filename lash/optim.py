@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
+from torch import nn
 
 from lash.config import TrainingConfig
 from lash.models import StandardTransformer
@@ -17,14 +19,19 @@ def layer_param_groups(model: StandardTransformer, config: TrainingConfig, base_
     Every parameter of the model lands in exactly one group; the embedding, the shared head and
     anything else outside the layers train at ``base_lr``.
     """
+    return groups_by_layer(model, model.layers, config, base_lr, "embedding_head")
+
+
+def groups_by_layer(model: nn.Module, layers: Iterable[nn.Module], config: TrainingConfig, base_lr: float, rest: str) -> list[dict]:
+    """One param group per block of ``layers`` (``layer_1`` …) at its scaled rate, then ``rest`` at ``base_lr``."""
     groups, in_layers = [], set()
-    for layer, block in enumerate(model.layers, start=1):
+    for layer, block in enumerate(layers, start=1):
         params = list(block.parameters())
         in_layers.update(id(p) for p in params)
         scale = config.lr_scale(layer)
         groups.append({"params": params, "lr": base_lr * scale, "lr_scale": scale, "name": f"layer_{layer}"})
-    rest = [p for p in model.parameters() if id(p) not in in_layers]
-    groups.append({"params": rest, "lr": base_lr, "lr_scale": 1.0, "name": "embedding_head"})
+    others = [p for p in model.parameters() if id(p) not in in_layers]
+    groups.append({"params": others, "lr": base_lr, "lr_scale": 1.0, "name": rest})
     return groups
 
 

@@ -6,6 +6,7 @@ from torch import nn
 
 from lash.config import TrainingConfig
 from lash.hf.structure import decoder_parts
+from lash.optim import groups_by_layer
 from lash.validation import check_real
 
 
@@ -24,14 +25,7 @@ def layer_param_groups(model: nn.Module, config: TrainingConfig, base_lr: float,
     check_real("weight_decay", weight_decay, 0.0)
     layers = decoder_parts(model).layers
     config.validate_for(len(layers))
-    groups, in_layers = [], set()
-    for layer, block in enumerate(layers, start=1):
-        params = list(block.parameters())
-        in_layers.update(id(p) for p in params)
-        scale = config.lr_scale(layer)
-        groups.append({"params": params, "lr": base_lr * scale, "lr_scale": scale, "name": f"layer_{layer}"})
-    rest = [p for p in model.parameters() if id(p) not in in_layers]
-    groups.append({"params": rest, "lr": base_lr, "lr_scale": 1.0, "name": "rest"})
+    groups = groups_by_layer(model, layers, config, base_lr, "rest")
     for group in groups:
         group["weight_decay"] = weight_decay
     return groups
