@@ -340,23 +340,26 @@ def run_ashem(
     phase1_stats = evaluate(model1, val_batches, trainer1.config, device)
 
     start = time.perf_counter()
-    mine_from = val_batches if config.protocol == "original" else train_batches
-    mined_conf = last_layer_confidence(model1, mine_from, device)
+    # One confidence pass per split phase 2 needs; the threshold comes from the mined split's.
+    original = config.protocol == "original"
+    splits = {"val": val_batches} if original else {"train": train_batches, "dev": dev_batches, "val": val_batches}
+    scored = {name: _token_confidence(model1, batches, device) for name, batches in splits.items()}
+    mined_conf = scored["val" if original else "train"][2]
     threshold = compute_confidence_threshold(mined_conf, config.hard_example_ratio)
-    train_hard = collect_hard_examples(model1, train_batches, threshold, device)
-    dev_hard = collect_hard_examples(model1, dev_batches, threshold, device)
-    val_hard = collect_hard_examples(model1, val_batches, threshold, device)
+    hard = {name: HardExamples(x, y, conf < threshold) for name, (x, y, conf) in scored.items()}
     seconds["mining"] = time.perf_counter() - start
-    hard_ratio_val = val_hard.ratio
-    routing_check: tuple[TokenBatches, float] | None = (dev_batches, threshold)
-    if config.protocol == "original":
+    hard_ratio_val = hard["val"].ratio
+    if original:
         # The seed trains, selects and measures phase 2 on the validation hard tokens, one token at a time.
-        train_hard = dev_hard = val_hard = val_hard.single_tokens()
+        train_hard = dev_hard = val_hard = hard["val"].single_tokens()
         routing_check = None
+    else:
+        train_hard, dev_hard, val_hard = hard["train"], hard["dev"], hard["val"]
+        routing_check = (dev_batches, threshold)
     hard_before = evaluate_on_hard_examples(model1, val_hard, batch_size, device)
 
     start = time.perf_counter()
-    selection = "the validation hard tokens (original protocol)" if config.protocol == "original" else "the dev slice"
+    selection = "the validation hard tokens (original protocol)" if original else "the dev slice"
     log_progress(f"phase 2: {config.phase2_layers} layers, up to {config.phase2_max_epochs} epochs "
                  f"(patience {config.phase2_patience}) on {int(train_hard.hard.sum())} hard tokens; "
                  f"selection on {selection}", verbose)  # fmt: skip
@@ -393,7 +396,7 @@ def run_ashem(
             "train_sequences": train_batches.inputs.shape[0],
             "dev_sequences": dev_batches.inputs.shape[0],
             "val_sequences": val_batches.inputs.shape[0],
-            "mined_from": "validation" if config.protocol == "original" else "train",
+            "mined_from": "validation" if original else "train",
             "device": str(device),
             "seed": seed,
         },
