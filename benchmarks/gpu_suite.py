@@ -361,27 +361,37 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     suite = Suite(dry=args.dry_run, quick=args.quick)
     env = measure.environment()
-    suite.section("gpu tests", lambda: gpu_tests(suite))
-    copy = ceilings(suite)["copy_gbps"]
-    suite.section("seed train step", lambda: train_step(suite))
-    suite.section("host syncs", lambda: host_syncs(suite))
-    suite.section("multi-exit cross-entropy", lambda: multi_exit_ce(suite))
-    suite.section("RMSNorm / add+RMSNorm", lambda: norms(suite, copy))
-    suite.section("RoPE", lambda: rotary(suite, copy))
-    suite.section("early exit", lambda: early_exit(suite))
-    seconds = time.perf_counter() - start
-    text = markdown(env, suite.rows, args.dry_run, args.quick, seconds)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {
-        "environment": env,
-        "mode": "dry-run" if args.dry_run else ("quick" if args.quick else "full"),
-        "seconds": seconds,
-        "section_seconds": suite.seconds,
-        "rows": [asdict(r) for r in suite.rows],
-        "measurements": suite.measurements,
-    }
-    (args.out / "gpu_suite.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (args.out / "gpu_suite.md").write_text(text)
+
+    def save() -> str:
+        """Write what has been measured so far, so a run cut short still leaves its finished sections."""
+        seconds = time.perf_counter() - start
+        text = markdown(env, suite.rows, args.dry_run, args.quick, seconds)
+        result = {
+            "environment": env,
+            "mode": "dry-run" if args.dry_run else ("quick" if args.quick else "full"),
+            "seconds": seconds,
+            "section_seconds": suite.seconds,
+            "rows": [asdict(r) for r in suite.rows],
+            "measurements": suite.measurements,
+        }
+        (args.out / "gpu_suite.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        (args.out / "gpu_suite.md").write_text(text)
+        return text
+
+    sections = [
+        ("gpu tests", lambda: gpu_tests(suite)),
+        ("ceilings", lambda: ceilings(suite)),
+        ("seed train step", lambda: train_step(suite)),
+        ("host syncs", lambda: host_syncs(suite)),
+        ("multi-exit cross-entropy", lambda: multi_exit_ce(suite)),
+        ("RMSNorm / add+RMSNorm", lambda: norms(suite, suite.measurements["ceilings"]["copy_gbps"])),
+        ("RoPE", lambda: rotary(suite, suite.measurements["ceilings"]["copy_gbps"])),
+        ("early exit", lambda: early_exit(suite)),
+    ]
+    for name, fn in sections:
+        suite.section(name, fn)
+        text = save()
     print(text, end="")
 
 
