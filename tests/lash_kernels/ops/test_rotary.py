@@ -109,11 +109,70 @@ def test_torch_backend_is_the_reference(monkeypatch):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_per_row_tables_match_float64(monkeypatch, kernels, rows):
+    """(B, T, D) tables (per-row positions, e.g. left padding) and (1, T, D) ones, forward and backward."""
+    monkeypatch.setenv("LASH_KERNELS", kernels)
+    q, k = _make(3, 4, 7, 12, torch.float32, "transposed"), _make(3, 2, 7, 12, torch.float32, "contiguous")
+    cos, sin = torch.randn(rows, 7, 12), torch.randn(rows, 7, 12)  # different values in every row
+    q_rot, k_rot = apply_rotary(q, k, cos, sin)
+    gq, gk = torch.randn_like(q_rot), torch.randn_like(k_rot)
+    torch.autograd.backward([q_rot, k_rot], [gq, gk])
+    expected = _expected(q, k, cos.unsqueeze(1), sin.unsqueeze(1), gq, gk)
+    for name, actual, want in zip(("q_rot", "k_rot", "dq", "dk"), (q_rot, k_rot, q.grad, k.grad), expected):
+        assert_close_scaled(actual, want, torch.float32, name)
+
+
+def _eager(x, cos, sin):
+    """What a Hugging Face model computes: the formula in x's dtype, tables cast to it."""
+    cos, sin = cos.to(x.dtype).unsqueeze(1), sin.to(x.dtype).unsqueeze(1)
+    return x * cos + _rotate_half(x) * sin
+
+
+def _check_eager_rounding(b, hq, hk, t, d, dtype, device):
+    """Outputs and gradients equal eager torch's bit for bit (fp32 tables rounded like a model's)."""
+    q = torch.randn(b, t, hq, d, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(b, hk, t, d, device=device, dtype=dtype, requires_grad=True)
+    cos, sin = torch.randn(b, t, d, device=device), torch.randn(b, t, d, device=device)
+    q_rot, k_rot = apply_rotary(q, k, cos, sin, eager_rounding=True)
+    gq, gk = torch.randn_like(q_rot), torch.randn_like(k_rot)
+    dq, dk = torch.autograd.grad([q_rot, k_rot], [q, k], [gq, gk])
+    want_q, want_k = _eager(q, cos, sin), _eager(k, cos, sin)
+    want_dq, want_dk = torch.autograd.grad([want_q, want_k], [q, k], [gq, gk])
+    for name, actual, want in zip(("q_rot", "k_rot", "dq", "dk"), (q_rot, k_rot, dq, dk),
+                                  (want_q, want_k, want_dq, want_dk)):  # fmt: skip
+        assert actual.dtype == dtype
+        assert torch.equal(actual, want), f"{name}: {(actual.float() - want.float()).abs().max()}"
+    if dtype != torch.float32:  # one rounding differs from three somewhere: the flag has an effect
+        assert not torch.equal(apply_rotary(q, k, cos, sin)[0], q_rot)
+
+
+# The interpreter converts fp32 to bf16 by truncation, not round-to-nearest-even as GPUs do:
+# bf16 is checked bitwise on CUDA (below) and through the torch backend here.
+@pytest.mark.parametrize(
+    "kernels, dtype",
+    [("triton", torch.float32), ("triton", torch.float16), ("torch", torch.float32), ("torch", torch.float16),
+     ("torch", torch.bfloat16)],
+)  # fmt: skip
+def test_eager_rounding_is_bitwise_eager_torch(monkeypatch, kernels, dtype):
+    monkeypatch.setenv("LASH_KERNELS", kernels)
+    _check_eager_rounding(2, 4, 2, 9, 16, dtype, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_eager_rounding_is_bitwise_eager_torch_cuda(monkeypatch, dtype):
+    monkeypatch.setenv("LASH_KERNELS", "triton")
+    _check_eager_rounding(2, 32, 8, 1000, 128, dtype, "cuda")
+
+
 @pytest.mark.parametrize(
     "q_shape, k_shape, table_shape, message",
     [
-        ((1, 2, 5, 16), (1, 2, 5, 16), (5, 8), r"cos \(5, 8\) and sin \(5, 8\) must both be .* \(5, 16\)"),
-        ((1, 2, 5, 16), (1, 2, 5, 16), (6, 16), r"must both be \(T, head_dim\) = \(5, 16\)"),
+        ((1, 2, 5, 16), (1, 2, 5, 16), (5, 8), r"cos \(5, 8\) and sin \(5, 8\) must have one shape of .* \(5, 16\)"),
+        ((1, 2, 5, 16), (1, 2, 5, 16), (6, 16), r"one shape of \(T, head_dim\) = \(5, 16\)"),
+        ((2, 2, 5, 16), (2, 2, 5, 16), (3, 5, 16), r"cos \(3, 5, 16\).* \(B, T, head_dim\) = \(2, 5, 16\)"),
         ((1, 2, 5, 16), (1, 2, 5, 8), (5, 16), r"q \(1, 2, 5, 16\) and k \(1, 2, 5, 8\) must agree"),
         ((1, 2, 5, 16), (2, 2, 5, 16), (5, 16), r"must agree in batch"),
         ((2, 5, 16), (2, 5, 16), (5, 16), r"must be \[B, H, T, D\]; got shapes \(2, 5, 16\)"),
