@@ -11,15 +11,32 @@ Two families of RMSNorm exist among the supported models (their sources differ i
 rule with the weight ``1 + w``, and Llama's rule whenever input and weight are fp32 (rounding
 to fp32 is then the identity). For a Llama-style norm in lower precision the kernel normalises
 with a unit weight (so the rounding happens where Hugging Face's does) and torch applies the
-weight. RoPE is left to the model: its variants (scaling, partial rotary) are not all LASH's.
+weight.
+
+RoPE: every supported family's attention calls its modeling module's
+``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)``, which evaluates ``q * cos +
+rotate_half(q) * sin`` in the activations' dtype with ``(B, T, head_dim)`` tables already cast to
+it. :func:`lash_kernels.apply_rotary` with ``eager_rounding`` rounds the same way, so LASH's
+version is bitwise the model's in bf16/fp16 (in fp32 a GPU may fuse a multiply-add: last-bit
+differences). Rotary variants only change the tables, which the model still builds; partial
+rotary (Phi-3 with ``partial_rotary_factor``), other layouts and CPU tensors without the Triton
+interpreter go to the family's own function. Hugging Face calls the function as a module
+global, so the swap is made in the family's module, for every model of that family in the
+process; being exact, it changes none of their numbers.
 """
 
 from __future__ import annotations
 
+import functools
+import sys
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from lash_kernels import rms_norm
+from lash_kernels import apply_rotary, rms_norm
+from lash_kernels._launch import KERNEL_DTYPES
+from lash_kernels.dispatch import backend
 
 # Class name → whether the norm is Gemma's (1 + w, one rounding) rather than Llama's.
 RMS_NORMS = {
@@ -62,16 +79,44 @@ class LashRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.eps}, offset={self.offset}"
 
 
-def use_lash_kernels(model: nn.Module) -> int:
-    """Replace every RMSNorm of ``model`` that :data:`RMS_NORMS` knows by a :class:`LashRMSNorm`, in place.
+def lash_rotary_pos_emb(original: Callable) -> Callable:
+    """A family's ``apply_rotary_pos_emb`` on LASH's RoPE kernel, falling back to ``original``.
 
-    Norms of other classes are left alone. Parameters stay the same objects, so optimizers
-    built before keep working.
+    The kernel runs where it reproduces ``original`` exactly: ``unsqueeze_dim=1``, ``(B, H, T,
+    D)`` q and k and ``(B or 1, T, D)`` tables in one kernel dtype, full rotary (tables as wide as
+    the heads), and Triton as the backend for the device (CUDA, or the CPU interpreter).
+    """
+
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if (
+            unsqueeze_dim == 1
+            and q.ndim == k.ndim == 4
+            and cos.ndim == sin.ndim == 3
+            and cos.shape[-1] == q.shape[-1]
+            and q.dtype == k.dtype == cos.dtype == sin.dtype
+            and q.dtype in KERNEL_DTYPES
+            and backend(q.device) == "triton"
+        ):
+            return apply_rotary(q, k, cos, sin, eager_rounding=True)
+        return original(q, k, cos, sin, unsqueeze_dim)
+
+    apply_rotary_pos_emb.lash_original = original
+    return apply_rotary_pos_emb
+
+
+def use_lash_kernels(model: nn.Module, *, rope: bool = True) -> dict[str, int]:
+    """Run ``model``'s RMSNorms and (with ``rope``) its RoPE on LASH's kernels, in place.
+
+    RMSNorms of the classes :data:`RMS_NORMS` knows become :class:`LashRMSNorm` (others are left
+    alone; parameters stay the same objects, so optimizers built before keep working). RoPE is
+    swapped in the modeling module of each attention class that calls a module-level
+    ``apply_rotary_pos_emb`` (see the module docstring); calling this twice swaps nothing twice.
 
     Returns:
-        How many modules were replaced.
+        ``{"RMSNorm": norms replaced, "RoPE": attention modules whose RoPE now runs on LASH's}``.
     """
-    replaced = 0
+    swapped = {"RMSNorm": 0, "RoPE": 0}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             offset = RMS_NORMS.get(type(child).__name__)
@@ -79,5 +124,14 @@ def use_lash_kernels(model: nn.Module) -> int:
                 continue
             eps = child.eps if offset else child.variance_epsilon
             setattr(parent, name, LashRMSNorm(child.weight, eps, offset))
-            replaced += 1
-    return replaced
+            swapped["RMSNorm"] += 1
+    if rope:
+        for module in model.modules():
+            source = sys.modules.get(type(module).__module__)
+            original = getattr(source, "apply_rotary_pos_emb", None)
+            if not type(module).__name__.endswith("Attention") or original is None:
+                continue
+            if not hasattr(original, "lash_original"):
+                source.apply_rotary_pos_emb = lash_rotary_pos_emb(original)
+            swapped["RoPE"] += 1
+    return swapped
