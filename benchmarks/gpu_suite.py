@@ -3,6 +3,7 @@
     python benchmarks/gpu_suite.py --out DIR            # on a CUDA machine (budgeted for ≤ 8 minutes on an H100)
     python benchmarks/gpu_suite.py --out DIR --quick    # fewer shapes and dtypes
     python benchmarks/gpu_suite.py --out DIR --dry-run  # on the CPU: tiny shapes, checks the machinery
+    python benchmarks/gpu_suite.py --out DIR --no-tests # the benchmarks alone
 
 Steps: the ``gpu``-marked tests under ``tests/`` with ``LASH_KERNELS=triton``; the two ceilings
 (copy bandwidth, bf16 matmul); then each subject (seed training step, host syncs, multi-exit loss,
@@ -345,6 +346,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="directory for gpu_suite.json and gpu_suite.md")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and dtypes")
     parser.add_argument("--dry-run", action="store_true", help="run on the CPU with tiny shapes (no PASS/FAIL)")
+    parser.add_argument("--no-tests", dest="tests", action="store_false",
+                        help="skip the gpu-marked tests (when they ran on their own just before)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"argument --out: {str(args.out)!r} exists and is not a directory")
@@ -379,16 +382,18 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "gpu_suite.md").write_text(text)
         return text
 
+    # The flagship loss first, then the quick subjects, then those that wait on torch.compile.
     sections = [
-        ("gpu tests", lambda: gpu_tests(suite)),
         ("ceilings", lambda: ceilings(suite)),
-        ("seed train step", lambda: train_step(suite)),
-        ("host syncs", lambda: host_syncs(suite)),
         ("multi-exit cross-entropy", lambda: multi_exit_ce(suite)),
         ("RMSNorm / add+RMSNorm", lambda: norms(suite, suite.measurements["ceilings"]["copy_gbps"])),
         ("RoPE", lambda: rotary(suite, suite.measurements["ceilings"]["copy_gbps"])),
         ("early exit", lambda: early_exit(suite)),
+        ("host syncs", lambda: host_syncs(suite)),
+        ("seed train step", lambda: train_step(suite)),
     ]
+    if args.tests:
+        sections.insert(0, ("gpu tests", lambda: gpu_tests(suite)))
     for name, fn in sections:
         suite.section(name, fn)
         text = save()

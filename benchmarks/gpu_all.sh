@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Everything LASH checks on a CUDA machine, most important first, each step time-boxed so that a
+# short lease still returns the earlier steps. Writes at most 8 files under OUT_DIR.
+#
+#   bash benchmarks/gpu_all.sh OUT_DIR
+#
+# Liger-Kernel and Cut Cross-Entropy are compared when importable (README, "Running the GPU suite").
+set -u
+out=${1:?usage: bash benchmarks/gpu_all.sh OUT_DIR}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'triton', triton.__version__, 'transformers', transformers.__version__)"
+    date -u
+} >"$out/env.txt" 2>&1
+workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
+# A test module whose optional import is missing on this machine must not stop the CUDA tests.
+LASH_KERNELS=triton timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
+    $workers tests/ >"$out/gpu_tests.txt" 2>&1
+timeout 50 python3 benchmarks/hf_multi_exit_memory.py --device cuda >"$out/hf_multi_exit.txt" 2>&1
+timeout 30 python3 benchmarks/hf_rope.py --json "$out/hf_rope.json" >"$out/hf_rope.txt" 2>&1
+timeout 250 python3 benchmarks/gpu_suite.py --out "$out/suite" --no-tests >"$out/suite.log" 2>&1
+tail -n 5 "$out"/gpu_tests.txt "$out"/hf_multi_exit.txt "$out"/hf_rope.txt
+cat "$out/suite/gpu_suite.md" 2>/dev/null
