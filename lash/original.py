@@ -29,7 +29,7 @@ class OriginalRoPE(nn.Module):
 
     def forward(self, x):
         T = x.shape[-2]
-        freqs = torch.outer(torch.arange(T, dtype=torch.float32), self.inv_freq)
+        freqs = torch.outer(torch.arange(T, dtype=torch.float32, device=self.inv_freq.device), self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
         return x * emb.cos() + torch.cat((-x2, x1), dim=-1) * emb.sin()

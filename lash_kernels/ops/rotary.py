@@ -242,6 +242,9 @@ if HAS_TRITON:  # optional off Linux: the torch references still work there
             BLOCK_T=block_t,
             BLOCK_H=block_h,
             num_warps=NUM_WARPS,
+            # Fused multiply-adds would absorb a product's rounding (fma.rn.bf16 in place of two
+            # rounded products and their rounded sum): eager rounding compiles without them.
+            enable_fp_fusion=not eager_rounding,
         )
         return q_out, k_out
 

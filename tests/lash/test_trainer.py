@@ -362,7 +362,7 @@ def test_gradient_accumulation_equals_the_big_batch():
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_steps_on_cuda_never_wait_for_the_device(precision):
-    model = DeepSupervisionTransformer(vocab_size=512, dim=64, num_layers=4, num_heads=4)
+    model = DeepSupervisionTransformer(vocab_size=512, dim=64, num_layers=4, num_heads=4).cuda()
     config = TrainingConfig(layer_weights={1: 0.25, 2: 0.25, 3: 0.25, 4: 0.25})
     trainer = Trainer(config, vocab_size=512, device="cuda", precision=precision, progress=False)
     batch = (torch.randint(0, 512, (8, 32)), torch.randint(0, 512, (8, 32)))

@@ -204,7 +204,7 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         """Vocab entries per step and warps of the row kernel: 8 fp32 lanes per thread."""
         if interpreting():
             return dict(BLOCK_V=64, num_warps=1, num_stages=1)
-        block_v = min(4096, triton.next_power_of_2(V))
+        block_v = min(4096, triton.next_power_of_2(int(V)))  # a number even for a SymInt V (compile)
         return dict(BLOCK_V=block_v, num_warps=max(1, min(16, block_v // 256)), num_stages=1)
 
     def _triton_row_pass(logits, targets, valid, g, with_stats):

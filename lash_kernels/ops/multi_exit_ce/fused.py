@@ -185,8 +185,9 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
     def _fused_configs(D: int, dtype: torch.dtype) -> tuple[dict, dict]:
         """Launch configs of ``_fused_forward_kernel`` and ``_fused_grad_kernel``; the launcher and
         :func:`static_variants` both read them. Fixed tiles rather than autotuning (no first-call
-        stall); one small tile under the interpreter."""
-        block_d = max(16, triton.next_power_of_2(D))
+        stall); one small tile under the interpreter. ``int(D)``: under ``torch.compile`` with
+        dynamic shapes D arrives as a SymInt, and the tiles need a number (it specialises D)."""
+        block_d = max(16, triton.next_power_of_2(int(D)))
         if interpreting():
             config = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=block_d, num_warps=1, num_stages=1)
             return config, config
@@ -203,7 +204,7 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         D = 64 their tiles spill or overflow the L4's shared memory: cuBLAS does better there.
         """
         return interpreting() or (
-            "fp32" if dtype == torch.float32 else "16-bit", max(64, triton.next_power_of_2(D))
+            "fp32" if dtype == torch.float32 else "16-bit", max(64, triton.next_power_of_2(int(D)))
         ) in _GRAD_TILES
 
 

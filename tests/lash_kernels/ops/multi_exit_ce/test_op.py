@@ -359,6 +359,7 @@ def test_triton_on_gpu_matches_reference_and_compiles(monkeypatch, dtype, D):
 
     expected = multi_exit_cross_entropy_reference(hiddens, weight, targets, weights, return_stats=True)
     expected_grads = torch.autograd.grad(expected.loss, [hiddens, weight])
+    logits = hiddens.detach().float() @ weight.detach().float().T  # (K, n, V)
     step = torch.compile(multi_exit_cross_entropy, fullgraph=True)
     for fn in (multi_exit_cross_entropy, step):
         out = fn(hiddens, weight, targets, weights, return_stats=True)
@@ -366,7 +367,28 @@ def test_triton_on_gpu_matches_reference_and_compiles(monkeypatch, dtype, D):
         torch.testing.assert_close(out.loss, expected.loss, **tol)
         torch.testing.assert_close(out.per_exit, expected.per_exit, **tol)
         torch.testing.assert_close(out.confidence, expected.confidence, **tol)
-        assert (out.predictions == expected.predictions).float().mean() > 0.99  # near-ties may flip
+        # Predictions may differ only where the two classes' logits (fp32 from the same inputs) tie
+        # within rounding: bf16 inputs give many near-ties among 32000 classes.
+        chosen, wanted = (logits.gather(-1, p.unsqueeze(-1)) for p in (out.predictions, expected.predictions))
+        assert ((chosen - wanted).abs() <= 1e-3 * logits.abs().amax()).all()
         for grad, ref in zip(grads, expected_grads):
             torch.testing.assert_close(grad.float(), ref.float(), **tol)
         assert not grads[0][1].any()  # the weight-0 exit
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 1024])  # fused, chunked
+def test_compiles_with_dynamic_shapes_on_gpu(monkeypatch, D):
+    """Shapes that vary between calls (``dynamic=True``, or dynamo's automatic dynamic shapes)."""
+    monkeypatch.setenv("LASH_KERNELS", "triton")
+    weight = (torch.randn(5000, D, device="cuda") / D**0.5).bfloat16().requires_grad_()
+    step = torch.compile(multi_exit_cross_entropy, fullgraph=True, dynamic=True)
+    for n in (300, 517):
+        hiddens = torch.randn(2, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        targets = torch.randint(0, 5000, (n,), device="cuda")
+        expected = multi_exit_cross_entropy_reference(hiddens, weight, targets, [0.5, 0.5])
+        out = step(hiddens, weight, targets, [0.5, 0.5])
+        torch.testing.assert_close(out.loss, expected.loss, **TOL[torch.bfloat16])
+        grads = torch.autograd.grad(out.loss, [hiddens, weight])
+        for grad, ref in zip(grads, torch.autograd.grad(expected.loss, [hiddens, weight])):
+            torch.testing.assert_close(grad.float(), ref.float(), **TOL[torch.bfloat16])
