@@ -17,12 +17,13 @@ RoPE: every supported family's attention calls its modeling module's
 ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)``, which evaluates ``q * cos +
 rotate_half(q) * sin`` in the activations' dtype with ``(B, T, head_dim)`` tables already cast to
 it. :func:`lash_kernels.apply_rotary` with ``eager_rounding`` rounds the same way, so LASH's
-version is bitwise the model's in bf16/fp16 (in fp32 a GPU may fuse a multiply-add: last-bit
-differences). Rotary variants only change the tables, which the model still builds; partial
-rotary (Phi-3 with ``partial_rotary_factor``), other layouts and CPU tensors without the Triton
-interpreter go to the family's own function. Hugging Face calls the function as a module
-global, so the swap is made in the family's module, for every model of that family in the
-process; being exact, it changes none of their numbers.
+version is bitwise the model's (seen on an H200 in bf16 and fp16, outputs and gradients; under
+``torch.compile`` within one rounding step, see ``apply_rotary``). Rotary variants only change
+the tables, which the model still builds; partial rotary (Phi-3 with ``partial_rotary_factor``),
+other layouts and CPU tensors without the Triton interpreter go to the family's own function.
+Hugging Face calls the function as a module global, so the swap is made in the family's module,
+for every model of that family in the process; being exact in eager mode, it changes none of
+their numbers.
 """
 
 from __future__ import annotations

@@ -341,10 +341,12 @@ def apply_rotary(
         sin: sine table, shaped and laid out like ``cos``.
         eager_rounding: round as eager torch does when it evaluates ``x * cos + rotate_half(x) *
             sin`` in x's dtype: tables cast to that dtype, each product rounded, then their sum
-            (and likewise in the backward). In bf16/fp16 the result is then bitwise eager torch's
-            (Hugging Face models compute RoPE this way); in fp32 a GPU may fuse a multiply-add, as
-            ``torch.compile``'s own kernels do, so results can differ in the last bit. Off, all
-            maths is fp32 with one rounding at the end, which is more accurate.
+            (and likewise in the backward), with the kernel compiled without fused multiply-adds.
+            The result is then bitwise eager torch's (Hugging Face models compute RoPE this way).
+            Under ``torch.compile`` the launch's compile options are not carried through, so a
+            multiply-add may absorb one product's rounding: within one rounding step, as the
+            compiled model's own RoPE would be. Off, all maths is fp32 with one rounding at the
+            end, which is more accurate.
 
     Returns:
         ``(q_rot, k_rot)`` shaped, typed and (for dense inputs) laid out like ``q`` and ``k``.

@@ -370,7 +370,8 @@ def test_triton_on_gpu_matches_reference_and_compiles(monkeypatch, dtype, D):
         # Predictions may differ only where the two classes' logits (fp32 from the same inputs) tie
         # within rounding: bf16 inputs give many near-ties among 32000 classes.
         chosen, wanted = (logits.gather(-1, p.unsqueeze(-1)) for p in (out.predictions, expected.predictions))
-        assert ((chosen - wanted).abs() <= 1e-3 * logits.abs().amax()).all()
+        # The chunked regime takes the argmax of logits rounded to the input dtype (cuBLAS output).
+        assert ((chosen - wanted).abs() <= max(2 * torch.finfo(dtype).eps, 1e-4) * logits.abs().amax()).all()
         for grad, ref in zip(grads, expected_grads):
             torch.testing.assert_close(grad.float(), ref.float(), **tol)
         assert not grads[0][1].any()  # the weight-0 exit
@@ -378,14 +379,14 @@ def test_triton_on_gpu_matches_reference_and_compiles(monkeypatch, dtype, D):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 1024])  # fused, chunked
-def test_compiles_with_dynamic_shapes_on_gpu(monkeypatch, D):
-    """Shapes that vary between calls (``dynamic=True``, or dynamo's automatic dynamic shapes)."""
+def test_compiles_when_shapes_change_on_gpu(monkeypatch, D):
+    """Dynamo recompiles with symbolic sizes once tokens, width or vocabulary change between calls."""
     monkeypatch.setenv("LASH_KERNELS", "triton")
-    weight = (torch.randn(5000, D, device="cuda") / D**0.5).bfloat16().requires_grad_()
-    step = torch.compile(multi_exit_cross_entropy, fullgraph=True, dynamic=True)
-    for n in (300, 517):
-        hiddens = torch.randn(2, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        targets = torch.randint(0, 5000, (n,), device="cuda")
+    step = torch.compile(multi_exit_cross_entropy, fullgraph=True)
+    for n, width, vocab in ((300, D, 5000), (517, D + 32, 5000), (411, D + 64, 6000)):
+        hiddens = torch.randn(2, n, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        weight = (torch.randn(vocab, width, device="cuda") / width**0.5).bfloat16().requires_grad_()
+        targets = torch.randint(0, vocab, (n,), device="cuda")
         expected = multi_exit_cross_entropy_reference(hiddens, weight, targets, [0.5, 0.5])
         out = step(hiddens, weight, targets, [0.5, 0.5])
         torch.testing.assert_close(out.loss, expected.loss, **TOL[torch.bfloat16])
