@@ -2,7 +2,7 @@
 
 :func:`apply_lash` gives a model LASH's layer-wise loss through the fused multi-exit kernel;
 :func:`layer_param_groups` its per-layer learning rates; :func:`use_lash_kernels` swaps its
-RMSNorms for LASH's kernel with the same semantics; :mod:`lash.hf.structure` finds a
+RMSNorms and RoPE for LASH's kernels with the same semantics; :mod:`lash.hf.structure` finds a
 model's parts and runs its decoder only as deep as needed; :func:`generate` decodes greedily
 with early exit or self-speculation on one ``DynamicCache``.
 """
