@@ -19,8 +19,9 @@ rotate_half(q) * sin`` in the activations' dtype with ``(B, T, head_dim)`` table
 it. :func:`lash_kernels.apply_rotary` with ``eager_rounding`` rounds the same way, so LASH's
 version is bitwise the model's (seen on an H200 in bf16 and fp16, outputs and gradients; under
 ``torch.compile`` within one rounding step, see ``apply_rotary``). Rotary variants only change
-the tables, which the model still builds; partial rotary (Phi-3 with ``partial_rotary_factor``),
-other layouts and CPU tensors without the Triton interpreter go to the family's own function.
+the tables, which the model still builds; partial rotary (Phi-3 with ``partial_rotary_factor``)
+and other layouts go to the family's own function. Where LASH's dispatch picks torch (CPU
+tensors), ``apply_rotary``'s reference evaluates the model's own formula.
 Hugging Face calls the function as a module global, so the swap is made in the family's module,
 for every model of that family in the process; being exact in eager mode, it changes none of
 their numbers.
@@ -37,7 +38,6 @@ from torch import nn
 
 from lash_kernels import apply_rotary, rms_norm
 from lash_kernels._launch import KERNEL_DTYPES
-from lash_kernels.dispatch import backend
 
 # Class name → whether the norm is Gemma's (1 + w, one rounding) rather than Llama's.
 RMS_NORMS = {
@@ -83,9 +83,9 @@ class LashRMSNorm(nn.Module):
 def lash_rotary_pos_emb(original: Callable) -> Callable:
     """A family's ``apply_rotary_pos_emb`` on LASH's RoPE kernel, falling back to ``original``.
 
-    The kernel runs where it reproduces ``original`` exactly: ``unsqueeze_dim=1``, ``(B, H, T,
-    D)`` q and k and ``(B or 1, T, D)`` tables in one kernel dtype, full rotary (tables as wide as
-    the heads), and Triton as the backend for the device (CUDA, or the CPU interpreter).
+    :func:`lash_kernels.apply_rotary` takes the call where it reproduces ``original`` exactly:
+    ``unsqueeze_dim=1``, ``(B, H, T, D)`` q and k and ``(B or 1, T, D)`` tables in one kernel
+    dtype, full rotary (tables as wide as the heads); it then picks kernel or torch itself.
     """
 
     @functools.wraps(original)
@@ -97,7 +97,6 @@ def lash_rotary_pos_emb(original: Callable) -> Callable:
             and cos.shape[-1] == q.shape[-1]
             and q.dtype == k.dtype == cos.dtype == sin.dtype
             and q.dtype in KERNEL_DTYPES
-            and backend(q.device) == "triton"
         ):
             return apply_rotary(q, k, cos, sin, eager_rounding=True)
         return original(q, k, cos, sin, unsqueeze_dim)

@@ -109,6 +109,19 @@ def test_lash_rope_is_bitwise_the_familys(family, rows, dtype, monkeypatch):
 _op = rotary_module._rotary_op
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
+def test_lash_rope_on_the_torch_backend_is_bitwise_the_familys(dtype, monkeypatch):
+    """Where LASH's dispatch picks torch, apply_rotary's eager-rounding reference is the model's formula."""
+    monkeypatch.setenv("LASH_KERNELS", "torch")
+    original = _rope_of("llama")
+    q, k, cos, sin = _rope_inputs(dtype)
+    got = lash_rotary_pos_emb(original)(q, k, cos, sin)
+    want = original(q, k, cos, sin)
+    dy = [torch.randn_like(t) for t in want]
+    for a, b in zip(got + torch.autograd.grad(got, (q, k), dy), want + torch.autograd.grad(want, (q, k), dy)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "inputs"),
     [
