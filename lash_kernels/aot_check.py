@@ -59,7 +59,7 @@ from lash_kernels.aot_types import ARCHS, Arch, KernelVariant, StaticShape
 from lash_kernels.dispatch import interpreting
 
 # Ops whose module declares ``static_variants``.
-OPS = ("lash_kernels.ops.rms_norm", "lash_kernels.ops.rotary", "lash_kernels.ops.multi_exit_ce.op")
+OPS = ("lash_kernels.ops.rms_norm.kernels", "lash_kernels.ops.rotary", "lash_kernels.ops.multi_exit_ce.op")
 
 
 SHAPES = {
@@ -94,7 +94,7 @@ class Result:
     error: str | None = None
     shared: int = 0  # bytes per block
     regs: int = 0  # per thread
-    spill_bytes: int = 0  # spill stores + loads per thread
+    spill_bytes: int = 0  # stack bytes per thread: spilled registers
     mma: bool = False  # tensor-core instructions in the PTX
     blocks_per_sm: int = 0
 
@@ -133,26 +133,25 @@ def _blocks_per_sm(arch: Arch, shared: int, regs: int, num_warps: int) -> int:
     return max(0, min(limits))
 
 
-_PTXAS_USAGE = re.compile(r"Used (\d+) registers")
-_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_RES_USAGE = re.compile(r"REG:(\d+) STACK:(\d+)")
 
 
-def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
-    """(registers per thread, spilled bytes) from ``ptxas -v``, Triton's own ptxas."""
-    from triton.backends.nvidia.compiler import get_ptxas
+def _cubin_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, stack bytes per thread) of the cubin Triton built, read back with
+    the ``cuobjdump`` it ships. Triton kernels keep nothing on the stack but spilled registers,
+    so a stack frame is the spill. Reading the real cubin matters: each Triton release calls
+    its own ``ptxas`` with its own flags (3.8 and later add ``--regAllocOptLevel=2``), and a
+    kernel that fits on one release may spill on another."""
+    from triton import knobs
 
-    ptxas = get_ptxas(arch).path
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
-        src.write_text(ptx)
-        log = subprocess.run(
-            [ptxas, "-v", "--regAllocOptLevel=2", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}",
-             str(src), "-o", str(Path(tmp) / "k.cubin")],
-            capture_output=True, text=True, check=True,
-        ).stderr  # fmt: skip
-    regs = max((int(m) for m in _PTXAS_USAGE.findall(log)), default=0)
-    spills = sum(int(a) + int(b) for a, b in _PTXAS_SPILL.findall(log))
-    return regs, spills
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run(
+            [knobs.nvidia.cuobjdump.path, "-res-usage", str(path)], capture_output=True, text=True, check=True
+        ).stdout
+    usage = [(int(regs), int(stack)) for regs, stack in _RES_USAGE.findall(out)]
+    return max(r for r, _ in usage), max(s for _, s in usage)
 
 
 def _cache_dir() -> Path:
@@ -168,7 +167,7 @@ def compile_variant(v: KernelVariant, dtype: str, shape: str, arch: int) -> Resu
     src = ASTSource(fn=v.fn, signature=v.signature, constexprs=v.constexprs, attrs=_attrs(v))
     base = dict(kernel=v.kernel, dtype=dtype, shape=shape, arch=arch, config=_config_label(v), programs=v.programs)
     key = hashlib.sha256(
-        f"{triton.__version__}-{src.hash()}-{arch}-{v.num_warps}-{v.num_stages}".encode()
+        f"cubin-{triton.__version__}-{src.hash()}-{arch}-{v.num_warps}-{v.num_stages}".encode()
     ).hexdigest()
     cached = _cache_dir() / f"{key}.json"
     if cached.exists():
@@ -177,7 +176,7 @@ def compile_variant(v: KernelVariant, dtype: str, shape: str, arch: int) -> Resu
         compiled = triton.compile(
             src, target=GPUTarget("cuda", arch, 32), options={"num_warps": v.num_warps, "num_stages": v.num_stages}
         )
-        regs, spills = _ptxas_usage(compiled.asm["ptx"], arch)
+        regs, spills = _cubin_usage(compiled.asm["cubin"])
     except Exception as exc:  # noqa: BLE001 - any compiler failure is the finding itself
         first = str(exc).strip().splitlines()
         return Result(**base, error=f"{type(exc).__name__}: {first[0] if first else ''}"[:300])

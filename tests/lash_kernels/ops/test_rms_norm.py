@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lash_kernels.ops import rms_norm as rms_norm_module
+from lash_kernels.ops import rms_norm as rms_norm_package
+from lash_kernels.ops.rms_norm import kernels as rms_norm_module
 from lash_kernels.ops.rms_norm import RMSNorm, add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 
 from .checks import assert_close_scaled, assert_compiles_like_eager
@@ -84,9 +85,29 @@ def test_sliced_backward_matches_float64(monkeypatch, dtype, shape):
     """Rows too wide for registers (16K on a GPU) go in column slices; force them on small rows."""
     monkeypatch.setenv("LASH_KERNELS", "triton")
     monkeypatch.setattr(rms_norm_module, "BACKWARD_MAX_ROW", 32)  # slices of 16 columns
-    assert rms_norm_module._backward_config(shape[-1])[2] > 1
+    assert rms_norm_module._backward_config(shape[-1], 4)[2] > 1
     x, residual = _make(shape, dtype, "row_strided"), _make(shape, dtype, "contiguous")
     weight = _weight(shape[-1], dtype)
+    y, s = add_rms_norm(x, residual, weight, EPS)
+    gy, gs = torch.randn_like(y), torch.randn_like(s)
+    torch.autograd.backward([y, s], [gy, gs])
+    expected = _expected_add_rms_norm(x, residual, weight, gy, gs)
+    for name, got, want in zip(("dx", "dresidual", "dweight"), (x.grad, residual.grad, weight.grad), expected[2:]):
+        assert_close_scaled(got, want, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_persistent_backward_walks_many_row_blocks(monkeypatch, dtype):
+    """Each program's band spans several pipelined steps, the last band is short, and dw sums
+    more partial rows than one step of the dw kernel reads."""
+    monkeypatch.setenv("LASH_KERNELS", "triton")
+    monkeypatch.setattr(rms_norm_module, "SUM_TILE", (4, 16))
+    m, n = 411, 72
+    block_m = rms_norm_module._backward_config(n, dtype.itemsize)[0]
+    programs, rows_per_program = rms_norm_module._backward_programs(m, n, dtype.itemsize, block_m, 4)
+    assert rows_per_program >= 3 * block_m and m % rows_per_program and programs > 4
+    x, residual = _make((m, n), dtype, "row_strided"), _make((m, n), dtype, "contiguous")
+    weight = _weight(n, dtype)
     y, s = add_rms_norm(x, residual, weight, EPS)
     gy, gs = torch.randn_like(y), torch.randn_like(s)
     torch.autograd.backward([y, s], [gy, gs])
@@ -101,8 +122,8 @@ def test_triton_path_does_not_call_the_reference(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the reference ran on the Triton path")
 
-    monkeypatch.setattr(rms_norm_module, "rms_norm_reference", fail)
-    monkeypatch.setattr(rms_norm_module, "add_rms_norm_reference", fail)
+    monkeypatch.setattr(rms_norm_package, "rms_norm_reference", fail)
+    monkeypatch.setattr(rms_norm_package, "add_rms_norm_reference", fail)
     x, weight = torch.randn(3, 16), torch.rand(16)
     rms_norm(x, weight)
     add_rms_norm(x, x, weight)
