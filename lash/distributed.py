@@ -8,6 +8,7 @@ single-process run; evaluation sums are all-reduced; only rank 0 prints and writ
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,12 +56,17 @@ def init_distributed(device: str | torch.device) -> tuple[DistInfo, torch.device
 
 
 def shutdown_distributed() -> None:
-    """Leave the process group, if one was joined.
+    """Leave the process group, if one was joined, after freeing what still uses it.
 
-    Exiting with a live gloo group can abort the process at interpreter shutdown ("terminate
-    called without an active exception") after the work is done, failing the whole torchrun.
+    FSDP2's and DDP's wrappers (their state, device mesh, DTensors and communication contexts)
+    form reference cycles, so they outlive the function that trained with them; the garbage
+    collector may reach them only during the interpreter's final teardown, after the group is
+    gone, where destroying objects that hold gloo communication state can abort the process
+    ("terminate called without an active exception", exit code -6) after the work is done.
+    So: collect them first, then wait for every rank, then destroy the group.
     """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
