@@ -145,7 +145,7 @@ def add_transposed_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) 
 if HAS_TRITON:  # optional off Linux: the torch path still works there
     import triton
     import triton.language as tl
-    from torch.library import wrap_triton
+    from lash_kernels._launch import launch
 
     @triton.jit
     def _row_kernel(
@@ -213,7 +213,7 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         loss = torch.empty(C, dtype=torch.float32, device=logits.device)
         conf = torch.empty(C if with_stats else 0, dtype=torch.float32, device=logits.device)
         pred = torch.empty(C if with_stats else 0, dtype=torch.int64, device=logits.device)
-        wrap_triton(_row_kernel)[(C,)](
+        launch(_row_kernel)[(C,)](
             logits, targets, valid, g if g is not None else loss, loss, conf, pred, V,
             HAS_GRAD=g is not None, WITH_STATS=with_stats, **_row_config(V),
         )  # fmt: skip

@@ -36,7 +36,7 @@ def fused_regime(hidden: int, dtype: torch.dtype, tensor_cores: bool) -> bool:
 if HAS_TRITON:  # optional off Linux: the torch path still works there
     import triton
     import triton.language as tl
-    from torch.library import wrap_triton
+    from lash_kernels._launch import launch
 
     @triton.jit
     def _dot(
@@ -242,7 +242,7 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         part_max = torch.empty((splits_v, rows), dtype=torch.float32, device=h.device)
         part_sum, part_tgt = torch.empty_like(part_max), torch.empty_like(part_max)
         part_arg = torch.empty((splits_v, rows), dtype=torch.int32, device=h.device)
-        wrap_triton(_fused_forward_kernel)[(triton.cdiv(rows, forward["BLOCK_N"]), splits_v)](
+        launch(_fused_forward_kernel)[(triton.cdiv(rows, forward["BLOCK_N"]), splits_v)](
             h, weight, targets, part_max, part_sum, part_tgt, part_arg, rows, N, V, D, split_cols,
             **forward, **_dot_args(h.dtype),
         )  # fmt: skip
@@ -261,7 +261,7 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         grad_h = torch.zeros((rows, D) if need_h else (0,), dtype=torch.float32, device=h.device)
         grad_w = torch.empty((splits_n, V, D) if need_w else (0,), dtype=torch.float32, device=h.device)
         if need_h or need_w:
-            wrap_triton(_fused_grad_kernel)[(triton.cdiv(V, grad["BLOCK_V"]), splits_n)](
+            launch(_fused_grad_kernel)[(triton.cdiv(V, grad["BLOCK_V"]), splits_n)](
                 h, weight, targets, lse, g, grad_h, grad_w, rows, N, V, D, split_rows,
                 NEED_H=need_h, NEED_W=need_w, **grad, **_dot_args(h.dtype),
             )  # fmt: skip
