@@ -23,16 +23,20 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
+from lash.checkpoint import rng_state, set_rng_state
 from lash.config import ASHEMConfig, TrainingConfig, create_standard_config
 from lash.data import TokenBatches
+from lash.early_stopping import EarlyStopping, load_progress, save_progress
 from lash.evaluation import evaluate
 from lash.losses import exit_statistics
 from lash.models import DeepSupervisionTransformer
-from lash.trainer import Trainer, log_progress
+from lash.progress import duration, log_progress
+from lash.trainer import Trainer
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 IGNORE_INDEX = -100
@@ -178,6 +182,7 @@ def train_phase2(
     progress: bool = True,
     verbose: bool = True,
     routing: tuple[TokenBatches, float] | None = None,
+    checkpoint_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train the phase-2 model's last layer on the hard tokens; keep its best epoch on the dev slice.
 
@@ -187,7 +192,8 @@ def train_phase2(
     slice's hard tokens than where it started. With ``routing = (dev_batches, threshold)`` an
     epoch is a candidate only if its two-stage routing loss on those batches is no worse than
     epoch 0's, so the routed model never gets worse on the dev slice either. Training stops after
-    ``phase2_patience`` epochs without a better candidate.
+    ``phase2_patience`` epochs without a better candidate. With ``checkpoint_path`` every epoch
+    is saved there, and a call that finds the file continues from it (same final result).
 
     Returns:
         ``train_losses`` (epochs 1…E), ``dev_losses`` and ``dev_ppls`` (hard tokens) and, with
@@ -195,7 +201,7 @@ def train_phase2(
         help), ``total_epochs`` and ``stopped_early``.
     """
     device = torch.device(device)
-    trainer = Trainer(_phase2_config(model, config), model.vocab_size, device, IGNORE_INDEX, progress)
+    trainer = Trainer(_phase2_config(model, config), model.vocab_size, device, IGNORE_INDEX, progress, name="phase 2")
     optimizer = trainer.create_optimizer(model, config.phase2_lr)
     dev_batches = dev_examples.batches(batch_size)
     routed = None if routing is None else TrainingConfig(
@@ -205,43 +211,47 @@ def train_phase2(
     def routing_loss() -> float | None:
         return None if routed is None else evaluate(model, routing[0], routed, device)["loss"]
 
-    start = trainer.evaluate(model, dev_batches)
-    result: dict[str, Any] = {"train_losses": [], "dev_losses": [start["loss"]], "dev_ppls": [start["ppl"]]}
-    result["dev_routing_losses"] = [routing_loss()]
-    best_loss, best_epoch, waited, epoch = start["loss"], 0, 0, 0
-    best_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
-    routed_start = "" if routed is None else f" | dev routing loss {result['dev_routing_losses'][0]:.4f}"
-    log_progress(f"phase 2 epoch 0 (start): dev hard loss {start['loss']:.4f} ppl {start['ppl']:.2f}{routed_start}", verbose)
+    stopper = EarlyStopping(config.phase2_patience)
+    saved = load_progress(trainer, checkpoint_path)
+    if saved is None:
+        start = trainer.evaluate(model, dev_batches)
+        result: dict[str, Any] = {"train_losses": [], "dev_losses": [start["loss"]], "dev_ppls": [start["ppl"]]}
+        result["dev_routing_losses"] = [routing_loss()]
+        stopper.update(0, start["loss"], model)
+        routed_start = "" if routed is None else f" | dev routing loss {result['dev_routing_losses'][0]:.4f}"
+        log_progress(f"phase 2 epoch 0 (start): dev hard loss {start['loss']:.4f} ppl {start['ppl']:.2f}{routed_start}", verbose)
+    else:
+        stopper.load_state_dict(saved["stopper"])
+        result = saved["result"]
+        log_progress(f"phase 2: resumed from {checkpoint_path} after epoch {len(result['train_losses'])}", verbose)
     train_batches = train_examples.batches(batch_size, shuffle=True, seed=seed, easy_weight=config.phase2_easy_weight)
+    loop = trainer.epochs(model, train_batches, dev_batches, optimizer, max_epochs=config.phase2_max_epochs)
+    epoch = first = len(result["train_losses"])
     clock = time.perf_counter()
-    for epoch, (train_loss, stats) in enumerate(
-        trainer.epochs(model, train_batches, dev_batches, optimizer, max_epochs=config.phase2_max_epochs), start=1
-    ):
+    while not stopper.stop:
+        try:
+            train_loss, stats = next(loop)
+        except StopIteration:
+            break
+        epoch += 1
         routed_loss = routing_loss()
-        result["train_losses"].append(train_loss)
-        result["dev_losses"].append(stats["loss"])
-        result["dev_ppls"].append(stats["ppl"])
-        result["dev_routing_losses"].append(routed_loss)
+        for key, value in (("train_losses", train_loss), ("dev_losses", stats["loss"]), ("dev_ppls", stats["ppl"]),
+                           ("dev_routing_losses", routed_loss)):  # fmt: skip
+            result[key].append(value)
         candidate = routed_loss is None or routed_loss <= result["dev_routing_losses"][0]
-        improved = candidate and stats["loss"] < best_loss
-        if improved:
-            best_loss, best_epoch, waited = stats["loss"], epoch, 0
-            best_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
-        else:
-            waited += 1
+        improved = stopper.update(epoch, stats["loss"], model, candidate)
+        save_progress(trainer, checkpoint_path, stopper, result)
         routed_text = "" if routed_loss is None else f" | dev routing loss {routed_loss:.4f}"
-        seconds = (time.perf_counter() - clock) / epoch
-        left = min(config.phase2_max_epochs - epoch, config.phase2_patience - waited)
+        seconds = (time.perf_counter() - clock) / (epoch - first)
+        left = min(config.phase2_max_epochs - epoch, config.phase2_patience - stopper.waited)
         log_progress(
             f"phase 2 epoch {epoch}: train loss {train_loss:.4f} | dev hard loss {stats['loss']:.4f} ppl "
             f"{stats['ppl']:.2f}{routed_text} | {seconds:.1f} s/epoch, phase 2 ends within "
             f"{duration(seconds * left)} unless it improves" + ("  *best" if improved else ""),
             verbose,
         )
-        if waited >= config.phase2_patience:
-            break
-    model.load_state_dict(best_state)
-    result.update(best_epoch=best_epoch, total_epochs=epoch, stopped_early=epoch < config.phase2_max_epochs)
+    stopper.restore(model)
+    result.update(best_epoch=stopper.best_epoch, total_epochs=epoch, stopped_early=epoch < config.phase2_max_epochs)
     return result
 
 
@@ -279,76 +289,87 @@ def _summary(stats: dict[str, Any]) -> dict[str, Any]:
     return {key: stats[key] for key in ("loss", "ppl", "acc")} | {"per_layer": per_layer}
 
 
-def run_ashem(
+@dataclasses.dataclass
+class PhaseOne:
+    """What phase 1 hands to phase 2: the kept model, its figures, and the random state at its end."""
+
+    model: DeepSupervisionTransformer
+    summary: dict[str, Any]  # ASHEMResult.phase1: val loss/ppl/acc, per_layer; dev history, kept epoch, seconds
+    rng: dict[str, Any]  # lash.checkpoint.rng_state() when phase 1 ended: phase 2 continues from it
+
+
+def split_dev(config: ASHEMConfig, train_batches: TokenBatches, seed: int) -> tuple[TokenBatches, TokenBatches]:
+    """``(train, dev)``: the training sequences less the dev slice (``config.dev_fraction``), and the slice."""
+    return train_batches.split(config.dev_fraction, seed)
+
+
+def run_phase1(
     config: ASHEMConfig,
     train_batches: TokenBatches,
+    dev_batches: TokenBatches,
     val_batches: TokenBatches,
     vocab_size: int,
     dim: int = 64,
     num_heads: int = 4,
     device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    verbose: bool = True,
+    checkpoint_path: str | Path | None = None,
+) -> PhaseOne:
+    """Phase 1: a ``phase1_layers`` model trained with early stopping on the dev slice, measured on validation.
+
+    With ``checkpoint_path`` every epoch is saved there, and a call that finds the file continues
+    from it to the same result. ``train_batches`` and ``dev_batches`` come from :func:`split_dev`.
+    """
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    log_progress(f"phase 1: {config.phase1_layers} layers, up to {config.phase1_max_epochs} epochs (patience "
+                 f"{config.phase1_patience}) on {train_batches.inputs.shape[0]} sequences; early stopping and "
+                 f"selection on a dev slice of {dev_batches.inputs.shape[0]}", verbose)  # fmt: skip
+    model = DeepSupervisionTransformer(vocab_size, dim, config.phase1_layers, num_heads, max_seq_len=train_batches.inputs.shape[1]).to(device)
+    trainer = Trainer(create_standard_config(config.phase1_layers), vocab_size, device, progress=progress, name="phase 1")
+    history = trainer.train_with_early_stopping(
+        model, train_batches, dev_batches, trainer.create_optimizer(model, config.phase1_lr),
+        max_epochs=config.phase1_max_epochs, patience=config.phase1_patience, verbose=verbose,
+        checkpoint_path=checkpoint_path, val_name="dev",
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    log_progress(f"phase 1 done: kept epoch {history['best_epoch']} of {history['total_epochs']}, {duration(seconds)}", verbose)
+    stats = evaluate(model, val_batches, trainer.config, device)
+    return PhaseOne(model, _summary(stats) | _history(history, seconds), rng_state())
+
+
+def run_phase2(
+    phase1: PhaseOne,
+    config: ASHEMConfig,
+    train_batches: TokenBatches,
+    dev_batches: TokenBatches,
+    val_batches: TokenBatches,
+    device: str | torch.device = "cpu",
     batch_size: int | None = None,
     seed: int = 0,
     progress: bool = True,
     verbose: bool = True,
-) -> ASHEMResult:
-    """Run both phases and the evaluation.
-
-    ``config.dev_fraction`` of the training sequences become the dev slice: early stopping and
-    model selection in both phases look at it alone, and the validation split is only measured
-    for the report (except under ``protocol="original"``, whose phase 2 uses it as the
-    original description did).
-
-    Args:
-        config: the ASHEM settings (depths, learning rates, patience, freezing, protocol).
-        train_batches: training ``(x, y)`` batches (the dev slice is carved from them).
-        val_batches: validation batches; every reported number is measured on them.
-        vocab_size: vocabulary size.
-        dim: model width.
-        num_heads: attention heads.
-        device: where to train.
-        batch_size: batch size of the phase-2 data (default: ``train_batches.batch_size``).
-        seed: seed of the dev slice, the initialisation and the shuffling.
-        progress: tqdm bars.
-        verbose: one line per epoch and per phase.
-    """
+    checkpoint_path: str | Path | None = None,
+) -> tuple[ASHEMResult, DeepSupervisionTransformer]:
+    """Mining, phase 2 and the evaluation, from where :func:`run_phase1` ended; returns the
+    result and the phase-2 model. ``checkpoint_path`` as in :func:`train_phase2`."""
     device = torch.device(device)
     batch_size = batch_size or train_batches.batch_size
-    seq_len = train_batches.inputs.shape[1]
-    train_batches, dev_batches = train_batches.split(config.dev_fraction, seed)
-    torch.manual_seed(seed)
-    seconds: dict[str, float] = {}
-
-    start = time.perf_counter()
-    log_progress(f"phase 1: {config.phase1_layers} layers, up to {config.phase1_max_epochs} epochs (patience "
-                 f"{config.phase1_patience}) on {train_batches.inputs.shape[0]} sequences; early stopping and "
-                 f"selection on a dev slice of {dev_batches.inputs.shape[0]} (val loss below = dev loss)", verbose)  # fmt: skip
-    model1 = DeepSupervisionTransformer(vocab_size, dim, config.phase1_layers, num_heads, max_seq_len=seq_len).to(device)
-    trainer1 = Trainer(create_standard_config(config.phase1_layers), vocab_size, device, progress=progress)
-    history1 = trainer1.train_with_early_stopping(
-        model1,
-        train_batches,
-        dev_batches,
-        trainer1.create_optimizer(model1, config.phase1_lr),
-        max_epochs=config.phase1_max_epochs,
-        patience=config.phase1_patience,
-        verbose=verbose,
-    )
-    seconds["phase1"] = time.perf_counter() - start
-    log_progress(f"phase 1 done: kept epoch {history1['best_epoch']} of {history1['total_epochs']}, "
-                 f"{duration(seconds['phase1'])}", verbose)  # fmt: skip
-    phase1_stats = evaluate(model1, val_batches, trainer1.config, device)
-
+    set_rng_state(phase1.rng)
+    model1, seconds = phase1.model, {"phase1": phase1.summary["seconds"]}
     start = time.perf_counter()
     # One confidence pass per split phase 2 needs; the threshold comes from the mined split's.
     original = config.protocol == "original"
-    splits = {"val": val_batches} if original else {"train": train_batches, "dev": dev_batches, "val": val_batches}
+    # Scored in stored order: the hard examples' order then never depends on phase 1's epoch count.
+    splits = {"val": val_batches} if original else {"train": train_batches.in_order(), "dev": dev_batches, "val": val_batches}
     scored = {name: _token_confidence(model1, batches, device) for name, batches in splits.items()}
     mined_conf = scored["val" if original else "train"][2]
     threshold = compute_confidence_threshold(mined_conf, config.hard_example_ratio)
     hard = {name: HardExamples(x, y, conf < threshold) for name, (x, y, conf) in scored.items()}
     seconds["mining"] = time.perf_counter() - start
-    hard_ratio_val = hard["val"].ratio
     if original:
         # The seed trains, selects and measures phase 2 on the validation hard tokens, one token at a time.
         train_hard = dev_hard = val_hard = hard["val"].single_tokens()
@@ -368,7 +389,7 @@ def run_ashem(
         model2, config.phase1_layers, config.freeze_embedding, config.freeze_lower_layers, config.freeze_head
     )
     history2 = train_phase2(
-        model2, train_hard, dev_hard, config, batch_size, device, seed, progress, verbose, routing_check
+        model2, train_hard, dev_hard, config, batch_size, device, seed, progress, verbose, routing_check, checkpoint_path
     )  # fmt: skip
     seconds["phase2"] = time.perf_counter() - start
     log_progress(f"phase 2 done: kept epoch {history2['best_epoch']} of {history2['total_epochs']}"
@@ -385,13 +406,13 @@ def run_ashem(
     seconds["evaluation"] = time.perf_counter() - start
 
     counts, edges = torch.histogram(mined_conf.flatten().double(), bins=50, range=(0.0, 1.0))
-    return ASHEMResult(
+    result = ASHEMResult(
         config=dataclasses.asdict(config),
         setup={
-            "vocab_size": vocab_size,
-            "dim": dim,
-            "num_heads": num_heads,
-            "seq_len": seq_len,
+            "vocab_size": model1.vocab_size,
+            "dim": model1.dim,
+            "num_heads": model1.num_heads,
+            "seq_len": train_batches.inputs.shape[1],
             "batch_size": batch_size,
             "train_sequences": train_batches.inputs.shape[0],
             "dev_sequences": dev_batches.inputs.shape[0],
@@ -400,10 +421,10 @@ def run_ashem(
             "device": str(device),
             "seed": seed,
         },
-        phase1=_summary(phase1_stats) | _history(history1, seconds["phase1"]),
+        phase1=phase1.summary,
         threshold=threshold,
         hard_ratio_mined=(mined_conf < threshold).float().mean().item(),
-        hard_ratio_val=hard_ratio_val,
+        hard_ratio_val=hard["val"].ratio,
         hard_before=hard_before,
         hard_after=hard_after,
         phase2=_summary(phase2_stats) | history2 | {"seconds": seconds["phase2"]},
@@ -411,9 +432,42 @@ def run_ashem(
         confidence_histogram={"counts": counts.tolist(), "edges": edges.tolist()},
         seconds=seconds,
     )
+    return result, model2
 
 
-def duration(seconds: float) -> str:
-    """``"42 s"``, ``"3 min 07 s"``."""
-    minutes, rest = divmod(round(seconds), 60)
-    return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
+def run_ashem(
+    config: ASHEMConfig,
+    train_batches: TokenBatches,
+    val_batches: TokenBatches,
+    vocab_size: int,
+    dim: int = 64,
+    num_heads: int = 4,
+    device: str | torch.device = "cpu",
+    batch_size: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    verbose: bool = True,
+) -> ASHEMResult:
+    """Run both phases and the evaluation (:func:`run_phase1`, then :func:`run_phase2`).
+
+    ``config.dev_fraction`` of the training sequences become the dev slice: early stopping and
+    model selection in both phases look at it alone, and the validation split is only measured
+    for the report (except under ``protocol="original"``, whose phase 2 uses it as the
+    original description did).
+
+    Args:
+        config: the ASHEM settings (depths, learning rates, patience, freezing, protocol).
+        train_batches: training ``(x, y)`` batches (the dev slice is carved from them).
+        val_batches: validation batches; every reported number is measured on them.
+        vocab_size: vocabulary size.
+        dim: model width.
+        num_heads: attention heads.
+        device: where to train.
+        batch_size: batch size of the phase-2 data (default: ``train_batches.batch_size``).
+        seed: seed of the dev slice, the initialisation and the shuffling.
+        progress: tqdm bars.
+        verbose: one line per epoch and per phase.
+    """
+    train, dev = split_dev(config, train_batches, seed)
+    phase1 = run_phase1(config, train, dev, val_batches, vocab_size, dim, num_heads, device, seed, progress, verbose)
+    return run_phase2(phase1, config, train, dev, val_batches, device, batch_size, seed, progress, verbose)[0]

@@ -85,14 +85,13 @@ def _old_format_hint(path: Path) -> str:
     )
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_atomic`, with ``torch.load(weights_only=True)``.
+def read_safely(path: str | Path) -> Any:
+    """Read a ``torch.save`` file with ``torch.load(weights_only=True)``: tensors and plain values only.
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a readable LASH v2 checkpoint (truncated, corrupt, another
-            format, an old v1 file, or one holding Python objects other than tensors and plain
-            containers, which could run code and are never unpickled).
+        ValueError: the file is truncated or corrupt, or holds Python objects other than tensors and
+            plain containers (which could run code, and are never unpickled).
     """
     path = Path(path)
     if not path.is_file():
@@ -115,6 +114,20 @@ def load(path: str | Path) -> dict[str, Any]:
         ) from None
     except Exception as error:
         raise ValueError(f"checkpoint {path} is unreadable or corrupt ({type(error).__name__}: {error})") from None
+    return payload
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_atomic` (through :func:`read_safely`) and check its layout.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a readable LASH v2 checkpoint (truncated, corrupt, another
+            format, an old v1 file, or one holding Python objects other than tensors and plain
+            containers, which could run code and are never unpickled).
+    """
+    path = Path(path)
+    payload = read_safely(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else None
         if found == OLD_FORMAT:

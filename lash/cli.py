@@ -15,12 +15,15 @@ import re
 import shlex
 import sys
 import time
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from lash.ashem import duration, run_ashem
+from lash import threads as lash_threads
+from lash.ashem import ASHEMResult, run_phase1, run_phase2, split_dev
+from lash.ashem_store import ASHEMStore
 from lash.checkpoint import set_seed
 from lash.config import PROTOCOLS, ASHEMConfig, TrainingConfig, create_standard_config
 from lash.data import load_dataset
@@ -29,6 +32,7 @@ from lash.files import check_writable_dir, write_atomic
 from lash.models import DeepSupervisionTransformer
 from lash.report import summary_table, write_report
 from lash.parallel import DISTRIBUTED, PRECISIONS
+from lash.progress import duration
 from lash.trainer import NonFiniteLossError, Trainer
 from lash.validation import check_device, check_int, check_real
 
@@ -37,7 +41,7 @@ QUICK = {"samples": 1200, "dim": 64, "phase1_max_epochs": 3, "phase2_max_epochs"
 # Flags a resumed run may change; every other one must match the checkpoint's run. More epochs
 # or steps extend a run (under --cosine they move the schedule's end, which the trainer refuses).
 RESUME_MAY_CHANGE = {"resume", "out", "stop_at_step", "epochs", "max_steps", "no_progress", "overwrite", "device",
-                     "distributed", "compile"}  # fmt: skip
+                     "distributed", "compile", "threads"}  # fmt: skip
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -62,17 +66,30 @@ def _layer_map(text: str) -> dict[int, float]:
     return dict(parsed)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default in its help, unless there is none to show or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def _add_data_args(p: argparse.ArgumentParser, samples: int) -> None:
-    p.add_argument("--dataset", default="auto", help="auto, wikitext-2, offline, or a path to text")
+    p.add_argument("--dataset", default="auto", help="auto (WikiText-2 if the hub answers, else offline), wikitext-2, "
+                   "offline (a generated corpus), or a text file or directory")  # fmt: skip
     p.add_argument("--samples", type=int, default=samples, help="training sequences")
-    p.add_argument("--val-samples", type=int, default=None, help="validation sequences (default samples // 5)")
-    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--val-samples", type=int, default=None, help="validation sequences (default: samples // 5)")
+    p.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
     p.add_argument("--batch-size", type=int, default=64, help="global batch size (sequences)")
-    p.add_argument("--max-vocab", type=int, default=None, help="vocabulary cap (offline corpus: its size, default 2048)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--max-vocab", type=int, default=None, help="vocabulary cap (default: every word of a text; "
+                   "the offline corpus: 2048)")  # fmt: skip
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=42, help="seed of the data, the initialisation and the shuffling")
+    p.add_argument("--threads", default="auto",
+                   help="CPU threads: a number, or auto (the cores other processes leave free, checked every epoch)")
     p.add_argument("--out", required=False, help="output directory")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _documented_args(cls: type) -> dict[str, str]:
@@ -92,37 +109,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lash", description="LASH: layer-wise supervision and early exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train one model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train = sub.add_parser("train", help="train one model", formatter_class=_HelpFormatter)
     _add_data_args(train, samples=10000)
     train.set_defaults(out="runs/train")
-    train.add_argument("--num-layers", type=int, default=4)
-    train.add_argument("--dim", type=int, default=64)
-    train.add_argument("--num-heads", type=int, default=4)
+    train.add_argument("--num-layers", type=int, default=4, help="transformer blocks")
+    train.add_argument("--dim", type=int, default=64, help="model width")
+    train.add_argument("--num-heads", type=int, default=4, help="attention heads")
     train.add_argument("--layer-weights", type=_layer_map, default=None, help="e.g. 2:0.5,4:0.5 (default: last layer only)")
     train.add_argument("--layer-lr-scales", type=_layer_map, default=None, help="e.g. 1:1.0,2:0.5")
-    train.add_argument("--routing-threshold", type=float, default=0.0)
-    train.add_argument("--exit-layer", type=int, default=1)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--weight-decay", type=float, default=0.0)
-    train.add_argument("--grad-clip", type=float, default=1.0)
+    train.add_argument("--routing-threshold", type=float, default=0.0,
+                       help="evaluate early exit: a token whose confidence at --exit-layer reaches this exits there (0: off)")
+    train.add_argument("--exit-layer", type=int, default=1, help="the early-exit layer, 1-based")
+    train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    train.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
     train.add_argument("--epochs", type=int, default=None, help="epochs (default 1 without --max-steps)")
     train.add_argument("--max-steps", type=int, default=None, help="train for this many optimizer steps")
     train.add_argument("--stop-at-step", type=int, default=None,
                        help="stop (checkpointed) at this step, keeping the schedule of the full run; resume later")
     train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    train.add_argument("--warmup-steps", type=int, default=0)
+    train.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up, in optimizer steps")
     train.add_argument("--cosine", action="store_true", help="cosine decay to 10%% over the run")
-    train.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
+    train.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="fp32, or bf16/fp16 autocast")
     train.add_argument("--compile", action="store_true", help="torch.compile the training loss")
     train.add_argument("--distributed", choices=DISTRIBUTED, default="ddp", help="engine under torchrun")
     train.add_argument("--resume", default=None, help="checkpoint to continue from (the same flags, see README)")
     train.add_argument("--overwrite", action="store_true", help=f"replace the {CHECKPOINT} of an earlier run in --out")
 
-    ashem = sub.add_parser("ashem", help="the ASHEM experiment", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ashem = sub.add_parser("ashem", help="the ASHEM experiment", formatter_class=_HelpFormatter)
     _add_data_args(ashem, samples=10000)
     ashem.set_defaults(out="runs/ashem")
-    ashem.add_argument("--dim", type=int, default=64)
-    ashem.add_argument("--heads", type=int, default=4)
+    ashem.add_argument("--dim", type=int, default=64, help="model width")
+    ashem.add_argument("--num-heads", type=int, default=4, help="attention heads")
     defaults, helps = ASHEMConfig(), _documented_args(ASHEMConfig)
     for f in fields(ASHEMConfig):
         flag, default, text = "--" + f.name.replace("_", "-"), getattr(defaults, f.name), helps.get(f.name)
@@ -134,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
             ashem.add_argument(flag, type=type(default), default=default, help=text)
     ashem.add_argument("--seeds", type=int, default=1, help="runs with seeds --seed, --seed + 1, …; figures as mean ± std")
     ashem.add_argument("--quick", action="store_true", help="a small run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    ashem.add_argument("--resume", action="store_true",
+                       help="continue the run kept in --out (rerunning into the same --out continues it too)")
+    ashem.add_argument("--overwrite", action="store_true", help="discard the run kept in --out and start afresh")
     return parser
 
 
@@ -153,50 +174,94 @@ def _device_name(device: torch.device) -> str:
 
 
 def _check_common_args(args: argparse.Namespace) -> torch.device:
-    """Check the data and device flags before any work; ``ValueError`` names the flag."""
+    """Check the data, device and thread flags before any work; ``ValueError`` names the flag."""
     for flag, low in (("samples", 1), ("seq_len", 1), ("batch_size", 1), ("val_samples", 1), ("max_vocab", 2)):
         if getattr(args, flag) is not None:  # None: the flag was left out
             check_int(_flag(flag), getattr(args, flag), low)
+    if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) >= 1):
+        raise ValueError(f"--threads {args.threads!r} must be auto or a whole number ≥ 1")
     return check_device("--device", args.device)
+
+
+def _where(device: torch.device, threads: str) -> str:
+    """``"device cpu, 2 threads (auto)"``: where the run computes, after applying ``--threads``."""
+    count = lash_threads.use(threads)
+    if device.type == "cuda":
+        return f"device {_device_name(device)}"
+    return f"device cpu, {count} thread{'s' if count > 1 else ''}{' (auto)' if threads == 'auto' else ''}"
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# ashem flags a continued run may change: where and how it runs, not what it computes.
+ASHEM_MAY_CHANGE = {"out", "no_progress", "device", "seeds", "resume", "overwrite", "quick", "threads", "command"}
+
+
 def run_ashem_command(args: argparse.Namespace, command: str) -> int:
     config = ASHEMConfig(**{f.name: getattr(args, f.name) for f in fields(ASHEMConfig)})
     device = _check_common_args(args)
     check_int("--dim", args.dim, 1)
-    check_int("--heads", args.heads, 1)
+    check_int("--num-heads", args.num_heads, 1)
     check_int("--seeds", args.seeds, 1)
-    check_writable_dir("--out", args.out)
+    out = check_writable_dir("--out", args.out)
+    store = ASHEMStore(out, {name: value for name, value in vars(args).items() if name not in ASHEM_MAY_CHANGE})
+    resumed = store.open(overwrite=args.overwrite, resume=args.resume)
     data = load_dataset(args.dataset, args.samples, args.batch_size, args.seq_len, args.seed, args.max_vocab, args.val_samples)
-    print(f"device: {_device_name(device)}")
+    print(_where(device, args.threads))
     best = f"; entropy rate {data.entropy_rate:.3f} nats (best PPL {torch.tensor(data.entropy_rate).exp():.2f})" if data.entropy_rate else ""
     print(f"data: {data.source}, vocab {data.vocab_size}, {data.train.inputs.shape[0]} train / "
           f"{data.val.inputs.shape[0]} val sequences of {args.seq_len}{best}")  # fmt: skip
-    results = []
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    if resumed:
+        print(f"continuing the run in {out}:\n{store.describe(seeds)}")
+    results, paths = [], []
     start = time.perf_counter()
-    for run, seed in enumerate(range(args.seed, args.seed + args.seeds), 1):
-        print(f"run {run} of {args.seeds}: seed {seed}")
-        result = run_ashem(
-            config, data.train, data.val, data.vocab_size, args.dim, args.heads, device, args.batch_size, seed,
-            progress=not args.no_progress,
-        )  # fmt: skip
-        result.setup.update(dataset=data.source, entropy_rate=data.entropy_rate)
-        results.append(result)
-        elapsed = time.perf_counter() - start
-        left = args.seeds - run
-        eta = f"; ETA {duration(elapsed / run * left)} for the {left} run{'s' if left > 1 else ''} left" if left else ""
-        print(f"run {run} of {args.seeds} done in {duration(sum(result.seconds.values()))} "
-              f"(elapsed {duration(elapsed)}{eta})")  # fmt: skip
-    paths = write_report(results, args.out, command)
+    try:
+        for run, seed in enumerate(seeds, 1):
+            print(f"run {run} of {args.seeds}: seed {seed}")
+            result = _ashem_seed(args, config, data, device, seed, store.seed(seed))
+            result.setup.update(dataset=data.source, entropy_rate=data.entropy_rate)
+            results.append(result)
+            paths = write_report(results, out, command)
+            elapsed = time.perf_counter() - start
+            left = args.seeds - run
+            eta = f"; ETA {duration(elapsed / run * left)} for the {left} run{'s' if left > 1 else ''} left" if left else ""
+            print(f"run {run} of {args.seeds} done (elapsed {duration(elapsed)}{eta}); report over {run} run"
+                  f"{'s' if run > 1 else ''} in {out / 'results.md'}")  # fmt: skip
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; kept in {out}:\n{store.describe(seeds)}\nrun the same command again to continue "
+              "from there", file=sys.stderr)  # fmt: skip
+        return 130
     print()
     print(summary_table(results))
     print()
     print("wrote " + ", ".join(str(path) for path in paths))
     return 0
+
+
+def _ashem_seed(args: argparse.Namespace, config: ASHEMConfig, data, device: torch.device, seed: int, files) -> ASHEMResult:
+    """One seed's run, continued from what ``files`` (a :class:`lash.ashem_store.SeedStore`) kept."""
+    done = files.load_result()
+    if done is not None:
+        print(f"seed {seed} finished earlier: {files.result_file}")
+        return done
+    train, dev = split_dev(config, data.train, seed)
+    phase1 = files.load_phase1(device)
+    if phase1 is None:
+        phase1 = run_phase1(
+            config, train, dev, data.val, data.vocab_size, args.dim, args.num_heads, device, seed,
+            progress=not args.no_progress, checkpoint_path=files.phase1_checkpoint,
+        )  # fmt: skip
+        kept = files.save_phase1(phase1, seed)
+        print("phase 1 kept: " + ", ".join(str(path) for path in kept))
+    else:
+        print(f"phase 1 finished earlier: {files.phase1_model}")
+    result, model2 = run_phase2(phase1, config, train, dev, data.val, device, args.batch_size, seed,
+                                progress=not args.no_progress, checkpoint_path=files.phase2_checkpoint)  # fmt: skip
+    files.save_result(result, model2)
+    return result
 
 
 def _check_train_args(args: argparse.Namespace) -> None:
@@ -271,7 +336,8 @@ def run_train_command(args: argparse.Namespace, command: str) -> int:
         _check_same_run(extra.get("args"), args, args.resume)
         history = list(extra.get("history", []))
     if trainer.is_main:
-        logging.info("device %s, world size %d, %s; %s", _device_name(trainer.device), trainer.world_size, data.source, config.describe())
+        logging.info("%s, world size %d, %s; %s", _where(trainer.device, args.threads), trainer.world_size, data.source,
+                     config.describe())  # fmt: skip
     tokens = 0
     start = time.perf_counter()
     if trainer.device.type == "cuda":
@@ -306,14 +372,26 @@ def run_train_command(args: argparse.Namespace, command: str) -> int:
     }
     if trainer.is_main:
         write_atomic(out / "metrics.json", json.dumps(metrics, indent=2).encode())
-        print(json.dumps({k: metrics[k] for k in ("final_train_loss", "final_val_loss", "final_val_acc", "global_step")}))
+        print(_final_line(metrics, config))
+        print(f"wrote {out / 'metrics.json'} and {out / CHECKPOINT}")
     return 0
+
+
+def _final_line(metrics: dict, config: TrainingConfig) -> str:
+    """The run's outcome in one line: the model's answer on validation, and early exit when evaluated."""
+    line = (f"done after {metrics['global_step']} steps: train loss {metrics['final_train_loss']:.4f} | val loss "
+            f"{metrics['final_val_loss']:.4f} ppl {metrics['final_val_ppl']:.2f} acc {metrics['final_val_acc']:.2%}")  # fmt: skip
+    if config.has_routing:
+        line += (f" | early exit at layer {config.exit_layer} (threshold {config.routing_threshold}): "
+                 f"{metrics['shallow_ratio']:.1%} of tokens exited, compute cost {metrics['compute_cost']:.1%}")  # fmt: skip
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    warnings.formatwarning = _one_line_warning
     command = "python -m lash " + shlex.join(argv)
     try:
         if args.command == "ashem":
@@ -326,10 +404,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}; the last checkpoint in --out is kept (try a lower --lr or --grad-clip)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; files already written in --out are complete", file=sys.stderr)
+        kept = Path(args.out) / CHECKPOINT
+        where = f"the last finished epoch is kept in {kept}: continue with --resume {kept}" if kept.is_file() else "nothing was kept"
+        print(f"interrupted; {where}", file=sys.stderr)
         return 130
     finally:
         shutdown_distributed()
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as ``warning: message``: a user of the command needs no source line of LASH's."""
+    return f"warning: {message}\n"
 
 
 def ashem_main(argv: list[str] | None = None) -> int:

@@ -83,6 +83,11 @@ class TokenBatches:
             else:
                 yield self.inputs[rows], self.targets[rows], self.weights[rows]
 
+    def in_order(self) -> TokenBatches:
+        """The same sequences, served in their stored order at every iteration: for scoring them,
+        where the order of the results must not depend on how many epochs were trained."""
+        return TokenBatches(self.inputs, self.targets, self.batch_size, False, self.seed, self.weights)
+
     def split(self, fraction: float, seed: int) -> tuple[TokenBatches, TokenBatches]:
         """Carve a held-out slice: ``(rest, slice)`` with ``fraction`` of the sequences (at least one) in the slice.
 

@@ -120,6 +120,26 @@ def _kept_sentence(kept: list[float], totals: list[int], selected_on: str) -> st
     return f"Phase 2 kept epoch {listed}: {meaning}."
 
 
+def _phase1_history(p1: dict[str, Any]) -> list[str]:
+    """Phase 1's dev-slice history as Markdown lines: one row per epoch."""
+    out = [f"Phase 1 (kept epoch {p1['best_epoch']} of {p1['total_epochs']}):", "",
+           "| epoch | train loss | dev loss | dev PPL |", "|---:|---:|---:|---:|"]  # fmt: skip
+    for epoch, values in enumerate(zip(p1["train_losses"], p1["dev_losses"], p1["dev_ppls"]), 1):
+        out.append("| {} | {:.4f} | {:.4f} | {:.2f} |".format(epoch, *values))
+    return out
+
+
+def phase1_markdown(p1: dict[str, Any], seed: int) -> str:
+    """``phase1.md``: what a finished phase 1 measured (validation split), before phase 2 exists."""
+    out = [f"# ASHEM seed {seed}: phase 1", "", "Validation split:", "", "| exit | loss | PPL | accuracy |",
+           "|---:|---:|---:|---:|"]  # fmt: skip
+    for layer, values in p1["per_layer"].items():
+        out.append(f"| layer {layer} | {values['loss']:.4f} | {values['ppl']:.2f} | {values['acc']:.2%} |")
+    out += ["", f"The model answers from its last layer: PPL {p1['ppl']:.2f}, accuracy {p1['acc']:.2%}.", ""]
+    out += _phase1_history(p1) + ["", f"Wall time {p1['seconds']:.1f} s."]
+    return "\n".join(out) + "\n"
+
+
 def results_markdown(results: Sequence[ASHEMResult], command: str = "") -> str:
     """``results.md``: the summary, one row per run, per-exit PPL, per-epoch histories and timings."""
     out = ["# ASHEM results", ""]
@@ -143,10 +163,7 @@ def results_markdown(results: Sequence[ASHEMResult], command: str = "") -> str:
     for r in results:
         out += ["", f"## Seed {r.setup['seed']}: history (dev slice)", ""]
         p1, p2 = r.phase1, r.phase2
-        out += [f"Phase 1 (kept epoch {p1['best_epoch']} of {p1['total_epochs']}):", "",
-                "| epoch | train loss | dev loss | dev PPL |", "|---:|---:|---:|---:|"]  # fmt: skip
-        for epoch, values in enumerate(zip(p1["train_losses"], p1["dev_losses"], p1["dev_ppls"]), 1):
-            out.append("| {} | {:.4f} | {:.4f} | {:.2f} |".format(epoch, *values))
+        out += _phase1_history(p1)
         selected_on = "validation hard tokens, as the original protocol" if r.config["protocol"] == "original" else "dev slice"
         out += ["", f"Phase 2 (kept epoch {p2['best_epoch']} of {p2['total_epochs']}; epoch 0 is the starting model; "
                 f"selected on the {selected_on}):", "",
@@ -197,7 +214,7 @@ def render_plots(results: Sequence[ASHEMResult]) -> dict[str, bytes]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
     plots = {}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -223,21 +240,37 @@ def render_plots(results: Sequence[ASHEMResult]) -> dict[str, bytes]:
     ax.stairs(first.confidence_histogram["counts"], first.confidence_histogram["edges"], fill=True, alpha=0.6)
     for r in results:
         ax.axvline(r.threshold, color="red", alpha=0.7, label=f"threshold {r.threshold:.3f} (seed {r.setup['seed']})")
+    # Tokens below the threshold are the hard ones phase 2 trains on; those above exit at phase 1's depth.
+    ax.axvspan(0.0, first.threshold, color="red", alpha=0.08, label="hard: phase 2 trains on these")
+    ax.axvspan(first.threshold, 1.0, color="green", alpha=0.08, label="easy: exit after phase 1's layers")
     ax.set(title=f"phase-1 confidence (max softmax probability), seed {first.setup['seed']}", xlabel="confidence", ylabel="tokens")
     ax.legend(fontsize="small")
     plots["confidence_histogram.png"] = _png(fig)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for name, marker in (("phase1", "o"), ("phase2", "s")):
+    fig, (ax, gap) = plt.subplots(1, 2, figsize=(10, 3.8))
+    spreads = {}
+    for name, label, marker in (("phase1", "phase-1 model", "o"), ("phase2", "phase-2 model", "s")):
         layers = list(results[0].__dict__[name]["per_layer"])
-        spreads = [_spread([r.__dict__[name]["per_layer"][layer]["ppl"] for r in results]) for layer in layers]
-        ax.errorbar([int(k) for k in layers], [s["mean"] for s in spreads], yerr=[s["std"] for s in spreads],
-                    marker=marker, capsize=4, label=name)  # fmt: skip
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        spreads[name] = {int(k): _spread([r.__dict__[name]["per_layer"][k]["ppl"] for r in results]) for k in layers}
+        ax.errorbar(list(spreads[name]), [v["mean"] for v in spreads[name].values()],
+                    yerr=[v["std"] for v in spreads[name].values()], marker=marker, capsize=4, label=label)  # fmt: skip
+    # Logarithmic: the first exit's PPL is often several times the others', which would flatten
+    # the before/after gap on a linear axis; the right panel shows that gap itself.
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
     runs = f"mean ± std over {len(results)} seeds" if len(results) > 1 else "one seed"
-    ax.set(title=f"validation PPL per exit ({runs})", xlabel="layer", ylabel="PPL")
+    ax.set(title=f"validation PPL per exit ({runs}; log scale)", xlabel="layer", ylabel="PPL")
     ax.legend()
+    last1 = max(spreads["phase1"])
+    change = {k: 100 * (v["mean"] / spreads["phase1"][min(k, last1)]["mean"] - 1) for k, v in spreads["phase2"].items()}
+    gap.bar(list(change), list(change.values()), color=["tab:green" if c < 0 else "tab:red" for c in change.values()])
+    gap.axhline(0, color="black", linewidth=0.8)
+    gap.set(title=f"phase 2 vs phase 1 (deeper exits vs phase 1's layer {last1})", xlabel="layer",
+            ylabel="PPL change (%, below 0 = better)")  # fmt: skip
+    for axis in (ax, gap):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     plots["ppl_per_exit.png"] = _png(fig)
     plt.close(fig)
     return plots

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import logging
 import math
 import time
 from collections.abc import Iterator
@@ -24,18 +23,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lash import checkpoint, evaluation, parallel
+from lash import checkpoint, evaluation, parallel, threads
 from lash.config import TrainingConfig
 from lash.distributed import ShardedBatches, all_reduce_sum, init_distributed, launched_by_torchrun
+from lash.early_stopping import EarlyStopping, load_progress, save_progress
 from lash.evaluation import Batches
 from lash.losses import multi_exit_loss
 from lash.models import StandardTransformer
 from lash.optim import create_optimizer
 from lash.parallel import DISTRIBUTED, PRECISIONS
+from lash.progress import log_progress
 from lash.validation import check_device, check_int, check_optional_int, check_real, check_token_ids
 from lash_kernels.ops.multi_exit_ce.reference import check_token_weights
-
-logger = logging.getLogger("lash")
 
 # Steps between host syncs that check the loss is finite and refresh the progress bar: a sync
 # every step would stall the GPU queue on small models.
@@ -166,16 +165,6 @@ def _close_epoch(trainer: Trainer, losses: list[torch.Tensor], checked: int, epo
     return (all_reduce_sum(total / count) / trainer.world_size).item()
 
 
-def log_progress(line: str, verbose: bool, is_main: bool = True) -> None:
-    """Log a progress line, and with ``verbose`` print it (beside the tqdm bars) unless a
-    logging handler already shows it, so it appears once; rank 0 (``is_main``) only."""
-    if not is_main:
-        return
-    logger.info(line)
-    if verbose and not (logger.isEnabledFor(logging.INFO) and logger.hasHandlers()):
-        tqdm.write(line)
-
-
 def train_with_early_stopping(
     trainer: Trainer,
     model: StandardTransformer,
@@ -187,12 +176,23 @@ def train_with_early_stopping(
     min_delta: float = 0.0,
     grad_clip: float | None = 1.0,
     verbose: bool = True,
+    checkpoint_path: str | Path | None = None,
+    val_name: str = "val",
 ) -> dict[str, Any]:
     """Train until the validation loss has not improved for ``patience`` epochs.
 
     An epoch improves when its validation loss is below the best so far by more than
-    ``min_delta``. The best weights are restored at the end, and also when a non-finite
-    loss stops training (the error is re-raised after the restore).
+    ``min_delta`` (:class:`lash.early_stopping.EarlyStopping`). The best weights are restored at
+    the end, and also when a non-finite loss stops training (the error is re-raised after the
+    restore).
+
+    Args:
+        checkpoint_path: a file to save the run to after every epoch (model, optimizer, RNG,
+            the early-stopping state and the history so far). If it exists when the call
+            starts, training continues from it, with the same decisions and the same final
+            result as a run that never stopped. ``model`` and ``optimizer`` must be the pair of
+            the trainer's last :meth:`Trainer.create_optimizer`, which checkpoints hold.
+        val_name: what the log lines call ``val_batches`` (ASHEM selects on a "dev" slice).
 
     Returns:
         ``train_losses``, ``val_losses``, ``val_ppls``, ``val_accs``, ``best_epoch``
@@ -200,43 +200,46 @@ def train_with_early_stopping(
         (the full :meth:`Trainer.evaluate` dict of every epoch).
     """
     check_int("max_epochs", max_epochs, 1)
-    check_int("patience", patience, 1)
-    check_real("min_delta", min_delta, 0.0)
+    stopper = EarlyStopping(patience, min_delta)
     result: dict[str, Any] = {"train_losses": [], "val_losses": [], "val_ppls": [], "val_accs": [], "history": []}
-    best_loss, best_epoch, best_state, waited = math.inf, 0, None, 0
-    stopped_early = False
-    loop = trainer.epochs(model, train_batches, val_batches, optimizer, grad_clip, trainer.epochs_trained + max_epochs)
+    first_epoch = trainer.epochs_trained
+    if checkpoint_path is not None and (model is not trainer.model or optimizer is not trainer.optimizer):
+        raise ValueError("checkpoint_path needs the model and optimizer of the trainer's last create_optimizer")
+    saved = load_progress(trainer, checkpoint_path)
+    if saved is not None:
+        stopper.load_state_dict(saved["stopper"])
+        result, first_epoch = saved["result"], saved["first_epoch"]
+        log_progress(f"resumed from {checkpoint_path} after epoch {len(result['train_losses'])}", verbose, trainer.is_main)
+    epoch = len(result["train_losses"])
+    loop = trainer.epochs(model, train_batches, val_batches, optimizer, grad_clip, first_epoch + max_epochs)
     clock = time.perf_counter()
     try:
-        for epoch, (train_loss, stats) in enumerate(loop, start=1):
+        while not stopper.stop:
+            try:
+                train_loss, stats = next(loop)
+            except StopIteration:
+                break
+            epoch += 1
             seconds, clock = time.perf_counter() - clock, time.perf_counter()
-            result["train_losses"].append(train_loss)
-            result["val_losses"].append(stats["loss"])
-            result["val_ppls"].append(stats["ppl"])
-            result["val_accs"].append(stats["acc"])
-            result["history"].append(stats)
-            improved = stats["loss"] < best_loss - min_delta
-            if improved:
-                best_loss, best_epoch, waited = stats["loss"], epoch, 0
-                best_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
-            else:
-                waited += 1
+            for key, value in (("train_losses", train_loss), ("val_losses", stats["loss"]), ("val_ppls", stats["ppl"]),
+                               ("val_accs", stats["acc"]), ("history", stats)):  # fmt: skip
+                result[key].append(value)
+            improved = stopper.update(epoch, stats["loss"], model)
             line = (
-                f"epoch {epoch}: train loss {train_loss:.4f} | val loss {stats['loss']:.4f} "
+                f"{trainer.epoch_label(epoch)}: train loss {train_loss:.4f} | {val_name} loss {stats['loss']:.4f} "
                 f"ppl {stats['ppl']:.2f} acc {stats['acc']:.4f} | {seconds:.1f} s" + ("  *best" if improved else "")
             )
             log_progress(line, verbose, trainer.is_main)
-            if waited >= patience:
-                stopped_early = True
-                log_progress(f"early stop after epoch {epoch}: best epoch {best_epoch} (val loss {best_loss:.4f})", verbose, trainer.is_main)
-                break
+            save_progress(trainer, checkpoint_path, stopper, result, first_epoch=first_epoch)
+            if stopper.stop:
+                log_progress(f"{trainer.epoch_label(epoch)}: early stop; best epoch {stopper.best_epoch} "
+                             f"({val_name} loss {stopper.best_loss:.4f})", verbose, trainer.is_main)  # fmt: skip
     except NonFiniteLossError:
-        if best_state is not None:
-            model.load_state_dict(best_state)
+        stopper.restore(model)
         raise
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    result.update(best_epoch=best_epoch, best_val_loss=best_loss, total_epochs=epoch, stopped_early=stopped_early)
+    stopper.restore(model)
+    result.update(best_epoch=stopper.best_epoch, best_val_loss=stopper.best_loss, total_epochs=epoch,
+                  stopped_early=stopper.stop)  # fmt: skip
     return result
 
 
@@ -257,6 +260,7 @@ class Trainer:
         total_steps: with it, cosine decay to ``min_lr_ratio`` at this step.
         min_lr_ratio: the cosine schedule's floor, as a fraction of each group's rate.
         distributed: ``"ddp"`` or ``"fsdp"`` (FSDP2 ``fully_shard``) when launched by torchrun.
+        name: what progress bars and log lines call this training (``"phase 1"``: "phase 1 epoch 3").
 
     State, all public: the progress counters that checkpoints carry, the fp16 ``scaler``, and what
     the last :meth:`create_optimizer` made: ``model``, ``optimizer``, ``scheduler``, ``runner`` (the
@@ -279,6 +283,7 @@ class Trainer:
         total_steps: int | None = None,
         min_lr_ratio: float = 0.1,
         distributed: str = "ddp",
+        name: str = "",
     ) -> None:
         _check_options(config, vocab_size, precision, grad_accum_steps, warmup_steps, total_steps, min_lr_ratio, distributed)
         self.config, self.vocab_size, self.ignore_index = config, vocab_size, ignore_index
@@ -286,6 +291,7 @@ class Trainer:
         self.progress = progress and self.is_main
         self.precision, self.compile, self.grad_accum_steps = precision, compile, grad_accum_steps
         self.schedule, self.distributed = (warmup_steps, total_steps, min_lr_ratio), distributed
+        self.name = name
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self.model: StandardTransformer | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -301,6 +307,10 @@ class Trainer:
     def is_main(self) -> bool:
         """Whether this process prints and writes (rank 0, or the only process)."""
         return self.dist is None or self.dist.is_main
+
+    def epoch_label(self, epoch: int) -> str:
+        """``"epoch 3"``, or ``"phase 1 epoch 3"`` for a trainer named ``"phase 1"``."""
+        return f"{self.name} epoch {epoch}" if self.name else f"epoch {epoch}"
 
     @property
     def world_size(self) -> int:
@@ -389,6 +399,7 @@ class Trainer:
         check_optional_int("max_steps", max_steps, 1)
         check_model(model, self.config, self.vocab_size, self.device)
         model.train()
+        threads.refresh()  # under the CLI's --threads auto: the cores others left free
         epoch = self.epochs_trained + 1
         if hasattr(train_batches, "epoch"):
             train_batches.epoch = self.epochs_trained
@@ -400,7 +411,7 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         losses: list[torch.Tensor] = []
         checked, accumulated, completed = 0, 0, True
-        bar = tqdm(batches, desc=f"epoch {epoch}", total=total, disable=not self.progress, leave=False)
+        bar = tqdm(batches, desc=self.epoch_label(epoch), total=total, disable=not self.progress, leave=False)
         for batch in bar:
             if max_steps is not None and self.global_step >= max_steps:
                 completed = False

@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from lash.hf.structure import DecoderParts, decoder_parts
+from lash.hf.structure import DecoderParts, cache_keyword, decoder_parts
 from lash.losses import confidence
 from lash.routing import compute_cost, exits
 from lash.validation import check_exit_layer, check_int, check_threshold
@@ -84,16 +84,12 @@ def _run(
         if sliding not in masks:
             make = create_sliding_window_causal_mask if sliding else create_causal_mask
             masks[sliding] = make(
-                config=config, inputs_embeds=h, attention_mask=mask, past_key_values=cache, position_ids=positions, layer_idx=i
-            )
-        out = parts.layers[i](
-            h,
-            attention_mask=masks[sliding],
-            position_embeddings=rotary,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-        )
+                config=config, inputs_embeds=h, attention_mask=mask, position_ids=positions, layer_idx=i,
+                **{cache_keyword(make): cache},
+            )  # fmt: skip
+        layer = parts.layers[i]
+        out = layer(h, attention_mask=masks[sliding], position_embeddings=rotary, position_ids=positions,
+                    use_cache=True, **{cache_keyword(layer.forward): cache})  # fmt: skip
         h = out[0] if isinstance(out, tuple) else out  # (B, n, D)
         if frozen is not None:
             h = torch.where(frozen.unsqueeze(-1), start, h)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -35,6 +36,17 @@ class DecoderParts(NamedTuple):
     layers: nn.ModuleList  # decoder layers; layer l is layers[l - 1]
     norm: nn.Module  # final norm, applied once to the last layer by the backbone
     head: nn.Linear  # shared output head [V, D], no bias
+
+
+@functools.cache
+def _takes_cache(fn: object) -> bool:
+    return "cache" in inspect.signature(fn).parameters
+
+
+def cache_keyword(fn: object) -> str:
+    """The keyword ``fn`` takes a KV cache under: ``cache`` in current transformers releases,
+    ``past_key_values`` in older ones (which newer ones still take, with a deprecation warning)."""
+    return "cache" if _takes_cache(getattr(fn, "__func__", fn)) else "past_key_values"
 
 
 def _model_type(model: nn.Module) -> str:

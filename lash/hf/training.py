@@ -24,7 +24,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lash.config import TrainingConfig
-from lash.hf.structure import decoder_hidden_states, decoder_parts, layer_recorder
+from lash.hf.structure import cache_keyword, decoder_hidden_states, decoder_parts, layer_recorder
 from lash_kernels import multi_exit_cross_entropy
 
 IGNORE_INDEX = -100  # Hugging Face's label of tokens without loss
@@ -93,12 +93,13 @@ def _lash_forward(
     """The patched forward: the signature of Hugging Face's causal LMs (``Trainer`` reads it)."""
     patch: _Patch = self._lash_patch
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds)
+    # Current transformers releases name the KV cache `cache`, older ones `past_key_values`.
+    cache = kwargs.pop("cache", None) if past_key_values is None else past_key_values
     if labels is None:
-        return patch.inner_forward(
-            **inputs, past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs
-        )
-    if past_key_values is not None:
-        raise ValueError("lash.hf computes the training loss without a KV cache: pass labels or past_key_values, not both")
+        given = {} if cache is None else {cache_keyword(patch.inner_forward): cache}
+        return patch.inner_forward(**inputs, use_cache=use_cache, logits_to_keep=logits_to_keep, **given, **kwargs)
+    if cache is not None:
+        raise ValueError("lash.hf computes the training loss without a KV cache: pass labels or a cache, not both")
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     shift_labels = kwargs.pop("shift_labels", None)
     kwargs.pop("return_dict", None)

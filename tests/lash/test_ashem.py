@@ -222,7 +222,7 @@ def test_failed_write_keeps_existing_results(tmp_path, monkeypatch):
 
 def test_colab2_cli_writes_results(tmp_path, capsys):
     args = ["--dataset", "offline", "--samples", "64", "--val-samples", "16", "--seq-len", "8", "--dim", "16",
-            "--heads", "2", "--batch-size", "32", "--max-vocab", "64", "--phase1-layers", "1", "--phase2-layers", "2",
+            "--num-heads", "2", "--batch-size", "32", "--max-vocab", "64", "--phase1-layers", "1", "--phase2-layers", "2",
             "--phase1-max-epochs", "1", "--phase2-max-epochs", "1", "--no-progress", "--freeze-head", "--seeds", "2",
             "--out", str(tmp_path)]
     assert cli.ashem_main(args) == 0
@@ -231,7 +231,7 @@ def test_colab2_cli_writes_results(tmp_path, capsys):
     assert run["config"]["freeze_head"] is True and run["setup"]["dataset"] == "offline" and result["seeds"] == [42, 43]
     assert len(result["summary"]["phase1_ppl"]["values"]) == 2 and result["summary"]["phase1_ppl"]["std"] > 0
     out = capsys.readouterr().out
-    assert "Two-stage routing" in out and " ± " in out and "run 2 of 2 done in" in out and "ETA" in out
+    assert "Two-stage routing" in out and " ± " in out and "run 2 of 2 done (elapsed" in out and "ETA" in out
     assert "phase 1 done: kept epoch 1 of 1" in out and "phase 2 epoch 0 (start)" in out
     assert cli.ashem_main(["--hard-example-ratio", "1.5", "--out", str(tmp_path)]) == 2
     assert "hard_example_ratio=1.5 is outside" in capsys.readouterr().err

@@ -68,6 +68,28 @@ def test_compile_path_runs(tmp_path, monkeypatch):
         trainer.train_epoch(model, [(x, torch.full_like(x, 30))], trainer.create_optimizer(model, 1e-3))
 
 
+def test_every_flag_has_help_and_shared_concepts_share_one_name():
+    commands = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
+    flags = {}
+    for name, parser in commands.items():
+        for action in parser._actions:
+            assert action.help and action.help.strip(), f"lash {name} {action.option_strings} has no help"
+            assert "(default: None)" not in parser.format_help()
+            flags[name] = flags.get(name, set()) | set(action.option_strings)
+    shared = {"--dataset", "--samples", "--seq-len", "--batch-size", "--device", "--seed", "--threads", "--out", "--dim",
+              "--num-heads", "--no-progress", "--overwrite", "--resume"}  # fmt: skip
+    assert shared <= flags["train"] & flags["ashem"]
+    assert "--heads" not in flags["ashem"]
+
+
+def test_train_ends_saying_what_it_wrote_and_the_early_exit_figures(tmp_path, capsys):
+    run_cli(tmp_path, "run", "--routing-threshold", "0.01", "--exit-layer", "1")
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'run' / 'metrics.json'} and {tmp_path / 'run' / 'checkpoint.pt'}" in out
+    assert "early exit at layer 1 (threshold 0.01):" in out and "of tokens exited, compute cost" in out
+    assert not out.lstrip().startswith("{")
+
+
 def test_corrupt_or_mismatched_checkpoint_is_a_clear_error_and_touches_nothing(tmp_path, capsys):
     run_cli(tmp_path, "run")
     ckpt, saved = tmp_path / "run" / "checkpoint.pt", (tmp_path / "run" / "metrics.json").read_bytes()
