@@ -298,6 +298,10 @@ class PhaseOne:
     rng: dict[str, Any]  # lash.checkpoint.rng_state() when phase 1 ended: phase 2 continues from it
 
 
+def _epochs(n: int) -> str:
+    return f"{n} epoch{'s' if n != 1 else ''}"
+
+
 def split_dev(config: ASHEMConfig, train_batches: TokenBatches, seed: int) -> tuple[TokenBatches, TokenBatches]:
     """``(train, dev)``: the training sequences less the dev slice (``config.dev_fraction``), and the slice."""
     return train_batches.split(config.dev_fraction, seed)
@@ -325,7 +329,7 @@ def run_phase1(
     device = torch.device(device)
     torch.manual_seed(seed)
     start = time.perf_counter()
-    log_progress(f"phase 1: {config.phase1_layers} layers, up to {config.phase1_max_epochs} epochs (patience "
+    log_progress(f"phase 1: {config.phase1_layers} layers, up to {_epochs(config.phase1_max_epochs)} (patience "
                  f"{config.phase1_patience}) on {train_batches.inputs.shape[0]} sequences; early stopping and "
                  f"selection on a dev slice of {dev_batches.inputs.shape[0]}", verbose)  # fmt: skip
     model = DeepSupervisionTransformer(vocab_size, dim, config.phase1_layers, num_heads, max_seq_len=train_batches.inputs.shape[1]).to(device)
@@ -381,7 +385,7 @@ def run_phase2(
 
     start = time.perf_counter()
     selection = "the validation hard tokens (original protocol)" if original else "the dev slice"
-    log_progress(f"phase 2: {config.phase2_layers} layers, up to {config.phase2_max_epochs} epochs "
+    log_progress(f"phase 2: {config.phase2_layers} layers, up to {_epochs(config.phase2_max_epochs)} "
                  f"(patience {config.phase2_patience}) on {int(train_hard.hard.sum())} hard tokens; "
                  f"selection on {selection}", verbose)  # fmt: skip
     model2 = extend_model(model1, config.phase2_layers)
