@@ -19,10 +19,14 @@ workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
 # A test module whose optional import is missing on this machine must not stop the CUDA tests.
 LASH_KERNELS=triton timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
     $workers tests/ >"$out/gpu_tests.txt" 2>&1
-for tokens in 1024 8192; do  # one logits chunk (256 MiB) holds all 4 × 1024 rows; 8192 tokens take 8
-    timeout 40 python3 benchmarks/hf_multi_exit_memory.py --device cuda --tokens $tokens
-done >"$out/hf_multi_exit.txt" 2>&1
-timeout 30 python3 benchmarks/hf_rope.py --json "$out/hf_rope.json" >"$out/hf_rope.txt" 2>&1
+{
+    for tokens in 1024 8192; do  # one logits chunk (256 MiB) holds all 4 × 1024 rows; 8192 tokens take 8
+        timeout 40 python3 benchmarks/hf_multi_exit_memory.py --device cuda --tokens $tokens
+    done
+    timeout 30 python3 benchmarks/hf_rope.py --json "$out/hf_rope.json"
+} >"$out/hf.txt" 2>&1
 timeout 250 python3 benchmarks/gpu_suite.py --out "$out/suite" --no-tests >"$out/suite.log" 2>&1
-tail -n 5 "$out"/gpu_tests.txt "$out"/hf_multi_exit.txt "$out"/hf_rope.txt
-cat "$out/suite/gpu_suite.md" 2>/dev/null
+# A trained early-exit model (a few hundred bf16 steps), then plain / early exit / speculative decoding.
+timeout 150 python3 benchmarks/decode_bench.py --train-steps 300 --batch-size 32 --repeats 3 >"$out/decode.txt" 2>&1
+tail -n 5 "$out"/gpu_tests.txt "$out"/hf.txt
+cat "$out/suite/gpu_suite.md" "$out/decode.txt" 2>/dev/null | tail -n 80

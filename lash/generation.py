@@ -1,196 +1,98 @@
-"""Autoregressive decoding with a KV cache: plain, early-exit (CALM) and self-speculative (LayerSkip).
+"""Decoding LASH models: the adapter of :mod:`lash.decoding`'s engine, and :func:`generate`.
 
-* **plain** — every token runs every layer.
-* **early exit** — a new token whose exit-layer confidence is ``>= routing_threshold`` is
-  emitted from the exit layer; the deeper layers' caches get keys/values projected from its
-  exit state (CALM's state propagation). This is exactly :func:`lash.routing.early_exit_forward`
-  applied position by position, the prompt included: both share :func:`lash.routing.early_exit_step`.
-* **self-speculative** — the first ``exit_layer`` layers plus the shared head draft up to
-  ``draft_tokens`` tokens one at a time; the full model verifies them in one pass and the
-  longest agreeing prefix is kept, plus the full model's own next token. The verifier reuses
-  the draft layers' cache entries (those layers are the same weights) and their exit-layer
-  states, so verifying only runs the draft layers for the last draft and the deeper layers for
-  all of them. Sampling uses the speculative-sampling rule (Leviathan et al., 2023), so its
-  output follows the full model's distribution; greedy output equals plain greedy output.
-
-All prompts in a batch have the same length (``input_ids`` is a ``(B, T0)`` tensor, no padding).
-The cache never needs truncating: a rejected draft's entries sit beyond the accepted length and
-are overwritten, since every read covers positions ``0..start+n-1`` only.
+:class:`LashParts` runs a LASH model's own blocks (their one ``forward(h, positions, cache)``,
+the training code) over a static KV cache preallocated for the whole call, so decoding cannot
+drift from training. CALM-style propagation (``deep_fill="propagate"``) projects an exited
+token's keys and values for every deep layer with one GEMM over the layers' stacked ``k_proj``
+and ``v_proj`` weights and rotates them in one launch.
 """
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from lash.routing import compute_cost, early_exit_step, run_layers
+from lash.decoding import DEEP_FILLS, EXIT_RULES, DecodeState, Sampler, Stop, decode
+from lash.modules.attention import LayerCache, additive_mask
 from lash.validation import check_exit_layer, check_index, check_int, check_real, check_threshold, check_token_ids
+from lash_kernels import apply_rotary
 
 if TYPE_CHECKING:
     from lash.models import DeepSupervisionTransformer
 
 
-class KVCache:
-    """Keys and values of every layer for positions ``0..max_len-1``, written in place.
+class StaticCache(NamedTuple):
+    """Every layer's keys and values for a whole decoding call, allocated once."""
+
+    keys: torch.Tensor  # (L, B, nh, S, hs)
+    values: torch.Tensor  # (L, B, nh, S, hs)
+
+
+class LashParts:
+    """:class:`lash.decoding.Parts` of a LASH model.
 
     Args:
-        model: the model whose layers it serves.
-        batch_size: B.
-        max_len: positions to hold.
-        dtype: storage dtype (the activations').
+        model: a :class:`lash.models.StandardTransformer` (or subclass), in eval mode.
     """
 
-    def __init__(self, model: DeepSupervisionTransformer, batch_size: int, max_len: int, dtype: torch.dtype) -> None:
-        shape = (batch_size, model.num_heads, max_len, model.dim // model.num_heads)  # (B, nh, S, hs)
-        device = model.output_head.weight.device
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
+    def __init__(self, model: DeepSupervisionTransformer) -> None:
+        self.model, self.num_layers = model, model.num_layers
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write layer ``layer``'s (1-based) ``k, v`` (B, nh, n, hs) at ``start``; return positions ``0..start+n-1``."""
-        end = start + k.shape[2]
-        keys, values = self.keys[layer - 1], self.values[layer - 1]
-        keys[:, :, start:end] = k
-        values[:, :, start:end] = v
-        return keys[:, :, :end], values[:, :, :end]
+    def new_cache(self, batch: int, slots: int) -> StaticCache:
+        m = self.model
+        shape = (m.num_layers, batch, m.num_heads, slots, m.dim // m.num_heads)
+        weight = m.output_head.weight
+        # Zeros, not empty memory: a masked column still meets a zero attention weight, and
+        # 0 · NaN (left in uninitialised memory) would be NaN.
+        return StaticCache(weight.new_zeros(shape), weight.new_zeros(shape))
 
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embedding(ids)  # ids are checked once, by generate, or were generated
 
-def token_probabilities(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
-    """The distribution tokens are drawn from: ``(B, V)`` logits → ``(B, V)`` fp32 probabilities.
+    def run(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState,
+            frozen: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        cache: StaticCache = state.cache
+        slots = torch.arange(start, start + h.shape[1], device=h.device)  # (n,)
+        columns = torch.arange(state.valid.shape[1], device=h.device)  # (S,)
+        allowed = (columns <= slots[:, None]) & state.valid[:, None, :]  # (B, n, S): valid columns up to its own
+        mask = additive_mask(allowed.unsqueeze(1), h.dtype)  # (B, 1, n, S), shared by the layers
+        where = slots.expand(h.shape[0], -1)  # (B, n): every row writes the same columns
+        start_h = h
+        for i in layers:
+            h = self.model.layers[i](h, positions, LayerCache(cache.keys[i], cache.values[i], where, mask))
+            if frozen is not None:
+                h = torch.where(frozen[..., None], start_h, h)
+        return h
 
-    Temperature 0 is greedy: a one-hot at the argmax, so the speculative rule below reduces to
-    exact argmax matching.
-    """
-    if temperature == 0:
-        return torch.zeros_like(logits, dtype=torch.float32).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
-    # Shift the maximum to 0 and keep it there: a temperature too small for fp32 (even one that
-    # rounds to 0) then gives -inf for every other logit, never inf - inf or 0 / 0.
-    shifted = logits.float() - logits.float().amax(-1, keepdim=True)  # (B, V), <= 0
-    logits = torch.where(shifted == 0, shifted, shifted / temperature)
-    if top_k is not None:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    return logits.softmax(dim=-1)
+    def fill(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState) -> None:
+        blocks = [self.model.layers[i].attn for i in layers]
+        stacked = torch.cat([w for a in blocks for w in (a.k_proj.weight, a.v_proj.weight)])  # (2·D·n_layers, D)
+        B, n, D = h.shape
+        attn = blocks[0]
+        kv = (h @ stacked.T).view(B, n, 2 * len(blocks), attn.num_heads, attn.head_dim).transpose(1, 3)  # (B, nh, 2Lk, n, hs)
+        keys, values = kv[:, :, 0::2], kv[:, :, 1::2]  # (B, nh, Lk, n, hs)
+        heads = keys.transpose(1, 2).reshape(B, len(blocks) * attn.num_heads, n, attn.head_dim)  # layers as heads
+        rotated, _ = apply_rotary(heads, heads[:, :0], attn.rope.cos, attn.rope.sin, positions=positions)
+        rotated = rotated.view(B, len(blocks), attn.num_heads, n, attn.head_dim)
+        cache: StaticCache = state.cache
+        slots = torch.arange(start, start + n, device=h.device)
+        index = slots.view(1, 1, 1, n, 1).expand(len(blocks), B, attn.num_heads, n, attn.head_dim)
+        cache.keys[layers.start : layers.stop].scatter_(3, index, rotated.transpose(0, 1))
+        cache.values[layers.start : layers.stop].scatter_(3, index, values.permute(2, 0, 1, 3, 4))
 
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.output_head(h)
 
-def sample(probs: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Draw one token per row from ``probs`` (B, V): ``(B,)``; greedy takes the argmax."""
-    if temperature == 0:
-        return probs.argmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-
-def _next_token(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> torch.Tensor:
-    return sample(token_probabilities(logits, temperature, top_k), temperature, generator)  # (B,)
-
-
-def _decode(model, prompt, max_new_tokens, step, temperature, top_k, generator) -> torch.Tensor:
-    """The plain loop: ``step(tokens (B, n), start) → logits (B, V)`` of the last position."""
-    tokens = [prompt]
-    start, x = 0, prompt
-    for _ in range(max_new_tokens):
-        nxt = _next_token(step(x, start), temperature, top_k, generator)  # (B,)
-        start, x = start + x.shape[1], nxt.unsqueeze(1)
-        tokens.append(x)
-    return torch.cat(tokens, dim=1)
+    def keep(self, state: DecodeState, slots: int) -> None:
+        """A static cache keeps every column: later writes overwrite, masks hide what is ahead."""
 
 
-def plain_decode(model, prompt, max_new_tokens, temperature, top_k, generator) -> tuple[torch.Tensor, dict[str, float]]:
-    """Every token through every layer."""
-    cache = KVCache(model, prompt.shape[0], prompt.shape[1] + max_new_tokens, model.embedding.weight.dtype)
-    layers = range(1, model.num_layers + 1)
-
-    def step(x, start):
-        return model.output_head(run_layers(model, model.embed(x), start, layers, cache)[:, -1])  # (B, V)
-
-    return _decode(model, prompt, max_new_tokens, step, temperature, top_k, generator), {}
-
-
-def early_exit_decode(model, prompt, max_new_tokens, temperature, top_k, generator, exit_layer, threshold):
-    """CALM decoding: confident tokens are emitted from the exit layer (see the module docstring)."""
-    cache = KVCache(model, prompt.shape[0], prompt.shape[1] + max_new_tokens, model.embedding.weight.dtype)
-    exits = []  # (B,) per emitted token: did the position that predicted it exit?
-
-    def step(x, start):
-        logits, exited, _ = early_exit_step(model, x, threshold, exit_layer, start, cache)
-        exits.append(exited[:, -1])
-        return logits[:, -1]  # (B, V)
-
-    tokens = _decode(model, prompt, max_new_tokens, step, temperature, top_k, generator)
-    shallow = torch.stack(exits).float().mean().item() if exits else 0.0
-    return tokens, {"shallow_ratio": shallow, "compute_cost": compute_cost(shallow, exit_layer, model.num_layers)}
-
-
-def _accepted(drafts, draft_probs, verify_probs, temperature, generator) -> tuple[int, torch.Tensor]:
-    """How many drafts every row keeps, and each row's next token after them.
-
-    Speculative sampling: row ``b`` keeps draft ``i`` with probability ``min(1, p_i(d)/q_i(d))``;
-    at its first rejection it draws from ``norm(max(p_i - q_i, 0))``. The batch keeps the
-    fewest drafts any row kept (``m``); a row that accepted draft ``m`` too takes it as its next
-    token, which is still a draw from the full model, so every row stays exact.
-
-    Args:
-        drafts: ``(B, k)``; ``draft_probs``: ``(B, k, V)``; ``verify_probs``: ``(B, k+1, V)``.
-
-    Returns:
-        ``m`` and the ``(B,)`` token at the first position after the kept drafts.
-    """
-    B, k = drafts.shape
-    p = verify_probs[:, :k].gather(2, drafts.unsqueeze(2)).squeeze(2)  # (B, k)
-    q = draft_probs.gather(2, drafts.unsqueeze(2)).squeeze(2)  # (B, k)
-    if temperature == 0:
-        keep = p > 0  # one-hot distributions: the draft is the full model's argmax
-    else:
-        keep = torch.rand(p.shape, generator=generator, device=p.device) * q < p
-    kept = keep.long().cumprod(dim=1).sum(dim=1)  # (B,) per-row accepted prefix length
-    m = int(kept.min())
-    if m == k:
-        return m, sample(verify_probs[:, k], temperature, generator)
-    residual = (verify_probs[:, m] - draft_probs[:, m]).clamp_min(0)  # (B, V)
-    # Rows that kept draft m may have p == q there (no residual mass); they take the draft anyway.
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, verify_probs[:, m])
-    correction = sample(residual / residual.sum(-1, keepdim=True), temperature, generator)
-    return m, torch.where(kept > m, drafts[:, m], correction)
-
-
-def speculative_decode(model, prompt, max_new_tokens, temperature, top_k, generator, exit_layer, draft_tokens):
-    """LayerSkip self-speculative decoding (see the module docstring)."""
-    B, T0 = prompt.shape
-    cache = KVCache(model, B, T0 + max_new_tokens, model.embedding.weight.dtype)
-    draft_layers, deep_layers = range(1, exit_layer + 1), range(exit_layer + 1, model.num_layers + 1)
-
-    def probs_at(h):  # (B, n, D) → (B, n, V)
-        logits = model.output_head(h)
-        return token_probabilities(logits.flatten(0, 1), temperature, top_k).view(*logits.shape[:2], -1)
-
-    last = model.output_head(run_layers(model, model.embed(prompt), 0, range(1, model.num_layers + 1), cache)[:, -1])
-    tokens = [prompt, _next_token(last, temperature, top_k, generator).unsqueeze(1)]
-    pos, emitted, drafted, accepted = T0, 1, 0, 0  # pos: position of the newest token, not yet cached
-    while emitted < max_new_tokens:
-        k = min(draft_tokens, max_new_tokens - emitted - 1)
-        x, states, drafts, draft_probs = tokens[-1], [], [], []
-        for i in range(k + 1):  # k drafts, then the draft layers for the last one (the verifier's)
-            states.append(run_layers(model, model.embed(x), pos + i, draft_layers, cache))  # (B, 1, D)
-            if i < k:
-                draft_probs.append(probs_at(states[-1]))
-                x = sample(draft_probs[-1][:, 0], temperature, generator).unsqueeze(1)
-                drafts.append(x)
-        verify = probs_at(run_layers(model, torch.cat(states, dim=1), pos, deep_layers, cache))  # (B, k+1, V)
-        if k:
-            m, nxt = _accepted(torch.cat(drafts, dim=1), torch.cat(draft_probs, dim=1), verify, temperature, generator)
-        else:
-            m, nxt = 0, sample(verify[:, 0], temperature, generator)
-        tokens += drafts[:m] + [nxt.unsqueeze(1)]
-        pos, emitted, drafted, accepted = pos + m + 1, emitted + m + 1, drafted + k, accepted + m
-    stats = {"acceptance_rate": accepted / drafted if drafted else 0.0, "drafted": float(drafted), "accepted": float(accepted)}
-    return torch.cat(tokens, dim=1)[:, : T0 + max_new_tokens], stats
-
-
-def _check(model, input_ids, max_new_tokens, temperature, top_k, draft_tokens, generator) -> None:
+def _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, draft_tokens, generator) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long or 0 in input_ids.shape:
-        raise ValueError("input_ids must be a non-empty LongTensor (batch, prompt_len) (all prompts the same length)")
+        raise ValueError("input_ids must be a non-empty LongTensor (batch, prompt_len)")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
     check_int("max_new_tokens", max_new_tokens, 0)
     total = input_ids.shape[1] + max_new_tokens
     if total > model.max_seq_len:
@@ -201,10 +103,40 @@ def _check(model, input_ids, max_new_tokens, temperature, top_k, draft_tokens, g
     check_real("temperature", temperature, 0.0)  # 0: greedy
     if top_k is not None:
         check_index("top_k", top_k, 1, model.vocab_size, " (the vocabulary size), or None")
+    if top_p is not None:
+        check_real("top_p", top_p, 0.0, 1.0, low_open=True)
     check_int("draft_tokens", draft_tokens, 1)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     check_token_ids(input_ids, model.vocab_size)
+
+
+def decoding_mode(speculative: bool, routing_threshold: float | None, deep_fill: str, exit_rule: str) -> str:
+    """The mode :func:`lash.decoding.decode` runs; ``ValueError`` for options that do not go together."""
+    if speculative and routing_threshold is not None:
+        raise ValueError("choose one mode: speculative=True or a routing_threshold (early exit), not both")
+    if deep_fill not in DEEP_FILLS:
+        raise ValueError(f"deep_fill={deep_fill!r} must be one of {', '.join(DEEP_FILLS)}")
+    if exit_rule not in EXIT_RULES:
+        raise ValueError(f"exit_rule={exit_rule!r} must be one of {', '.join(EXIT_RULES)}")
+    return "speculative" if speculative else "early_exit" if routing_threshold is not None else "plain"
+
+
+def check_exit(exit_layer: int | None, num_layers: int, mode: str) -> None:
+    """``ValueError`` for an exit layer outside ``[1, num_layers - 1]``, or none where the mode needs one."""
+    if exit_layer is None and mode != "plain":
+        raise ValueError("exit_layer is needed for early exit and self-speculative decoding")
+    if exit_layer is not None:
+        check_exit_layer(exit_layer, num_layers)
+
+
+def stopping(max_new_tokens: int, eos_token_id: int | list[int] | None, pad_token_id: int | None, device) -> Stop:
+    """The :class:`lash.decoding.Stop` of a call: rows padded after their EOS with ``pad_token_id``
+    (default: the first EOS id)."""
+    ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    eos = torch.tensor(ids, dtype=torch.long, device=device) if ids else None
+    pad = pad_token_id if pad_token_id is not None else (ids[0] if ids else 0)
+    return Stop(max_new_tokens, eos, pad)
 
 
 @torch.no_grad()
@@ -214,49 +146,64 @@ def generate(
     max_new_tokens: int,
     temperature: float = 0.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     exit_layer: int | None = None,
     routing_threshold: float | None = None,
     speculative: bool = False,
     draft_tokens: int = 4,
+    deep_fill: str = "recompute",
+    exit_rule: str = "row",
+    attention_mask: torch.Tensor | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
-    """Decode ``max_new_tokens`` tokens after each prompt with a KV cache.
+    """Decode ``max_new_tokens`` tokens after each prompt with a KV cache (:mod:`lash.decoding`).
 
     The mode: ``speculative=True`` → self-speculative; else a ``routing_threshold`` → early
-    exit; else plain.
+    exit; else plain. :func:`lash.hf.generate` takes the same arguments for Hugging Face models.
 
     Args:
-        model: a :class:`DeepSupervisionTransformer`.
-        input_ids: ``(B, T0)`` prompts, all the same length.
+        model: a :class:`DeepSupervisionTransformer` (or any LASH model).
+        input_ids: ``(B, T0)`` prompts, left-padded when their lengths differ.
         max_new_tokens: tokens to add; ``T0 + max_new_tokens <= max_seq_len``.
         temperature: 0 for greedy, else sampling at this temperature.
         top_k: sample among the ``top_k`` most likely tokens only (None: all).
+        top_p: sample among the most likely tokens holding ``top_p`` of the probability (None: all).
         exit_layer: exit / draft layer in ``[1, num_layers - 1]`` (early exit, speculative);
-            default ``model.exit_layer``.
+            default: the model's own ``exit_layer``.
         routing_threshold: early exit's confidence threshold in [0, 1] (the rule of
             :mod:`lash.routing`); ``None``: no early exit.
-        speculative: self-speculative decoding with ``exit_layer`` as the draft model.
+        speculative: self-speculative decoding with ``exit_layer`` as the draft depth.
         draft_tokens: most tokens drafted per verification (speculative).
+        deep_fill: early exit's ``"recompute"`` (exact deep states, filled in the next step that
+            goes deep) or ``"propagate"`` (projected from the exit state at once).
+        exit_rule: ``"row"`` (each row exits on its own confidence) or ``"batch"`` (a step exits
+            only when every row is confident).
+        attention_mask: ``(B, T0)``, 1 for tokens and 0 for left padding; ``None``: all tokens.
+        eos_token_id: stop a row at this id (or any of these); rows that stopped are padded
+            with ``pad_token_id`` (default: the first EOS id) until every row stops.
         generator: random source for sampling, on the model's device.
-        return_stats: also return a stats dict: early exit ``shallow_ratio``/``compute_cost``
-            over the emitted tokens; speculative ``acceptance_rate``/``drafted``/``accepted``.
+        return_stats: also return ``shallow_ratio``, ``compute_cost``, ``executed_layer_ratio``
+            and ``acceptance_rate`` (:mod:`lash.decoding`).
 
     Returns:
-        ``(B, T0 + max_new_tokens)`` ids (the prompts first), plus the stats with ``return_stats``.
+        ``(B, T0 + n)`` ids (the prompts first), ``n <= max_new_tokens`` (fewer only when every
+        row stopped), plus the stats with ``return_stats``.
     """
-    _check(model, input_ids, max_new_tokens, temperature, top_k, draft_tokens, generator)
-    if speculative and routing_threshold is not None:
-        raise ValueError("choose one mode: speculative=True or a routing_threshold (early exit), not both")
-    args = (model, input_ids.to(model.output_head.weight.device), max_new_tokens, temperature, top_k, generator)
-    exit_layer = model.exit_layer if exit_layer is None else exit_layer
-    if max_new_tokens == 0:
-        tokens, stats = args[1], {}
-    elif speculative:
-        tokens, stats = speculative_decode(*args, check_exit_layer(exit_layer, model.num_layers), draft_tokens)
-    elif routing_threshold is not None:
-        threshold = check_threshold(routing_threshold)
-        tokens, stats = early_exit_decode(*args, check_exit_layer(exit_layer, model.num_layers), threshold)
-    else:
-        tokens, stats = plain_decode(*args)
-    return (tokens, stats) if return_stats else tokens
+    _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, draft_tokens, generator)
+    mode = decoding_mode(speculative, routing_threshold, deep_fill, exit_rule)
+    if exit_layer is None and mode != "plain":
+        exit_layer = getattr(model, "exit_layer", None)
+    check_exit(exit_layer, model.num_layers, mode)
+    device = model.output_head.weight.device
+    input_ids = input_ids.to(device)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+    out, stats = decode(
+        LashParts(model), input_ids, mask, stopping(max_new_tokens, eos_token_id, pad_token_id, device),
+        Sampler(temperature, top_k, top_p, generator), mode=mode, exit_layer=exit_layer,
+        routing_threshold=check_threshold(routing_threshold), draft_tokens=draft_tokens, deep_fill=deep_fill,
+        exit_rule=exit_rule,
+    )  # fmt: skip
+    return (out, stats) if return_stats else out

@@ -20,7 +20,7 @@ from lash_kernels import multi_exit_cross_entropy
 def confidence(logits: torch.Tensor) -> torch.Tensor:
     """Max softmax probability of logits already computed: ``(..., V)`` → ``(...)`` fp32.
 
-    Where no logits are needed, :func:`exit_statistics` gives the same value fused.
+    Where no logits are needed, :func:`head_confidence` gives it fused.
     """
     return F.softmax(logits.float(), dim=-1).amax(dim=-1)
 
@@ -90,3 +90,11 @@ def exit_statistics(
     flat, targets = _flatten(hiddens, targets)
     out = multi_exit_cross_entropy(flat, head_weight, targets, [1.0] * len(flat), ignore_index, return_stats=True)
     return ExitStatistics(out.token_loss, out.confidence, out.predictions, targets != ignore_index)
+
+
+@torch.no_grad()
+def head_confidence(h: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
+    """Max softmax probability of the shared head at hidden states ``(..., D)`` → ``(...)`` fp32,
+    from the fused statistics: no ``[tokens, vocab]`` logits, the numbers evaluation uses."""
+    unlabelled = torch.full(h.shape[:-1], -100, dtype=torch.long, device=h.device)
+    return exit_statistics([h], head_weight, unlabelled).confidence[0].view(h.shape[:-1])

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lash.losses import confidence
+from lash.losses import head_confidence
 from lash.modules import TransformerBlock
 from lash.validation import check_exit_layer, check_index, check_int, check_optional_int, check_threshold, check_token_ids
 
@@ -135,8 +135,12 @@ class DeepSupervisionTransformer(StandardTransformer):
         self.routing_threshold = check_threshold(routing_threshold)
 
     def compute_confidence(self, h: torch.Tensor) -> torch.Tensor:
-        """Max softmax probability of the shared head at hidden state ``h``: ``(B, T, D)`` → ``(B, T)``."""
-        return confidence(self.output_head(h))
+        """Max softmax probability of the shared head at hidden state ``h``: ``(B, T, D)`` → ``(B, T)``.
+
+        From the fused statistics (:func:`lash.losses.head_confidence`), as every routing
+        decision and evaluation computes it, so they all split tokens the same way.
+        """
+        return head_confidence(h, self.output_head.weight)
 
     def forward_train(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every layer (for deep supervision), as :meth:`forward_all_layers`."""

@@ -1,47 +1,46 @@
 """Real early exit: confident tokens stop at ``exit_layer`` and the deeper layers skip their work.
 
-The original description's routing (:func:`forward_inference`, ``Trainer.evaluate``)
+The original implementation's routing (:func:`forward_inference`, ``Trainer.evaluate``)
 *selects* between the exit layer's and the last layer's predictions after running every layer
-for every token. Here the deeper layers really run only for the tokens that did not exit:
+for every token. :func:`early_exit_forward` runs the deeper layers only for the tokens that did
+not exit:
 
-1. Layers ``1..exit_layer`` run for every token; the shared head gives the exit logits and the
-   confidence (max softmax probability).
-2. A token exits when its confidence is ``>= threshold``. Its hidden state stays its exit-layer
-   state for good (CALM's state propagation, Schuster et al., 2022), so at a deeper layer ``l``
-   its key and value are ``k_proj_l``/``v_proj_l`` of that state, rotated at its own position.
-3. In each deeper layer, keys and values are projected for every token (two of the layer's
-   projections), while queries, attention, output projection, norms and FFN run only for the
-   non-exited tokens, gathered from the whole ``[B, T]`` into a compact batch (padded per row
-   for the attention, whose queries read their own row's keys causally).
-4. Exited tokens answer with the exit logits, the others with the last layer's.
+1. Layers ``1..exit_layer`` run for every token (the training path: fused RoPE, causal SDPA).
+   Their confidence (max softmax probability of the shared head) comes from the fused loss
+   statistics, which never hold ``[tokens, vocab]`` logits.
+2. A token exits when its confidence is ``>= threshold``. Its state stays its exit-layer state
+   for good (CALM's state propagation, Schuster et al., 2022): at a deeper layer its key and
+   value are that layer's projections of it. They come for every deep layer at once from one
+   GEMM over the layers' stacked ``k_proj``/``v_proj`` weights, rotated in one launch.
+3. The other tokens are packed per row into a ``(B, W)`` batch (``W`` the most of any row,
+   rounded up to a power of two; padding goes to a spare column that no query reads) and run
+   through the deeper blocks' own ``forward(h, positions, cache)``: their queries read every
+   token's keys of their row up to their own position through one additive mask, each block
+   writing the packed tokens' fresh keys and values over the frozen ones.
+4. Exited tokens answer with the exit layer's logits, the others with the last layer's.
 
-The answer differs from the original description's selection-only routing: a deep token's attention reads the
-propagated (exit-layer) states of exited tokens instead of their true deep states.
+Deep tokens attend to the propagated (exit-layer) states of exited tokens, not their true deep
+states, so the answer differs from the selection-only routing. The call reads back from the
+device once: how many tokens go deep, and the most of any row.
 
-Also here: :func:`calibrate_threshold`, which picks a threshold on held-out batches.
+Also here: the routing rule itself (:func:`exits`, :func:`compute_cost`) and
+:func:`calibrate_threshold`, which picks a threshold on held-out batches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
-from lash.modules.attention import causal_mask
-from lash.losses import confidence
+from lash.modules import inference_weights
+from lash.modules.attention import LayerCache, additive_mask
 from lash.validation import check_exit_layer, check_real, check_threshold, check_token_ids
-from lash_kernels import add_rms_norm
+from lash_kernels import apply_rotary
 
 if TYPE_CHECKING:
     from lash.models import DeepSupervisionTransformer
-    from lash.modules import TransformerBlock
-
-
-class KeyValueStore(Protocol):
-    """Where a layer's keys and values for all positions so far live (see :class:`lash.generation.KVCache`)."""
-
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def exits(confidence: torch.Tensor, threshold: float | None) -> torch.Tensor:
@@ -52,160 +51,15 @@ def exits(confidence: torch.Tensor, threshold: float | None) -> torch.Tensor:
 
 
 def compute_cost(shallow_ratio: float, exit_layer: int, num_layers: int) -> float:
-    """The original description's cost: (shallow · exit_layer + deep · num_layers) / (tokens · num_layers)."""
+    """The original implementation's cost: (shallow · exit_layer + deep · num_layers) / (tokens · num_layers)."""
     return (shallow_ratio * exit_layer + (1 - shallow_ratio) * num_layers) / num_layers
-
-
-def _kv(cache: KeyValueStore | None, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-    """The layer's keys/values for positions 0..start+n-1: this call's alone, or the cache's."""
-    return (k, v) if cache is None else cache.update(layer, start, k, v)
-
-
-def _residual_and_ffn(block: TransformerBlock, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-    """The rest of a post-norm block after attention, on any ``(..., D)`` rows."""
-    h, _ = add_rms_norm(attn_out, h, block.norm1.weight, block.norm1.eps)
-    h, _ = add_rms_norm(block.ffn(h), h, block.norm2.weight, block.norm2.eps)
-    return h
-
-
-def run_layers(
-    model: DeepSupervisionTransformer,
-    h: torch.Tensor,
-    start: int,
-    layers: range,
-    cache: KeyValueStore | None = None,
-) -> torch.Tensor:
-    """Run ``layers`` (1-based) for every token of ``h`` (B, n, D) at positions start..start+n-1.
-
-    With a cache, each layer's keys/values are written into it and the queries read every
-    position before them; without one, ``start`` must be 0 and this is :meth:`forward`'s maths.
-    """
-    positions = torch.arange(start, start + h.shape[1], device=h.device)  # (n,)
-    mask = causal_mask(positions, start + h.shape[1])  # (n, start+n)
-    for layer in layers:
-        attn = model.layers[layer - 1].attn
-        k, v = _kv(cache, layer, start, *attn.keys_values(h, positions))  # (B, nh, start+n, hs)
-        h = _residual_and_ffn(model.layers[layer - 1], h, attn.attend(attn.queries(h, positions), k, v, mask))
-    return h
-
-
-def _layout(exits: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Where the non-exited tokens go: flat indices, slots in a per-row padded batch, positions.
-
-    Args:
-        exits: ``(B, n)`` boolean.
-        start: position of the first column.
-
-    Returns:
-        ``deep`` (N,) indices into the flattened ``B*n`` tokens (row-major); ``slot`` (N,)
-        indices into the flattened ``(B, Tq)`` padded layout, ``Tq`` the most deep tokens of any
-        row; ``q_positions`` ``(B, Tq)`` (padding at position 0, whose key always exists).
-    """
-    B, n = exits.shape
-    deep = (~exits).reshape(-1).nonzero().squeeze(1)  # (N,), sorted by row
-    rows = deep // n
-    counts = torch.bincount(rows, minlength=B)  # (B,)
-    width = int(counts.max())
-    rank = torch.arange(deep.numel(), device=deep.device) - (counts.cumsum(0) - counts)[rows]
-    slot = rows * width + rank  # (N,)
-    q_positions = torch.zeros(B * width, dtype=torch.long, device=deep.device)
-    q_positions[slot] = start + deep % n
-    return deep, slot, q_positions.view(B, width)
-
-
-def _deep_layers(
-    model: DeepSupervisionTransformer,
-    h: torch.Tensor,
-    exits: torch.Tensor,
-    start: int,
-    exit_layer: int,
-    cache: KeyValueStore | None,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Layers ``exit_layer+1..L`` with exited tokens frozen at their exit state.
-
-    Args:
-        h: ``(B, n, D)`` exit-layer hidden states.
-        exits: ``(B, n)`` which tokens exited.
-
-    Returns:
-        ``deep`` (N,) flat indices of the non-exited tokens, their last-layer states ``(N, D)``
-        and ``Tq``, the padded query width per row.
-    """
-    B, n, D = h.shape
-    deep, slot, q_positions = _layout(exits, start)
-    positions = torch.arange(start, start + n, device=h.device)  # (n,)
-    mask = causal_mask(q_positions, start + n)  # (B, 1, Tq, start+n)
-    state = h.reshape(B * n, D).clone()  # every token's input to the current layer
-    hd = state[deep]  # (N, D)
-    for layer in range(exit_layer + 1, model.num_layers + 1):
-        block = model.layers[layer - 1]
-        k, v = _kv(cache, layer, start, *block.attn.keys_values(state.view(B, n, D), positions))
-        if deep.numel():
-            hq = h.new_zeros(B * q_positions.shape[1], D)
-            hq[slot] = hd
-            attn_out = block.attn.attend(block.attn.queries(hq.view(B, -1, D), q_positions), k, v, mask)  # (B, Tq, D)
-            hd = _residual_and_ffn(block, hd, attn_out.reshape(-1, D)[slot])  # (N, D)
-            state.index_copy_(0, deep, hd)
-    return deep, hd, q_positions.shape[1]
-
-
-def _matmul_flops(model: DeepSupervisionTransformer, B: int, n: int, exit_layer: int, deep: int | None, width: int) -> tuple[int, int]:
-    """Matmul FLOPs of the routed step and of the full forward on the same ``(B, n)`` tokens.
-
-    Counted: every projection, the attention's QKᵀ and AV (the full forward's causal pairs; the
-    compact path's padded ``Tq × n`` pairs, which its masked attention computes), the head.
-    ``deep=None`` means the deeper layers did not run at all.
-    """
-    D, L = model.dim, model.num_layers
-    ffn = model.layers[0].ffn.w1.out_features
-    tokens, proj = B * n, 2 * D * D  # proj: FLOPs per token of one D×D projection
-    layer = 4 * proj + 3 * 2 * D * ffn
-    causal = tokens * layer + B * n * (n + 1) // 2 * 4 * D
-    head = 2 * D * model.vocab_size
-    full = L * causal + tokens * head
-    routed = exit_layer * causal + tokens * head
-    if deep is not None:
-        per_layer = tokens * 2 * proj + B * width * (2 * proj + n * 4 * D) + deep * (layer - 4 * proj)
-        routed += (L - exit_layer) * per_layer + deep * head
-    return routed, full
-
-
-def early_exit_step(
-    model: DeepSupervisionTransformer,
-    x: torch.Tensor,
-    threshold: float | None,
-    exit_layer: int,
-    start: int = 0,
-    cache: KeyValueStore | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-    """Routed forward of tokens ``x`` (B, n) at positions start..start+n-1 (the shared core).
-
-    Without a cache this is :func:`early_exit_forward`'s computation (``start`` 0); with one,
-    every layer's keys/values for these positions are written to it (exited tokens' from their
-    exit state), which is how early-exit decoding follows the same rule.
-
-    Returns:
-        ``logits (B, n, V)``, ``exits (B, n)`` and ``(routed, full)`` matmul FLOPs.
-    """
-    if cache is None:
-        h = model.hidden_states(x, [exit_layer])[0]  # (B, n, D): forward's own path, fused causal attention
-    else:
-        h = run_layers(model, model.embed(x), start, range(1, exit_layer + 1), cache)
-    logits = model.output_head(h)  # (B, n, V)
-    exited = exits(confidence(logits), threshold)  # (B, n)
-    B, n, V = logits.shape
-    if cache is None and bool(exited.all()):
-        return logits, exited, _matmul_flops(model, B, n, exit_layer, None, 0)
-    deep, hd, width = _deep_layers(model, h, exited, start, exit_layer, cache)
-    logits.view(B * n, V).index_copy_(0, deep, model.output_head(hd))
-    return logits, exited, _matmul_flops(model, B, n, exit_layer, deep.numel(), width)
 
 
 @torch.no_grad()
 def forward_inference(
     model: DeepSupervisionTransformer, x: torch.Tensor, threshold: float | None, exit_layer: int | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The original description's two-stage routing: confident tokens take the exit layer's logits, the rest the last layer's.
+    """The original implementation's two-stage routing: confident tokens take the exit layer's logits, the rest the last layer's.
 
     Every token still attends over the full sequence, so the deeper layers run for the whole
     sequence unless every token exits (then they are skipped).
@@ -225,8 +79,8 @@ def forward_inference(
     exit_layer = check_exit_layer(model.exit_layer if exit_layer is None else exit_layer, model.num_layers)
     h = model.hidden_states(x, [exit_layer])[0]  # (B, T, D)
     shallow_logits = model.output_head(h)  # (B, T, V)
-    exited = exits(confidence(shallow_logits), threshold)  # (B, T)
-    shallow_ratio = exited.float().mean().item()
+    exited = exits(model.compute_confidence(h), threshold)  # (B, T)
+    shallow_ratio = exited.sum().item() / exited.numel()
     if shallow_ratio < 1.0:
         for block in model.layers[exit_layer:]:
             h = block(h)
@@ -236,15 +90,61 @@ def forward_inference(
     return logits, {"shallow_ratio": shallow_ratio, "compute_cost": compute_cost(shallow_ratio, exit_layer, model.num_layers)}
 
 
+def _packed(exited: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The non-exited tokens of each row, packed to ``(B, width)``: their columns (the spare
+    column ``T`` for padding) and whether each slot holds a token."""
+    B, T = exited.shape
+    order = torch.argsort(exited.to(torch.uint8), dim=1, stable=True)[:, :width]  # (B, W): deep tokens first
+    real = torch.arange(width, device=exited.device) < (~exited).sum(dim=1, keepdim=True)  # (B, W)
+    return order.masked_fill(~real, T), real
+
+
+def _frozen_keys_values(model: DeepSupervisionTransformer, h: torch.Tensor, layers: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every deep layer's keys and values of the exit states ``h`` (B, T+1, D): one GEMM, one
+    rotation. Returns two ``(B, Ld·nh, T+1, hs)`` tensors, layer ``l``'s heads at ``[l·nh, (l+1)·nh)``."""
+    B, S, D = h.shape
+    attn = model.layers[0].attn
+    nh, hs = attn.num_heads, attn.head_dim
+    stacked = torch.cat([w for i in layers for w in (model.layers[i].attn.k_proj.weight, model.layers[i].attn.v_proj.weight)])
+    kv = (h @ stacked.T).view(B, S, len(layers), 2, nh, hs)  # (B, T+1, Ld, 2, nh, hs)
+    keys = kv[:, :, :, 0].permute(0, 2, 3, 1, 4).reshape(B, len(layers) * nh, S, hs)
+    values = kv[:, :, :, 1].permute(0, 2, 3, 1, 4).reshape(B, len(layers) * nh, S, hs)
+    positions = torch.arange(S, device=h.device).clamp_max(S - 2)  # the spare column's key is never read
+    keys, _ = apply_rotary(keys, keys[:, :0], attn.rope.cos, attn.rope.sin, positions=positions)
+    return keys, values
+
+
+def _matmul_flops(model: DeepSupervisionTransformer, B: int, T: int, exit_layer: int, deep: int, width: int) -> tuple[int, int]:
+    """Matmul FLOPs of :func:`early_exit_forward` and of the full forward on the same ``(B, T)`` tokens.
+
+    Counted: every projection, the attention's QKᵀ and AV (the full forward's causal pairs; the
+    packed path's ``W × (T+1)`` pairs, which its masked attention computes), the head (the
+    exit statistics for every token, then the logits of each token once).
+    """
+    D, L, V = model.dim, model.num_layers, model.vocab_size
+    ffn = model.layers[0].ffn.w1.out_features
+    tokens, proj = B * T, 2 * D * D  # proj: FLOPs per token of one D×D projection
+    layer = 4 * proj + 3 * 2 * D * ffn
+    causal = tokens * layer + B * T * (T + 1) // 2 * 4 * D
+    head = 2 * D * V
+    full = L * causal + tokens * head
+    routed = exit_layer * causal + 2 * tokens * head
+    if deep:
+        frozen = B * (T + 1) * 2 * proj  # every token's keys and values, per deep layer
+        packed = B * width * (layer + (T + 1) * 4 * D)
+        routed += (L - exit_layer) * (frozen + packed)
+    return routed, full
+
+
 @torch.no_grad()
 def early_exit_forward(
     model: DeepSupervisionTransformer, x: torch.Tensor, threshold: float | None, exit_layer: int | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Early-exit inference that skips the deeper layers' work for confident tokens.
 
-    See the module docstring for the rule. Unlike the original description's selection-only routing, non-exited
-    tokens attend to exited tokens' propagated exit-layer states, so their logits differ from
-    the full model's whenever any earlier token exited.
+    See the module docstring for the rule. Unlike the original implementation's selection-only
+    routing, non-exited tokens attend to exited tokens' propagated exit-layer states, so their
+    logits differ from the full model's whenever any earlier token exited.
 
     Args:
         model: a :class:`DeepSupervisionTransformer`.
@@ -254,21 +154,47 @@ def early_exit_forward(
         exit_layer: in ``[1, num_layers - 1]``; default ``model.exit_layer``.
 
     Returns:
-        ``(logits (B, T, V), stats)``: ``shallow_ratio``; ``compute_cost`` (:func:`compute_cost`); ``flop_ratio``,
-        matmul FLOPs executed (exit head, exited tokens' deeper keys/values, padding included)
-        over those of the full forward.
+        ``(logits (B, T, V), stats)``: ``shallow_ratio``; ``compute_cost`` (:func:`compute_cost`);
+        ``flop_ratio``, matmul FLOPs executed (exit statistics, exited tokens' deeper keys and
+        values, padding included) over those of the full forward.
     """
     threshold = check_threshold(threshold)
     exit_layer = check_exit_layer(model.exit_layer if exit_layer is None else exit_layer, model.num_layers)
     if x.dim() != 2 or x.numel() == 0:
         raise ValueError(f"input ids must have shape (batch >= 1, seq_len >= 1); got {tuple(x.shape)}")
-    logits, exited, (routed, full) = early_exit_step(model, x, threshold, exit_layer)
-    shallow = exited.float().mean().item()
-    return logits, {
-        "shallow_ratio": shallow,
-        "compute_cost": compute_cost(shallow, exit_layer, model.num_layers),
-        "flop_ratio": routed / full,
-    }
+    B, T = x.shape
+    with inference_weights(model):
+        h = model.hidden_states(x, [exit_layer])[0]  # (B, T, D)
+        exited = exits(model.compute_confidence(h), threshold)  # (B, T), fused statistics
+        count = (~exited).sum(dim=1)  # (B,)
+        deep, most = divmod(int(count.sum() * 2**32 + count.max()), 2**32)  # the one host read
+        flat = torch.argsort(exited.flatten().to(torch.uint8), stable=True)  # (B·T,): deep tokens first
+        logits = h.new_empty(B * T, model.vocab_size)
+        shallow = flat[deep:]
+        logits[shallow] = model.output_head(h.flatten(0, 1)[shallow])
+        width = 0
+        if deep:
+            width = min(1 << (most - 1).bit_length(), T)  # a power-of-two bucket of query rows
+            columns, real = _packed(exited, width)  # (B, W)
+            h = torch.cat((h, h.new_zeros(B, 1, h.shape[-1])), dim=1)  # (B, T+1, D): the spare column
+            layers = range(exit_layer, model.num_layers)
+            keys, values = _frozen_keys_values(model, h, layers)
+            allowed = torch.arange(T + 1, device=x.device) <= columns.masked_fill(~real, T - 1)[:, :, None]
+            mask = additive_mask(allowed.unsqueeze(1), h.dtype)  # (B, 1, W, T+1)
+            positions = columns.masked_fill(~real, 0)
+            hd = h.gather(1, columns[:, :, None].expand(-1, -1, h.shape[-1]))  # (B, W, D)
+            nh = model.layers[0].attn.num_heads
+            for j, i in enumerate(layers):
+                heads = slice(j * nh, (j + 1) * nh)
+                hd = model.layers[i](hd, positions, LayerCache(keys[:, heads], values[:, heads], columns, mask))
+            pick = torch.argsort((~real).flatten().to(torch.uint8), stable=True)[:deep]  # the real slots, in order
+            rows = (torch.arange(B, device=x.device)[:, None] * T + columns).flatten()[pick]
+            logits.index_copy_(0, rows, model.output_head(hd.flatten(0, 1)[pick]))
+    routed, full = _matmul_flops(model, B, T, exit_layer, deep, width)
+    shallow_ratio = 1.0 - deep / (B * T)
+    stats = {"shallow_ratio": shallow_ratio, "compute_cost": compute_cost(shallow_ratio, exit_layer, model.num_layers),
+             "flop_ratio": routed / full}  # fmt: skip
+    return logits.view(B, T, -1), stats
 
 
 def _exit_statistics(
@@ -282,10 +208,9 @@ def _exit_statistics(
         check_token_ids(y, model.vocab_size, "target value", ignore_index)
         h_exit, h_last = model.hidden_states(x, [exit_layer, model.num_layers])
         valid = y != ignore_index
-        # The forward's own confidence on materialised logits, so the threshold splits tokens
-        # exactly as early_exit_forward will (the fused fp32 statistics can differ by an ulp).
+        # The routing paths' own confidence, so the threshold splits tokens exactly as they will.
+        confidences.append(model.compute_confidence(h_exit).reshape(-1)[valid])
         exit_logits = model.output_head(h_exit).reshape(-1, model.vocab_size)[valid]  # (N, V)
-        confidences.append(confidence(exit_logits))
         exit_hit.append(exit_logits.argmax(-1) == y[valid])
         last_hit.append(model.output_head(h_last).reshape(-1, model.vocab_size)[valid].argmax(-1) == y[valid])
     if not confidences or not sum(c.numel() for c in confidences):

@@ -59,7 +59,7 @@ from lash_kernels.aot_types import ARCHS, Arch, KernelVariant, StaticShape
 from lash_kernels.dispatch import interpreting
 
 # Ops whose module declares ``static_variants``.
-OPS = ("lash_kernels.ops.rms_norm.kernels", "lash_kernels.ops.rotary", "lash_kernels.ops.multi_exit_ce.op")
+OPS = ("lash_kernels.ops.rms_norm.kernels", "lash_kernels.ops.rotary.kernels", "lash_kernels.ops.multi_exit_ce.op")
 
 
 SHAPES = {

@@ -60,6 +60,10 @@ class KernelVariant:
     num_stages: int
     programs: int  # grid size (all axes multiplied) at this shape
     int_values: dict[str, int] = dataclasses.field(default_factory=dict)  # known integer arguments
+    # Memory-bound kernels say how many bytes one program has loading at once (0: not memory-bound,
+    # no occupancy rule) and how many the whole launch moves (the rule needs a launch big enough).
+    bytes_in_flight: int = 0
+    bytes_moved: int = 0
 
 
 # What a launch that names no num_stages gets from Triton's CUDA backend.

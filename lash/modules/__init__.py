@@ -4,11 +4,38 @@ Norms and rotary embeddings run through :mod:`lash_kernels` (fused Triton kernel
 torch references elsewhere; ``LASH_KERNELS`` overrides).
 """
 
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
 from lash_kernels import RMSNorm
 
 from lash.modules.attention import MultiHeadAttention, RotaryPositionalEmbedding
 from lash.modules.ffn import GatedLinearUnit
 from lash.modules.transformer import TransformerBlock
+
+
+@contextlib.contextmanager
+def inference_weights(model: nn.Module) -> Iterator[None]:
+    """For the duration, every block projects q, k, v with one GEMM and gate and value with another.
+
+    The stacked weights are built once on entry (one read and one write of those weights) and
+    dropped on exit, so the parameters, the state dict and training are untouched; the weights
+    must not change inside. Decoding and early exit run under it.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
+    with torch.no_grad():
+        for block in blocks:
+            attn, ffn = block.attn, block.ffn
+            attn.qkv_weight = torch.cat((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight))  # (3D, D)
+            ffn.w13_weight = torch.cat((ffn.w1.weight, ffn.w3.weight))  # (2F, D)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.attn.qkv_weight = block.ffn.w13_weight = None
 
 __all__ = [
     "GatedLinearUnit",
@@ -16,4 +43,5 @@ __all__ = [
     "RMSNorm",
     "RotaryPositionalEmbedding",
     "TransformerBlock",
+    "inference_weights",
 ]

@@ -1,19 +1,44 @@
 """Causal multi-head self-attention with rotary position embeddings (Su et al., 2021).
 
-:meth:`MultiHeadAttention.forward` is the training path (positions 0..T-1, fused RoPE, causal
-SDPA). The inference paths — KV-cached decoding and compact early exit — split it into
-:meth:`~MultiHeadAttention.keys_values`, :meth:`~MultiHeadAttention.queries` and
-:meth:`~MultiHeadAttention.attend`, which take explicit positions and an explicit mask, so
-queries can be a subset of the tokens whose keys they read.
+One :meth:`MultiHeadAttention.forward` serves training and inference. Without positions it is
+the training path: positions 0..T-1, fused RoPE, causal SDPA. With ``positions`` and a
+:class:`LayerCache` it is the inference path: the call's keys and values are written into the
+cache at the given slots and its queries read the whole cache through the cache's mask, so the
+queries can be a subset of the tokens whose keys they read (decoding one token against a KV
+cache, or the deep tokens of an early-exit forward against every token's keys).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lash_kernels import apply_rotary
+
+
+class LayerCache(NamedTuple):
+    """One layer's keys and values, where a call writes into them, and what its queries read.
+
+    The buffers are laid out like the queries, ``(B, nh, S, hs)``, so attention reads them as
+    they are; their column ``s`` is a slot, not a position (a left-padded row's first token sits
+    at position 0 in a later slot).
+    """
+
+    keys: torch.Tensor  # (B, nh, S, hs), written in place
+    values: torch.Tensor  # (B, nh, S, hs), written in place
+    slots: torch.Tensor  # (B, n) int64: the column each of the call's n tokens writes, per row
+    mask: torch.Tensor  # (B, 1, n, S) float, 0 where a query reads a column and -inf where not
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean "may read" mask as SDPA's additive mask in the queries' dtype: 0 or -inf.
+
+    Built once per call and shared by its layers: SDPA converts a boolean mask itself, in
+    every layer, with three more ops."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, -torch.inf)
 
 
 class RotaryPositionalEmbedding(nn.Module):
@@ -38,39 +63,23 @@ class RotaryPositionalEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q and k (one fused kernel launch on CUDA).
 
         Args:
             q: queries ``(B, nh, T, hs)``.
             k: keys ``(B, nh, T, hs)``.
+            positions: ``(T,)`` or ``(B, T)`` positions of the tokens; default ``0..T-1``.
 
         Returns:
             The rotated ``(q, k)``, same shapes and dtypes.
         """
-        T = q.shape[-2]
-        return apply_rotary(q, k, self.cos[:T], self.sin[:T])  # tables (T, hs)
-
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate one tensor at explicit positions (the inference paths).
-
-        The fused kernel takes one ``(T, hs)`` table shared by q and k; here queries and keys may
-        sit at different positions (per row, too), so the rows are gathered and the reference
-        formula ``x·cos + rotate_half(x)·sin`` applied in fp32 (or wider).
-
-        Args:
-            x: ``(B, nh, T, hs)`` queries or keys.
-            positions: ``(T,)`` positions shared by every row, or ``(B, T)`` per row.
-
-        Returns:
-            The rotated ``x``, same shape and dtype.
-        """
-        cos, sin = self.cos[positions], self.sin[positions]  # (T, hs) or (B, T, hs)
-        if positions.dim() == 2:
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hs), broadcast over heads
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        x_lo, x_hi = xf.chunk(2, dim=-1)
-        return (xf * cos + torch.cat((-x_hi, x_lo), dim=-1) * sin).to(x.dtype)
+        if positions is None:
+            T = q.shape[-2]
+            return apply_rotary(q, k, self.cos[:T], self.sin[:T])  # tables (T, hs)
+        return apply_rotary(q, k, self.cos, self.sin, positions=positions)  # rows picked in the kernel
 
 
 class MultiHeadAttention(nn.Module):
@@ -93,6 +102,9 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
         self.rope = RotaryPositionalEmbedding(self.head_dim, max_seq_len)
+        # [Wq; Wk; Wv] as one (3·D, D) tensor while inference runs (lash.modules.inference_weights):
+        # one GEMM instead of three. Not a parameter: training keeps the three it has.
+        self.qkv_weight: torch.Tensor | None = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints of the reference implementation also saved these two derived buffers;
@@ -103,54 +115,31 @@ class MultiHeadAttention(nn.Module):
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, nh, T, hs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, D = x.shape
-        q = self.split_heads(self.q_proj(x))  # (B, nh, T, hs)
-        k = self.split_heads(self.k_proj(x))
-        v = self.split_heads(self.v_proj(x))
-        q, k = self.rope(q, k)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
-
-    def keys_values(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotated keys and values of ``x`` (B, T, D) at ``positions`` (T,): two ``(B, nh, T, hs)``."""
-        k = self.rope.rotate(self.split_heads(self.k_proj(x)), positions)  # (B, nh, T, hs)
-        return k, self.split_heads(self.v_proj(x))
-
-    def queries(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotated queries of ``x`` (B, Tq, D) at ``positions`` (Tq,) or (B, Tq): ``(B, nh, Tq, hs)``."""
-        return self.rope.rotate(self.split_heads(self.q_proj(x)), positions)
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Masked attention of queries over keys at positions 0..Tk-1, then the output projection.
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        """Attention of ``x`` (B, T, D) → ``(B, T, D)``.
 
         Args:
-            q: ``(B, nh, Tq, hs)`` rotated queries.
-            k: ``(B, nh, Tk, hs)`` rotated keys.
-            v: ``(B, nh, Tk, hs)`` values.
-            mask: boolean, True where a query may read a key: ``(Tq, Tk)`` or ``(B, 1, Tq, Tk)``
-                (see :func:`causal_mask`). Every query must be allowed at least one key.
-
-        Returns:
-            ``(B, Tq, D)``.
+            x: hidden states of the tokens whose queries (and keys, values) this call computes.
+            positions: ``(T,)`` or ``(B, T)`` positions of those tokens; ``None``: ``0..T-1``.
+            cache: with ``positions``, where the keys and values go and what the queries read;
+                ``None``: the tokens attend causally among themselves.
         """
-        B, _, Tq, _ = q.shape
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, Tq, hs)
-        return self.o_proj(y.transpose(1, 2).reshape(B, Tq, -1))  # (B, Tq, D)
-
-
-def causal_mask(query_positions: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """Which keys (at positions 0..num_keys-1) each query may read: those at or before it.
-
-    Args:
-        query_positions: ``(Tq,)`` shared by the batch, or ``(B, Tq)`` per row.
-        num_keys: Tk.
-
-    Returns:
-        Boolean ``(Tq, Tk)``, or ``(B, 1, Tq, Tk)`` for per-row positions (broadcast over heads).
-    """
-    keys = torch.arange(num_keys, device=query_positions.device)  # (Tk,)
-    mask = keys <= query_positions.unsqueeze(-1)  # (..., Tq, Tk)
-    return mask.unsqueeze(1) if query_positions.dim() == 2 else mask
+        B, T, D = x.shape
+        if self.qkv_weight is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, D) each
+        else:
+            q, k, v = F.linear(x, self.qkv_weight).split(D, dim=-1)
+        q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)  # (B, nh, T, hs)
+        q, k = self.rope(q, k, positions)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        else:
+            index = cache.slots[:, None, :, None].expand(B, self.num_heads, T, self.head_dim)
+            cache.keys.scatter_(2, index, k)
+            cache.values.scatter_(2, index, v)
+            y = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=cache.mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)

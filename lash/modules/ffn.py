@@ -21,6 +21,12 @@ class GatedLinearUnit(nn.Module):
         self.w1 = nn.Linear(dim, ffn_dim, bias=False)  # gate
         self.w2 = nn.Linear(ffn_dim, dim, bias=False)  # down projection
         self.w3 = nn.Linear(dim, ffn_dim, bias=False)  # value
+        # [W1; W3] as one (2·F, D) tensor while inference runs (lash.modules.inference_weights).
+        self.w13_weight: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, D)
+        if self.w13_weight is None:
+            gate, value = self.w1(x), self.w3(x)
+        else:
+            gate, value = F.linear(x, self.w13_weight).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * value)  # (B, T, D)

@@ -7,7 +7,7 @@ from torch import nn
 
 from lash_kernels import RMSNorm, add_rms_norm
 
-from lash.modules.attention import MultiHeadAttention
+from lash.modules.attention import LayerCache, MultiHeadAttention
 from lash.modules.ffn import GatedLinearUnit
 
 
@@ -28,8 +28,11 @@ class TransformerBlock(nn.Module):
         self.norm1 = RMSNorm(dim)
         self.norm2 = RMSNorm(dim)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, positions: torch.Tensor | None = None, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        """``(B, T, D)`` → ``(B, T, D)``; training and inference alike (see :meth:`MultiHeadAttention.forward`)."""
         # Residual add and norm fused: one pass over the activations instead of two.
-        h, _ = add_rms_norm(self.attn(h), h, self.norm1.weight, self.norm1.eps)  # (B, T, D)
+        h, _ = add_rms_norm(self.attn(h, positions, cache), h, self.norm1.weight, self.norm1.eps)  # (B, T, D)
         h, _ = add_rms_norm(self.ffn(h), h, self.norm2.weight, self.norm2.eps)
         return h

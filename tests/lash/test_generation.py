@@ -3,7 +3,8 @@ import torch
 
 from lash import DeepSupervisionTransformer
 from lash.generation import generate
-from lash.routing import early_exit_forward
+from lash.decoding import DecodeState
+from lash.generation import LashParts
 
 V, DIM, LAYERS, HEADS = 37, 32, 4, 4
 
@@ -40,19 +41,6 @@ def test_cached_greedy_equals_recomputation(batch, seed):
     assert torch.equal(out, greedy_without_cache(model, x, 12))
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("exit_layer", [1, 2, 3])
-@pytest.mark.parametrize("draft_tokens", [1, 3, 5])
-def test_speculative_greedy_equals_plain_greedy(batch, exit_layer, draft_tokens):
-    model = make_model(deep_scale=0.1)
-    for seed in range(2):
-        x = prompts(batch, seed=seed)
-        plain = generate(model, x, 15)
-        spec, stats = generate(model, x, 15, exit_layer=exit_layer, speculative=True, draft_tokens=draft_tokens, return_stats=True)
-        assert torch.equal(spec, plain)
-        assert 0.0 <= stats["acceptance_rate"] <= 1.0 and stats["drafted"] > 0
-
-
 def test_speculative_exercises_accepts_and_rejects():
     model, x = make_model(deep_scale=0.1), prompts(3)
     _, stats = generate(model, x, 20, exit_layer=1, speculative=True, draft_tokens=4, return_stats=True)
@@ -77,27 +65,6 @@ def test_sampling_is_reproducible_with_a_generator(mode):
     assert not torch.equal(runs[0], other)
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_early_exit_at_one_is_plain_when_no_token_is_sure(batch):
-    model, x = make_model(), prompts(batch)
-    out, stats = generate(model, x, 10, exit_layer=2, routing_threshold=1.0, return_stats=True)
-    assert torch.equal(out, generate(model, x, 10))
-    assert stats == {"shallow_ratio": 0.0, "compute_cost": 1.0}
-
-
-@pytest.mark.parametrize("batch", [1, 3])
-def test_early_exit_decoding_follows_early_exit_forward(batch):
-    model, x = make_model(), prompts(batch)
-    with torch.no_grad():
-        conf = model.compute_confidence(model.hidden_states(x, [2])[0])
-    threshold = float(conf.median())
-    out, stats = generate(model, x, 14, exit_layer=2, routing_threshold=threshold, return_stats=True)
-    assert 0.0 < stats["shallow_ratio"] < 1.0
-    # Teacher-forced on the generated sequence, the routed forward predicts every generated token.
-    logits, _ = early_exit_forward(model, out[:, :-1], threshold, 2)
-    assert torch.equal(logits[:, 5:].argmax(-1), out[:, 6:])
-
-
 def test_no_new_tokens_returns_the_prompt():
     model, x = make_model(), prompts(2)
     assert torch.equal(generate(model, x, 0, speculative=True), x)
@@ -116,6 +83,10 @@ def test_no_new_tokens_returns_the_prompt():
         ({"routing_threshold": -1.0}, r"routing_threshold=-1.0 is outside \[0.0, 1.0\]"),
         ({"routing_threshold": 0.5, "speculative": True}, r"choose one mode"),
         ({"generator": 3}, r"generator must be a torch.Generator"),
+        ({"top_p": 0.0}, r"top_p=0.0 is outside \(0.0, 1.0\]"),
+        ({"deep_fill": "copy", "routing_threshold": 0.5}, r"deep_fill='copy' must be one of recompute, propagate"),
+        ({"exit_rule": "all", "routing_threshold": 0.5}, r"exit_rule='all' must be one of row, batch"),
+        ({"attention_mask": torch.ones(1, 5)}, r"attention_mask shape \(1, 5\) must equal input_ids shape \(1, 6\)"),
     ],
 )
 def test_bad_arguments(kwargs, message):
@@ -142,3 +113,23 @@ def test_tiny_temperature_samples_the_argmax_instead_of_failing():
     for temperature in (1e-45, 1e-300):  # the second rounds to 0 in fp32
         sampled = generate(model, prompt, 4, temperature=temperature, generator=torch.Generator().manual_seed(0))
         assert torch.equal(sampled, greedy)
+
+
+@torch.no_grad()
+def test_propagation_writes_what_the_deep_layers_project_from_the_exit_state():
+    """LashParts.fill's one GEMM over every deep layer's stacked k/v weights and one rotation equal
+    running those layers over the frozen state (what propagation means)."""
+    model = make_model()
+    parts = LashParts(model)
+    B, S = 2, 9
+    h = torch.randn(B, 2, DIM, dtype=torch.float64)
+    positions = torch.tensor([[3, 4], [5, 6]])
+    states = []
+    for _ in range(2):
+        cache = parts.new_cache(B, S)
+        states.append(DecodeState(cache, torch.ones(B, S, dtype=torch.bool), torch.zeros(B, S, dtype=torch.long)))
+    parts.fill(h, 4, positions, range(1, LAYERS), states[0])
+    parts.run(h, 4, positions, range(1, LAYERS), states[1], frozen=torch.ones(B, 2, dtype=torch.bool))
+    for a, b in ((states[0].cache.keys, states[1].cache.keys), (states[0].cache.values, states[1].cache.values)):
+        torch.testing.assert_close(a[1:, :, :, 4:6], b[1:, :, :, 4:6], rtol=1e-12, atol=1e-12)
+        assert bool(a[1:, :, :, 4:6].abs().sum() > 0) and not a[1:, :, :, :4].any() and not a[0].any()

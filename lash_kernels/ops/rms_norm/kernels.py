@@ -302,16 +302,21 @@ def static_variants(shape, dtype: torch.dtype, arch: int) -> list:
     variants = []
     for residual in (False, True):
         name = "add_rms_norm" if residual else "rms_norm"
+        inputs = 2 if residual else 1  # x (and the residual) in, y (and s) out
         variants.append(KernelVariant(
             f"{name}.forward", _rms_norm_forward_kernel, forward,
             dict(HAS_RESIDUAL=residual, BLOCK_M=block_m, BLOCK_N=block_n), num_warps, LAUNCH_STAGES,
             triton.cdiv(m, block_m), dict(ints, stride_x=n, stride_r=n),
+            bytes_in_flight=block_m * n * itemsize * inputs, bytes_moved=2 * inputs * m * n * itemsize,
         ))  # fmt: skip
+        # dy and s (and the incoming ds) in; the pipelined loop keeps STAGES - 1 row blocks loading ahead.
+        loaded = (3 if residual else 2) * back_m * back_n * itemsize
         variants.append(KernelVariant(
             f"{name}.backward", _rms_norm_backward_kernel, backward,
             dict(HAS_DS_OUT=residual, BLOCK_M=back_m, BLOCK_N=back_n, COL_BLOCKS=col_blocks, STAGES=stages),
             back_warps, stages, programs,
             dict(ints, stride_dy=n, stride_ds_out=n, stride_s=n, rows_per_program=rows_per_program),
+            bytes_in_flight=loaded * max(1, stages - 1), bytes_moved=(4 if residual else 3) * m * n * itemsize,
         ))  # fmt: skip
     block_p, sum_n = SUM_TILE
     variants.append(KernelVariant(

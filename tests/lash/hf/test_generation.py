@@ -50,31 +50,37 @@ def hf_greedy(model, x, new=NEW, **kwargs):
 
 
 @torch.no_grad()
-def routed_greedy_without_cache(model, x, new, exit_layer, threshold):
-    """LASH's rule recomputed from scratch each step with the model's own forward: hooks decide
-    the exits at ``exit_layer`` and hold exited positions at their exit state in deeper layers.
-    Returns the ids and the ``(B, new)`` exit decisions of the predicting positions."""
+def routed_greedy_without_cache(model, x, new, exit_layer, threshold, propagate):
+    """LASH's early exit recomputed from scratch each step with the model's own forward: a
+    generated token after the first takes the exit layer's prediction where ``head(norm(h))`` is
+    confident there. With ``propagate``, hooks hold exited generated tokens at their exit state in
+    the deeper layers (CALM); without, every token keeps its exact deep state (the recompute fill).
+    Returns the ids and the ``(B, new - 1)`` exit decisions."""
     layers, state = model.model.layers, {}
+    held = torch.zeros(x.shape, dtype=torch.bool)
 
     def decide(module, args, output):
         h = output[0] if isinstance(output, tuple) else output
-        logits = model.lm_head(model.model.norm(h))
-        state.update(h=h, logits=logits, exited=logits.float().softmax(-1).amax(-1) >= threshold)
+        state.update(h=h, logits=model.lm_head(model.model.norm(h)))
 
     def hold(module, args, kwargs, output):
         h = output[0] if isinstance(output, tuple) else output
-        return torch.where(state["exited"].unsqueeze(-1), state["h"], h)
+        return torch.where(held[:, : h.shape[1], None], state["h"], h)
 
     hooks = [layers[exit_layer - 1].register_forward_hook(decide)]
-    hooks += [layer.register_forward_hook(hold, with_kwargs=True) for layer in layers[exit_layer:]]
+    if propagate:
+        hooks += [layer.register_forward_hook(hold, with_kwargs=True) for layer in layers[exit_layer:]]
     decisions = []
     try:
-        for _ in range(new):
+        for step in range(new):
             logits = model(x).logits[:, -1]  # (B, V)
-            exited = state["exited"][:, -1]  # (B,)
-            logits = torch.where(exited.unsqueeze(1), state["logits"][:, -1], logits)
+            exited = torch.zeros(x.shape[0], dtype=torch.bool)
+            if step:
+                exited = state["logits"][:, -1].float().softmax(-1).amax(-1) >= threshold  # (B,)
+                logits = torch.where(exited.unsqueeze(1), state["logits"][:, -1], logits)
+                decisions.append(exited)
+            held = torch.cat((held[:, :-1], exited[:, None], torch.zeros_like(exited)[:, None]), dim=1)
             x = torch.cat((x, logits.argmax(-1, keepdim=True)), dim=1)
-            decisions.append(exited)
     finally:
         for hook in hooks:
             hook.remove()
@@ -111,33 +117,36 @@ def test_eos_pads_finished_rows_and_stops_like_hf_generate(speculative):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_threshold_zero_takes_every_token_from_the_exit_layer(family):
+def test_threshold_zero_takes_every_token_after_the_first_from_the_exit_layer(family):
     model, x = make_model(family), prompts(3)
     out, stats = generate(model, x, NEW, exit_layer=2, routing_threshold=0.0, return_stats=True)
-    assert stats["shallow_ratio"] == 1.0 and stats["exited"] == 3 * NEW
-    # Layers 1..2 of the full model, then norm and head: a 2-layer model with the same weights.
+    assert stats["shallow_ratio"] == (NEW - 1) / NEW  # the prefilled prompt predicts the first token
+    assert torch.equal(out[:, : PROMPT + 1], hf_greedy(model, x, 1))
+    # Then layers 1..2, norm and head: a 2-layer model with the same weights, on its own caches.
     model.model.layers = model.model.layers[:2]
     model.config.num_hidden_layers = 2
-    assert torch.equal(out, hf_greedy(model, x))
+    assert torch.equal(out, hf_greedy(model, out[:, : PROMPT + 1], NEW - 1))
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_threshold_one_equals_plain_greedy(family):
     model, x = make_model(family, head_scale=4.0), prompts(3)
     out, stats = generate(model, x, NEW, exit_layer=2, routing_threshold=1.0, return_stats=True)
-    assert stats["exited"] == 0
+    assert stats["shallow_ratio"] == 0.0
     assert torch.equal(out, hf_greedy(model, x))
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("exit_layer", [1, 2])
-def test_mixed_early_exit_follows_lashs_rule_row_by_row(family, exit_layer):
+@pytest.mark.parametrize("deep_fill", ["recompute", "propagate"])
+def test_mixed_early_exit_follows_lashs_rule_row_by_row(family, exit_layer, deep_fill):
     model, x = make_model(family, weight_scale=10.0), prompts(3)
     threshold = 0.2
-    out, stats = generate(model, x, NEW, exit_layer=exit_layer, routing_threshold=threshold, return_stats=True)
-    expected, decisions = routed_greedy_without_cache(model, x, NEW, exit_layer, threshold)
+    out, stats = generate(model, x, NEW, exit_layer=exit_layer, routing_threshold=threshold, deep_fill=deep_fill,
+                          return_stats=True)  # fmt: skip
+    expected, decisions = routed_greedy_without_cache(model, x, NEW, exit_layer, threshold, deep_fill == "propagate")
     assert torch.equal(out, expected)
-    assert stats["exited"] == decisions.sum()
+    assert stats["shallow_ratio"] == pytest.approx(decisions.sum().item() / (3 * NEW))
     mixed = decisions.any(0) & ~decisions.all(0)  # steps where some rows exit and others do not
     assert bool(mixed.any()), decisions
 
@@ -150,7 +159,27 @@ def test_speculative_greedy_equals_hf_generate(family, batch, exit_layer, draft_
     model, x = make_model(family, deep_scale=0.2), prompts(batch)
     out, stats = generate(model, x, NEW, exit_layer=exit_layer, speculative=True, draft_tokens=draft_tokens, return_stats=True)
     assert torch.equal(out, hf_greedy(model, x))
-    assert 0.0 <= stats["acceptance_rate"] <= 1.0 and stats["drafted"] > 0
+    assert 0.0 <= stats["acceptance_rate"] <= 1.0 and stats["executed_layer_ratio"] > 0
+
+
+def test_stats_keys_are_the_same_for_every_mode_and_for_lash_models():
+    from lash import DeepSupervisionTransformer
+    from lash.generation import generate as lash_generate
+
+    model, x = make_model(), prompts(2)
+    lash_model = DeepSupervisionTransformer(V, 16, 4, 2, max_seq_len=32, exit_layer=2).eval()
+    keys = {"shallow_ratio", "compute_cost", "executed_layer_ratio", "acceptance_rate"}
+    for mode in ({}, {"routing_threshold": 0.5}, {"speculative": True}):
+        assert set(generate(model, x, 4, exit_layer=2, return_stats=True, **mode)[1]) == keys
+        assert set(lash_generate(lash_model, x, 4, exit_layer=2, return_stats=True, **mode)[1]) == keys
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    model, x = make_model(deep_scale=0.2), prompts(2)
+    for mode in ({}, {"routing_threshold": 0.3}, {"speculative": True}):
+        runs = [generate(model, x, 8, exit_layer=2, temperature=1.0, top_p=0.9,
+                         generator=torch.Generator().manual_seed(3), **mode) for _ in range(2)]  # fmt: skip
+        assert torch.equal(runs[0], runs[1]), mode
 
 
 @pytest.mark.parametrize("batch", [1, 3])

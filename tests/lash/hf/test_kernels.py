@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 from lash.config import TrainingConfig  # noqa: E402
 from lash.hf import LashRMSNorm, apply_lash, use_lash_kernels  # noqa: E402
 from lash.hf.kernels import RMS_NORMS, lash_rotary_pos_emb  # noqa: E402
-from lash_kernels.ops import rotary as rotary_module  # noqa: E402
+from lash_kernels.ops.rotary import kernels as rotary_kernels  # noqa: E402
 from tests.lash.hf.tiny import FAMILIES, batch, grads, tiny_model  # noqa: E402
 
 NORMS = {"llama": "LlamaRMSNorm", "qwen3": "Qwen3RMSNorm", "phi3": "Phi3RMSNorm", "gemma": "GemmaRMSNorm"}
@@ -96,7 +96,7 @@ def test_lash_rope_is_bitwise_the_familys(family, rows, dtype, monkeypatch):
     monkeypatch.setenv("LASH_KERNELS", "triton")
     original = _rope_of(family)
     calls = []
-    monkeypatch.setattr(rotary_module, "_rotary_op", lambda *a: calls.append(1) or _op(*a))
+    monkeypatch.setattr(rotary_kernels, "rotary_op", lambda *a: calls.append(1) or _op(*a))
     q, k, cos, sin = _rope_inputs(dtype, rows)
     got = lash_rotary_pos_emb(original)(q, k, cos, sin)
     want = original(q, k, cos, sin)
@@ -106,7 +106,7 @@ def test_lash_rope_is_bitwise_the_familys(family, rows, dtype, monkeypatch):
     assert calls, "the kernel did not run"
 
 
-_op = rotary_module._rotary_op
+_op = rotary_kernels.rotary_op
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
@@ -133,7 +133,7 @@ def test_lash_rope_on_the_torch_backend_is_bitwise_the_familys(dtype, monkeypatc
 def test_lash_rope_leaves_what_it_does_not_cover_to_the_family(kwargs, inputs, monkeypatch):
     monkeypatch.setenv("LASH_KERNELS", "triton")
     original = _rope_of("phi3")  # Phi-3's function handles partial rotary
-    monkeypatch.setattr(rotary_module, "_rotary_op", lambda *a: pytest.fail("the kernel ran outside its envelope"))
+    monkeypatch.setattr(rotary_kernels, "rotary_op", lambda *a: pytest.fail("the kernel ran outside its envelope"))
     q, k, cos, sin = _rope_inputs(**inputs)
     if kwargs:
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, T, H, D)
@@ -159,7 +159,7 @@ def test_a_model_with_lash_kernels_trains_as_before(family, monkeypatch, restore
     assert list(model.state_dict()) == keys
     assert not any(type(m).__name__ in RMS_NORMS for m in model.modules())
     calls = []
-    monkeypatch.setattr(rotary_module, "_rotary_op", lambda *a: calls.append(1) or _op(*a))
+    monkeypatch.setattr(rotary_kernels, "rotary_op", lambda *a: calls.append(1) or _op(*a))
     got = model(input_ids=input_ids, labels=labels).loss
     assert len(calls) == layers  # one RoPE launch per layer
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

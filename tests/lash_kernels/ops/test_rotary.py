@@ -124,6 +124,30 @@ def test_per_row_tables_match_float64(monkeypatch, kernels, rows):
         assert_close_scaled(actual, want, torch.float32, name)
 
 
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_positions_pick_table_rows(monkeypatch, kernels, per_row):
+    """Tokens at arbitrary positions (decoding, early exit): the kernel reads rows of (S, D) tables."""
+    monkeypatch.setenv("LASH_KERNELS", kernels)
+    b, t, d, s = 3, 5, 12, 40
+    q, k = _make(b, 4, t, d, torch.float32, "transposed"), _make(b, 2, t, d, torch.float32, "contiguous")
+    cos, sin = _tables(s, d, "random")
+    positions = torch.randint(0, s, (b, t) if per_row else (t,))
+    q_rot, k_rot = apply_rotary(q, k, cos, sin, positions=positions)
+    gq, gk = torch.randn_like(q_rot), torch.randn_like(k_rot)
+    torch.autograd.backward([q_rot, k_rot], [gq, gk])
+    rows_cos, rows_sin = cos[positions], sin[positions]  # (T, D) or (B, T, D)
+    if per_row:
+        rows_cos, rows_sin = rows_cos.unsqueeze(1), rows_sin.unsqueeze(1)
+    expected = _expected(q, k, rows_cos, rows_sin, gq, gk)
+    for name, actual, want in zip(("q_rot", "k_rot", "dq", "dk"), (q_rot, k_rot, q.grad, k.grad), expected):
+        assert_close_scaled(actual, want, torch.float32, name)
+    with pytest.raises(ValueError, match=r"positions must be an int64 tensor of shape \(T,\) = \(5,\)"):
+        apply_rotary(q, k, cos, sin, positions=positions.int())
+    with pytest.raises(ValueError, match=r"with positions, cos \(40, 6\)"):
+        apply_rotary(q, k, cos[:, :6], sin[:, :6], positions=positions)
+
+
 def _eager(x, cos, sin):
     """What a Hugging Face model computes: the formula in x's dtype, tables cast to it."""
     cos, sin = cos.to(x.dtype).unsqueeze(1), sin.to(x.dtype).unsqueeze(1)

@@ -1,0 +1,244 @@
+"""Decoding speed of a trained early-exit model: plain, early exit and self-speculative, by batch.
+
+The model is a :class:`lash.DeepSupervisionTransformer` trained here on the offline corpus with
+every exit supervised, so that exits mean something; it is trained once and kept in
+``--cache`` (default ``~/.cache/lash/decode_bench``). Each mode decodes ``--new`` tokens after
+prompts cut from the validation split, in fp32 on the CPU (``--threads``, default 1) or bf16 on a
+GPU. Rows: tokens/s, the speedup against plain decoding timed in the same run, the shallow ratio,
+the speculative acceptance rate, the executed-layer ratio, and the bytes ideal: the weight and
+KV-cache bytes a token must read under plain decoding over those it must read under the mode
+(exited tokens read the first ``exit_layer`` layers and the head; a step that goes deep reads the
+deep layers once for all its rows), and the achieved fraction of it. Early exit runs at the
+thresholds that make about 50/70/90% of the tokens exit (quantiles of the exit-layer confidence
+on held-out text), self-speculative decoding with 2/4/6 drafts.
+
+On CUDA it adds a Hugging Face Llama of about 1B parameters built from a config (random bf16
+weights, so plain and early-exit speed only) against ``model.generate`` with a static cache.
+
+    PYTHONPATH=. python benchmarks/decode_bench.py                  # dim 512, 12 layers, exit at 3
+    PYTHONPATH=. python benchmarks/decode_bench.py --dry-run        # tiny and fast: checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import DEVICE, ON_GPU, device_name, synchronize  # noqa: E402
+
+from lash import DeepSupervisionTransformer, Trainer, TrainingConfig  # noqa: E402
+from lash.data import load_dataset  # noqa: E402
+from lash.generation import generate  # noqa: E402
+
+
+def train_or_load(args) -> tuple[DeepSupervisionTransformer, torch.Tensor, int]:
+    """The trained model (from the cache when there), validation sequences, and the vocabulary size."""
+    data = load_dataset("offline", args.train_samples, args.batch_size, args.seq_len, seed=0, max_vocab=args.vocab)
+    key = hashlib.sha256(json.dumps([args.dim, args.layers, args.heads, args.vocab, args.train_steps, args.seq_len,
+                                     args.train_samples, args.exit_layer]).encode()).hexdigest()[:16]  # fmt: skip
+    path = Path(args.cache) / f"model-{key}.pt"
+    model = DeepSupervisionTransformer(data.vocab_size, args.dim, args.layers, args.heads,
+                                       max_seq_len=args.seq_len + args.new + 8, exit_layer=args.exit_layer)  # fmt: skip
+    if path.is_file():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        print(f"model loaded from {path}")
+    else:
+        # Every exit supervised, the exit layer weighted most: the exits then predict well.
+        weights = {layer: (2.0 if layer == args.exit_layer else 1.0) for layer in range(1, args.layers + 1)}
+        model = model.to(DEVICE)
+        trainer = Trainer(TrainingConfig(layer_weights=weights), data.vocab_size, DEVICE, progress=False,
+                          precision="bf16" if ON_GPU else "fp32")  # fmt: skip
+        optimizer = trainer.create_optimizer(model, 1e-3)
+        start, steps = time.perf_counter(), 0
+        while steps < args.train_steps:
+            steps += 1
+            trainer.train_epoch(model, data.train, optimizer, max_steps=trainer.global_step + min(args.train_steps - steps + 1, len(data.train)))
+            steps = trainer.global_step
+            print(f"trained {steps} steps, {time.perf_counter() - start:.0f} s; val {trainer.evaluate(model, data.val)['per_layer']}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
+        print(f"model saved to {path}")
+    model = model.to(DEVICE, torch.bfloat16 if ON_GPU else torch.float32).eval()  # decoded in bf16 on a GPU
+    return model, data.val.inputs, data.vocab_size
+
+
+def thresholds(model, val: torch.Tensor, shares: list[float]) -> dict[float, float]:
+    """The exit-layer confidence quantiles at which about ``share`` of the tokens exit."""
+    with torch.no_grad():
+        conf = model.compute_confidence(model.hidden_states(val[:64].to(DEVICE), [model.exit_layer])[0]).flatten()
+    return {share: float(conf.quantile(1 - share)) for share in shares}
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def deep_steps(model, fn) -> int:
+    """How many calls reach the first deep layer while ``fn()`` decodes (the prefill included)."""
+    calls = []
+    handle = model.layers[model.exit_layer].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return len(calls)
+
+
+def bytes_per_token(model, prompt_len: int, new: int, batch: int, exited_share: float, deep_share: float) -> float:
+    """Weight and KV-cache bytes one generated token must read: the first ``exit_layer`` layers and
+    the head always, the deep layers on the share of steps that go deep (read once for the step's
+    rows and spread over the batch); the cache of the layers read, at the mean length."""
+    L, e, D = model.num_layers, model.exit_layer, model.dim
+    size = model.output_head.weight.element_size()
+    layer = sum(p.numel() for p in model.layers[0].parameters()) * size
+    head = model.output_head.weight.numel() * size
+    cache = 2 * D * (prompt_len + new / 2) * size  # one layer's keys and values, one row
+    shallow = (e * layer + head) / batch + e * cache
+    deep = (L - e) * (layer / batch + cache)
+    return shallow + deep_share * deep
+
+
+def run(args) -> list[dict]:
+    model, val, vocab = train_or_load(args)  # trained on every core
+    if not ON_GPU:
+        torch.set_num_threads(args.threads)
+    rows = []
+    levels = thresholds(model, val, [0.5, 0.7, 0.9])
+    for batch in args.batches:
+        prompt = val[:batch, : args.prompt].to(DEVICE)
+        modes = [("plain", {})] + [(f"early exit ~{share:.0%}", {"routing_threshold": t}) for share, t in levels.items()]
+        modes += [(f"speculative, {k} drafts", {"speculative": True, "draft_tokens": k}) for k in (2, 4, 6)]
+        plain_time = None
+        for name, kwargs in modes:
+            call = lambda kw=kwargs: generate(model, prompt, args.new, **kw)  # noqa: E731
+            out, stats = generate(model, prompt, args.new, return_stats=True, **kwargs)
+            seconds = timed(call, args.repeats)
+            plain_time = plain_time or seconds
+            row = {"batch": batch, "mode": name, "tokens_per_s": batch * args.new / seconds,
+                   "speedup_vs_plain": plain_time / seconds, **stats}  # fmt: skip
+            if "routing_threshold" in kwargs:
+                deep_share = (deep_steps(model, call) - 1) / args.new  # the prefill's call is not a step
+                full = bytes_per_token(model, args.prompt, args.new, batch, 0.0, 1.0)
+                routed = bytes_per_token(model, args.prompt, args.new, batch, stats["shallow_ratio"], deep_share)
+                row.update(deep_step_share=deep_share, bytes_ideal=full / routed, of_bytes_ideal=row["speedup_vs_plain"] / (full / routed))
+            rows.append(row)
+            print(_line(row), flush=True)
+    return rows
+
+
+def hf_rows(args) -> list[dict]:
+    """On CUDA: a ~1B-parameter Llama from a config (random bf16 weights), LASH's plain and
+    early-exit decoding against ``model.generate`` with a static cache, batch 1."""
+    import transformers
+
+    from lash.hf import generate as hf_generate
+
+    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=1024)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(DEVICE, torch.bfloat16).eval()
+    prompt = torch.randint(0, config.vocab_size, (1, 128), device=DEVICE)
+    new, exit_layer = args.new, 4
+    reference = timed(lambda: model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                             cache_implementation="static"), args.repeats)  # fmt: skip
+    with torch.no_grad():
+        parts = transformers_parts(model)
+        h = parts.backbone(prompt, output_hidden_states=True).hidden_states[exit_layer]
+        conf = parts.head(parts.norm(h)).float().softmax(-1).amax(-1).flatten()
+    rows = []
+    for name, kwargs in [("plain", {}), ("early exit ~70%", {"routing_threshold": float(conf.quantile(0.3))})]:
+        call = lambda kw=kwargs: hf_generate(model, prompt, new, exit_layer=exit_layer, **kw)  # noqa: E731
+        _, stats = hf_generate(model, prompt, new, exit_layer=exit_layer, return_stats=True, **kwargs)
+        seconds = timed(call, args.repeats)
+        rows.append({"batch": 1, "mode": f"hf llama-1b {name}", "tokens_per_s": new / seconds,
+                     "speedup_vs_plain": reference / seconds, **stats})  # fmt: skip
+        print(_line(rows[-1]).replace("plain |", "model.generate (static cache) |"), flush=True)
+    return rows
+
+
+def transformers_parts(model):
+    from lash.hf import decoder_parts
+
+    return decoder_parts(model)
+
+
+def _line(row: dict) -> str:
+    ideal = f" | bytes ideal {row['bytes_ideal']:.2f}×, reached {row['of_bytes_ideal']:.2f}" if "bytes_ideal" in row else ""
+    return (f"batch {row['batch']:>2} {row['mode']:<22} {row['tokens_per_s']:8.1f} tok/s  {row['speedup_vs_plain']:.2f}× plain"
+            f" | shallow {row['shallow_ratio']:.0%} acceptance {row['acceptance_rate']:.0%} layers {row['executed_layer_ratio']:.2f}{ideal}")
+
+
+def markdown(rows: list[dict], args) -> str:
+    lines = [
+        f"{device_name()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, {datetime.date.today().isoformat()}; "
+        f"dim {args.dim}, {args.layers} layers, exit at {args.exit_layer}, vocab {args.vocab}, prompt {args.prompt}, "
+        f"{args.new} new tokens, median of {args.repeats}.",
+        "",
+        "| batch | mode | tokens/s | vs plain | shallow | acceptance | executed layers | bytes ideal | of ideal |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ideal = (f"{r['bytes_ideal']:.2f}× | {r['of_bytes_ideal']:.2f}" if "bytes_ideal" in r else "– | –")
+        lines.append(f"| {r['batch']} | {r['mode']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_plain']:.2f}× | "
+                     f"{r['shallow_ratio']:.0%} | {r['acceptance_rate']:.0%} | {r['executed_layer_ratio']:.2f} | {ideal} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--exit-layer", type=int, default=3)
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--seq-len", type=int, default=64, help="training sequence length")
+    parser.add_argument("--batch-size", type=int, default=16, help="training batch")
+    parser.add_argument("--train-samples", type=int, default=8000)
+    parser.add_argument("--train-steps", type=int, default=400)
+    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads while decoding (training takes every core)")
+    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "lash" / "decode_bench"))
+    parser.add_argument("--out", help="write the table (Markdown) and every row (JSON) here, as DIR/decode.{md,json}")
+    parser.add_argument("--dry-run", action="store_true", help="tiny model, few steps: checks the script")
+    args = parser.parse_args()
+    if args.dry_run:
+        args.dim, args.layers, args.heads, args.exit_layer, args.train_steps, args.new = 32, 4, 4, 1, 4, 8
+        args.train_samples, args.batches, args.repeats = 256, [1, 2], 1
+    rows = run(args)
+    if ON_GPU and not args.dry_run:
+        rows += hf_rows(args)
+    table = markdown(rows, args)
+    print()
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "decode.md").write_text(table)
+        (out / "decode.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("LASH_KERNELS", "auto")
+    main()

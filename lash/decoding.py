@@ -1,0 +1,365 @@
+"""One decoding engine for every model LASH serves: plain, early-exit and self-speculative decoding.
+
+The engine holds the loops, the sampler (temperature, top-k, top-p), stopping (EOS, max tokens),
+left padding and the stats, once. A model takes part through :class:`Parts`: embed ids, run
+layers ``i..j`` over hidden states at given slots and positions with a cache, apply the shared
+head, forget cache columns. :mod:`lash.generation` adapts LASH models, :mod:`lash.hf.generation`
+Hugging Face causal LMs; both call :func:`decode`.
+
+Modes:
+
+* **plain** — every token runs every layer.
+* **early exit** — a generated token whose confidence at ``exit_layer`` (max softmax probability
+  of the head) reaches ``routing_threshold`` is emitted from the exit layer and runs no deeper
+  layer then. Its deep keys and values are filled later (``deep_fill``):
+
+  - ``"recompute"`` (default): its exit-layer state is kept, and the next step that goes deep
+    runs the deep layers over every pending token plus its own, as extra rows of one call, so
+    the deep caches hold exact deep states and the deep weights are read once for all rows
+    (EE-LLM, Chen et al., 2023; FREE, Bae et al., 2023);
+  - ``"propagate"``: its deep keys and values are projected from its exit state at once
+    (CALM's state propagation, Schuster et al., 2022), so it never goes deep.
+
+  The prompt is prefilled by every layer, not routed. With several rows, each row exits on its
+  own confidence and a step goes deep when any row does not exit, carrying every row's pending
+  tokens (under ``"propagate"``, an exited row keeps its exit state in that step's deep layers); ``exit_rule="batch"`` instead lets a step exit only when every row is confident, so
+  that a step that goes deep answers every row from the last layer (same cost, never a worse
+  answer). Pending tokens are filled at the latest every :data:`MAX_PENDING` tokens, so a deep
+  call has at most ``MAX_PENDING + 1`` rows.
+* **self-speculative** (LayerSkip, Elhoushi et al., 2024) — the first ``exit_layer`` layers and
+  the head draft up to ``draft_tokens`` tokens one at a time; the deep layers verify them in one
+  call over their exit-layer states; the longest agreeing prefix is kept, plus the full model's
+  own next token. Sampling follows the speculative-sampling rule (Leviathan et al., 2023), so
+  the output follows the full model's distribution; greedy output equals plain greedy output.
+
+Host reads: the device decides everything it can; the host reads back at most one small tensor
+per generated token (early exit: whether the step goes deep and which rows have stopped;
+speculative: how many drafts were kept; plain: which rows have stopped, only with an EOS).
+
+Stats (every mode, the same keys): ``shallow_ratio`` (generated tokens emitted from the exit
+layer), ``compute_cost`` (:func:`lash.routing.compute_cost` of it, the nominal accounting),
+``executed_layer_ratio`` (layer evaluations really run per generated token, deferred fills and
+rejected drafts included, over ``num_layers``) and ``acceptance_rate`` (drafts kept over drafts
+made). Counts are per row; the prompt's prefill is left out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from lash.losses import confidence
+from lash.routing import compute_cost, exits
+
+MAX_PENDING = 15  # exited tokens an early-exit row may owe the deep layers before a step fills them
+DEEP_FILLS = ("recompute", "propagate")
+EXIT_RULES = ("row", "batch")
+
+
+class Parts(Protocol):
+    """What the engine needs of a model. Layers are 0-based here; slots are cache columns."""
+
+    num_layers: int
+
+    def new_cache(self, batch: int, slots: int) -> Any:
+        """An empty cache for ``batch`` rows and ``slots`` columns."""
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """``(B, n)`` ids → ``(B, n, D)`` hidden states."""
+
+    def run(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState,
+            frozen: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Run ``layers`` over ``h`` (B, n, D) at cache columns ``start..start+n-1`` and ``positions``
+        (B, n), writing their keys and values into ``state.cache``; queries read every valid column
+        up to their own. Tokens where ``frozen`` (B, n) is set keep their input state after every
+        layer, so each layer caches what it projects from that state (propagation)."""
+
+    def fill(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState) -> None:
+        """Write the keys and values ``layers`` would have for the frozen states ``h`` (propagation)."""
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of hidden states ``(..., D)`` → ``(..., V)`` (any layer: the head is shared)."""
+
+    def keep(self, state: DecodeState, slots: int) -> None:
+        """Forget every cache column from ``slots`` on (rejected drafts); static caches need nothing."""
+
+
+@dataclass
+class DecodeState:
+    """One call's device buffers: the cache and, per column, validity and position."""
+
+    cache: Any
+    valid: torch.Tensor  # (B, S) bool: the column holds a token (False: left padding)
+    positions: torch.Tensor  # (B, S) int64 position of each column's token
+    exit_states: torch.Tensor | None = None  # (B, S, D) exit-layer states (early exit's pending tokens)
+
+
+@dataclass
+class Sampler:
+    """How a token is chosen from logits: greedy at temperature 0, else a seeded draw."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    generator: torch.Generator | None = None
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """``(..., V)`` logits → the ``(..., V)`` fp32 distribution tokens are drawn from.
+
+        Temperature 0 is a one-hot at the argmax, so the speculative rule reduces to exact
+        argmax matching.
+        """
+        if self.temperature == 0:
+            return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        # Shift the maximum to 0 and keep it there: a temperature too small for fp32 (even one
+        # that rounds to 0) then gives -inf for every other logit, never inf - inf or 0 / 0.
+        shifted = logits.float() - logits.float().amax(-1, keepdim=True)  # (..., V), <= 0
+        scaled = torch.where(shifted == 0, shifted, shifted / self.temperature)
+        if self.top_k is not None:
+            kth = scaled.topk(self.top_k, dim=-1).values[..., -1:]
+            scaled = scaled.masked_fill(scaled < kth, -math.inf)
+        probs = scaled.softmax(dim=-1)
+        if self.top_p is not None:  # the smallest set of most likely tokens holding top_p of the mass
+            ordered, order = probs.sort(dim=-1, descending=True)
+            outside = ordered.cumsum(-1) - ordered >= self.top_p  # the most likely token always stays
+            probs = probs.scatter(-1, order, ordered.masked_fill(outside, 0.0))
+            probs = probs / probs.sum(-1, keepdim=True)
+        return probs
+
+    def draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """One token per row of ``probs`` (B, V): ``(B,)``; greedy takes the argmax."""
+        if self.temperature == 0:
+            return probs.argmax(-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """``(B, V)`` logits → ``(B,)`` tokens."""
+        return self.draw(self.probabilities(logits))
+
+
+@dataclass
+class Stop:
+    """When rows stop: at ``max_new_tokens``, or at their first EOS (then padded with ``pad``)."""
+
+    max_new_tokens: int
+    eos: torch.Tensor | None = None  # (E,) token ids on the device
+    pad: int = 0
+
+
+class _Record:
+    """Generated tokens, which rows have stopped, and the work done, counted per row."""
+
+    def __init__(self, tokens: torch.Tensor, start: int, stop: Stop) -> None:
+        self.tokens, self.start, self.length, self.stop = tokens, start, start, stop  # (B, S); columns filled
+        self.done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)  # (B,) an EOS came
+        self.exited = self.layer_evals = self.drafted = self.accepted = 0  # exited: summed over rows
+
+    def add(self, new: torch.Tensor) -> None:
+        """Append ``(B,)`` or ``(B, m)`` tokens (on the device: no host read)."""
+        new = new.reshape(new.shape[0], -1)
+        self.tokens[:, self.length : self.length + new.shape[1]] = new
+        self.length += new.shape[1]
+        if self.stop.eos is not None:
+            self.done |= torch.isin(new, self.stop.eos).any(dim=1)
+
+    @property
+    def generated(self) -> int:
+        return self.length - self.start
+
+    @property
+    def more(self) -> bool:
+        """Whether to generate another token: not at ``max_new_tokens`` (no host read)."""
+        return self.generated < self.stop.max_new_tokens
+
+    def finish(self) -> torch.Tensor:
+        """The prompts and generated tokens, cut to ``max_new_tokens``; with an EOS, each row
+        padded after its first one and the output ended once every row has one, as ``generate`` does."""
+        start, stop = self.start, self.stop
+        out = self.tokens[:, : min(self.length, start + stop.max_new_tokens)]
+        if stop.eos is None:
+            return out
+        new = out[:, start:]
+        n = new.shape[1]
+        first = torch.where(torch.isin(new, stop.eos), torch.arange(1, n + 1, device=out.device), n + 1).amin(dim=1)
+        after = torch.arange(1, n + 1, device=out.device) > first.unsqueeze(1)  # (B, n)
+        out = torch.cat((out[:, :start], new.masked_fill(after, stop.pad)), dim=1)
+        return out[:, : start + min(int(first.max()), n)]
+
+    def stats(self, num_layers: int, exit_layer: int | None) -> dict[str, float]:
+        generated = min(self.generated, self.stop.max_new_tokens)
+        shallow = int(self.exited) / (generated * self.tokens.shape[0]) if generated else 0.0
+        return {
+            "shallow_ratio": shallow,
+            "compute_cost": compute_cost(shallow, exit_layer, num_layers) if exit_layer else 1.0,
+            "executed_layer_ratio": self.layer_evals / (generated * num_layers) if generated else 0.0,
+            "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+        }
+
+
+def _plain(parts: Parts, state: DecodeState, record: _Record, sampler: Sampler) -> None:
+    every, col = range(parts.num_layers), record.start
+    while record.more:
+        if record.stop.eos is not None and bool(record.done.all()):  # the one host read, only with an EOS
+            return
+        x = record.tokens[:, col : col + 1]
+        h = parts.run(parts.embed(x), col, state.positions[:, col : col + 1], every, state)
+        record.add(sampler.choose(parts.head(h[:, -1])))
+        record.layer_evals += parts.num_layers
+        col += 1
+
+
+def _early_exit(
+    parts: Parts, state: DecodeState, record: _Record, sampler: Sampler, exit_layer: int, threshold: float,
+    deep_fill: str, exit_rule: str,
+) -> None:  # fmt: skip
+    shallow, deep = range(exit_layer), range(exit_layer, parts.num_layers)
+    col = filled = record.start  # filled: the deep caches hold every column before it
+    while record.more:
+        x = record.tokens[:, col : col + 1]
+        h = parts.run(parts.embed(x), col, state.positions[:, col : col + 1], shallow, state)
+        state.exit_states[:, col] = h[:, 0]
+        logits = parts.head(h[:, 0])  # (B, V)
+        exited = exits(confidence(logits), threshold)  # (B,)
+        if exit_rule == "batch":
+            exited = exited.all().expand_as(exited)
+        goes_deep, stopped = divmod(int(2 * (~exited).any() + record.done.all()), 2)  # the one host read of the step
+        if record.stop.eos is not None and stopped:  # every row stopped at an earlier token
+            return
+        record.layer_evals += exit_layer
+        if deep_fill == "propagate" and not goes_deep:
+            parts.fill(h, col, state.positions[:, col : col + 1], deep, state)
+            filled = col + 1
+        elif goes_deep or col + 1 - filled > MAX_PENDING:
+            n = col + 1 - filled
+            block = state.exit_states[:, filled : col + 1]  # (B, n, D): the pending tokens and this one
+            frozen = exited[:, None] if deep_fill == "propagate" else None  # exited rows keep their exit state
+            out = parts.run(block, filled, state.positions[:, filled : col + 1], deep, state, frozen)
+            if goes_deep:
+                logits = torch.where(exited.unsqueeze(1), logits, parts.head(out[:, -1]))
+            record.layer_evals += n * len(deep)
+            filled = col + 1
+        record.exited = record.exited + exited.sum()  # on the device, read once at the end
+        record.add(sampler.choose(logits))
+        col += 1
+
+
+def _accepted(drafts, draft_probs, verify_probs, sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many drafts every row keeps, and each row's next token after them (on the device).
+
+    Speculative sampling: row ``b`` keeps draft ``i`` with probability ``min(1, p_i(d)/q_i(d))``;
+    at its first rejection it draws from ``norm(max(p_i - q_i, 0))``. The batch keeps the
+    fewest drafts any row kept (``m``); a row that accepted draft ``m`` too takes it as its next
+    token, which is still a draw from the full model, so every row stays exact.
+
+    Args:
+        drafts: ``(B, k)``; ``draft_probs``: ``(B, k, V)``; ``verify_probs``: ``(B, k+1, V)``.
+
+    Returns:
+        ``m`` as a 0-d tensor and the ``(B,)`` token at the first position after the kept drafts.
+    """
+    B, k = drafts.shape
+    p = verify_probs[:, :k].gather(2, drafts.unsqueeze(2)).squeeze(2)  # (B, k)
+    q = draft_probs.gather(2, drafts.unsqueeze(2)).squeeze(2)  # (B, k)
+    if sampler.temperature == 0:
+        keep = p > 0  # one-hot distributions: the draft is the full model's argmax
+    else:
+        keep = torch.rand(p.shape, generator=sampler.generator, device=p.device) * q < p
+    kept = keep.long().cumprod(dim=1).sum(dim=1)  # (B,) per-row accepted prefix length
+    m = kept.min()
+    at_m = m.view(1, 1, 1).expand(B, 1, verify_probs.shape[-1])  # gather index: no host read of m
+    p_m = verify_probs.gather(1, at_m)[:, 0]  # (B, V): the full model after the kept drafts
+    q_m = torch.cat((draft_probs, torch.zeros_like(draft_probs[:, :1])), dim=1).gather(1, at_m)[:, 0]  # 0 after the last
+    residual = (p_m - q_m).clamp_min(0)
+    # Rows that kept draft m may have p == q there (no residual mass); they take the draft anyway.
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_m)
+    correction = sampler.draw(residual / residual.sum(-1, keepdim=True))
+    padded = torch.cat((drafts, drafts[:, :1]), dim=1)  # (B, k+1): index m exists even when m == k
+    return m, torch.where(kept > m, padded.gather(1, m.view(1, 1).expand(B, 1))[:, 0], correction)
+
+
+def _speculative(parts: Parts, state: DecodeState, record: _Record, sampler: Sampler, exit_layer: int, draft_tokens: int) -> None:
+    shallow, deep = range(exit_layer), range(exit_layer, parts.num_layers)
+    col, stop = record.start, record.stop  # col: the newest token's column, not yet cached
+    device = record.tokens.device
+    steps = torch.arange(draft_tokens + 1, device=device)
+    while record.more:
+        k = min(draft_tokens, stop.max_new_tokens - record.generated)
+        x, states, drafts, draft_probs = record.tokens[:, col : col + 1], [], [], []
+        for i in range(k + 1):  # k drafts, then the draft layers for the last one (the verifier's input)
+            at = col + i
+            states.append(parts.run(parts.embed(x), at, state.positions[:, at : at + 1], shallow, state))
+            if i < k:
+                draft_probs.append(sampler.probabilities(parts.head(states[-1][:, 0])))  # (B, V)
+                x = sampler.draw(draft_probs[-1]).unsqueeze(1)  # (B, 1)
+                drafts.append(x)
+        out = parts.run(torch.cat(states, dim=1), col, state.positions[:, col : col + k + 1], deep, state)
+        verify = sampler.probabilities(parts.head(out))  # (B, k+1, V)
+        drafted = torch.cat(drafts, dim=1) if k else record.tokens.new_empty(record.tokens.shape[0], 0)  # (B, k)
+        if k:
+            m, nxt = _accepted(drafted, torch.stack(draft_probs, dim=1), verify, sampler)
+        else:
+            m, nxt = torch.zeros((), dtype=torch.long, device=device), sampler.draw(verify[:, 0])
+        kept = torch.where(steps[: k + 1] == m, nxt[:, None], torch.cat((drafted, nxt[:, None]), dim=1))  # (B, k+1)
+        done = record.done
+        if stop.eos is not None:
+            done = done | (torch.isin(kept, stop.eos) & (steps[: k + 1] <= m)).any(dim=1)
+        m, all_done = divmod(int(2 * m + done.all()), 2)  # the one host read of the iteration
+        record.add(kept[:, : m + 1])
+        parts.keep(state, col + m + 1)
+        record.layer_evals += (k + 1) * parts.num_layers
+        record.drafted, record.accepted = record.drafted + k, record.accepted + m
+        col += m + 1
+        if stop.eos is not None and all_done:
+            return
+
+
+def decode(
+    parts: Parts,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    stop: Stop,
+    sampler: Sampler,
+    *,
+    mode: str,
+    exit_layer: int | None = None,
+    routing_threshold: float | None = None,
+    draft_tokens: int = 4,
+    deep_fill: str = "recompute",
+    exit_rule: str = "row",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Decode after ``input_ids`` (B, T0), left-padded where ``attention_mask`` (B, T0) is 0.
+
+    Args:
+        parts: the model, through :class:`Parts`.
+        mode: ``"plain"``, ``"early_exit"`` or ``"speculative"``.
+        exit_layer: early exit's exit layer, speculative's draft depth (1-based; checked by the caller).
+        Others: see the module docstring.
+
+    Returns:
+        ``(B, T0 + n)`` ids, the prompts first, and the stats.
+    """
+    B, T0 = input_ids.shape
+    device = input_ids.device
+    room = stop.max_new_tokens + (draft_tokens if mode == "speculative" else 0)
+    valid = torch.cat((attention_mask.bool(), attention_mask.new_ones(B, room, dtype=torch.bool)), dim=1)  # (B, S)
+    positions = (valid.long().cumsum(-1) - 1).clamp_min(0)  # (B, S): each row counts from its first token
+    state = DecodeState(parts.new_cache(B, T0 + room), valid, positions)
+    record = _Record(torch.empty(B, T0 + room, dtype=torch.long, device=device), T0, stop)
+    record.tokens[:, :T0] = input_ids
+    exit_for_stats = exit_layer if mode != "plain" else None
+    if stop.max_new_tokens == 0:
+        return input_ids, record.stats(parts.num_layers, exit_for_stats)
+    h = parts.run(parts.embed(input_ids), 0, positions[:, :T0], range(parts.num_layers), state)
+    record.add(sampler.choose(parts.head(h[:, -1])))  # the prompt is prefilled by every layer, not routed
+    record.layer_evals += parts.num_layers
+    if mode == "plain":
+        _plain(parts, state, record, sampler)
+    elif mode == "early_exit":
+        state.exit_states = h.new_empty(B, T0 + room, h.shape[-1])  # (B, S, D)
+        _early_exit(parts, state, record, sampler, exit_layer, routing_threshold, deep_fill, exit_rule)
+    else:
+        _speculative(parts, state, record, sampler, exit_layer, draft_tokens)
+    return record.finish(), record.stats(parts.num_layers, exit_for_stats)

@@ -1,0 +1,270 @@
+"""RoPE's Triton kernel, its launcher and the ``lash::rotary`` ``torch.library`` op.
+
+Layers: ``_rotary_kernel`` (Triton) → ``_rotary`` launcher → ``lash::rotary`` registered with
+``torch.library.triton_op``, whose autograd calls the same op with ``inverse`` flipped. The maths
+and the envelope are in :mod:`lash_kernels.ops.rotary`, whose :func:`apply_rotary` calls
+:func:`rotary_op`. Imported only where Triton is installed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from lash_kernels._launch import launch, sm_count
+from lash_kernels.aot_types import ARCHS, LAUNCH_STAGES, KernelVariant, pointer
+
+PROGRAMS_PER_SM = 2  # grid size the launcher aims for, per streaming multiprocessor
+NUM_WARPS = 4  # per program (see _blocks)
+
+
+@triton.jit
+def _rotate_heads(
+    X,  # pointer to the input [B, H, T, D] of this tensor (q or k)
+    O,  # pointer to the output, same shape
+    stride_xb,  # input strides over batch, head, position (the head dim is unit-stride)
+    stride_xh,
+    stride_xt,
+    stride_ob,  # output strides over batch, head, position
+    stride_oh,
+    stride_ot,
+    n_heads,  # H of this tensor
+    first_head,  # this program's first head; it takes every head_groups-th after it
+    head_groups,  # programs sharing the heads of one (position block, batch)
+    pid_b,  # batch index of this program
+    t,  # (BLOCK_T,) positions of this program
+    d,  # (BLOCK_H,) offsets inside one half of the head dimension
+    mask,  # (BLOCK_T, BLOCK_H) valid positions × valid offsets
+    cos_lo,  # (BLOCK_T, BLOCK_H) fp32 table halves, loaded once for all heads
+    cos_hi,
+    sin_lo,
+    sin_hi,
+    HALF: tl.constexpr,  # D / 2
+    EAGER_ROUNDING: tl.constexpr,  # round tables, each product and the sum to the output dtype
+):
+    t64 = t.to(tl.int64)[:, None]
+    out_ty = O.dtype.element_ty
+    if EAGER_ROUNDING:  # eager torch's `x * cos` in the output dtype multiplies rounded tables
+        cos_lo, cos_hi = cos_lo.to(out_ty).to(tl.float32), cos_hi.to(out_ty).to(tl.float32)
+        sin_lo, sin_hi = sin_lo.to(out_ty).to(tl.float32), sin_hi.to(out_ty).to(tl.float32)
+    for h in range(first_head, n_heads, head_groups):
+        x_ptr = X + pid_b.to(tl.int64) * stride_xb + h * stride_xh + t64 * stride_xt + d[None, :]
+        o_ptr = O + pid_b.to(tl.int64) * stride_ob + h * stride_oh + t64 * stride_ot + d[None, :]
+        x_lo = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+        x_hi = tl.load(x_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+        if EAGER_ROUNDING:  # products of two 16-bit floats are exact in fp32: one rounding each
+            o_lo = (x_lo * cos_lo).to(out_ty).to(tl.float32) - (x_hi * sin_lo).to(out_ty).to(tl.float32)
+            o_hi = (x_hi * cos_hi).to(out_ty).to(tl.float32) + (x_lo * sin_hi).to(out_ty).to(tl.float32)
+        else:
+            o_lo = x_lo * cos_lo - x_hi * sin_lo
+            o_hi = x_hi * cos_hi + x_lo * sin_hi
+        tl.store(o_ptr, o_lo.to(out_ty), mask=mask)
+        tl.store(o_ptr + HALF, o_hi.to(out_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    Q,  # pointer to q [B, Hq, T, D]
+    K,  # pointer to k [B, Hk, T, D]
+    QO,  # pointer to the rotated q
+    KO,  # pointer to the rotated k
+    COS,  # pointer to the cos table [T, D] of each batch row (batch stride 0: one shared table)
+    SIN,  # pointer to the sin table, laid out like COS
+    stride_qb,  # q strides over batch, head, position
+    stride_qh,
+    stride_qt,
+    stride_kb,  # k strides over batch, head, position
+    stride_kh,
+    stride_kt,
+    stride_qob,  # rotated-q strides
+    stride_qoh,
+    stride_qot,
+    stride_kob,  # rotated-k strides
+    stride_koh,
+    stride_kot,
+    stride_cos_b,  # COS strides over batch and position
+    stride_cos_t,
+    stride_sin_b,  # SIN strides over batch and position
+    stride_sin_t,
+    POS,  # pointer to int64 positions [B, T] (read only when HAS_POSITIONS): the table row of each token
+    stride_pos_b,  # elements between rows of POS (0: one set of positions for every row)
+    T,  # sequence length
+    HQ,  # heads of q
+    HK,  # heads of k
+    head_groups,  # programs per (position block, batch), each taking every head_groups-th head
+    HALF: tl.constexpr,  # D / 2
+    INVERSE: tl.constexpr,  # apply the transpose (backward) instead of the rotation
+    HAS_POSITIONS: tl.constexpr,  # the tables are indexed by POS, not by the token's own index t
+    EAGER_ROUNDING: tl.constexpr,  # round as eager torch in the output dtype does (see apply_rotary)
+    BLOCK_T: tl.constexpr,  # positions per program
+    BLOCK_H: tl.constexpr,  # next power of two ≥ D / 2
+):
+    pid_t = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_h = tl.program_id(2)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, BLOCK_H)
+    mask = (t < T)[:, None] & (d < HALF)[None, :]
+    # The tables are the same for every head: one load per program, reused by its share of the
+    # Hq + Hk heads (and served from L2 to the other head groups).
+    if HAS_POSITIONS:
+        row = tl.load(POS + pid_b.to(tl.int64) * stride_pos_b + t, mask=t < T, other=0)  # (BLOCK_T,)
+    else:
+        row = t
+    cos_ptr = COS + pid_b.to(tl.int64) * stride_cos_b + row[:, None] * stride_cos_t + d[None, :]
+    sin_ptr = SIN + pid_b.to(tl.int64) * stride_sin_b + row[:, None] * stride_sin_t + d[None, :]
+    cos_lo = tl.load(cos_ptr, mask=mask, other=0.0).to(tl.float32)
+    cos_hi = tl.load(cos_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    sin_lo = tl.load(sin_ptr, mask=mask, other=0.0).to(tl.float32)
+    sin_hi = tl.load(sin_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    if INVERSE:
+        sin_lo, sin_hi = -sin_hi, -sin_lo
+    _rotate_heads(
+        Q, QO, stride_qb, stride_qh, stride_qt, stride_qob, stride_qoh, stride_qot,
+        HQ, pid_h, head_groups, pid_b, t, d, mask, cos_lo, cos_hi, sin_lo, sin_hi, HALF, EAGER_ROUNDING,
+    )  # fmt: skip
+    _rotate_heads(
+        K, KO, stride_kb, stride_kh, stride_kt, stride_kob, stride_koh, stride_kot,
+        HK, pid_h, head_groups, pid_b, t, d, mask, cos_lo, cos_hi, sin_lo, sin_hi, HALF, EAGER_ROUNDING,
+    )  # fmt: skip
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim is unit-stride (any other strides are fine), else a copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _blocks(half: int) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_H) for head dim ``2 · half``: 2048-element tiles, 16 per thread at 4 warps
+    for each of the six live tiles. The block depends on D only, so a dynamic sequence length
+    under torch.compile does not specialise the graph; short sequences mask one block's tail."""
+    block_h = triton.next_power_of_2(half)
+    return max(1, 2048 // block_h), block_h
+
+
+def _head_groups(t: int, b: int, heads: int, block_t: int, sms: int) -> int:
+    """Programs sharing one (position block, batch): enough for ≥ 2 programs per SM (the
+    seed's 64 × 32 tokens are one position block per batch row, 64 programs on 132 SMs)."""
+    return max(1, min(heads, triton.cdiv(PROGRAMS_PER_SM * sms, triton.cdiv(t, block_t) * b)))
+
+
+def static_variants(shape, dtype: torch.dtype, arch: int) -> list:
+    """The launches :mod:`lash_kernels.aot_check` compiles: the rotation and its transpose on
+    contiguous ``[batch, heads, seq, head_dim]`` q and k, fp32 tables."""
+    b, h, t, dim = shape.batch, shape.heads, shape.seq, shape.head_dim
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    block_t, block_h = _blocks(dim // 2)
+    groups = _head_groups(t, b, h, block_t, ARCHS[arch].sms)
+    act, f32 = pointer(dtype), pointer(torch.float32)
+    strides = [f"stride_{x}{y}" for x in ("q", "k", "qo", "ko") for y in ("b", "h", "t")]
+    tables = ["stride_cos_b", "stride_cos_t", "stride_sin_b", "stride_sin_t"]  # one shared table
+    signature = dict(Q=act, K=act, QO=act, KO=act, COS=f32, SIN=f32, **dict.fromkeys(strides, "i32"),
+                     **dict.fromkeys(tables, "i32"), POS=pointer(torch.int64), stride_pos_b="i32", T="i32",
+                     HQ="i32", HK="i32", head_groups="i32", HALF="constexpr", INVERSE="constexpr",
+                     HAS_POSITIONS="constexpr", EAGER_ROUNDING="constexpr", BLOCK_T="constexpr",
+                     BLOCK_H="constexpr")  # fmt: skip
+    ints = dict(zip(strides, [h * t * dim, t * dim, dim] * 4), **dict(zip(tables, [0, dim] * 2)), T=t, HQ=h, HK=h)
+    return [
+        KernelVariant(
+            f"rotary.{'backward' if inverse else 'forward'}", _rotary_kernel, signature,
+            dict(HALF=dim // 2, INVERSE=inverse, HAS_POSITIONS=False, EAGER_ROUNDING=False, BLOCK_T=block_t,
+                 BLOCK_H=block_h), NUM_WARPS, LAUNCH_STAGES,
+            triton.cdiv(t, block_t) * b * groups, dict(ints, head_groups=groups, stride_pos_b=0),
+            bytes_in_flight=block_t * dim * itemsize, bytes_moved=4 * b * h * t * dim * itemsize,
+        )
+        for inverse in (False, True)
+    ]  # fmt: skip
+
+
+def _table_strides(table: torch.Tensor) -> tuple[int, int]:
+    """(batch, position) strides of a ``[T, D]`` or ``[1 or B, T, D]`` table; 0 over batch when shared."""
+    if table.ndim == 2 or table.shape[0] == 1:
+        return 0, table.stride(-2)
+    return table.stride(0), table.stride(1)
+
+
+def _rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor | None,
+    inverse: bool,
+    eager_rounding: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the kernel over (position blocks, batch); returns the rotated ``(q, k)``."""
+    q, k, cos, sin = _unit_last(q), _unit_last(k), _unit_last(cos), _unit_last(sin)
+    if positions is not None:
+        positions = positions.contiguous()  # (T,) or (B, T)
+    b, hq, t, dim = q.shape
+    hk = k.shape[1]
+    # empty_like keeps a dense input's layout (e.g. a transposed [B, T, H, D] view).
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    if q.numel() + k.numel() == 0:
+        return q_out, k_out
+    half = dim // 2
+    block_t, block_h = _blocks(half)
+    head_groups = _head_groups(t, b, max(hq, hk), block_t, sm_count(q.device))
+    launch(_rotary_kernel)[(triton.cdiv(t, block_t), b, head_groups)](
+        q,
+        k,
+        q_out,
+        k_out,
+        cos,
+        sin,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *q_out.stride()[:3],
+        *k_out.stride()[:3],
+        *_table_strides(cos),
+        *_table_strides(sin),
+        positions if positions is not None else cos,  # any pointer when unused
+        0 if positions is None or positions.dim() == 1 else positions.stride(0),
+        t,
+        hq,
+        hk,
+        head_groups,
+        HALF=half,
+        INVERSE=inverse,
+        HAS_POSITIONS=positions is not None,
+        EAGER_ROUNDING=eager_rounding,
+        BLOCK_T=block_t,
+        BLOCK_H=block_h,
+        num_warps=NUM_WARPS,
+        # Fused multiply-adds would absorb a product's rounding (fma.rn.bf16 in place of two
+        # rounded products and their rounded sum): eager rounding compiles without them.
+        enable_fp_fusion=not eager_rounding,
+    )
+    return q_out, k_out
+
+
+@triton_op("lash::rotary", mutates_args=())
+def rotary_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor | None,
+    inverse: bool,
+    eager_rounding: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rotary(q, k, cos, sin, positions, inverse, eager_rounding)
+
+
+def _setup_rotary(ctx, inputs, output) -> None:
+    _, _, cos, sin, positions, inverse, eager_rounding = inputs
+    ctx.save_for_backward(cos, sin, positions)
+    ctx.inverse, ctx.eager_rounding = inverse, eager_rounding
+
+
+def _rotary_grad(ctx, dq_out, dk_out):
+    # Eager autograd of `x * cos + rotate_half(x) * sin` rounds the same way: each product of
+    # the incoming gradient with a (rounded) table, then their sum.
+    cos, sin, positions = ctx.saved_tensors
+    dq, dk = rotary_op(dq_out, dk_out, cos, sin, positions, not ctx.inverse, ctx.eager_rounding)
+    return dq, dk, None, None, None, None, None
+
+
+rotary_op.register_autograd(_rotary_grad, setup_context=_setup_rotary)
