@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
 
+from lash_kernels.aot_types import ARCHS, Arch
 from lash_kernels.dispatch import HAS_TRITON, interpreting
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activations the Triton kernels take
@@ -21,9 +23,33 @@ def check_kernel_dtypes(op: str, **tensors: torch.Tensor) -> None:
 @functools.cache
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors to fill on CUDA; when interpreting, programs run one by one, so few."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    return device_arch(device).sms
+
+
+@functools.cache
+def device_arch(device: torch.device) -> Arch:
+    """The limits of ``device``'s SMs, for launchers that size persistent grids to what stays
+    resident; when interpreting, an H100's limits over 4 SMs (programs run one by one)."""
+    if device.type != "cuda":
+        return dataclasses.replace(ARCHS[90], sms=4)
+    props = torch.cuda.get_device_properties(device)
+    sm = props.major * 10 + props.minor
+    known = ARCHS.get(sm)  # per-block opt-in and block limits torch does not report; 16 blocks is the least since sm_75
+    smem_per_sm = props.shared_memory_per_multiprocessor
+    per_block = known.smem_per_block if known else smem_per_sm - RESERVED_SMEM
+    return Arch(sm, props.name, props.multi_processor_count, per_block, smem_per_sm,
+                props.max_threads_per_multi_processor, known.max_blocks_per_sm if known else 16)  # fmt: skip
+
+
+RESERVED_SMEM = 1024  # shared memory the CUDA runtime keeps per block on sm_80 and newer
+
+
+def resident_programs(arch: Arch, num_warps: int, shared_bytes: int, regs: int) -> int:
+    """Programs of ``num_warps`` warps, ``shared_bytes`` of shared memory and ``regs`` registers
+    per thread that one SM holds at once (at least 1)."""
+    threads, regs = 32 * num_warps, -(-max(regs, 1) // 8) * 8  # registers are granted 8 per thread at a time
+    return max(1, min(arch.max_blocks_per_sm, arch.max_threads_per_sm // threads, arch.regs_per_sm // (regs * threads),
+                      arch.smem_per_sm // (shared_bytes + RESERVED_SMEM)))  # fmt: skip
 
 
 if HAS_TRITON:  # optional off Linux: the torch paths still work there

@@ -9,13 +9,22 @@ config that spills runs at a fraction of its speed. Neither shows under the inte
 Each op module declares its kernels through ``static_variants(shape, dtype, arch)``: one
 :class:`~lash_kernels.aot_types.KernelVariant` per launch config the launcher (or its
 autotuner, after pruning) would use on that arch, built from the same config source as the
-launcher, so the two cannot drift. This module compiles them all and checks three rules per
+launcher, so the two cannot drift. This module compiles them all and checks four rules per
 (kernel, dtype, shape, arch) group:
 
 * ``compile``: every variant compiles;
 * ``fit``: every variant fits the arch's shared memory per block — what an op declares is what
   its launcher or pruned autotuner would try there, and a config over the limit fails at launch;
-* ``spill``: for bf16/fp16 on sm_80 and newer, at least one fitting variant spills no registers.
+* ``spill``: for bf16/fp16 on sm_80 and newer, at least one fitting variant spills no registers;
+* ``occupancy``: a memory-bound kernel (one that declares its bytes in flight) on sm_80 and newer,
+  at a launch that moves at least 64 KB per SM and whose rows fit its registers (hidden ≤ 8192),
+  loads 128 bits at a time (``ld.global.v4`` or 16-byte ``cp.async`` in its PTX) and keeps enough
+  loads in flight per SM (:data:`IN_FLIGHT`) through enough resident programs: 4, or 2 when a
+  software pipeline (``num_stages`` ≥ 2) overlaps each program's own loads and maths. The
+  in-flight targets follow Little's law, bandwidth × latency per SM, with room to spare: about
+  25 KB keeps an H200 (4.8 TB/s, 132 SMs) busy and 11 KB an A100; an L4 (300 GB/s, 58 SMs, 100 KB
+  of shared memory per SM) needs 3 KB. A launch smaller than that (one wave, every read of an
+  SM issued at once) is held to what it reads per SM.
 
 Violations that are known and explained live in an allow-list (``--allow FILE``), one per line::
 
@@ -55,7 +64,8 @@ from pathlib import Path
 
 import torch
 
-from lash_kernels.aot_types import ARCHS, Arch, KernelVariant, StaticShape
+from lash_kernels._launch import resident_programs
+from lash_kernels.aot_types import ARCHS, KernelVariant, StaticShape
 from lash_kernels.dispatch import interpreting
 
 # Ops whose module declares ``static_variants``.
@@ -75,6 +85,10 @@ SHAPES = {
     ),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MIN_PROGRAMS_PER_SM = 4  # 2 for software-pipelined kernels (see the module docstring)
+IN_FLIGHT = {80: 64 * 1024, 89: 32 * 1024, 90: 64 * 1024}  # bytes of loads in flight per SM, by arch
+ROW_IN_REGISTERS = 8192  # widest row the occupancy rule holds a kernel to
+_WIDE_LOAD = re.compile(r"ld\.global[\w:.]*\.v4\.|cp\.async\.(ca|cg)\.shared\.global[^;]*,\s*(16|0x10)\s*[,;]")
 # CI's subset: the seed's width, the widest fully fused loss (D 256) and an LLM width; the
 # Trainer's fp32 default beside bf16; every arch.
 SUBSET = dict(shapes=("seed", "mid", "llm"), dtypes=("fp32", "bf16"), archs=tuple(ARCHS))
@@ -97,6 +111,19 @@ class Result:
     spill_bytes: int = 0  # stack bytes per thread: spilled registers
     mma: bool = False  # tensor-core instructions in the PTX
     blocks_per_sm: int = 0
+    wide_loads: bool = False  # 128-bit global loads (or 16-byte cp.async) in the PTX
+    bytes_in_flight: int = 0  # per program, as the op declares it (0: not memory-bound)
+    bytes_moved: int = 0  # by the whole launch
+    stages: int = 1  # the launch's num_stages: ≥ 2 software-pipelines its loops
+
+    @property
+    def resident(self) -> int:
+        """Programs per SM at once: what the resources allow, and the grid supplies."""
+        return min(self.blocks_per_sm, -(-self.programs // ARCHS[self.arch].sms))
+
+    @property
+    def in_flight_per_sm(self) -> int:
+        return self.resident * self.bytes_in_flight
 
     @property
     def fits(self) -> bool:
@@ -121,16 +148,6 @@ def _attrs(v: KernelVariant) -> dict:
     aligned = [n for n, ty in v.signature.items() if ty.startswith("*")]
     aligned += [n for n, val in v.int_values.items() if val % 16 == 0]
     return {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-
-
-def _blocks_per_sm(arch: Arch, shared: int, regs: int, num_warps: int) -> int:
-    threads = 32 * num_warps
-    limits = [arch.max_blocks_per_sm, arch.max_threads_per_sm // threads]
-    if regs:
-        limits.append(arch.regs_per_sm // (regs * threads))
-    if shared:
-        limits.append(arch.smem_per_sm // shared)
-    return max(0, min(limits))
 
 
 _RES_USAGE = re.compile(r"REG:(\d+) STACK:(\d+)")
@@ -165,9 +182,10 @@ def compile_variant(v: KernelVariant, dtype: str, shape: str, arch: int) -> Resu
     from triton.compiler import ASTSource
 
     src = ASTSource(fn=v.fn, signature=v.signature, constexprs=v.constexprs, attrs=_attrs(v))
-    base = dict(kernel=v.kernel, dtype=dtype, shape=shape, arch=arch, config=_config_label(v), programs=v.programs)
+    base = dict(kernel=v.kernel, dtype=dtype, shape=shape, arch=arch, config=_config_label(v), programs=v.programs,
+                bytes_in_flight=v.bytes_in_flight, bytes_moved=v.bytes_moved, stages=v.num_stages)  # fmt: skip
     key = hashlib.sha256(
-        f"cubin-{triton.__version__}-{src.hash()}-{arch}-{v.num_warps}-{v.num_stages}".encode()
+        f"cubin2-{triton.__version__}-{src.hash()}-{arch}-{v.num_warps}-{v.num_stages}".encode()
     ).hexdigest()
     cached = _cache_dir() / f"{key}.json"
     if cached.exists():
@@ -186,7 +204,8 @@ def compile_variant(v: KernelVariant, dtype: str, shape: str, arch: int) -> Resu
         regs=regs,
         spill_bytes=spills,
         mma="mma" in compiled.asm["ptx"],
-        blocks_per_sm=_blocks_per_sm(ARCHS[arch], shared, regs, v.num_warps),
+        blocks_per_sm=resident_programs(ARCHS[arch], v.num_warps, shared, regs),
+        wide_loads=bool(_WIDE_LOAD.search(compiled.asm["ptx"])),
     )
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".{os.getpid()}.tmp")
@@ -244,7 +263,7 @@ class Violation:
     dtype: str
     shape: str
     arch: int
-    rule: str  # "compile", "fit" or "spill"
+    rule: str  # "compile", "fit", "spill" or "occupancy"
     detail: str
 
     def fields(self) -> tuple[str, ...]:
@@ -274,7 +293,27 @@ def violations(results: Sequence[Result]) -> list[Violation]:
             least = min(fitting, key=lambda r: r.spill_bytes)
             found.append(Violation(*where, "spill", f"every fitting config spills; least: {least.config} "
                                    f"{least.spill_bytes} B/thread"))  # fmt: skip
+        for r in fitting:
+            short = _occupancy_shortfall(r)
+            if short:
+                found.append(Violation(*where, "occupancy", f"{r.config}: {short}"))
     return found
+
+
+def _occupancy_shortfall(r: Result) -> str:
+    """What keeps a memory-bound variant from its bandwidth (the ``occupancy`` rule), or ``""``."""
+    if r.arch < 80 or not r.bytes_in_flight or r.bytes_moved < ARCHS[r.arch].sms * 64 * 1024:
+        return ""
+    if SHAPES[r.shape].hidden > ROW_IN_REGISTERS:
+        return ""
+    pipelined = r.stages >= 2
+    # A launch whose every load an SM can issue at once (one wave) cannot keep more in flight.
+    reads_per_sm = r.bytes_moved // (2 * ARCHS[r.arch].sms)
+    programs, target = (2 if pipelined else MIN_PROGRAMS_PER_SM), min(IN_FLIGHT[r.arch], reads_per_sm)
+    short = [f"{r.resident} programs per SM (< {programs})" if r.resident < programs else "",
+             f"{r.in_flight_per_sm // 1024} KB in flight per SM (< {target // 1024})" if r.in_flight_per_sm < target else "",
+             "no 128-bit loads" if not r.wide_loads else ""]  # fmt: skip
+    return ", ".join(x for x in short if x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,14 +383,16 @@ def markdown(results: Sequence[Result]) -> str:
 
 def variant_table(results: Sequence[Result]) -> str:
     """Every compiled variant, one line each, for looking at the whole matrix."""
-    out = [f"{'kernel':34} {'dtype':5} {'shape':8} {'arch':6} {'config':46} {'smem':>7} {'regs':>4} {'spill':>6} mma {'waves':>6}"]
+    out = [f"{'kernel':34} {'dtype':5} {'shape':8} {'arch':6} {'config':46} {'smem':>7} {'regs':>4} {'spill':>6} mma "
+           f"{'waves':>6} {'res':>3} {'KB/SM':>6} v4"]  # fmt: skip
     for r in sorted(results, key=lambda r: (r.kernel, r.dtype, r.shape, r.arch, r.config)):
         if r.error:
             out.append(f"{r.kernel:34} {r.dtype:5} {r.shape:8} sm_{r.arch:<3} {r.config:46} ERROR {r.error}")
             continue
         flag = "" if r.fits else "  > smem limit"
+        flight = f"{r.resident:3d} {r.in_flight_per_sm // 1024:6d} {'yes' if r.wide_loads else 'no'}" if r.bytes_in_flight else ""
         out.append(f"{r.kernel:34} {r.dtype:5} {r.shape:8} sm_{r.arch:<3} {r.config:46} {r.shared:7d} {r.regs:4d} "
-                   f"{r.spill_bytes:6d} {'yes' if r.mma else 'no ':3} {r.waves:6.2f}{flag}")  # fmt: skip
+                   f"{r.spill_bytes:6d} {'yes' if r.mma else 'no ':3} {r.waves:6.2f} {flight}{flag}")  # fmt: skip
     return "\n".join(out) + "\n"
 
 

@@ -59,9 +59,9 @@ class RotaryPositionalEmbedding(nn.Module):
             raise ValueError(f"head_dim={head_dim} must be even for rotary embeddings")
         inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hs/2,)
         freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (L, hs/2)
-        angles = torch.cat((freqs, freqs), dim=-1)  # (L, hs)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        # Half tables: c stands for cat(c, c) (apply_rotary), so the kernel reads half the bytes.
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None
@@ -78,7 +78,7 @@ class RotaryPositionalEmbedding(nn.Module):
         """
         if positions is None:
             T = q.shape[-2]
-            return apply_rotary(q, k, self.cos[:T], self.sin[:T])  # tables (T, hs)
+            return apply_rotary(q, k, self.cos[:T], self.sin[:T])  # half tables (T, hs/2)
         return apply_rotary(q, k, self.cos, self.sin, positions=positions)  # rows picked in the kernel
 
 

@@ -42,6 +42,15 @@ def test_a_kernel_over_the_shared_memory_limit_fails_the_check():
         assert f"FAIL planted.overflow bf16 seed {arch} fit" in done.stdout
 
 
+def test_a_kernel_that_starves_the_memory_system_fails_the_occupancy_rule():
+    done = _check("--extra", str(HERE / "planted_narrow.py"), "--only-extra", "--shapes", "seed",
+                  "--dtypes", "bf16", "--archs", "sm_75,sm_90")  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    line = next(x for x in done.stdout.splitlines() if x.startswith("FAIL planted.narrow bf16 seed sm_90 occupancy"))
+    assert "KB in flight per SM (< 64)" in line and "no 128-bit loads" in line
+    assert "sm_75 occupancy" not in done.stdout  # the rule starts at sm_80
+
+
 def test_bad_arguments_exit_2_with_the_value():
     done = _check("--archs", "sm_70")
     assert done.returncode == 2
@@ -67,6 +76,37 @@ def test_rules_compile_fit_and_spill():
     ])  # fmt: skip
     assert [(v.kernel, v.rule) for v in found] == [("a", "compile"), ("b", "fit"), ("c", "spill")]
     assert "300 KiB" in found[1].detail and "227 KiB" in found[1].detail
+
+
+def test_rule_occupancy():
+    """Memory-bound variants need 128-bit loads and enough bytes in flight through enough programs;
+    small launches, wide rows, compute-bound kernels and sm_75 are exempt."""
+    big = 132 * 1024 * 1024  # bytes moved: a launch far above one wave on an H100
+
+    def memory_bound(kernel, **kwargs):
+        base = dict(kernel=kernel, shape="llm", programs=132 * 8, bytes_in_flight=16 * 1024, bytes_moved=big,
+                    wide_loads=True, blocks_per_sm=8, stages=1)  # fmt: skip
+        return _result(**{**base, **kwargs})
+
+    found = violations([
+        memory_bound("ok"),  # 8 programs × 16 KB = 128 KB
+        memory_bound("few", blocks_per_sm=3),  # 3 programs, unpipelined
+        memory_bound("pipelined", blocks_per_sm=2, stages=3, bytes_in_flight=32 * 1024),  # 2 are enough there
+        memory_bound("shallow", bytes_in_flight=4 * 1024),  # 32 KB in flight
+        memory_bound("narrow", wide_loads=False),
+        memory_bound("grid", programs=132 * 2),  # the grid, not the resources, leaves 2 per SM
+        memory_bound("small", bytes_moved=132 * 32 * 1024, bytes_in_flight=1024),  # under 64 KB per SM
+        memory_bound("one-wave", bytes_moved=132 * 8 * 2 * 1024 * 2, bytes_in_flight=2 * 1024),  # all reads at once
+        memory_bound("wide", shape="max", bytes_in_flight=1024),  # 16K-wide rows: not held to it
+        memory_bound("old", arch=75, bytes_in_flight=1024),
+        _result(kernel="compute", programs=132),  # declares no bytes in flight
+    ])  # fmt: skip
+    details = {v.kernel: v.detail for v in found if v.rule == "occupancy"}
+    assert set(details) == {"few", "shallow", "narrow", "grid"}, details
+    assert "3 programs per SM (< 4)" in details["few"]
+    assert "32 KB in flight per SM (< 64)" in details["shallow"] and "programs" not in details["shallow"]
+    assert details["narrow"].endswith("no 128-bit loads")
+    assert "2 programs per SM (< 4)" in details["grid"]
 
 
 def test_allow_list_silences_its_violation_and_must_not_go_stale(tmp_path, capsys):

@@ -9,13 +9,15 @@ the envelope are in :mod:`lash_kernels.ops.rms_norm`, whose public functions cal
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from lash_kernels._launch import launch, sm_count
-from lash_kernels.aot_types import ARCHS, LAUNCH_STAGES, KernelVariant, pointer
+from lash_kernels._launch import device_arch, launch, resident_programs
+from lash_kernels.aot_types import ARCHS, LAUNCH_STAGES, Arch, KernelVariant, pointer
 
 BACKWARD_MAX_ROW = 8192  # widest row the backward keeps whole in registers; wider rows go in slices
 
@@ -33,25 +35,38 @@ def _rms_norm_forward_kernel(
     N,  # hidden size
     eps,  # added to mean(s²) before the square root
     HAS_RESIDUAL: tl.constexpr,  # add_rms_norm (True) or rms_norm (False)
-    BLOCK_M: tl.constexpr,  # rows per program: several when N is small, so a warp holds 16 per thread
+    BLOCK_M: tl.constexpr,  # rows per loop step: several when N is small, so a warp holds 16 per thread
     BLOCK_N: tl.constexpr,  # next power of two ≥ N: a whole row per block
+    STAGES: tl.constexpr,  # row blocks in flight: the loop's loads run STAGES - 1 steps ahead
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """A persistent grid striding over row blocks.
+
+    The grid is as many programs as stay resident on the SMs (:func:`_forward_plan`); each
+    takes every ``num_programs``-th block of ``BLOCK_M`` rows. The loop is software-pipelined:
+    Triton issues the loads of the next ``STAGES - 1`` blocks into shared memory (``cp.async``
+    on sm ≥ 80) while this one is reduced and stored, so an SM keeps tens of KB of reads in
+    flight whatever its register budget. Rows are held by one warp (≤ 512 features) or a few,
+    so the sum of squares is a warp shuffle or a short cross-warp step; the weight is loaded once.
+    """
     cols = tl.arange(0, BLOCK_N)
-    row_mask = rows < M
-    mask = row_mask[:, None] & (cols[None, :] < N)
-    # int64 row offsets: M · N passes 2³¹ at LLM sizes (64K rows × 32K hidden).
-    rows64 = rows.to(tl.int64)[:, None]
-    # Masked lanes load 0, which leaves the sum of squares untouched.
-    s = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        s += tl.load(R + rows64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(S + rows64 * N + cols[None, :], s.to(S.dtype.element_ty), mask=mask)
-    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / N + eps)  # (BLOCK_M,)
-    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)  # (BLOCK_N,)
-    y = s * rstd[:, None] * w[None, :]
-    tl.store(Y + rows64 * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + rows, rstd, mask=row_mask)
+    mask_n = cols < N
+    w = tl.load(W + cols, mask=mask_n, other=0.0).to(tl.float32)  # (BLOCK_N,)
+    step = tl.num_programs(0) * BLOCK_M
+    for start in tl.range(tl.program_id(0) * BLOCK_M, M, step, num_stages=STAGES):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        mask = row_mask[:, None] & mask_n[None, :]
+        # int64 row offsets: M · N passes 2³¹ at LLM sizes (64K rows × 32K hidden).
+        rows64 = rows.to(tl.int64)[:, None]
+        # Masked lanes load 0, which leaves the sum of squares untouched.
+        s = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            s += tl.load(R + rows64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(S + rows64 * N + cols[None, :], s.to(S.dtype.element_ty), mask=mask)
+        rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / N + eps)  # (BLOCK_M,)
+        y = s * rstd[:, None] * w[None, :]
+        tl.store(Y + rows64 * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
 @triton.jit
@@ -95,6 +110,8 @@ def _rms_norm_backward_kernel(
     row_end = tl.minimum(row_start + rows_per_program, M)
     if COL_BLOCKS == 1:
         mask_n = cols < N
+        # Loaded once, outside the loop: inside it, the pipeline would buffer STAGES - 1 copies.
+        w = tl.load(W + cols, mask=mask_n, other=0.0).to(tl.float32)
         dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for start in tl.range(row_start, row_end, BLOCK_M, num_stages=STAGES):
             rows = start + tl.arange(0, BLOCK_M)
@@ -104,7 +121,7 @@ def _rms_norm_backward_kernel(
             rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
             dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             s_hat = tl.load(S + rows64 * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32) * rstd[:, None]
-            g = dy * tl.load(W + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            g = dy * w[None, :]
             mean_g_s = tl.sum(g * s_hat, axis=1) / N
             _write_ds(DS, DS_OUT, rows64, cols, mask, g, s_hat, mean_g_s, rstd, stride_ds_out, N, HAS_DS_OUT)
             dw += tl.sum(dy * s_hat, axis=0)
@@ -184,44 +201,88 @@ def _sum_rows_kernel(
 
 SUM_TILE = (64, 16)  # (BLOCK_P, BLOCK_N) of _sum_rows_kernel
 
-def _forward_config(n: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of the forward for hidden size ``n``.
+class _ForwardPlan(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    stages: int
+    programs: int
 
-    16 elements per thread per tensor (two or four 128-bit loads): one warp per row up to 512
-    features, so the row's sum of squares is a warp shuffle, several rows per warp below
-    that, and a few warps for LLM widths (4 at 2048). Small programs let an SM keep many of
-    them, and their loads, in flight; 32 elements per thread spill on some Triton releases.
+
+SCRATCH_SMEM = 256  # shared memory Triton adds to a pipelined kernel's buffers (reductions, alignment)
+FORWARD_REGS = 64  # registers per thread the forward is planned for (python -m lash_kernels.aot_check reads them)
+
+
+def _forward_plan(m: int, n: int, itemsize: int, inputs: int, arch: Arch) -> _ForwardPlan:
+    """Tile, pipeline depth and persistent grid of the forward for ``m`` rows of hidden size ``n``.
+
+    16 elements per thread per tensor (two 128-bit loads in 16-bit types): one warp per row up
+    to 512 features, several rows per warp below that, 2 warps at 1024 and 4 at 2048, so row
+    sums stay in shuffles or one short cross-warp step. Triton's pipeline buffers ``stages - 1``
+    blocks of every input in shared memory: 4 stages where 4 programs per SM still fit, else 3
+    or 2; rows too wide for that (16K features) are not buffered. The grid
+    is what stays resident on every SM (threads, registers, shared memory), never more than
+    there are blocks: one wave, with no tail.
     """
     block_n = triton.next_power_of_2(n)
     per_warp = 32 * 16  # elements one warp holds
     num_warps = max(1, min(32, block_n // per_warp))
-    return max(1, per_warp // block_n), block_n, num_warps
+    block_m = max(1, per_warp // block_n)
+    block_bytes = block_m * block_n * itemsize * inputs
+    stages = next((k for k in (4, 3, 2) if 4 * (k - 1) * block_bytes <= arch.smem_per_sm), 2)
+    if block_bytes > arch.smem_per_block // 2:  # rows wider than 8K: no room to buffer; registers only
+        stages = 1
+    per_sm = resident_programs(arch, num_warps, max(stages - 1, 0) * block_bytes + SCRATCH_SMEM, FORWARD_REGS)
+    return _ForwardPlan(block_m, block_n, num_warps, stages, min(triton.cdiv(m, block_m), arch.sms * per_sm))
 
-# The backward's (num_warps, stages, programs per SM) by padded row bytes: a row block of
-# ≥ 1024 elements per step, 8-16 per thread, and as many stages and programs as the registers
-# and the L4's 100 KB of shared memory per SM leave room for (python -m lash_kernels.aot_check).
-_BACKWARD_TILES = {2048: (4, 3, 6), 4096: (4, 3, 4), 8192: (8, 3, 2), 16384: (16, 2, 1), 32768: (16, 2, 1)}
 
-def _backward_config(n: int, itemsize: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, COL_BLOCKS, num_warps, STAGES) of the backward for hidden size ``n``:
-    rows wider than ``BACKWARD_MAX_ROW`` go in slices of half that (kernel docstring)."""
+class _BackwardPlan(NamedTuple):
+    block_m: int
+    block_n: int
+    col_blocks: int
+    num_warps: int
+    stages: int
+    programs: int
+    rows_per_program: int
+
+
+def _backward_regs(per_thread: int) -> int:
+    """Registers per thread the backward is planned for, holding ``per_thread`` elements of each
+    row tensor: about 7 per element (dy, ŝ, g, the dw sum and temporaries) plus addressing, as
+    ``python -m lash_kernels.aot_check --table`` reads them from the compiled kernels."""
+    return 7 * per_thread + 8
+
+
+def _backward_plan(m: int, n: int, itemsize: int, inputs: int, arch: Arch) -> _BackwardPlan:
+    """Tile, pipeline depth and persistent grid of the backward for ``m`` rows of hidden size ``n``,
+    reading ``inputs`` row tensors (dy and s, and the incoming ds for add_rms_norm).
+
+    Row blocks of ≥ 1024 elements, 8 per thread up to 1024 features and 16 above (fewer threads
+    per element leave more registers per SM for other programs). The depth is what keeps the
+    most bytes loading per SM with at least 2 programs resident there; the grid is the resident
+    programs of every SM, each walking a contiguous band of rows. Rows wider than
+    ``BACKWARD_MAX_ROW`` go in slices of half that, unpipelined (kernel docstring).
+    """
     block_n = triton.next_power_of_2(n)
     if block_n > BACKWARD_MAX_ROW:
         block_n = BACKWARD_MAX_ROW // 2
-        return 1, block_n, triton.cdiv(n, block_n), max(1, min(16, block_n // 256)), 1
-    block_m = max(1, 1024 // block_n)
-    num_warps, stages, _ = _BACKWARD_TILES[max(2048, block_n * itemsize)]
-    return block_m, block_n, 1, num_warps, stages
+        block_m, col_blocks, num_warps, stages, per_sm = 1, triton.cdiv(n, block_n), max(1, min(16, block_n // 256)), 1, 1
+    else:
+        block_m, col_blocks = max(1, 1024 // block_n), 1
+        per_thread = 8 if block_n <= 1024 else 16
+        num_warps = max(1, min(16, block_m * block_n // (32 * per_thread)))
+        stage_bytes = block_m * block_n * itemsize * inputs
+        regs = _backward_regs(block_m * block_n // (32 * num_warps))
 
+        def resident(stages: int) -> int:
+            return resident_programs(arch, num_warps, (stages - 1) * stage_bytes + SCRATCH_SMEM, regs)
 
-def _backward_programs(m: int, n: int, itemsize: int, block_m: int, sms: int) -> tuple[int, int]:
-    """(programs, rows per program): a persistent grid of a few programs per SM (the tile
-    table's), never more than there are row blocks."""
-    block_n = triton.next_power_of_2(n)
-    per_sm = _BACKWARD_TILES[max(2048, block_n * itemsize)][2] if block_n <= BACKWARD_MAX_ROW else 1
-    programs = min(triton.cdiv(m, block_m), sms * per_sm)
+        fitting = [k for k in (4, 3, 2) if (k - 1) * stage_bytes + SCRATCH_SMEM <= arch.smem_per_block]
+        stages = max(fitting, key=lambda k: (resident(k) >= 2, resident(k) * (k - 1)), default=1)
+        per_sm = resident(stages)
+    programs = min(triton.cdiv(m, block_m), arch.sms * per_sm)
     rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
-    return triton.cdiv(m, rows_per_program), rows_per_program
+    return _BackwardPlan(block_m, block_n, col_blocks, num_warps, stages, triton.cdiv(m, rows_per_program), rows_per_program)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -245,10 +306,12 @@ def _forward(
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)  # (M,)
     if m == 0:
         return y, s, rstd
-    block_m, block_n, num_warps = _forward_config(n)
-    launch(_rms_norm_forward_kernel)[(triton.cdiv(m, block_m),)](
+    inputs = 2 if residual is not None else 1
+    plan = _forward_plan(m, n, x2.element_size(), inputs, device_arch(x.device))
+    launch(_rms_norm_forward_kernel)[(plan.programs,)](
         x2, r2, weight, y, s if s is not None else y, rstd, x2.stride(0), r2.stride(0), m, n, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        HAS_RESIDUAL=residual is not None, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, STAGES=plan.stages,
+        num_warps=plan.num_warps, num_stages=plan.stages,
     )  # fmt: skip
     return y, s, rstd
 
@@ -269,18 +332,17 @@ def _backward(
     ds = torch.empty(s.shape, dtype=torch.promote_types(dy.dtype, s.dtype), device=s.device)
     if m == 0:
         return ds, torch.zeros_like(weight)
-    block_m, block_n, col_blocks, num_warps, stages = _backward_config(n, s.element_size())
-    programs, rows_per_program = _backward_programs(m, n, s.element_size(), block_m, sm_count(s.device))
-    alloc = torch.zeros if col_blocks > 1 else torch.empty  # sliced rows add into their partial row
-    dw_partial = alloc(programs, n, dtype=torch.float32, device=s.device)  # (P, N)
-    launch(_rms_norm_backward_kernel)[(programs,)](
+    plan = _backward_plan(m, n, s2.element_size(), 3 if ds_out is not None else 2, device_arch(s.device))
+    alloc = torch.zeros if plan.col_blocks > 1 else torch.empty  # sliced rows add into their partial row
+    dw_partial = alloc(plan.programs, n, dtype=torch.float32, device=s.device)  # (P, N)
+    launch(_rms_norm_backward_kernel)[(plan.programs,)](
         dy2, ds_out2, s2, weight, rstd, ds, dw_partial, dy2.stride(0), ds_out2.stride(0), s2.stride(0), m, n,
-        rows_per_program, HAS_DS_OUT=ds_out is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        COL_BLOCKS=col_blocks, STAGES=stages, num_warps=num_warps, num_stages=stages,
+        plan.rows_per_program, HAS_DS_OUT=ds_out is not None, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+        COL_BLOCKS=plan.col_blocks, STAGES=plan.stages, num_warps=plan.num_warps, num_stages=plan.stages,
     )  # fmt: skip
     dweight = torch.empty_like(weight)
     block_p, sum_n = SUM_TILE
-    launch(_sum_rows_kernel)[(triton.cdiv(n, sum_n),)](dw_partial, dweight, programs, n, BLOCK_P=block_p, BLOCK_N=sum_n)
+    launch(_sum_rows_kernel)[(triton.cdiv(n, sum_n),)](dw_partial, dweight, plan.programs, n, BLOCK_P=block_p, BLOCK_N=sum_n)
     return ds, dweight
 
 
@@ -290,11 +352,8 @@ def static_variants(shape, dtype: torch.dtype, arch: int) -> list:
     m, n, itemsize = shape.tokens, shape.hidden, torch.empty((), dtype=dtype).element_size()
     act, f32 = pointer(dtype), pointer(torch.float32)
     ints = dict(M=m, N=n)
-    block_m, block_n, num_warps = _forward_config(n)
-    forward = dict(X=act, R=act, W=f32, Y=act, S=act, RSTD=f32, stride_x="i32", stride_r="i32", M="i32",
-                   N="i32", eps="fp32", HAS_RESIDUAL="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr")  # fmt: skip
-    back_m, back_n, col_blocks, back_warps, stages = _backward_config(n, itemsize)
-    programs, rows_per_program = _backward_programs(m, n, itemsize, back_m, ARCHS[arch].sms)
+    forward = dict(X=act, R=act, W=f32, Y=act, S=act, RSTD=f32, stride_x="i32", stride_r="i32", M="i32", N="i32",
+                   eps="fp32", HAS_RESIDUAL="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr", STAGES="constexpr")  # fmt: skip
     backward = dict(DY=act, DS_OUT=act, S=act, W=f32, RSTD=f32, DS=act, DW_PARTIAL=f32, stride_dy="i32",
                     stride_ds_out="i32", stride_s="i32", M="i32", N="i32", rows_per_program="i32",
                     HAS_DS_OUT="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr",
@@ -303,26 +362,30 @@ def static_variants(shape, dtype: torch.dtype, arch: int) -> list:
     for residual in (False, True):
         name = "add_rms_norm" if residual else "rms_norm"
         inputs = 2 if residual else 1  # x (and the residual) in, y (and s) out
+        plan = _forward_plan(m, n, itemsize, inputs, ARCHS[arch])
         variants.append(KernelVariant(
             f"{name}.forward", _rms_norm_forward_kernel, forward,
-            dict(HAS_RESIDUAL=residual, BLOCK_M=block_m, BLOCK_N=block_n), num_warps, LAUNCH_STAGES,
-            triton.cdiv(m, block_m), dict(ints, stride_x=n, stride_r=n),
-            bytes_in_flight=block_m * n * itemsize * inputs, bytes_moved=2 * inputs * m * n * itemsize,
+            dict(HAS_RESIDUAL=residual, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, STAGES=plan.stages),
+            plan.num_warps, plan.stages, plan.programs, dict(ints, stride_x=n, stride_r=n),
+            bytes_in_flight=max(plan.stages - 1, 1) * plan.block_m * n * itemsize * inputs,
+            bytes_moved=2 * inputs * m * n * itemsize,
         ))  # fmt: skip
         # dy and s (and the incoming ds) in; the pipelined loop keeps STAGES - 1 row blocks loading ahead.
-        loaded = (3 if residual else 2) * back_m * back_n * itemsize
+        back = _backward_plan(m, n, itemsize, inputs + 1, ARCHS[arch])
         variants.append(KernelVariant(
             f"{name}.backward", _rms_norm_backward_kernel, backward,
-            dict(HAS_DS_OUT=residual, BLOCK_M=back_m, BLOCK_N=back_n, COL_BLOCKS=col_blocks, STAGES=stages),
-            back_warps, stages, programs,
-            dict(ints, stride_dy=n, stride_ds_out=n, stride_s=n, rows_per_program=rows_per_program),
-            bytes_in_flight=loaded * max(1, stages - 1), bytes_moved=(4 if residual else 3) * m * n * itemsize,
+            dict(HAS_DS_OUT=residual, BLOCK_M=back.block_m, BLOCK_N=back.block_n, COL_BLOCKS=back.col_blocks,
+                 STAGES=back.stages),
+            back.num_warps, back.stages, back.programs,
+            dict(ints, stride_dy=n, stride_ds_out=n, stride_s=n, rows_per_program=back.rows_per_program),
+            bytes_in_flight=(inputs + 1) * back.block_m * back.block_n * itemsize * max(1, back.stages - 1),
+            bytes_moved=(4 if residual else 3) * m * n * itemsize,
         ))  # fmt: skip
     block_p, sum_n = SUM_TILE
     variants.append(KernelVariant(
         "rms_norm.dw_sum", _sum_rows_kernel,
         dict(PARTIAL=f32, OUT=f32, P="i32", N="i32", BLOCK_P="constexpr", BLOCK_N="constexpr"),
-        dict(BLOCK_P=block_p, BLOCK_N=sum_n), 4, LAUNCH_STAGES, triton.cdiv(n, sum_n), dict(N=n, P=programs),
+        dict(BLOCK_P=block_p, BLOCK_N=sum_n), 4, LAUNCH_STAGES, triton.cdiv(n, sum_n), dict(N=n, P=back.programs),
     ))  # fmt: skip
     return variants
 

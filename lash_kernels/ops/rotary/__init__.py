@@ -22,7 +22,9 @@ tables that require one (both backends), since position tables are buffers, not 
 Supported envelope: q ``[B, Hq, T, D]`` and k ``[B, Hk, T, D]`` (Hq ≠ Hk allowed, e.g. grouped
 queries) in any strides with a unit stride on ``D`` (views from a transpose run without a copy),
 even ``D``, fp32/bf16/fp16 (q and k may differ); tables ``[T, D]``, or ``[B, T, D]`` / ``[1, T, D]``
-(one per batch row, as Hugging Face models build them from position ids), in any floating dtype.
+(one per batch row, as Hugging Face models build them from position ids), in any floating dtype;
+tables of width ``D/2`` are half tables: ``c`` stands for ``cat(c, c)``, the form every
+rotate-half RoPE builds, and the kernel then reads one half for both.
 With ``positions`` (``[T]`` for every row, or ``[B, T]``), the tables are ``[S, D]`` for ``S``
 positions and token ``t`` of row ``b`` takes row ``positions[b, t]``: the kernel reads the table
 rows it needs, so decoding and early exit pass their positions without gathering tables.
@@ -66,7 +68,8 @@ def apply_rotary_reference(
         q: ``(B, Hq, T, D)`` queries.
         k: ``(B, Hk, T, D)`` keys.
         cos: ``(T, D)`` cosine table, or ``(B, T, D)`` / ``(1, T, D)`` per batch row; with
-            ``positions``, ``(S, D)`` indexed by them.
+            ``positions``, ``(S, D)`` indexed by them; width ``D/2`` for a half table ``c`` that
+            stands for ``cat(c, c)``.
         sin: sine table, shaped like ``cos``.
         positions: optional ``(T,)`` or ``(B, T)`` table rows of the tokens.
         eager_rounding: evaluate ``x * cos + rotate_half(x) * sin`` in x's dtype, operation by
@@ -75,6 +78,8 @@ def apply_rotary_reference(
     Returns:
         ``(q · cos + rotate_half(q) · sin, k · cos + rotate_half(k) · sin)``.
     """
+    if cos.shape[-1] * 2 == q.shape[-1]:  # half tables: c stands for cat(c, c)
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
     if positions is not None:
         cos, sin = cos[positions], sin[positions]  # (T, D) or (B, T, D)
     if cos.ndim == 3:  # (B, T, D) → (B, 1, T, D): one table per batch row, shared by its heads
@@ -87,15 +92,15 @@ def apply_rotary_reference(
     return rotated[0], rotated[1]
 
 
-def _check_positions(positions: torch.Tensor, b: int, t: int, cos: torch.Tensor, sin: torch.Tensor, dim: int) -> None:
-    """Raise ValueError unless ``positions`` index ``(S, D)`` tables for ``(T,)`` or ``(B, T)`` tokens."""
+def _check_positions(positions: torch.Tensor, b: int, t: int, cos: torch.Tensor, sin: torch.Tensor, width: int) -> None:
+    """Raise ValueError unless ``positions`` index ``(S, width)`` tables for ``(T,)`` or ``(B, T)`` tokens."""
     if positions.dtype != torch.long or tuple(positions.shape) not in {(t,), (b, t)}:
         raise ValueError(
             f"positions must be an int64 tensor of shape (T,) = ({t},) or (B, T) = ({b}, {t}); "
             f"got {positions.dtype} of shape {tuple(positions.shape)}"
         )
-    if cos.ndim != 2 or cos.shape[1] != dim or sin.shape != cos.shape:
-        raise ValueError(f"with positions, cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must both be (S, head_dim={dim})")
+    if cos.ndim != 2 or cos.shape[1] != width or sin.shape != cos.shape:
+        raise ValueError(f"with positions, cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must both be (S, {width})")
 
 
 def _check(
@@ -111,13 +116,14 @@ def _check(
     b, t, dim = q.shape[0], q.shape[2], q.shape[3]
     if dim % 2 != 0:
         raise ValueError(f"head_dim={dim} must be even for rotate-half RoPE")
-    allowed = {(t, dim), (1, t, dim), (b, t, dim)}
+    width = cos.shape[-1] if cos.ndim and cos.shape[-1] in (dim, dim // 2) else dim  # full or half tables
+    allowed = {(t, width), (1, t, width), (b, t, width)}
     if positions is not None:
-        _check_positions(positions, b, t, cos, sin, dim)
+        _check_positions(positions, b, t, cos, sin, width)
     elif tuple(cos.shape) not in allowed or sin.shape != cos.shape:
         raise ValueError(
-            f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have one shape of (T, head_dim) = ({t}, {dim}), "
-            f"(1, T, head_dim) or (B, T, head_dim) = ({b}, {t}, {dim})"
+            f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have one shape of (T, W) = ({t}, W), "
+            f"(1, T, W) or (B, T, W) = ({b}, {t}, W), W the head_dim {dim} or its half {dim // 2}"
         )
     if cos.requires_grad or sin.requires_grad:
         raise ValueError("cos and sin are constants here and must not require grad; pass them detached")
@@ -142,6 +148,8 @@ def apply_rotary(
         k: ``(B, Hk, T, D)`` keys, any strides; ``Hk`` may differ from ``Hq``.
         cos: ``(T, D)`` cosine table, e.g. ``cat(cos(t·f), cos(t·f))``, or ``(B, T, D)`` (one per
             batch row, e.g. from per-row position ids) or ``(1, T, D)``; no gradient flows to it.
+            A table of width ``D/2`` is a half table ``c`` standing for ``cat(c, c)``, the usual
+            form, which the kernel reads once for both halves (half the table traffic).
         sin: sine table, shaped and laid out like ``cos``.
         positions: optional int64 ``(T,)`` (every row) or ``(B, T)``: token ``t`` of row ``b``
             takes table row ``positions[b, t]``, and the tables are ``(S, D)`` for any ``S``

@@ -8,17 +8,16 @@ and the envelope are in :mod:`lash_kernels.ops.rotary`, whose :func:`apply_rotar
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op
 
 from lash_kernels._launch import launch, sm_count
-from lash_kernels.aot_types import ARCHS, LAUNCH_STAGES, KernelVariant, pointer
-
-PROGRAMS_PER_SM = 2  # grid size the launcher aims for, per streaming multiprocessor
-NUM_WARPS = 4  # per program (see _blocks)
-
+from lash_kernels.aot_types import ARCHS, KernelVariant, pointer
 
 @triton.jit
 def _rotate_heads(
@@ -31,8 +30,7 @@ def _rotate_heads(
     stride_oh,
     stride_ot,
     n_heads,  # H of this tensor
-    first_head,  # this program's first head; it takes every head_groups-th after it
-    head_groups,  # programs sharing the heads of one (position block, batch)
+    first_head,  # this program's first head; it takes HEADS in a row
     pid_b,  # batch index of this program
     t,  # (BLOCK_T,) positions of this program
     d,  # (BLOCK_H,) offsets inside one half of the head dimension
@@ -42,26 +40,32 @@ def _rotate_heads(
     sin_lo,
     sin_hi,
     HALF: tl.constexpr,  # D / 2
+    HEADS: tl.constexpr,  # heads per program
+    STAGES: tl.constexpr,  # heads in flight: the loop's loads run STAGES - 1 heads ahead
     EAGER_ROUNDING: tl.constexpr,  # round tables, each product and the sum to the output dtype
 ):
     t64 = t.to(tl.int64)[:, None]
+    x_rows = X + pid_b.to(tl.int64) * stride_xb + t64 * stride_xt + d[None, :]  # (BLOCK_T, BLOCK_H) of head 0
+    o_rows = O + pid_b.to(tl.int64) * stride_ob + t64 * stride_ot + d[None, :]
     out_ty = O.dtype.element_ty
     if EAGER_ROUNDING:  # eager torch's `x * cos` in the output dtype multiplies rounded tables
         cos_lo, cos_hi = cos_lo.to(out_ty).to(tl.float32), cos_hi.to(out_ty).to(tl.float32)
         sin_lo, sin_hi = sin_lo.to(out_ty).to(tl.float32), sin_hi.to(out_ty).to(tl.float32)
-    for h in range(first_head, n_heads, head_groups):
-        x_ptr = X + pid_b.to(tl.int64) * stride_xb + h * stride_xh + t64 * stride_xt + d[None, :]
-        o_ptr = O + pid_b.to(tl.int64) * stride_ob + h * stride_oh + t64 * stride_ot + d[None, :]
-        x_lo = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
-        x_hi = tl.load(x_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    # Software-pipelined over the heads: the next STAGES - 1 heads' tiles load into shared
+    # memory (cp.async on sm >= 80) while this one is rotated and stored.
+    for j in tl.range(0, HEADS, num_stages=STAGES):
+        h = (first_head + j).to(tl.int64)
+        m = mask & (h < n_heads)
+        x_lo = tl.load(x_rows + h * stride_xh, mask=m, other=0.0).to(tl.float32)
+        x_hi = tl.load(x_rows + h * stride_xh + HALF, mask=m, other=0.0).to(tl.float32)
         if EAGER_ROUNDING:  # products of two 16-bit floats are exact in fp32: one rounding each
             o_lo = (x_lo * cos_lo).to(out_ty).to(tl.float32) - (x_hi * sin_lo).to(out_ty).to(tl.float32)
             o_hi = (x_hi * cos_hi).to(out_ty).to(tl.float32) + (x_lo * sin_hi).to(out_ty).to(tl.float32)
         else:
             o_lo = x_lo * cos_lo - x_hi * sin_lo
             o_hi = x_hi * cos_hi + x_lo * sin_hi
-        tl.store(o_ptr, o_lo.to(out_ty), mask=mask)
-        tl.store(o_ptr + HALF, o_hi.to(out_ty), mask=mask)
+        tl.store(o_rows + h * stride_oh, o_lo.to(out_ty), mask=m)
+        tl.store(o_rows + h * stride_oh + HALF, o_hi.to(out_ty), mask=m)
 
 
 @triton.jit
@@ -70,7 +74,7 @@ def _rotary_kernel(
     K,  # pointer to k [B, Hk, T, D]
     QO,  # pointer to the rotated q
     KO,  # pointer to the rotated k
-    COS,  # pointer to the cos table [T, D] of each batch row (batch stride 0: one shared table)
+    COS,  # pointer to the cos table [T, D] (or [T, D/2] with HALF_TABLES) of each batch row (batch stride 0: shared)
     SIN,  # pointer to the sin table, laid out like COS
     stride_qb,  # q strides over batch, head, position
     stride_qh,
@@ -93,22 +97,28 @@ def _rotary_kernel(
     T,  # sequence length
     HQ,  # heads of q
     HK,  # heads of k
-    head_groups,  # programs per (position block, batch), each taking every head_groups-th head
     HALF: tl.constexpr,  # D / 2
     INVERSE: tl.constexpr,  # apply the transpose (backward) instead of the rotation
     HAS_POSITIONS: tl.constexpr,  # the tables are indexed by POS, not by the token's own index t
+    HALF_TABLES: tl.constexpr,  # the tables hold one half, c, of cat(c, c): both halves read it
     EAGER_ROUNDING: tl.constexpr,  # round as eager torch in the output dtype does (see apply_rotary)
     BLOCK_T: tl.constexpr,  # positions per program
     BLOCK_H: tl.constexpr,  # next power of two ≥ D / 2
+    HEADS: tl.constexpr,  # heads per program: programs cover ceil(HQ / HEADS) q chunks, then the k chunks
+    STAGES: tl.constexpr,  # heads whose loads are in flight at once
 ):
+    """One program: BLOCK_T positions of one batch row, HEADS heads of q or of k.
+
+    The grid is (position blocks, batch, head chunks): many small programs, so an SM holds
+    several and their pipelined loads. The tables are the same for every head: one load per
+    program, reused by its HEADS heads (and served from L2 to the other chunks).
+    """
     pid_t = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_h = tl.program_id(2)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_H)
     mask = (t < T)[:, None] & (d < HALF)[None, :]
-    # The tables are the same for every head: one load per program, reused by its share of the
-    # Hq + Hk heads (and served from L2 to the other head groups).
     if HAS_POSITIONS:
         row = tl.load(POS + pid_b.to(tl.int64) * stride_pos_b + t, mask=t < T, other=0)  # (BLOCK_T,)
     else:
@@ -116,19 +126,25 @@ def _rotary_kernel(
     cos_ptr = COS + pid_b.to(tl.int64) * stride_cos_b + row[:, None] * stride_cos_t + d[None, :]
     sin_ptr = SIN + pid_b.to(tl.int64) * stride_sin_b + row[:, None] * stride_sin_t + d[None, :]
     cos_lo = tl.load(cos_ptr, mask=mask, other=0.0).to(tl.float32)
-    cos_hi = tl.load(cos_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
     sin_lo = tl.load(sin_ptr, mask=mask, other=0.0).to(tl.float32)
-    sin_hi = tl.load(sin_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    if HALF_TABLES:
+        cos_hi, sin_hi = cos_lo, sin_lo
+    else:
+        cos_hi = tl.load(cos_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+        sin_hi = tl.load(sin_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
     if INVERSE:
         sin_lo, sin_hi = -sin_hi, -sin_lo
-    _rotate_heads(
-        Q, QO, stride_qb, stride_qh, stride_qt, stride_qob, stride_qoh, stride_qot,
-        HQ, pid_h, head_groups, pid_b, t, d, mask, cos_lo, cos_hi, sin_lo, sin_hi, HALF, EAGER_ROUNDING,
-    )  # fmt: skip
-    _rotate_heads(
-        K, KO, stride_kb, stride_kh, stride_kt, stride_kob, stride_koh, stride_kot,
-        HK, pid_h, head_groups, pid_b, t, d, mask, cos_lo, cos_hi, sin_lo, sin_hi, HALF, EAGER_ROUNDING,
-    )  # fmt: skip
+    q_chunks = tl.cdiv(HQ, HEADS)
+    if pid_h < q_chunks:
+        _rotate_heads(
+            Q, QO, stride_qb, stride_qh, stride_qt, stride_qob, stride_qoh, stride_qot, HQ, pid_h * HEADS, pid_b,
+            t, d, mask, cos_lo, cos_hi, sin_lo, sin_hi, HALF, HEADS, STAGES, EAGER_ROUNDING,
+        )  # fmt: skip
+    else:
+        _rotate_heads(
+            K, KO, stride_kb, stride_kh, stride_kt, stride_kob, stride_koh, stride_kot, HK, (pid_h - q_chunks) * HEADS,
+            pid_b, t, d, mask, cos_lo, cos_hi, sin_lo, sin_hi, HALF, HEADS, STAGES, EAGER_ROUNDING,
+        )  # fmt: skip
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -136,43 +152,58 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _blocks(half: int) -> tuple[int, int]:
-    """(BLOCK_T, BLOCK_H) for head dim ``2 · half``: 2048-element tiles, 16 per thread at 4 warps
-    for each of the six live tiles. The block depends on D only, so a dynamic sequence length
-    under torch.compile does not specialise the graph; short sequences mask one block's tail."""
+class _Plan(NamedTuple):
+    block_t: int
+    block_h: int
+    heads: int
+    num_warps: int
+    stages: int
+    grid: tuple[int, int, int]
+
+
+NUM_WARPS = 4
+MIN_PROGRAMS_PER_SM = 8  # the grid the plan aims for: enough programs that every SM holds several
+
+
+def _plan(t: int, b: int, hq: int, hk: int, half: int, sms: int) -> _Plan:
+    """Tile, heads per program and grid for ``b × (hq + hk)`` heads of ``t`` positions.
+
+    A head's tile is ``BLOCK_T × 2·BLOCK_H`` = 2048 elements (16 per thread at 4 warps); 4
+    stages keep 3 tiles loading per program. A program takes 4 heads where that still gives
+    ``MIN_PROGRAMS_PER_SM`` programs per SM, else 2 or 1. The tile depends on D only, so a
+    dynamic sequence length under torch.compile does not specialise the graph.
+    """
     block_h = triton.next_power_of_2(half)
-    return max(1, 2048 // block_h), block_h
-
-
-def _head_groups(t: int, b: int, heads: int, block_t: int, sms: int) -> int:
-    """Programs sharing one (position block, batch): enough for ≥ 2 programs per SM (the
-    seed's 64 × 32 tokens are one position block per batch row, 64 programs on 132 SMs)."""
-    return max(1, min(heads, triton.cdiv(PROGRAMS_PER_SM * sms, triton.cdiv(t, block_t) * b)))
+    block_t = max(1, 1024 // block_h)
+    blocks = triton.cdiv(t, block_t) * b
+    heads = next((h for h in (4, 2) if blocks * (triton.cdiv(hq, h) + triton.cdiv(hk, h)) >= MIN_PROGRAMS_PER_SM * sms), 1)
+    grid = (triton.cdiv(t, block_t), b, triton.cdiv(hq, heads) + triton.cdiv(hk, heads))
+    return _Plan(block_t, block_h, heads, NUM_WARPS, min(4, heads + 1), grid)
 
 
 def static_variants(shape, dtype: torch.dtype, arch: int) -> list:
     """The launches :mod:`lash_kernels.aot_check` compiles: the rotation and its transpose on
-    contiguous ``[batch, heads, seq, head_dim]`` q and k, fp32 tables."""
+    contiguous ``[batch, heads, seq, head_dim]`` q and k, fp32 half tables (LASH's own)."""
     b, h, t, dim = shape.batch, shape.heads, shape.seq, shape.head_dim
     itemsize = torch.empty((), dtype=dtype).element_size()
-    block_t, block_h = _blocks(dim // 2)
-    groups = _head_groups(t, b, h, block_t, ARCHS[arch].sms)
+    plan = _plan(t, b, h, h, dim // 2, ARCHS[arch].sms)
     act, f32 = pointer(dtype), pointer(torch.float32)
     strides = [f"stride_{x}{y}" for x in ("q", "k", "qo", "ko") for y in ("b", "h", "t")]
     tables = ["stride_cos_b", "stride_cos_t", "stride_sin_b", "stride_sin_t"]  # one shared table
     signature = dict(Q=act, K=act, QO=act, KO=act, COS=f32, SIN=f32, **dict.fromkeys(strides, "i32"),
                      **dict.fromkeys(tables, "i32"), POS=pointer(torch.int64), stride_pos_b="i32", T="i32",
-                     HQ="i32", HK="i32", head_groups="i32", HALF="constexpr", INVERSE="constexpr",
-                     HAS_POSITIONS="constexpr", EAGER_ROUNDING="constexpr", BLOCK_T="constexpr",
-                     BLOCK_H="constexpr")  # fmt: skip
-    ints = dict(zip(strides, [h * t * dim, t * dim, dim] * 4), **dict(zip(tables, [0, dim] * 2)), T=t, HQ=h, HK=h)
+                     HQ="i32", HK="i32", HALF="constexpr", INVERSE="constexpr", HAS_POSITIONS="constexpr",
+                     HALF_TABLES="constexpr", EAGER_ROUNDING="constexpr", BLOCK_T="constexpr", BLOCK_H="constexpr",
+                     HEADS="constexpr", STAGES="constexpr")  # fmt: skip
+    ints = dict(zip(strides, [h * t * dim, t * dim, dim] * 4), **dict(zip(tables, [0, dim // 2] * 2)), T=t, HQ=h, HK=h)
+    tile = plan.block_t * dim * itemsize  # one head's q or k tile
     return [
         KernelVariant(
             f"rotary.{'backward' if inverse else 'forward'}", _rotary_kernel, signature,
-            dict(HALF=dim // 2, INVERSE=inverse, HAS_POSITIONS=False, EAGER_ROUNDING=False, BLOCK_T=block_t,
-                 BLOCK_H=block_h), NUM_WARPS, LAUNCH_STAGES,
-            triton.cdiv(t, block_t) * b * groups, dict(ints, head_groups=groups, stride_pos_b=0),
-            bytes_in_flight=block_t * dim * itemsize, bytes_moved=4 * b * h * t * dim * itemsize,
+            dict(HALF=dim // 2, INVERSE=inverse, HAS_POSITIONS=False, HALF_TABLES=True, EAGER_ROUNDING=False,
+                 BLOCK_T=plan.block_t, BLOCK_H=plan.block_h, HEADS=plan.heads, STAGES=plan.stages),
+            plan.num_warps, plan.stages, math.prod(plan.grid), dict(ints, stride_pos_b=0),
+            bytes_in_flight=tile * max(1, plan.stages - 1), bytes_moved=4 * b * h * t * dim * itemsize,
         )
         for inverse in (False, True)
     ]  # fmt: skip
@@ -205,9 +236,8 @@ def _rotary(
     if q.numel() + k.numel() == 0:
         return q_out, k_out
     half = dim // 2
-    block_t, block_h = _blocks(half)
-    head_groups = _head_groups(t, b, max(hq, hk), block_t, sm_count(q.device))
-    launch(_rotary_kernel)[(triton.cdiv(t, block_t), b, head_groups)](
+    plan = _plan(t, b, hq, hk, half, sm_count(q.device))
+    launch(_rotary_kernel)[plan.grid](
         q,
         k,
         q_out,
@@ -225,14 +255,17 @@ def _rotary(
         t,
         hq,
         hk,
-        head_groups,
         HALF=half,
         INVERSE=inverse,
         HAS_POSITIONS=positions is not None,
+        HALF_TABLES=cos.shape[-1] == half,
         EAGER_ROUNDING=eager_rounding,
-        BLOCK_T=block_t,
-        BLOCK_H=block_h,
-        num_warps=NUM_WARPS,
+        BLOCK_T=plan.block_t,
+        BLOCK_H=plan.block_h,
+        HEADS=plan.heads,
+        STAGES=plan.stages,
+        num_warps=plan.num_warps,
+        num_stages=plan.stages,
         # Fused multiply-adds would absorb a product's rounding (fma.rn.bf16 in place of two
         # rounded products and their rounded sum): eager rounding compiles without them.
         enable_fp_fusion=not eager_rounding,

@@ -1,8 +1,12 @@
 """RMSNorm and add+RMSNorm: outputs and every gradient against float64, both backends."""
 
+import dataclasses
+
 import pytest
 import torch
+import triton
 
+from lash_kernels._launch import device_arch
 from lash_kernels.ops import rms_norm as rms_norm_package
 from lash_kernels.ops.rms_norm import kernels as rms_norm_module
 from lash_kernels.ops.rms_norm import RMSNorm, add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
@@ -11,6 +15,7 @@ from .checks import assert_close_scaled, assert_compiles_like_eager
 
 
 EPS = 1e-6
+INTERPRETED = device_arch(torch.device("cpu"))  # the limits launchers plan for under the interpreter
 SHAPES = [(1, 8), (7, 48), (33, 100), (5, 384), (2, 3, 100)]
 LAYOUTS = ["contiguous", "row_strided", "strided_hidden"]
 
@@ -85,7 +90,7 @@ def test_sliced_backward_matches_float64(monkeypatch, dtype, shape):
     """Rows too wide for registers (16K on a GPU) go in column slices; force them on small rows."""
     monkeypatch.setenv("LASH_KERNELS", "triton")
     monkeypatch.setattr(rms_norm_module, "BACKWARD_MAX_ROW", 32)  # slices of 16 columns
-    assert rms_norm_module._backward_config(shape[-1], 4)[2] > 1
+    assert rms_norm_module._backward_plan(shape[0], shape[-1], 4, 3, INTERPRETED).col_blocks > 1
     x, residual = _make(shape, dtype, "row_strided"), _make(shape, dtype, "contiguous")
     weight = _weight(shape[-1], dtype)
     y, s = add_rms_norm(x, residual, weight, EPS)
@@ -102,17 +107,34 @@ def test_persistent_backward_walks_many_row_blocks(monkeypatch, dtype):
     more partial rows than one step of the dw kernel reads."""
     monkeypatch.setenv("LASH_KERNELS", "triton")
     monkeypatch.setattr(rms_norm_module, "SUM_TILE", (4, 16))
-    m, n = 411, 72
-    block_m = rms_norm_module._backward_config(n, dtype.itemsize)[0]
-    programs, rows_per_program = rms_norm_module._backward_programs(m, n, dtype.itemsize, block_m, 4)
-    assert rows_per_program >= 3 * block_m and m % rows_per_program and programs > 4
-    x, residual = _make((m, n), dtype, "row_strided"), _make((m, n), dtype, "contiguous")
-    weight = _weight(n, dtype)
+    m, n = 811, 72
+    plan = rms_norm_module._backward_plan(m, n, dtype.itemsize, 3, INTERPRETED)
+    assert plan.rows_per_program >= 3 * plan.block_m and m % plan.rows_per_program and plan.programs > 4
+    _check_add_rms_norm((m, n), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_persistent_forward_strides_over_many_row_blocks(monkeypatch, dtype):
+    """On an SM that holds 2 programs, 3 programs stride over the 13 row blocks of 51 rows: each
+    program's loop runs several pipelined steps, and the last block is short."""
+    monkeypatch.setenv("LASH_KERNELS", "triton")
+    small = dataclasses.replace(INTERPRETED, sms=1, max_blocks_per_sm=3)
+    monkeypatch.setattr(rms_norm_module, "device_arch", lambda device: small)
+    m, n = 51, 100
+    plan = rms_norm_module._forward_plan(m, n, dtype.itemsize, 2, small)
+    assert plan.programs == 3 and triton.cdiv(m, plan.block_m) >= 4 * plan.programs and m % plan.block_m
+    _check_add_rms_norm((m, n), dtype)
+
+
+def _check_add_rms_norm(shape, dtype):
+    x, residual = _make(shape, dtype, "row_strided"), _make(shape, dtype, "contiguous")
+    weight = _weight(shape[-1], dtype)
     y, s = add_rms_norm(x, residual, weight, EPS)
     gy, gs = torch.randn_like(y), torch.randn_like(s)
     torch.autograd.backward([y, s], [gy, gs])
     expected = _expected_add_rms_norm(x, residual, weight, gy, gs)
-    for name, got, want in zip(("dx", "dresidual", "dweight"), (x.grad, residual.grad, weight.grad), expected[2:]):
+    actual = (y, s, x.grad, residual.grad, weight.grad)
+    for name, got, want in zip(("y", "s", "dx", "dresidual", "dweight"), actual, expected):
         assert_close_scaled(got, want, dtype, name)
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lash_kernels.ops import rotary as rotary_module
+from lash_kernels.ops.rotary import kernels as rotary_kernels
 from lash_kernels.ops.rotary import apply_rotary, apply_rotary_reference
 
 from .checks import assert_close_scaled, assert_compiles_like_eager
@@ -15,7 +16,7 @@ LAYOUTS = ["contiguous", "transposed", "strided_head_dim"]
 
 
 def _tables(t, d, kind):
-    """RoPE tables: the model's ``cat(freqs, freqs)`` form, or arbitrary values in every column."""
+    """RoPE tables: the model's ``cat(freqs, freqs)`` form ("rope", "half"), or arbitrary values in every column."""
     if kind == "random":
         return torch.randn(t, d), torch.randn(t, d)
     inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)  # (D/2,)
@@ -50,7 +51,7 @@ def _expected(q, k, cos, sin, gq, gk):
 
 
 @pytest.mark.parametrize("kernels", ["triton", "torch"])
-@pytest.mark.parametrize("tables", ["rope", "random"])
+@pytest.mark.parametrize("tables", ["rope", "random", "half"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
@@ -59,7 +60,10 @@ def test_apply_rotary_matches_float64(monkeypatch, kernels, tables, layout, dtyp
     b, hq, hk, t, d = shape
     q, k = _make(b, hq, t, d, dtype, layout), _make(b, hk, t, d, dtype, "contiguous")
     cos, sin = _tables(t, d, tables)
-    q_rot, k_rot = apply_rotary(q, k, cos, sin)
+    if tables == "half":  # c for cat(c, c): strided views of the full tables' first half
+        q_rot, k_rot = apply_rotary(q, k, cos[:, : d // 2], sin[:, : d // 2])
+    else:
+        q_rot, k_rot = apply_rotary(q, k, cos, sin)
     assert q_rot.shape == q.shape and k_rot.shape == k.shape
     assert q_rot.dtype == k_rot.dtype == dtype
     gq, gk = torch.randn_like(q_rot), torch.randn_like(k_rot)
@@ -144,8 +148,27 @@ def test_positions_pick_table_rows(monkeypatch, kernels, per_row):
         assert_close_scaled(actual, want, torch.float32, name)
     with pytest.raises(ValueError, match=r"positions must be an int64 tensor of shape \(T,\) = \(5,\)"):
         apply_rotary(q, k, cos, sin, positions=positions.int())
-    with pytest.raises(ValueError, match=r"with positions, cos \(40, 6\)"):
-        apply_rotary(q, k, cos[:, :6], sin[:, :6], positions=positions)
+    with pytest.raises(ValueError, match=r"with positions, cos \(40, 5\)"):
+        apply_rotary(q, k, cos[:, :5], sin[:, :5], positions=positions)
+
+
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_half_tables_with_positions_and_several_heads_per_program(monkeypatch, kernels):
+    """Half tables read at per-row positions; 4 heads per program, so q's second chunk holds 2
+    heads and k's one chunk 3: the masked tail of a chunk."""
+    monkeypatch.setenv("LASH_KERNELS", kernels)
+    monkeypatch.setattr(rotary_kernels, "MIN_PROGRAMS_PER_SM", 0)
+    assert rotary_kernels._plan(9, 2, 6, 3, 6, 4).heads == 4
+    b, t, d, s = 2, 9, 12, 30
+    q, k = _make(b, 6, t, d, torch.bfloat16, "transposed"), _make(b, 3, t, d, torch.bfloat16, "contiguous")
+    cos, sin = _tables(s, d, "rope")
+    positions = torch.randint(0, s, (b, t))
+    q_rot, k_rot = apply_rotary(q, k, cos[:, : d // 2], sin[:, : d // 2], positions=positions)
+    gq, gk = torch.randn_like(q_rot), torch.randn_like(k_rot)
+    torch.autograd.backward([q_rot, k_rot], [gq, gk])
+    expected = _expected(q, k, cos[positions].unsqueeze(1), sin[positions].unsqueeze(1), gq, gk)
+    for name, actual, want in zip(("q_rot", "k_rot", "dq", "dk"), (q_rot, k_rot, q.grad, k.grad), expected):
+        assert_close_scaled(actual, want, torch.bfloat16, name)
 
 
 def _eager(x, cos, sin):
@@ -199,9 +222,10 @@ def test_eager_rounding_is_bitwise_eager_torch_cuda(monkeypatch, dtype):
 @pytest.mark.parametrize(
     "q_shape, k_shape, table_shape, message",
     [
-        ((1, 2, 5, 16), (1, 2, 5, 16), (5, 8), r"cos \(5, 8\) and sin \(5, 8\) must have one shape of .* \(5, 16\)"),
-        ((1, 2, 5, 16), (1, 2, 5, 16), (6, 16), r"one shape of \(T, head_dim\) = \(5, 16\)"),
-        ((2, 2, 5, 16), (2, 2, 5, 16), (3, 5, 16), r"cos \(3, 5, 16\).* \(B, T, head_dim\) = \(2, 5, 16\)"),
+        ((1, 2, 5, 16), (1, 2, 5, 16), (5, 7), r"cos \(5, 7\) and sin \(5, 7\) must have one shape of .* head_dim 16 or its half 8"),
+        ((1, 2, 5, 16), (1, 2, 5, 16), (6, 16), r"one shape of \(T, W\) = \(5, W\)"),
+        ((1, 2, 5, 16), (1, 2, 5, 16), (6, 8), r"cos \(6, 8\).* \(T, W\) = \(5, W\)"),
+        ((2, 2, 5, 16), (2, 2, 5, 16), (3, 5, 16), r"cos \(3, 5, 16\).* \(B, T, W\) = \(2, 5, W\)"),
         ((1, 2, 5, 16), (1, 2, 5, 8), (5, 16), r"q \(1, 2, 5, 16\) and k \(1, 2, 5, 8\) must agree"),
         ((1, 2, 5, 16), (2, 2, 5, 16), (5, 16), r"must agree in batch"),
         ((2, 5, 16), (2, 5, 16), (5, 16), r"must be \[B, H, T, D\]; got shapes \(2, 5, 16\)"),
