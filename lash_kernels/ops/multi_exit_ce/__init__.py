@@ -25,7 +25,8 @@ stacked on the token axis (``K·N`` rows), so each head matmul covers all exits 
 Two regimes behind the one op (:func:`multi_exit_cross_entropy` in :mod:`.op` picks):
 
 * **Fused** (:mod:`.fused`): narrow heads (``D ≤ 256``, the seed's models) on GPUs where
-  ``tl.dot`` has tensor cores; two Triton kernels, 4 head matmuls, no logits in memory.
+  ``tl.dot`` has tensor cores; four Triton launches and no torch op per call, 4 head matmuls,
+  no logits in memory.
 * **Chunked** (:mod:`.chunked`): wider heads, or sm < 80; cuBLAS matmuls over token chunks and
   one fused Triton row pass per chunk, 3 head matmuls. The CPU runs the same driver with a torch
   row pass (:mod:`.torch_path`).

@@ -26,7 +26,7 @@ in fp32 by cuBLAS (deterministic). Chunks hold about ``GPU_CHUNK_BYTES`` of logi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -38,6 +38,33 @@ from lash_kernels.dispatch import HAS_TRITON, interpreting
 CPU_CHUNK_BYTES = 128 * 2**20
 GPU_CHUNK_BYTES = 256 * 2**20  # logits per GPU chunk: ≥ 4096 rows at V = 32000 bf16
 MIN_CHUNK_ROWS = 64  # below this the matmuls lose their blocking; huge vocabularies still get 64
+
+
+def token_scales(
+    targets: torch.Tensor,
+    exit_weights: Sequence[float],
+    ignore_index: int,
+    token_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``g[k, n] = w_k · t_n / Σ_valid t`` at labelled tokens, 0 at ignored ones: ``∂loss/∂CE_kn``, fp32 (K, N).
+
+    Without ``token_weights`` every ``t_n`` is 1, so ``g = w_k / |valid|``. Built on the device
+    from Python floats and device tensors (no host-to-device copy, so no sync); the divisor is
+    clamped (to 1 for the count, to fp32's smallest normal for weights) so that a batch with
+    nothing to learn gives loss 0 rather than NaN.
+    """
+    valid = targets != ignore_index  # (N,)
+    if token_weights is None:
+        per_token = 1.0 / valid.sum().clamp(min=1).float()  # () on the device
+    else:
+        t = torch.where(valid, token_weights.float(), 0.0)  # (N,) weights of labelled tokens
+        per_token = t / t.sum().clamp(min=torch.finfo(torch.float32).tiny)  # (N,)
+    return torch.stack([torch.where(valid, w, 0.0) for w in exit_weights]) * per_token  # (K, N)
+
+
+def per_exit_means(token_loss: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``(K,)`` unweighted mean CE of each exit over the labelled tokens (0 when there are none)."""
+    return token_loss.sum(dim=1) / (targets != ignore_index).sum().clamp(min=1)
 
 
 def chunk_rows(vocab_size: int, chunk_bytes: int | None = None, itemsize: int = 4) -> int:
@@ -219,14 +246,18 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         )  # fmt: skip
         return loss, conf if with_stats else None, pred if with_stats else None
 
-    def run_chunked(hiddens, weight, targets, g, ignore_index, with_stats, need_h, need_w):
-        """The chunked regime: cuBLAS matmuls in the input dtype (fp32 off CUDA) and ``_row_kernel``."""
+    def run_chunked(hiddens, weight, targets, token_weights, exit_weights, ignore_index, with_stats, need_h, need_w):
+        """The chunked regime: cuBLAS matmuls in the input dtype (fp32 off CUDA) and ``_row_kernel``.
+
+        Returns ``(loss, per_exit, token_loss, confidence, predictions, grad_h, grad_w)``."""
         dtype = hiddens.dtype if hiddens.is_cuda else torch.float32  # CPU: the interpreter's tests
         chunk = chunk_rows(weight.shape[0], GPU_CHUNK_BYTES, dtype.itemsize)
         chunk = chunk if not interpreting() else 32  # several chunks on the tests' small shapes
-        return chunked_multi_exit_ce(
+        g = token_scales(targets, exit_weights, ignore_index, token_weights)  # (K, N)
+        loss, token_loss, *rest = chunked_multi_exit_ce(
             hiddens, weight, targets, g, ignore_index, with_stats, need_h, need_w, _triton_row_pass, chunk, dtype
         )
+        return loss, per_exit_means(token_loss, targets, ignore_index), token_loss, *rest
 
     def row_variants(shape, dtype: torch.dtype) -> list:
         """The row kernel's launch at ``shape`` for :mod:`lash_kernels.aot_check`: one chunk of rows."""

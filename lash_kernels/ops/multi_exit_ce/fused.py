@@ -1,14 +1,24 @@
-"""The fused regime: two Triton kernels for narrow heads, no logits in memory.
+"""The fused regime: four Triton launches for narrow heads, no logits in memory.
 
 Taken for heads up to ``FUSED_MAX_HIDDEN`` = 256 wide (the seed's models) on GPUs where
-``tl.dot`` has tensor cores, fp32 operands only up to D = 64 (see :func:`fused_takes`).
-``_fused_forward_kernel`` on a (token tiles × vocab splits) grid writes partial max / Σexp /
-argmax / target logit, merged in torch into lse, CE and statistics; then ``_fused_grad_kernel``
-on a (vocab tiles × token splits) grid recomputes each logits tile once, forms G, and from that
-one tile accumulates ``Gᵀ·h`` into its registers (the fp32 ``dW`` tile, one per token split,
-summed in a fixed order: deterministic) and adds ``G·W`` into the fp32 ``dH`` with atomics
-(summation order varies run to run in the last bits). Head matmuls: 4 (one recompute), no
-logits in memory. Splits are sized for ≥ 4 programs per SM. fp32 operands take ``tf32x3`` dots
+``tl.dot`` has tensor cores, fp32 operands only up to D = 64 (see :func:`fused_takes`). One
+call is four launches and no torch op in between (kernel boundaries order them):
+
+1. ``_fused_forward_kernel`` on a (token tiles × vocab splits) grid: partial max and Σexp of each
+   row over its split (and the argmax, only when statistics are asked for);
+2. ``_fused_merge_kernel`` over rows: merges the splits into lse, takes the target logit as one
+   indexed dot ``h · W[y]``, writes CE (and confidence, prediction), zeroes ``dH``'s rows, and
+   writes per-program sums (label weight, label count, weighted CE, CE per exit);
+3. ``_fused_grad_kernel`` on a (vocab tiles × token splits) grid: recomputes each logits tile
+   once, forms ``G = w_k·t_n·(softmax − onehot)`` (not yet divided by Σt), accumulates ``Gᵀ·h``
+   in registers (the fp32 ``dW`` tile of its token split) and adds ``G·W`` to the fp32 ``dH``
+   with atomics (summation order varies in the last bits);
+4. ``_fused_finish_kernel``: sums the per-program sums and the token splits' ``dW`` in a fixed
+   order (deterministic), divides by Σt, casts ``dW`` and ``dH`` to the inputs' dtypes and
+   writes the loss and per-exit means.
+
+Without gradients, steps 3 and the gradient part of 4 are skipped. Head matmuls: 4 (one
+recompute). Splits are sized for ≥ 4 programs per SM. fp32 operands take ``tf32x3`` dots
 (three TF32 products: near-fp32 accuracy on tensor cores); 16-bit operands feed ``tl.dot`` as
 they are.
 
@@ -18,6 +28,7 @@ The maths and the backward derivation are in :mod:`lash_kernels.ops.multi_exit_c
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from lash_kernels._launch import sm_count
 from lash_kernels.aot_types import ARCHS, config_variant, pointer
@@ -56,36 +67,32 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
     def _fused_forward_kernel(
         h_ptr,  # [K·N, D] hidden states of all exits, stacked on the token axis, contiguous
         w_ptr,  # [V, D] shared head, contiguous
-        y_ptr,  # [N] int64 targets (row r of h has target y[r mod N])
         max_ptr,  # [S, K·N] fp32 out: max logit of the split
         sum_ptr,  # [S, K·N] fp32 out: Σ exp(z − max) over the split
-        tgt_ptr,  # [S, K·N] fp32 out: the target's logit if the split holds it, else 0
-        arg_ptr,  # [S, K·N] int32 out: argmax within the split (lowest index on ties)
+        arg_ptr,  # [S, K·N] int32 out: argmax within the split, lowest index on ties (WITH_STATS)
         rows_total,  # K·N
-        N,  # tokens per exit
         V,  # vocabulary size
         D,  # hidden size
         split_cols,  # vocab entries per split, a multiple of BLOCK_V
+        WITH_STATS: tl.constexpr,  # also find the argmax
         BLOCK_N: tl.constexpr,  # rows per program
         BLOCK_V: tl.constexpr,  # vocab entries per loop step
         BLOCK_D: tl.constexpr,  # next power of two ≥ D: whole rows in registers
         DOT_PRECISION: tl.constexpr,  # dot precision for fp32 operands
         UPCAST_DOT: tl.constexpr,  # feed tl.dot fp32 (interpreter with bf16 inputs)
     ):
-        """Online log-sum-exp, argmax and target logit of one (row tile, vocab split).
+        """Online log-sum-exp (and argmax) of one (row tile, vocab split).
 
-        Splitting the vocabulary gives the grid ≥ 4 programs per SM at the seed's N; the splits
-        merge exactly in torch (``lse = M + log Σ_s sum_s · exp(max_s − M)`` with ``M = max_s max_s``).
+        Splitting the vocabulary gives the grid ≥ 4 programs per SM at the seed's N; the merge
+        kernel combines the splits exactly (``lse = M + log Σ_s sum_s · exp(max_s − M)``).
         """
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         split = tl.program_id(1)
         row_mask = rows < rows_total
-        y = tl.load(y_ptr + rows % N, mask=row_mask, other=-1)
         dims = tl.arange(0, BLOCK_D)
         rows64 = rows.to(tl.int64)  # K·N·D may pass 2³¹
         run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
         run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)  # Σ exp(z − run_max)
-        target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
         best = tl.zeros((BLOCK_N,), dtype=tl.int32)
         # The whole [BLOCK_N, D] tile of hidden states stays in registers for the split.
         h = tl.load(h_ptr + rows64[:, None] * D + dims[None, :], mask=row_mask[:, None] & (dims[None, :] < D), other=0.0)
@@ -98,33 +105,113 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
             # -inf keeps padded columns out of the max, the sum of exponentials and the argmax.
             logits = tl.where(cols[None, :] < V, logits, float("-inf"))
             tile_max = tl.max(logits, axis=1)
-            # Strict ">" keeps the earlier tile on ties; tl.argmax breaks ties to the left inside
-            # a tile: together the lowest index, as torch.argmax.
-            best = tl.where(tile_max > run_max, v0 + tl.argmax(logits, axis=1), best)
+            if WITH_STATS:
+                # Strict ">" keeps the earlier tile on ties; tl.argmax breaks ties to the left
+                # inside a tile: together the lowest index, as torch.argmax.
+                best = tl.where(tile_max > run_max, v0 + tl.argmax(logits, axis=1), best)
             new_max = tl.maximum(run_max, tile_max)  # finite from the first tile on
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
             run_max = new_max
-            target_logit += tl.sum(tl.where(cols[None, :] == y[:, None], logits, 0.0), axis=1)
         out = split * rows_total + rows
         tl.store(max_ptr + out, run_max, mask=row_mask)
         tl.store(sum_ptr + out, run_sum, mask=row_mask)
-        tl.store(tgt_ptr + out, target_logit, mask=row_mask)
-        tl.store(arg_ptr + out, best, mask=row_mask)
+        if WITH_STATS:
+            tl.store(arg_ptr + out, best, mask=row_mask)
+
+    @triton.jit
+    def _fused_merge_kernel(
+        h_ptr,  # [K·N, D] hidden states, stacked, contiguous
+        w_ptr,  # [V, D] shared head, contiguous
+        y_ptr,  # [N] int64 targets (row r of h has target y[r mod N])
+        tw_ptr,  # [N] token weights (HAS_TOKEN_WEIGHTS)
+        ew_ptr,  # [K] fp32 exit weights
+        max_ptr,  # [S, K·N] fp32 split maxima from the forward kernel
+        sum_ptr,  # [S, K·N] fp32 split sums
+        arg_ptr,  # [S, K·N] int32 split argmax (WITH_STATS)
+        lse_ptr,  # [K·N] fp32 out: log-sum-exp
+        loss_ptr,  # [K·N] fp32 out: CE, 0 at ignored tokens
+        conf_ptr,  # [K·N] fp32 out: max softmax probability (WITH_STATS)
+        pred_ptr,  # [K·N] int64 out: argmax, lowest index on ties (WITH_STATS)
+        part_ptr,  # [programs, 3 + K] fp32 out: Σ t over exit 0, Σ labelled over exit 0, Σ w·t·CE, Σ CE per exit
+        gh_ptr,  # [K·N, D] fp32 out: zeroed for the grad kernel's atomics (NEED_H)
+        rows_total,  # K·N
+        N,  # tokens per exit
+        V,  # vocabulary size
+        D,  # hidden size
+        K,  # exits
+        splits,  # S
+        ignore_index,  # target value of tokens without a label
+        HAS_TOKEN_WEIGHTS: tl.constexpr,  # t_n from tw_ptr (else 1 at labelled tokens)
+        WITH_STATS: tl.constexpr,  # write confidence and prediction
+        NEED_H: tl.constexpr,  # zero ∂loss/∂h
+        BLOCK_R: tl.constexpr,  # rows per program
+        BLOCK_D: tl.constexpr,  # next power of two ≥ D
+    ):
+        """Per row: the splits merged, the target logit ``h · W[y]``, CE and the statistics; per
+        program, the sums the loss and the gradients' scale are made of (written, not added:
+        the finish kernel adds them in a fixed order)."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_mask = rows < rows_total
+        row_max = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+        for s in range(splits):
+            row_max = tl.maximum(row_max, tl.load(max_ptr + s * rows_total + rows, mask=row_mask, other=0.0))
+        total = tl.zeros((BLOCK_R,), dtype=tl.float32)  # Σ exp(z − row_max) ∈ [1, V]
+        best = tl.full((BLOCK_R,), V, dtype=tl.int32)
+        for s in range(splits):
+            split_max = tl.load(max_ptr + s * rows_total + rows, mask=row_mask, other=0.0)
+            total += tl.load(sum_ptr + s * rows_total + rows, mask=row_mask, other=1.0) * tl.exp(split_max - row_max)
+            if WITH_STATS:  # the lowest index over the splits that reach the maximum
+                arg = tl.load(arg_ptr + s * rows_total + rows, mask=row_mask, other=0)
+                best = tl.minimum(best, tl.where(split_max == row_max, arg, V))
+        lse = row_max + tl.log(total)
+        n = rows % N
+        y = tl.load(y_ptr + n, mask=row_mask, other=ignore_index)
+        labelled = row_mask & (y != ignore_index)
+        rows64, y64 = rows.to(tl.int64), tl.where(labelled, y, 0).to(tl.int64)
+        dims = tl.arange(0, BLOCK_D)
+        mask_rd = row_mask[:, None] & (dims[None, :] < D)
+        h = tl.load(h_ptr + rows64[:, None] * D + dims[None, :], mask=mask_rd, other=0.0).to(tl.float32)
+        w_y = tl.load(w_ptr + y64[:, None] * D + dims[None, :], mask=mask_rd, other=0.0).to(tl.float32)
+        ce = tl.where(labelled, lse - tl.sum(h * w_y, axis=1), 0.0)  # lse − z_y, z_y an indexed dot
+        tl.store(lse_ptr + rows, lse, mask=row_mask)
+        tl.store(loss_ptr + rows, ce, mask=row_mask)
+        if WITH_STATS:
+            tl.store(conf_ptr + rows, 1.0 / total, mask=row_mask)
+            tl.store(pred_ptr + rows, best.to(tl.int64), mask=row_mask)
+        if HAS_TOKEN_WEIGHTS:
+            t = tl.where(labelled, tl.load(tw_ptr + n, mask=row_mask, other=0.0).to(tl.float32), 0.0)
+        else:
+            t = labelled.to(tl.float32)
+        k = rows // N
+        first = k == 0  # the label weights and counts once, not once per exit
+        part = part_ptr + pid * (3 + K)
+        tl.store(part, tl.sum(tl.where(first, t, 0.0), axis=0))
+        tl.store(part + 1, tl.sum(tl.where(first & labelled, 1.0, 0.0), axis=0))
+        exit_w = tl.load(ew_ptr + k, mask=row_mask, other=0.0)
+        tl.store(part + 2, tl.sum(exit_w * t * ce, axis=0))
+        for j in range(K):
+            tl.store(part + 3 + j, tl.sum(tl.where(k == j, ce, 0.0), axis=0))
+        if NEED_H:
+            tl.store(gh_ptr + rows64[:, None] * D + dims[None, :], tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32), mask=mask_rd)
 
     @triton.jit
     def _fused_grad_kernel(
         h_ptr,  # [K·N, D] hidden states of the exits, stacked, contiguous
         w_ptr,  # [V, D] shared head, contiguous
         y_ptr,  # [N] int64 targets
-        lse_ptr,  # [K·N] fp32 log-sum-exp from the forward
-        g_ptr,  # [K·N] fp32 ∂loss/∂CE per row, 0 at ignored tokens
-        gh_ptr,  # [K·N, D] fp32 in/out, zeroed: ∂loss/∂h, accumulated with atomics (NEED_H)
-        gw_ptr,  # [T, V, D] fp32 out: this token split's part of ∂loss/∂W (NEED_W)
+        tw_ptr,  # [N] token weights (HAS_TOKEN_WEIGHTS)
+        ew_ptr,  # [K] fp32 exit weights
+        lse_ptr,  # [K·N] fp32 log-sum-exp from the merge kernel
+        gh_ptr,  # [K·N, D] fp32 in/out, zeroed: Σt·∂loss/∂h, accumulated with atomics (NEED_H)
+        gw_ptr,  # [T, V, D] fp32 out: this token split's part of Σt·∂loss/∂W (NEED_W)
         rows_total,  # K·N
         N,  # tokens per exit
         V,  # vocabulary size
         D,  # hidden size
         split_rows,  # rows per token split, a multiple of BLOCK_N
+        ignore_index,  # target value of tokens without a label
+        HAS_TOKEN_WEIGHTS: tl.constexpr,  # t_n from tw_ptr (else 1 at labelled tokens)
         NEED_H: tl.constexpr,  # form ∂loss/∂h
         NEED_W: tl.constexpr,  # form ∂loss/∂W
         BLOCK_N: tl.constexpr,  # rows per loop step
@@ -139,6 +226,7 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         registers, the ``[BLOCK_V, D]`` head gradient accumulates there over the split's rows
         (each written once, so ``dW`` is deterministic), and each ``G · W_cols`` partial of the
         hidden-state gradient is added to ``dH`` with atomics (V / BLOCK_V adds per element).
+        ``G`` is scaled by ``w_k · t_n``; the finish kernel divides by ``Σ t``.
         """
         cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
         split = tl.program_id(1)
@@ -152,9 +240,15 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
             rows = r0 + tl.arange(0, BLOCK_N)
             row_mask = rows < rows_total
             rows64 = rows.to(tl.int64)
-            y = tl.load(y_ptr + rows % N, mask=row_mask, other=-1)
+            n = rows % N
+            y = tl.load(y_ptr + n, mask=row_mask, other=ignore_index)
+            labelled = row_mask & (y != ignore_index)
+            if HAS_TOKEN_WEIGHTS:
+                t = tl.where(labelled, tl.load(tw_ptr + n, mask=row_mask, other=0.0).to(tl.float32), 0.0)
+            else:
+                t = labelled.to(tl.float32)
+            g = t * tl.load(ew_ptr + rows // N, mask=row_mask, other=0.0)  # 0 on padded rows: G = 0 there
             lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-            g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)  # 0 on padded rows: G = 0 there
             h_mask = row_mask[:, None] & d_mask[None, :]
             h = tl.load(h_ptr + rows64[:, None] * D + dims[None, :], mask=h_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
             logits = _dot(h, tl.trans(w), tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32), DOT_PRECISION, UPCAST_DOT)
@@ -169,16 +263,80 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
             out = split.to(tl.int64) * V * D + cols[:, None].to(tl.int64) * D + dims[None, :]
             tl.store(gw_ptr + out, acc_w, mask=col_mask[:, None] & d_mask[None, :])
 
+    @triton.jit
+    def _sum_column(
+        part_ptr,  # [programs, width] fp32
+        programs,  # rows of part_ptr
+        width,  # its row length
+        column,  # which column to sum
+        BLOCK_P: tl.constexpr,  # rows per step
+    ):
+        """``Σ part[:, column]``, always in the same order."""
+        acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        for p0 in range(0, programs, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            acc += tl.load(part_ptr + p * width + column, mask=p < programs, other=0.0)
+        return tl.sum(acc, axis=0)
+
+    @triton.jit
+    def _fused_finish_kernel(
+        part_ptr,  # [P, 3 + K] fp32 per-program sums of the merge kernel
+        gwp_ptr,  # [T, V·D] fp32 token splits' head gradients (NEED_W)
+        gw_ptr,  # [V·D] out: ∂loss/∂W in the head's dtype (NEED_W)
+        ghf_ptr,  # [K·N·D] fp32 Σt·∂loss/∂h (NEED_H)
+        gh_ptr,  # [K·N·D] out: ∂loss/∂h in the hidden states' dtype (NEED_H)
+        loss_ptr,  # [] fp32 out: the loss
+        per_exit_ptr,  # [K] fp32 out: unweighted mean CE of every exit
+        programs,  # P
+        K,  # exits
+        splits,  # T
+        w_size,  # V·D
+        h_size,  # K·N·D
+        NEED_W: tl.constexpr,  # finish ∂loss/∂W
+        NEED_H: tl.constexpr,  # finish ∂loss/∂h
+        BLOCK: tl.constexpr,  # gradient elements per program
+        BLOCK_P: tl.constexpr,  # per-program sums read per step
+    ):
+        """Programs ``[0, w)`` finish ``dW`` tiles, ``[w, w + h)`` ``dH`` tiles, the last one the loss.
+
+        Each divides by ``Σ t`` (clamped to fp32's smallest normal: with no label every sum is 0,
+        and so is the result), summed from the merge kernel's per-program sums.
+        """
+        pid = tl.program_id(0)
+        width = 3 + K
+        scale = 1.0 / tl.maximum(_sum_column(part_ptr, programs, width, 0, BLOCK_P), 1.1754943508222875e-38)
+        w_programs = tl.cdiv(w_size, BLOCK) if NEED_W else 0
+        h_programs = tl.cdiv(h_size, BLOCK) if NEED_H else 0
+        if pid < w_programs:
+            offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < w_size
+            acc = tl.zeros((BLOCK,), dtype=tl.float32)
+            for s in range(splits):  # a fixed order: deterministic
+                acc += tl.load(gwp_ptr + s * w_size + offs, mask=mask, other=0.0)
+            tl.store(gw_ptr + offs, (acc * scale).to(gw_ptr.dtype.element_ty), mask=mask)
+        elif pid < w_programs + h_programs:
+            offs = (pid - w_programs).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < h_size
+            grad = tl.load(ghf_ptr + offs, mask=mask, other=0.0) * scale
+            tl.store(gh_ptr + offs, grad.to(gh_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(loss_ptr, _sum_column(part_ptr, programs, width, 2, BLOCK_P) * scale)
+            count = tl.maximum(_sum_column(part_ptr, programs, width, 1, BLOCK_P), 1.0)
+            for j in range(K):
+                tl.store(per_exit_ptr + j, _sum_column(part_ptr, programs, width, 3 + j, BLOCK_P) / count)
+
     # (BLOCK_N, BLOCK_V, num_warps, num_stages) of the fused kernels by (operand kind, padded D):
-    # the largest tiles whose compile for sm_80/89/90 (triton 3.9, 2026-11-25) shows no register
+    # the largest tiles whose compile for sm_80/89/90 (triton 3.8, 2026-12-06) shows no register
     # spills and fits the L4's 99 KiB of shared memory. The grad kernel holds dW [BLOCK_V, D] and
-    # dH [BLOCK_N, D] fp32 tiles plus the head tile in registers, hence its smaller tiles.
+    # dH [BLOCK_N, D] fp32 tiles plus the head tile in registers, hence its fewer rows; its
+    # BLOCK_V sets the atomic adds per dH element (V / BLOCK_V): 4× fewer than 64-wide tiles at
+    # D = 64 in 16-bit, 2× at 128 and 256. fp32 at D = 64 keeps 64: 128 spills on sm_89.
     _FORWARD_TILES = {
         ("16-bit", 64): (64, 128, 8, 3), ("16-bit", 128): (64, 64, 8, 3), ("16-bit", 256): (32, 64, 8, 3),
         ("fp32", 64): (32, 64, 8, 2),
     }  # fmt: skip
     _GRAD_TILES = {
-        ("16-bit", 64): (32, 64, 8, 2), ("16-bit", 128): (32, 64, 8, 2), ("16-bit", 256): (16, 32, 8, 2),
+        ("16-bit", 64): (16, 256, 8, 2), ("16-bit", 128): (16, 128, 8, 2), ("16-bit", 256): (16, 64, 16, 2),
         ("fp32", 64): (16, 64, 8, 2),
     }  # fmt: skip
 
@@ -196,6 +354,14 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
             dict(BLOCK_N=n, BLOCK_V=v, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
             for n, v, warps, stages in (_FORWARD_TILES[key], _GRAD_TILES[key])
         )
+
+    def _merge_config(D: int) -> dict:
+        """Rows per program of the merge kernel: 4096 elements of h (and of W[y]) per program."""
+        block_d = max(16, triton.next_power_of_2(int(D)))
+        block_r = 16 if interpreting() else max(1, 4096 // block_d)
+        return dict(BLOCK_R=block_r, BLOCK_D=block_d, num_warps=1 if interpreting() else 4)
+
+    FINISH_CONFIG = dict(BLOCK=1024, BLOCK_P=128, num_warps=4)  # gradient elements, sums per step
 
     def fused_takes(D: int, dtype: torch.dtype) -> bool:
         """Whether the fused kernels have tiles for ``D`` in ``dtype`` (else the chunked regime runs).
@@ -232,65 +398,109 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
             triton.cdiv(row_tiles, per_split_n), per_split_n * grad["BLOCK_N"],
         )  # fmt: skip
 
-    def run_fused(hiddens, weight, targets, g, ignore_index, with_stats, need_h, need_w):
-        """The fused regime (module docstring): partial-softmax kernel, merge, one grad kernel."""
+    _EXIT_WEIGHTS: dict = {}  # (weights, device) → fp32 tensor: one host-to-device copy per set of weights
+
+    def _exit_weights(weights: list[float], like: torch.Tensor) -> torch.Tensor:
+        """The exit weights as a ``(K,)`` fp32 tensor on ``like``'s device, copied there once per
+        set of weights (a copy per call would make the host wait). While tracing (fake tensors,
+        ``torch.compile``) it is built afresh and becomes a constant of the graph."""
+        if torch.compiler.is_compiling() or is_fake(like):
+            return torch.tensor(weights, dtype=torch.float32, device=like.device)
+        key = (tuple(weights), like.device)
+        if key not in _EXIT_WEIGHTS:
+            _EXIT_WEIGHTS[key] = torch.tensor(weights, dtype=torch.float32, device=like.device)
+        return _EXIT_WEIGHTS[key]
+
+    def run_fused(hiddens, weight, targets, token_weights, exit_weights, ignore_index, with_stats, need_h, need_w):
+        """The fused regime (module docstring): forward, merge, grad and finish kernels.
+
+        Returns ``(loss, per_exit, token_loss, confidence, predictions, grad_h, grad_w)``, the
+        gradients in the inputs' dtypes (empty when not needed)."""
         K, N, D = hiddens.shape
         V, rows = weight.shape[0], K * N
-        h = hiddens.view(rows, D)
+        h, device = hiddens.view(rows, D), hiddens.device
         forward, grad = _fused_configs(D, hiddens.dtype)
-        splits_v, split_cols, splits_n, split_rows = _fused_launch_shape(rows, V, forward, grad, sm_count(h.device))
-        part_max = torch.empty((splits_v, rows), dtype=torch.float32, device=h.device)
-        part_sum, part_tgt = torch.empty_like(part_max), torch.empty_like(part_max)
-        part_arg = torch.empty((splits_v, rows), dtype=torch.int32, device=h.device)
+        merge = _merge_config(D)
+        splits_v, split_cols, splits_n, split_rows = _fused_launch_shape(rows, V, forward, grad, sm_count(device))
+        f32 = dict(dtype=torch.float32, device=device)
+        part_max, part_sum = torch.empty((splits_v, rows), **f32), torch.empty((splits_v, rows), **f32)
+        part_arg = torch.empty((splits_v, rows) if with_stats else (0,), dtype=torch.int32, device=device)
         launch(_fused_forward_kernel)[(triton.cdiv(rows, forward["BLOCK_N"]), splits_v)](
-            h, weight, targets, part_max, part_sum, part_tgt, part_arg, rows, N, V, D, split_cols,
+            h, weight, part_max, part_sum, part_arg, rows, V, D, split_cols, WITH_STATS=with_stats,
             **forward, **_dot_args(h.dtype),
         )  # fmt: skip
-        row_max = part_max.amax(dim=0)  # (K·N,)
-        total = (part_sum * torch.exp(part_max - row_max)).sum(dim=0)  # (K·N,) Σ exp(z − max)
-        lse = row_max + total.log()
-        valid = (targets != ignore_index).repeat(K)
-        token_loss = torch.where(valid, lse - part_tgt.sum(dim=0), 0.0).view(K, N)
-        stats_shape = (K, N) if with_stats else (0,)
-        conf = total.reciprocal().view(K, N) if with_stats else h.new_empty(stats_shape, dtype=torch.float32)
-        # Lowest index over the splits that reach the maximum (torch's max(dim) may pick any on ties).
-        pred = (
-            torch.where(part_max == row_max, part_arg, V).amin(dim=0).view(K, N).long() if with_stats
-            else h.new_empty(stats_shape, dtype=torch.int64)
+        lse, token_loss = torch.empty(rows, **f32), torch.empty(rows, **f32)
+        conf = torch.empty(rows if with_stats else 0, **f32)
+        pred = torch.empty(rows if with_stats else 0, dtype=torch.int64, device=device)
+        merge_programs = triton.cdiv(rows, merge["BLOCK_R"])
+        sums = torch.empty((merge_programs, 3 + K), **f32)
+        grad_h32 = torch.empty((rows, D) if need_h else (0,), **f32)
+        weights = _exit_weights(exit_weights, h)
+        tw = token_weights if token_weights is not None else lse  # any pointer when unused
+        launch(_fused_merge_kernel)[(merge_programs,)](
+            h, weight, targets, tw, weights, part_max, part_sum, part_arg if with_stats else part_max, lse,
+            token_loss, conf, pred, sums, grad_h32, rows, N, V, D, K, splits_v, ignore_index,
+            HAS_TOKEN_WEIGHTS=token_weights is not None, WITH_STATS=with_stats, NEED_H=need_h, **merge,
         )  # fmt: skip
-        grad_h = torch.zeros((rows, D) if need_h else (0,), dtype=torch.float32, device=h.device)
-        grad_w = torch.empty((splits_n, V, D) if need_w else (0,), dtype=torch.float32, device=h.device)
+        grad_w32 = torch.empty((splits_n, V, D) if need_w else (0,), **f32)
         if need_h or need_w:
             launch(_fused_grad_kernel)[(triton.cdiv(V, grad["BLOCK_V"]), splits_n)](
-                h, weight, targets, lse, g, grad_h, grad_w, rows, N, V, D, split_rows,
-                NEED_H=need_h, NEED_W=need_w, **grad, **_dot_args(h.dtype),
+                h, weight, targets, tw, weights, lse, grad_h32, grad_w32, rows, N, V, D, split_rows, ignore_index,
+                HAS_TOKEN_WEIGHTS=token_weights is not None, NEED_H=need_h, NEED_W=need_w, **grad, **_dot_args(h.dtype),
             )  # fmt: skip
-        loss = torch.dot(token_loss.view(-1), g.view(-1))
-        grad_h = grad_h.view(K, N, D) if need_h else grad_h
-        grad_w = grad_w.sum(dim=0) if need_w else grad_w  # fixed order over token splits
-        return loss, token_loss, conf, pred, grad_h, grad_w
+        loss, per_exit = torch.empty((), **f32), torch.empty(K, **f32)
+        grad_h = torch.empty((K, N, D) if need_h else (0,), dtype=hiddens.dtype, device=device)
+        grad_w = torch.empty((V, D) if need_w else (0,), dtype=weight.dtype, device=device)
+        block = FINISH_CONFIG["BLOCK"]
+        finish_programs = (triton.cdiv(V * D, block) if need_w else 0) + (triton.cdiv(rows * D, block) if need_h else 0) + 1
+        launch(_fused_finish_kernel)[(finish_programs,)](
+            sums, grad_w32, grad_w, grad_h32, grad_h, loss, per_exit, merge_programs, K, splits_n, V * D, rows * D,
+            NEED_W=need_w, NEED_H=need_h, **FINISH_CONFIG,
+        )  # fmt: skip
+        stats_shape = (K, N) if with_stats else (0,)
+        return loss, per_exit, token_loss.view(K, N), conf.view(stats_shape), pred.view(stats_shape), grad_h, grad_w
 
     def fused_variants(shape, dtype: torch.dtype, arch: int) -> list:
-        """The two fused launches at ``shape`` on ``arch`` for :mod:`lash_kernels.aot_check`."""
-        D, V, rows = shape.hidden, shape.vocab, shape.exits * shape.tokens
+        """The four fused launches at ``shape`` on ``arch`` for :mod:`lash_kernels.aot_check`, in training."""
+        D, V, K, N = shape.hidden, shape.vocab, shape.exits, shape.tokens
+        rows = K * N
         act, f32, i64 = pointer(dtype), pointer(torch.float32), pointer(torch.int64)
         dots = dict(DOT_PRECISION=_dot_args(dtype)["DOT_PRECISION"], UPCAST_DOT=False)
         forward, grad = _fused_configs(D, dtype)
+        merge = _merge_config(D)
         splits_v, split_cols, splits_n, split_rows = _fused_launch_shape(rows, V, forward, grad, ARCHS[arch].sms)
-        common = dict(h_ptr=act, w_ptr=act, y_ptr=i64)
-        sizes = dict(rows_total="i32", N="i32", V="i32", D="i32")
-        ints = dict(rows_total=rows, N=shape.tokens, V=V, D=D)
+        merge_programs = triton.cdiv(rows, merge["BLOCK_R"])
+        finish_programs = triton.cdiv(V * D, FINISH_CONFIG["BLOCK"]) + triton.cdiv(rows * D, FINISH_CONFIG["BLOCK"]) + 1
+        ints = dict(rows_total=rows, N=N, V=V, D=D)
+        labels = dict(y_ptr=i64, tw_ptr=f32, ew_ptr=f32)
         return [
             config_variant(
                 "multi_exit_ce.fused_forward", _fused_forward_kernel,
-                common | dict(max_ptr=f32, sum_ptr=f32, tgt_ptr=f32, arg_ptr=pointer(torch.int32))
-                | sizes | dict(split_cols="i32"),
-                forward, dots, triton.cdiv(rows, forward["BLOCK_N"]) * splits_v, ints | dict(split_cols=split_cols),
+                dict(h_ptr=act, w_ptr=act, max_ptr=f32, sum_ptr=f32, arg_ptr=pointer(torch.int32), rows_total="i32",
+                     V="i32", D="i32", split_cols="i32"),
+                forward, dots | dict(WITH_STATS=True), triton.cdiv(rows, forward["BLOCK_N"]) * splits_v,
+                dict(rows_total=rows, V=V, D=D, split_cols=split_cols),
+            ),
+            config_variant(
+                "multi_exit_ce.fused_merge", _fused_merge_kernel,
+                dict(h_ptr=act, w_ptr=act, **labels, max_ptr=f32, sum_ptr=f32, arg_ptr=pointer(torch.int32),
+                     lse_ptr=f32, loss_ptr=f32, conf_ptr=f32, pred_ptr=i64, part_ptr=f32, gh_ptr=f32, rows_total="i32",
+                     N="i32", V="i32", D="i32", K="i32", splits="i32", ignore_index="i32"),
+                merge | dict(num_stages=1), dict(HAS_TOKEN_WEIGHTS=False, WITH_STATS=True, NEED_H=True), merge_programs,
+                ints | dict(K=K, splits=splits_v),
             ),
             config_variant(
                 "multi_exit_ce.fused_grad", _fused_grad_kernel,
-                common | dict(lse_ptr=f32, g_ptr=f32, gh_ptr=f32, gw_ptr=f32) | sizes | dict(split_rows="i32"),
-                grad, dots | dict(NEED_H=True, NEED_W=True), triton.cdiv(V, grad["BLOCK_V"]) * splits_n,
-                ints | dict(split_rows=split_rows),
+                dict(h_ptr=act, w_ptr=act, **labels, lse_ptr=f32, gh_ptr=f32, gw_ptr=f32, rows_total="i32", N="i32",
+                     V="i32", D="i32", split_rows="i32", ignore_index="i32"),
+                grad, dots | dict(HAS_TOKEN_WEIGHTS=False, NEED_H=True, NEED_W=True),
+                triton.cdiv(V, grad["BLOCK_V"]) * splits_n, ints | dict(split_rows=split_rows),
+            ),
+            config_variant(
+                "multi_exit_ce.fused_finish", _fused_finish_kernel,
+                dict(part_ptr=f32, gwp_ptr=f32, gw_ptr=act, ghf_ptr=f32, gh_ptr=act, loss_ptr=f32, per_exit_ptr=f32,
+                     programs="i32", K="i32", splits="i32", w_size="i32", h_size="i32"),
+                FINISH_CONFIG | dict(num_stages=1), dict(NEED_W=True, NEED_H=True), finish_programs,
+                dict(programs=merge_programs, K=K, splits=splits_n, w_size=V * D, h_size=rows * D),
             ),
         ]  # fmt: skip

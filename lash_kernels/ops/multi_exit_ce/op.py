@@ -1,7 +1,7 @@
 """The public multi-exit cross-entropy: dispatch, the ``lash::multi_exit_ce`` op and its autograd.
 
-:func:`multi_exit_cross_entropy` stacks the exits, forms ``g`` (:func:`token_scales`) and sends
-them to the torch path (:mod:`.torch_path`) or to the Triton op in the regime
+:func:`multi_exit_cross_entropy` stacks the exits and sends them, with the exit and token
+weights, to the torch path (:mod:`.torch_path`) or to the Triton op in the regime
 :func:`~lash_kernels.ops.multi_exit_ce.fused.fused_regime` picks. The op is registered as
 ``torch.ops.lash.multi_exit_ce`` with ``torch.library.triton_op`` so ``torch.compile`` sees the
 kernels; its backward only scales the gradients its forward formed.
@@ -30,23 +30,28 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         hiddens: torch.Tensor,
         weight: torch.Tensor,
         targets: torch.Tensor,
-        g: torch.Tensor,
+        token_weights: torch.Tensor | None,
+        exit_weights: list[float],
         ignore_index: int,
         with_stats: bool,
         need_grad_hiddens: bool,
         need_grad_weight: bool,
         chunked: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(loss, token_loss, confidence, predictions, grad_h, grad_w)``; see the two regimes."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss, per_exit, token_loss, confidence, predictions, grad_h, grad_w)``; see the two regimes."""
         run = run_chunked if chunked or hiddens.numel() == 0 else run_fused  # no tokens: no kernel to launch
-        loss, token_loss, conf, pred, grad_h, grad_w = run(
-            hiddens, weight, targets, g, ignore_index, with_stats, need_grad_hiddens, need_grad_weight
-        )
+        loss, per_exit, token_loss, conf, pred, grad_h, grad_w = run(
+            hiddens, weight, targets, token_weights, exit_weights, ignore_index, with_stats, need_grad_hiddens,
+            need_grad_weight,
+        )  # fmt: skip
         # Gradients in the input dtypes, formed now; the backward only scales them.
-        return loss, token_loss, conf, pred, grad_h.to(hiddens.dtype), grad_w.to(weight.dtype)
+        return loss, per_exit, token_loss, conf, pred, grad_h.to(hiddens.dtype), grad_w.to(weight.dtype)
 
     def _setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(output[4], output[5])
+        ctx.save_for_backward(output[5], output[6])
+        # Only the loss is differentiable: no zero-filled gradients for the other six outputs.
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
 
     def _backward(ctx, grad_loss, *_):
         grad_h, grad_w = ctx.saved_tensors
@@ -54,7 +59,7 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         return (
             grad_h * grad_loss.to(grad_h.dtype) if need_h else None,
             grad_w * grad_loss.to(grad_w.dtype) if need_w else None,
-        ) + (None,) * 7
+        ) + (None,) * 8
 
     register_autograd(_triton_op, _backward, setup_context=_setup_context)
 
@@ -64,28 +69,6 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         if fused_regime(shape.hidden, dtype, arch_has_tensor_core_dots(arch)):
             return fused_variants(shape, dtype, arch)
         return row_variants(shape, dtype)
-
-
-def token_scales(
-    targets: torch.Tensor,
-    exit_weights: Sequence[float],
-    ignore_index: int,
-    token_weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``g[k, n] = w_k · t_n / Σ_valid t`` at labelled tokens, 0 at ignored ones: ``∂loss/∂CE_kn``, fp32 (K, N).
-
-    Without ``token_weights`` every ``t_n`` is 1, so ``g = w_k / |valid|``. Built on the device
-    from Python floats and device tensors (no host-to-device copy, so no sync); the divisor is
-    clamped (to 1 for the count, to fp32's smallest normal for weights) so that a batch with
-    nothing to learn gives loss 0 rather than NaN.
-    """
-    valid = targets != ignore_index  # (N,)
-    if token_weights is None:
-        per_token = 1.0 / valid.sum().clamp(min=1).float()  # () on the device
-    else:
-        t = torch.where(valid, token_weights.float(), 0.0)  # (N,) weights of labelled tokens
-        per_token = t / t.sum().clamp(min=torch.finfo(torch.float32).tiny)  # (N,)
-    return torch.stack([torch.where(valid, w, 0.0) for w in exit_weights]) * per_token  # (K, N)
 
 
 def _stack(hiddens: Sequence[torch.Tensor] | torch.Tensor, exits: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -104,8 +87,10 @@ def _per_token(device: torch.device, hidden: int, dtype: torch.dtype):
     return functools.partial(_call_triton_op, chunked=not fused_regime(hidden, dtype, tensor_core_dots(device)))
 
 
-def _call_triton_op(hiddens, weight, targets, g, ignore_index, with_stats, need_h, need_w, chunked):
-    return _triton_op(hiddens, weight, targets, g, ignore_index, with_stats, need_h, need_w, chunked)[:4]
+def _call_triton_op(hiddens, weight, targets, token_weights, exit_weights, ignore_index, with_stats, need_h, need_w,
+                    chunked):  # fmt: skip
+    return _triton_op(hiddens, weight, targets, token_weights, exit_weights, ignore_index, with_stats, need_h, need_w,
+                      chunked)[:5]  # fmt: skip
 
 
 def multi_exit_cross_entropy(
@@ -173,22 +158,21 @@ def multi_exit_cross_entropy(
     trained = trained or list(range(K))  # all weights 0: keep the loss differentiable
     frozen = [k for k in range(K) if k not in trained]
     stacked = _stack(hiddens, trained, dtype)
-    g = token_scales(targets, [weights[k] for k in trained], ignore_index, token_weights)  # (K', N) on the device
     need_h, need_w = grad_on and stacked.requires_grad, grad_on and head.requires_grad
-    loss, *outputs = per_token(stacked, head, targets, g, ignore_index, return_stats, need_h, need_w)
+    loss, *outputs = per_token(stacked, head, targets, token_weights, [weights[k] for k in trained], ignore_index,
+                               return_stats, need_h, need_w)  # fmt: skip
     if frozen:
         # Weight-0 exits go through the op without gradients: no gradient work is done for them.
         with torch.no_grad():
             _, *frozen_outputs = per_token(
-                _stack(hiddens, frozen, dtype), head, targets, token_scales(targets, [0.0] * len(frozen), ignore_index),
-                ignore_index, return_stats, False, False,
+                _stack(hiddens, frozen, dtype), head, targets, token_weights, [0.0] * len(frozen), ignore_index,
+                return_stats, False, False,
             )  # fmt: skip
         order = trained + frozen  # rows of the two calls' outputs, back to exit order below
         outputs = [
-            torch.stack([(*a, *b)[order.index(k)] for k in range(K)]) if a.dim() == 2 else a
+            torch.stack([(*a, *b)[order.index(k)] for k in range(K)]) if a.shape[0] == len(trained) else a
             for a, b in zip(outputs, frozen_outputs)
         ]
-    token_loss, confidence, predictions = outputs  # (K, N) each
-    per_exit = token_loss.sum(dim=1) / (targets != ignore_index).sum().clamp(min=1)  # (K,)
+    per_exit, token_loss, confidence, predictions = outputs  # (K,), then (K, N) each
     stats = (confidence, predictions, token_loss.detach()) if return_stats else (None,) * 3
     return MultiExitCEOutput(loss, per_exit.detach(), *stats)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lash_kernels.ops.multi_exit_ce.chunked import chunk_rows, chunked_multi_exit_ce
+from lash_kernels.ops.multi_exit_ce.chunked import chunk_rows, chunked_multi_exit_ce, per_exit_means, token_scales
 
 
 def torch_row_pass(
@@ -37,29 +37,31 @@ def torch_row_pass(
 class TorchMultiExitCE(torch.autograd.Function):
     """The chunked path with torch's row pass, in fp32: the CPU implementation of the op.
 
-    Returns ``(loss, token_loss, confidence, predictions)`` as the Triton ops do; only ``loss``
+    Returns ``(loss, per_exit, token_loss, confidence, predictions)`` as the Triton op does; only ``loss``
     is differentiable, and its backward scales the gradients the forward formed.
     """
 
     @staticmethod
-    def forward(ctx, hiddens, weight, targets, g, ignore_index, with_stats, need_h, need_w):
+    def forward(ctx, hiddens, weight, targets, token_weights, exit_weights, ignore_index, with_stats, need_h, need_w):
         # Statistics and reductions in fp32, whatever autocast would pick for the matmuls.
         with torch.autocast(hiddens.device.type, enabled=False):
+            g = token_scales(targets, exit_weights, ignore_index, token_weights)  # (K, N)
             loss, token_loss, conf, pred, grad_h, grad_w = chunked_multi_exit_ce(
                 hiddens, weight, targets, g, ignore_index, with_stats, need_h, need_w,
                 torch_row_pass, chunk_rows(weight.shape[0]), torch.float32,
             )  # fmt: skip
+        per_exit = per_exit_means(token_loss, targets, ignore_index)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = hiddens.dtype, weight.dtype
-        ctx.mark_non_differentiable(token_loss, conf, pred)
-        return loss, token_loss, conf, pred
+        ctx.mark_non_differentiable(per_exit, token_loss, conf, pred)
+        return loss, per_exit, token_loss, conf, pred
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_token_loss, _grad_conf, _grad_pred):
+    def backward(ctx, grad_loss, _grad_per_exit, _grad_token_loss, _grad_conf, _grad_pred):
         grad_h, grad_w = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         h_dtype, w_dtype = ctx.dtypes
         return (
             (grad_h * grad_loss).to(h_dtype) if need_h else None,
             (grad_w * grad_loss).to(w_dtype) if need_w else None,
-        ) + (None,) * 6
+        ) + (None,) * 7

@@ -9,7 +9,7 @@ row kernel) by lowering ``FUSED_MAX_HIDDEN``, so both regimes run on the same sm
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
 from lash_kernels import MultiExitCEOutput, multi_exit_cross_entropy, multi_exit_cross_entropy_reference
@@ -288,6 +288,65 @@ class LargestTensor(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.numel = max(self.numel, t.numel())
         return out
+
+
+class KernelCounter(TorchDispatchMode):
+    """Torch ops that would launch a kernel (views, allocations and dtype queries launch none)."""
+
+    FREE = {"view", "_unsafe_view", "t", "transpose", "detach", "alias", "empty", "empty_strided", "new_empty",
+            "promote_types", "slice", "select", "expand", "reshape", "unsqueeze", "squeeze"}  # fmt: skip
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name.split("::")[-1] not in self.FREE:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("with_stats, token_weights", [(False, False), (True, True)])
+def test_fused_call_launches_at_most_five_kernels(monkeypatch, with_stats, token_weights):
+    """One training call of the fused loss (forward, and the backward's scaling) is its Triton
+    launches and no torch kernel in between; the op's body runs under the counter too."""
+    monkeypatch.setenv("LASH_KERNELS", "triton")
+    launches = []
+    real_launch = fused.launch
+
+    class CountingLaunch:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launches.append(self.kernel.fn.__name__)
+                with _disable_current_modes():  # the interpreter's own tensor work is not a launch
+                    return real_launch(self.kernel)[grid](*args, **kwargs)
+
+            return run
+
+    monkeypatch.setattr(fused, "launch", CountingLaunch)
+    hiddens, weight, targets = make_inputs(3, 24, stacked=True)
+    weights = torch.rand(N) if token_weights else None
+    with KernelCounter() as outside:
+        out = multi_exit_cross_entropy(hiddens, weight, targets, [0.5, 1.0, 2.0], return_stats=with_stats,
+                                       validate=False, token_weights=weights)  # fmt: skip
+    with KernelCounter() as inside:  # what the op's body dispatches, launches aside
+        fused.run_fused(hiddens.detach(), weight.detach(), targets, weights, [0.5, 1.0, 2.0], -100, with_stats,
+                        True, True)  # fmt: skip
+    seed = torch.ones(())
+    with KernelCounter() as backward:
+        out.loss.backward(seed)
+    assert outside.ops == ["lash::multi_exit_ce"] and inside.ops == []
+    assert backward.ops == ["aten::mul", "aten::mul"]  # dH and dW times the incoming gradient
+    per_call = launches[: len(launches) // 2]
+    assert per_call == ["_fused_forward_kernel", "_fused_merge_kernel", "_fused_grad_kernel", "_fused_finish_kernel"]
+    assert len(per_call) + len(backward.ops) <= 6 and len(per_call) <= 5
+    expected = multi_exit_cross_entropy_reference(hiddens.detach().double(), weight.detach().double(), targets,
+                                                  [0.5, 1.0, 2.0], token_weights=weights)  # fmt: skip
+    torch.testing.assert_close(out.loss.double(), expected.loss, **TOL[torch.float32])
 
 
 def test_torch_path_never_holds_all_logits(monkeypatch):
