@@ -6,6 +6,7 @@ import dataclasses
 import functools
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from lash_kernels.aot_types import ARCHS, Arch
 from lash_kernels.dispatch import HAS_TRITON, interpreting
@@ -18,6 +19,21 @@ def check_kernel_dtypes(op: str, **tensors: torch.Tensor) -> None:
     for name, x in tensors.items():
         if x.dtype not in KERNEL_DTYPES:
             raise ValueError(f"{name} dtype {x.dtype} is not supported by the Triton {op}; use fp32, bf16 or fp16")
+
+
+_DEVICE_FLOATS: dict = {}  # (values, device) → fp32 tensor
+
+
+def device_floats(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    """``values`` as an fp32 tensor on ``like``'s device, copied there once per set of values (a
+    copy per call would make the host wait). While tracing (fake tensors, ``torch.compile``) it
+    is built afresh and becomes a constant of the graph."""
+    if torch.compiler.is_compiling() or is_fake(like):
+        return torch.tensor(values, dtype=torch.float32, device=like.device)
+    key = (tuple(values), like.device)
+    if key not in _DEVICE_FLOATS:
+        _DEVICE_FLOATS[key] = torch.tensor(values, dtype=torch.float32, device=like.device)
+    return _DEVICE_FLOATS[key]
 
 
 @functools.cache

@@ -21,7 +21,7 @@ lines are skipped. Extra memory: one ``[C, V]`` block,
 On a GPU, :func:`run_chunked` runs the driver with cuBLAS matmuls in the input dtype and
 ``_row_kernel``, which turns a chunk of logits in place into CE, lse, confidence, argmax and G:
 3 matmuls, one fused pass (two reads, one write) over each ``[C, V]`` chunk, ``dW`` accumulated
-in fp32 by cuBLAS (deterministic). Chunks hold about ``GPU_CHUNK_BYTES`` of logits.
+in fp32 in cuBLAS's epilogue (deterministic). Chunks are ``D / 2`` rows (:func:`gpu_chunk_rows`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from lash_kernels.dispatch import HAS_TRITON, interpreting
 # fp32 logits per CPU chunk: 1048 rows at V = 32000. sgemm on 2 cores runs ~30% faster per row
 # at 1024 rows than at 256 (measured), and the chunk stays ~1/10 of eager's logits memory.
 CPU_CHUNK_BYTES = 128 * 2**20
-GPU_CHUNK_BYTES = 256 * 2**20  # logits per GPU chunk: ≥ 4096 rows at V = 32000 bf16
+MIN_GPU_CHUNK_ROWS = 1024  # GPU chunks: D / 2 rows, at least this many (gpu_chunk_rows)
 MIN_CHUNK_ROWS = 64  # below this the matmuls lose their blocking; huge vocabularies still get 64
 
 
@@ -70,6 +70,14 @@ def per_exit_means(token_loss: torch.Tensor, targets: torch.Tensor, ignore_index
 def chunk_rows(vocab_size: int, chunk_bytes: int | None = None, itemsize: int = 4) -> int:
     """Rows per chunk so that one chunk's logits take about ``chunk_bytes`` (default ``CPU_CHUNK_BYTES``)."""
     return max(MIN_CHUNK_ROWS, (chunk_bytes or CPU_CHUNK_BYTES) // (itemsize * vocab_size))
+
+
+def gpu_chunk_rows(hidden: int) -> int:
+    """Rows per GPU chunk: ``D / 2``, at least ``MIN_GPU_CHUNK_ROWS``. Each chunk's three GEMMs then
+    have ≥ 1024 rows (cuBLAS near its peak), and the ``[C, V]`` logits block is half the head's
+    size, so the call's memory grows with the model, not with the batch: at D 4096, V 65536 in
+    bf16 the block is 256 MiB beside a 512 MiB head."""
+    return max(MIN_GPU_CHUNK_ROWS, (hidden // 2 + 255) // 256 * 256)
 
 
 # A row pass turns a chunk of logits, in place, into G (when g is given) and returns the per-row
@@ -154,19 +162,25 @@ def chunked_multi_exit_ce(
     )
 
 
+@torch.library.custom_op("lash::add_transposed_product", mutates_args=("acc",))
 def add_transposed_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += aᵀ · b`` into the fp32 ``acc``; 16-bit operands accumulate in fp32 inside cuBLAS.
+    """``acc += aᵀ · b`` into the fp32 ``acc``, the add in the GEMM's epilogue.
 
-    For 16-bit operands the product comes out in fp32 (``mm``'s ``out_dtype``, torch ≥ 2.8) and
-    is added in a second pass: ``addmm`` with ``out_dtype`` would fold the add into the GEMM, but
-    ``torch.compile`` cannot trace it (pytorch/pytorch#163880) and the op's body is traced.
+    16-bit operands go through ``addmm`` with ``out_dtype=float32`` into ``acc`` itself (CUDA):
+    cuBLAS multiplies in 16-bit, accumulates in fp32 and adds to ``acc`` as it writes, with no
+    ``[V, D]`` fp32 temporary and no second pass over it. A custom op, so that
+    ``torch.compile(fullgraph=True)`` calls it as it is: dynamo cannot trace ``addmm`` with
+    ``out_dtype`` (pytorch/pytorch#163880).
     """
-    if a.dtype == torch.float32:
-        acc.addmm_(a.T, b)
+    if a.dtype == torch.float32 or not acc.is_cuda:
+        acc.addmm_(a.T.to(acc.dtype), b.to(acc.dtype))
     else:
-        acc.add_(torch.mm(a.T, b, out_dtype=torch.float32))
+        torch.addmm(acc, a.T, b, out_dtype=torch.float32, out=acc)
 
 
+@add_transposed_product.register_fake
+def _(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    return None
 
 
 if HAS_TRITON:  # optional off Linux: the torch path still works there
@@ -251,7 +265,7 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
 
         Returns ``(loss, per_exit, token_loss, confidence, predictions, grad_h, grad_w)``."""
         dtype = hiddens.dtype if hiddens.is_cuda else torch.float32  # CPU: the interpreter's tests
-        chunk = chunk_rows(weight.shape[0], GPU_CHUNK_BYTES, dtype.itemsize)
+        chunk = gpu_chunk_rows(weight.shape[1])
         chunk = chunk if not interpreting() else 32  # several chunks on the tests' small shapes
         g = token_scales(targets, exit_weights, ignore_index, token_weights)  # (K, N)
         loss, token_loss, *rest = chunked_multi_exit_ce(
@@ -263,7 +277,7 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         """The row kernel's launch at ``shape`` for :mod:`lash_kernels.aot_check`: one chunk of rows."""
         V, rows = shape.vocab, shape.exits * shape.tokens
         act, f32, i64 = pointer(dtype), pointer(torch.float32), pointer(torch.int64)
-        chunk = min(rows, chunk_rows(V, GPU_CHUNK_BYTES, dtype.itemsize))
+        chunk = min(rows, gpu_chunk_rows(shape.hidden))
         signature = dict(z_ptr=act, y_ptr=i64, valid_ptr="*i1", g_ptr=f32, loss_ptr=f32, conf_ptr=f32, pred_ptr=i64)
         flags = dict(HAS_GRAD=True, WITH_STATS=True)
         return [

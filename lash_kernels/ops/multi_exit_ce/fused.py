@@ -5,22 +5,18 @@ Taken for heads up to ``FUSED_MAX_HIDDEN`` = 256 wide (the seed's models) on GPU
 call is four launches and no torch op in between (kernel boundaries order them):
 
 1. ``_fused_forward_kernel`` on a (token tiles × vocab splits) grid: partial max and Σexp of each
-   row over its split (and the argmax, only when statistics are asked for);
-2. ``_fused_merge_kernel`` over rows: merges the splits into lse, takes the target logit as one
-   indexed dot ``h · W[y]``, writes CE (and confidence, prediction), zeroes ``dH``'s rows, and
-   writes per-program sums (label weight, label count, weighted CE, CE per exit);
-3. ``_fused_grad_kernel`` on a (vocab tiles × token splits) grid: recomputes each logits tile
-   once, forms ``G = w_k·t_n·(softmax − onehot)`` (not yet divided by Σt), accumulates ``Gᵀ·h``
-   in registers (the fp32 ``dW`` tile of its token split) and adds ``G·W`` to the fp32 ``dH``
-   with atomics (summation order varies in the last bits);
-4. ``_fused_finish_kernel``: sums the per-program sums and the token splits' ``dW`` in a fixed
-   order (deterministic), divides by Σt, casts ``dW`` and ``dH`` to the inputs' dtypes and
-   writes the loss and per-exit means.
+   row over its split (the argmax only when statistics are asked for);
+2. ``_fused_merge_kernel`` over rows: lse from the splits, the target logit as one indexed dot
+   ``h · W[y]``, CE (confidence, prediction), zeroed ``dH`` rows and per-program sums;
+3. ``_fused_grad_kernel`` on a (vocab tiles × token splits) grid: recomputes each logits tile once,
+   forms ``G = w_k·t_n·(softmax − onehot)`` (not yet divided by Σt), keeps its split's fp32
+   ``Gᵀ·h`` in registers and adds ``G·W`` to the fp32 ``dH`` with atomics (last-bit order varies);
+4. ``_fused_finish_kernel``: sums the partial sums and the splits' ``dW`` in a fixed order,
+   divides by Σt, casts ``dW`` and ``dH`` to the inputs' dtypes, writes loss and per-exit means.
 
-Without gradients, steps 3 and the gradient part of 4 are skipped. Head matmuls: 4 (one
-recompute). Splits are sized for ≥ 4 programs per SM. fp32 operands take ``tf32x3`` dots
-(three TF32 products: near-fp32 accuracy on tensor cores); 16-bit operands feed ``tl.dot`` as
-they are.
+Without gradients step 3 and the gradient part of 4 are skipped. Head matmuls: 4 (one recompute).
+Splits aim at ≥ 4 programs per SM. fp32 operands take ``tf32x3`` dots (three TF32 products:
+near-fp32 accuracy on tensor cores); 16-bit operands feed ``tl.dot`` as they are.
 
 The maths and the backward derivation are in :mod:`lash_kernels.ops.multi_exit_ce`.
 """
@@ -28,9 +24,8 @@ The maths and the backward derivation are in :mod:`lash_kernels.ops.multi_exit_c
 from __future__ import annotations
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
-from lash_kernels._launch import sm_count
+from lash_kernels._launch import device_floats, sm_count
 from lash_kernels.aot_types import ARCHS, config_variant, pointer
 from lash_kernels.dispatch import HAS_TRITON, interpreting
 
@@ -373,7 +368,6 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
             "fp32" if dtype == torch.float32 else "16-bit", max(64, triton.next_power_of_2(int(D)))
         ) in _GRAD_TILES
 
-
     def _dot_args(dtype: torch.dtype) -> dict:
         """tf32x3 for fp32 operands (module docstring); fp32 operands for the interpreter's bf16."""
         return dict(
@@ -397,19 +391,6 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
             triton.cdiv(triton.cdiv(V, forward["BLOCK_V"]), per_split_v), per_split_v * forward["BLOCK_V"],
             triton.cdiv(row_tiles, per_split_n), per_split_n * grad["BLOCK_N"],
         )  # fmt: skip
-
-    _EXIT_WEIGHTS: dict = {}  # (weights, device) → fp32 tensor: one host-to-device copy per set of weights
-
-    def _exit_weights(weights: list[float], like: torch.Tensor) -> torch.Tensor:
-        """The exit weights as a ``(K,)`` fp32 tensor on ``like``'s device, copied there once per
-        set of weights (a copy per call would make the host wait). While tracing (fake tensors,
-        ``torch.compile``) it is built afresh and becomes a constant of the graph."""
-        if torch.compiler.is_compiling() or is_fake(like):
-            return torch.tensor(weights, dtype=torch.float32, device=like.device)
-        key = (tuple(weights), like.device)
-        if key not in _EXIT_WEIGHTS:
-            _EXIT_WEIGHTS[key] = torch.tensor(weights, dtype=torch.float32, device=like.device)
-        return _EXIT_WEIGHTS[key]
 
     def run_fused(hiddens, weight, targets, token_weights, exit_weights, ignore_index, with_stats, need_h, need_w):
         """The fused regime (module docstring): forward, merge, grad and finish kernels.
@@ -435,7 +416,7 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         merge_programs = triton.cdiv(rows, merge["BLOCK_R"])
         sums = torch.empty((merge_programs, 3 + K), **f32)
         grad_h32 = torch.empty((rows, D) if need_h else (0,), **f32)
-        weights = _exit_weights(exit_weights, h)
+        weights = device_floats(exit_weights, h)
         tw = token_weights if token_weights is not None else lse  # any pointer when unused
         launch(_fused_merge_kernel)[(merge_programs,)](
             h, weight, targets, tw, weights, part_max, part_sum, part_arg if with_stats else part_max, lse,
