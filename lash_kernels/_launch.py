@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -66,6 +67,27 @@ def resident_programs(arch: Arch, num_warps: int, shared_bytes: int, regs: int) 
     threads, regs = 32 * num_warps, -(-max(regs, 1) // 8) * 8  # registers are granted 8 per thread at a time
     return max(1, min(arch.max_blocks_per_sm, arch.max_threads_per_sm // threads, arch.regs_per_sm // (regs * threads),
                       arch.smem_per_sm // (shared_bytes + RESERVED_SMEM)))  # fmt: skip
+
+
+def twin_function(forward: Callable, setup_context: Callable, backward: Callable) -> type[torch.autograd.Function]:
+    """The ``autograd.Function`` twin of a ``lash::`` triton_op: the op's body, ``setup_context``
+    and backward, called without the op's dispatch, which costs the host about three times as
+    much per call (a custom op's Python dispatch against a Function's)."""
+    methods = dict(forward=staticmethod(forward), setup_context=staticmethod(setup_context), backward=staticmethod(backward))
+    return type(f"{forward.__name__.strip('_')}_function", (torch.autograd.Function,), methods)
+
+
+def through_op() -> bool:
+    """Whether a kernel call takes its registered op rather than the op's twin function: while
+    ``torch.compile`` traces (so it sees the kernels) and under the interpreter (where host cost
+    does not matter and one op per call keeps the launches countable); eager CUDA calls take the twin."""
+    return torch.compiler.is_compiling() or interpreting()
+
+
+def call_op(op: Callable, eager: Callable, *args):
+    """``op(*args)`` or ``eager(*args)`` (its twin's ``apply``, or the bare launcher of an op without
+    autograd), as :func:`through_op` decides."""
+    return op(*args) if through_op() else eager(*args)
 
 
 if HAS_TRITON:  # optional off Linux: the torch paths still work there

@@ -4,7 +4,8 @@
 weights, to the torch path (:mod:`.torch_path`) or to the Triton op in the regime
 :func:`~lash_kernels.ops.multi_exit_ce.fused.fused_regime` picks. The op is registered as
 ``torch.ops.lash.multi_exit_ce`` with ``torch.library.triton_op`` so ``torch.compile`` sees the
-kernels; its backward only scales the gradients its forward formed.
+kernels, with a twin ``autograd.Function`` for eager calls (:func:`lash_kernels._launch.call_op`);
+the backward only scales the gradients the forward formed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from lash_kernels._launch import call_op, twin_function
 from lash_kernels.dispatch import HAS_TRITON, arch_has_tensor_core_dots, backend, tensor_core_dots
 from lash_kernels.ops.multi_exit_ce.fused import fused_regime
 from lash_kernels.ops.multi_exit_ce.reference import MultiExitCEOutput, validate_inputs
@@ -25,8 +27,7 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
     from lash_kernels.ops.multi_exit_ce.chunked import row_variants, run_chunked
     from lash_kernels.ops.multi_exit_ce.fused import fused_variants, run_fused
 
-    @triton_op("lash::multi_exit_ce", mutates_args=())
-    def _triton_op(
+    def _multi_exit_ce(
         hiddens: torch.Tensor,
         weight: torch.Tensor,
         targets: torch.Tensor,
@@ -61,7 +62,10 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
             grad_w * grad_loss.to(grad_w.dtype) if need_w else None,
         ) + (None,) * 8
 
+    # The op and its twin function (lash_kernels._launch.call_op picks one per call).
+    _triton_op = triton_op("lash::multi_exit_ce", mutates_args=())(_multi_exit_ce)
     register_autograd(_triton_op, _backward, setup_context=_setup_context)
+    _TwinFunction = twin_function(_multi_exit_ce, _setup_context, _backward)
 
     def static_variants(shape, dtype: torch.dtype, arch: int) -> list:
         """The launches :mod:`lash_kernels.aot_check` compiles on ``arch`` at ``shape``: the fused
@@ -89,8 +93,8 @@ def _per_token(device: torch.device, hidden: int, dtype: torch.dtype):
 
 def _call_triton_op(hiddens, weight, targets, token_weights, exit_weights, ignore_index, with_stats, need_h, need_w,
                     chunked):  # fmt: skip
-    return _triton_op(hiddens, weight, targets, token_weights, exit_weights, ignore_index, with_stats, need_h, need_w,
-                      chunked)[:5]  # fmt: skip
+    return call_op(_triton_op, _TwinFunction.apply, hiddens, weight, targets, token_weights, exit_weights, ignore_index,
+                   with_stats, need_h, need_w, chunked)[:5]  # fmt: skip
 
 
 def multi_exit_cross_entropy(

@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lash_kernels._launch import check_kernel_dtypes
+from lash_kernels._launch import call_op, check_kernel_dtypes
 from lash_kernels.dispatch import HAS_TRITON, backend
 
 if HAS_TRITON:  # optional off Linux: the torch references still work there
@@ -129,7 +129,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     if backend(x.device) == "torch":
         return rms_norm_reference(x, weight, eps)
     _check_kernel(x=x, weight=weight)
-    return kernels.rms_norm_op(x, weight, eps)[0]
+    return call_op(kernels.rms_norm_op, kernels.RMSNormFunction.apply, x, weight, eps)[0]
 
 
 def add_rms_norm(
@@ -153,7 +153,7 @@ def add_rms_norm(
     if backend(x.device) == "torch":
         return add_rms_norm_reference(x, residual, weight, eps)
     _check_kernel(x=x, residual=residual, weight=weight)
-    y, s, _ = kernels.add_rms_norm_op(x, residual, weight, eps)
+    y, s, _ = call_op(kernels.add_rms_norm_op, kernels.AddRMSNormFunction.apply, x, residual, weight, eps)
     return y, s
 
 

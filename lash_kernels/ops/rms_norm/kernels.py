@@ -2,9 +2,11 @@
 
 Layers: ``_*_kernel`` (Triton) → ``_forward`` / ``_backward`` launchers → ``lash::rms_norm``,
 ``lash::add_rms_norm`` and ``lash::rms_norm_backward`` registered with :mod:`torch.library`
-(``triton_op``, so ``torch.compile`` sees the kernels) with ``register_autograd``. The maths and
-the envelope are in :mod:`lash_kernels.ops.rms_norm`, whose public functions call
-:func:`rms_norm_op` and :func:`add_rms_norm_op`. Imported only where Triton is installed.
+(``triton_op``, so ``torch.compile`` sees the kernels) with ``register_autograd``, and their twin
+``autograd.Function`` s for eager calls (same body and backward, cheaper on the host; see
+:func:`lash_kernels._launch.call_op`). The maths and the envelope are in
+:mod:`lash_kernels.ops.rms_norm`, whose public functions call them. Imported only where Triton
+is installed.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from lash_kernels._launch import device_arch, launch, resident_programs
+from lash_kernels._launch import call_op, device_arch, launch, resident_programs, twin_function
 from lash_kernels.aot_types import ARCHS, LAUNCH_STAGES, Arch, KernelVariant, pointer
 
 BACKWARD_MAX_ROW = 8192  # widest row the backward keeps whole in registers; wider rows go in slices
@@ -390,14 +392,12 @@ def static_variants(shape, dtype: torch.dtype, arch: int) -> list:
     return variants
 
 
-@triton_op("lash::rms_norm", mutates_args=())
-def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     y, _, rstd = _forward(x, None, weight, eps)
     return y, rstd
 
 
-@triton_op("lash::add_rms_norm", mutates_args=())
-def add_rms_norm_op(
+def _add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     y, s, rstd = _forward(x, residual, weight, eps)
@@ -420,7 +420,7 @@ def _setup_rms_norm(ctx, inputs, output) -> None:
 
 def _rms_norm_grad(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
-    dx, dweight = _rms_norm_backward_op(dy, None, x, weight, rstd)
+    dx, dweight = call_op(_rms_norm_backward_op, _backward, dy, None, x, weight, rstd)
     return dx.to(x.dtype), dweight, None
 
 
@@ -434,12 +434,17 @@ def _setup_add_rms_norm(ctx, inputs, output) -> None:
 
 def _add_rms_norm_grad(ctx, dy, ds_out, _drstd):
     s, weight, rstd = ctx.saved_tensors
-    ds, dweight = _rms_norm_backward_op(dy, ds_out, s, weight, rstd)
+    ds, dweight = call_op(_rms_norm_backward_op, _backward, dy, ds_out, s, weight, rstd)
     x_dtype, residual_dtype = ctx.dtypes
     # The add passes its gradient through unchanged: dx and dresidual are the same tensor,
     # exactly as torch's own add backward hands one gradient to both inputs.
     return ds.to(x_dtype), ds.to(residual_dtype), dweight, None
 
 
+# Each op and its twin function (lash_kernels._launch.call_op picks one per call).
+rms_norm_op = triton_op("lash::rms_norm", mutates_args=())(_rms_norm)
 rms_norm_op.register_autograd(_rms_norm_grad, setup_context=_setup_rms_norm)
+RMSNormFunction = twin_function(_rms_norm, _setup_rms_norm, _rms_norm_grad)
+add_rms_norm_op = triton_op("lash::add_rms_norm", mutates_args=())(_add_rms_norm)
 add_rms_norm_op.register_autograd(_add_rms_norm_grad, setup_context=_setup_add_rms_norm)
+AddRMSNormFunction = twin_function(_add_rms_norm, _setup_add_rms_norm, _add_rms_norm_grad)

@@ -174,4 +174,4 @@ def apply_rotary(
     if backend(q.device) == "torch":
         return apply_rotary_reference(q, k, cos, sin, positions=positions, eager_rounding=eager_rounding)
     check_kernel_dtypes("RoPE", q=q, k=k)
-    return kernels.rotary_op(q, k, cos, sin, positions, False, eager_rounding)
+    return kernels.rotary_call(q, k, cos, sin, positions, False, eager_rounding)

@@ -1,9 +1,10 @@
 """RoPE's Triton kernel, its launcher and the ``lash::rotary`` ``torch.library`` op.
 
 Layers: ``_rotary_kernel`` (Triton) → ``_rotary`` launcher → ``lash::rotary`` registered with
-``torch.library.triton_op``, whose autograd calls the same op with ``inverse`` flipped. The maths
-and the envelope are in :mod:`lash_kernels.ops.rotary`, whose :func:`apply_rotary` calls
-:func:`rotary_op`. Imported only where Triton is installed.
+``torch.library.triton_op``, whose autograd rotates back (``inverse`` flipped), and its twin
+``autograd.Function`` for eager calls (:func:`rotary_call` picks one). The maths and the envelope
+are in :mod:`lash_kernels.ops.rotary`, whose :func:`apply_rotary` calls :func:`rotary_call`.
+Imported only where Triton is installed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from lash_kernels._launch import launch, sm_count
+from lash_kernels._launch import call_op, launch, sm_count, twin_function
 from lash_kernels.aot_types import ARCHS, KernelVariant, pointer
 
 @triton.jit
@@ -273,8 +274,7 @@ def _rotary(
     return q_out, k_out
 
 
-@triton_op("lash::rotary", mutates_args=())
-def rotary_op(
+def _rotary_body(
     q: torch.Tensor,
     k: torch.Tensor,
     cos: torch.Tensor,
@@ -296,8 +296,16 @@ def _rotary_grad(ctx, dq_out, dk_out):
     # Eager autograd of `x * cos + rotate_half(x) * sin` rounds the same way: each product of
     # the incoming gradient with a (rounded) table, then their sum.
     cos, sin, positions = ctx.saved_tensors
-    dq, dk = rotary_op(dq_out, dk_out, cos, sin, positions, not ctx.inverse, ctx.eager_rounding)
+    dq, dk = rotary_call(dq_out, dk_out, cos, sin, positions, not ctx.inverse, ctx.eager_rounding)
     return dq, dk, None, None, None, None, None
 
 
+# The op and its twin function (lash_kernels._launch.call_op picks one per call).
+rotary_op = triton_op("lash::rotary", mutates_args=())(_rotary_body)
 rotary_op.register_autograd(_rotary_grad, setup_context=_setup_rotary)
+RotaryFunction = twin_function(_rotary_body, _setup_rotary, _rotary_grad)
+
+
+def rotary_call(q, k, cos, sin, positions, inverse: bool, eager_rounding: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotation, differentiable, through :data:`rotary_op` or its twin (``call_op``)."""
+    return call_op(rotary_op, RotaryFunction.apply, q, k, cos, sin, positions, inverse, eager_rounding)

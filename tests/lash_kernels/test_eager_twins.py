@@ -1,0 +1,43 @@
+"""Eager CUDA calls take each op's twin ``autograd.Function``; it must give the op's results exactly.
+
+Under the interpreter calls take the registered ops (``lash_kernels._launch.through_op``); here the
+choice is forced both ways on the same inputs, and outputs and every gradient must be equal.
+"""
+
+import pytest
+import torch
+
+from lash_kernels import _launch, add_rms_norm, apply_rotary, multi_exit_cross_entropy, rms_norm
+from tests.lash.counting import OpCounter
+
+
+def _cases():
+    x, r, w = torch.randn(5, 37), torch.randn(5, 37), torch.rand(37) + 0.5
+    q, k = torch.randn(2, 3, 7, 16), torch.randn(2, 1, 7, 16)
+    angles = torch.arange(7)[:, None] * torch.rand(8)[None, :]  # half tables
+    hiddens, head, targets = torch.randn(2, 9, 16), torch.randn(40, 16) / 4, torch.randint(0, 40, (9,))
+    return {
+        "rms_norm": (lambda x, w: rms_norm(x, w), (x, w)),
+        "add_rms_norm": (lambda x, r, w: add_rms_norm(x, r, w), (x, r, w)),
+        "rotary": (lambda q, k: apply_rotary(q, k, angles.cos(), angles.sin()), (q, k)),
+        "multi_exit_ce": (lambda h, W, y=targets: multi_exit_cross_entropy(h, W, y, [0.3, 0.7]).loss, (hiddens, head)),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_cases()))
+def test_twin_function_equals_the_op(case, monkeypatch):
+    monkeypatch.setenv("LASH_KERNELS", "triton")
+    fn, inputs = _cases()[case]
+    results = {}
+    for via_op in (True, False):
+        monkeypatch.setattr(_launch, "through_op", lambda via_op=via_op: via_op)
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        with OpCounter() as counter:
+            out = fn(*leaves)
+        outs = out if isinstance(out, tuple) else (out,)
+        grads = torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
+        results[via_op] = (outs, grads, [k for k in counter.kernels if k.startswith("lash::")])
+    (op_out, op_grads, op_kernels), (twin_out, twin_grads, twin_kernels) = results[True], results[False]
+    assert op_kernels and not twin_kernels  # each path really taken
+    for a, b in zip(op_out + op_grads, twin_out + twin_grads):
+        assert torch.equal(a, b)
