@@ -274,18 +274,6 @@ def _rotary(
     return q_out, k_out
 
 
-def _rotary_body(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    positions: torch.Tensor | None,
-    inverse: bool,
-    eager_rounding: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rotary(q, k, cos, sin, positions, inverse, eager_rounding)
-
-
 def _setup_rotary(ctx, inputs, output) -> None:
     _, _, cos, sin, positions, inverse, eager_rounding = inputs
     ctx.save_for_backward(cos, sin, positions)
@@ -301,9 +289,9 @@ def _rotary_grad(ctx, dq_out, dk_out):
 
 
 # The op and its twin function (lash_kernels._launch.call_op picks one per call).
-rotary_op = triton_op("lash::rotary", mutates_args=())(_rotary_body)
+rotary_op = triton_op("lash::rotary", mutates_args=())(_rotary)
 rotary_op.register_autograd(_rotary_grad, setup_context=_setup_rotary)
-RotaryFunction = twin_function(_rotary_body, _setup_rotary, _rotary_grad)
+RotaryFunction = twin_function(_rotary, _setup_rotary, _rotary_grad)
 
 
 def rotary_call(q, k, cos, sin, positions, inverse: bool, eager_rounding: bool) -> tuple[torch.Tensor, torch.Tensor]:
