@@ -1,30 +1,43 @@
 """One command on a GPU: the CUDA tests, every benchmark subject, and one table of DESIGN.md's bars.
 
-    python benchmarks/gpu_suite.py --out DIR            # on a CUDA machine (budgeted for ≤ 8 minutes on an H100)
+    python benchmarks/gpu_suite.py --out DIR            # on a CUDA machine (gpu_all.sh gives it 195 s)
     python benchmarks/gpu_suite.py --out DIR --quick    # fewer shapes and dtypes
     python benchmarks/gpu_suite.py --out DIR --dry-run  # on the CPU: tiny shapes, checks the machinery
     python benchmarks/gpu_suite.py --out DIR --no-tests # the benchmarks alone
+    python benchmarks/gpu_suite.py --out DIR2 --only kernels --compare DIR/gpu_suite.json
+                                                        # the norm and RoPE rows again, against DIR's
 
-Steps: the ``gpu``-marked tests under ``tests/`` with ``LASH_KERNELS=triton``; the two ceilings
-(copy bandwidth, bf16 matmul); then each subject (seed training step, host syncs, multi-exit loss,
-RMSNorm/add+RMSNorm, RoPE, early exit), every ratio measured inside one function against its
-baselines, timed on the device (``triton.testing.do_bench``, median). Shapes follow the device's
-memory: an L4 (24 GB) gets smaller LLM-sized configs than an H100. It prints one Markdown table
-(measured, target, PASS/FAIL, or SKIPPED/ERROR with the reason) under the device, versions and
-date, and writes ``DIR/gpu_suite.json`` (every measurement) and ``DIR/gpu_suite.md``. A dry run
-gives no PASS/FAIL: its numbers are CPU timings of the torch paths at tiny shapes.
+Steps: the ``gpu``-marked tests under ``tests/`` with ``LASH_KERNELS=triton``; the device's copy
+bandwidth and bf16 matmul throughput (INFO); then each subject: the multi-exit loss,
+RMSNorm/add+RMSNorm, RoPE, host time per eager call, early exit, host syncs, the seed training
+step. The kernel subjects time every provider of a row side by side (``measure.py``): inputs
+and gradients allocated first, device time by CUDA-graph replay over rotating input sets (a
+call that synchronises with the host, such as Liger-Kernel's loss, by eager calls between CUDA
+events), the providers interleaved over ``measure.REPEATS`` rounds, each reported as its median
+with its spread over the rounds (in the row's note and the JSON). A norm or RoPE row is stated
+against a device copy of the same bytes timed the same way, its note giving the bytes; the loss
+against the bare head matmuls of the same shapes. Host time per eager call is timed on tiny
+inputs, where the device keeps up with the host. Early exit and the training step are timed per call with
+``triton.testing.do_bench``. ``--compare`` adds a row per norm and RoPE measurement with the
+largest relative difference of its ratios from an earlier run's JSON: a row that moves more
+than 10% between two runs is not settled. Shapes follow the device's memory: an L4 (24 GB)
+gets smaller LLM-sized configs than an H100. It prints one Markdown table (measured, target,
+PASS/FAIL, or SKIPPED/ERROR with the reason) under the device, versions and date, and writes
+``DIR/gpu_suite.json`` (every measurement) and ``DIR/gpu_suite.md``. A dry run gives no
+PASS/FAIL: its numbers are CPU timings of the torch paths at tiny shapes.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, astuple, dataclass, replace
+from collections.abc import Iterator
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -36,89 +49,18 @@ import kernel_bench  # noqa: E402 - needs REPO on the path
 import measure  # noqa: E402
 import model_bench  # noqa: E402
 from measure import ON_GPU  # noqa: E402
+from suite_rows import Row, Suite, attempt, dry_compile, markdown, ratio_row, side_by_side, spreads, store  # noqa: E402
 
 from lash.routing import early_exit_forward  # noqa: E402
 
-# The whole suite should take ≤ 8 minutes on an H100; the tests get at most this share of it.
-TESTS_TIMEOUT_S = 300
+TESTS_TIMEOUT_S = 300  # the tests' share when the suite runs them
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class Row:
-    """One line of the bars table."""
-
-    bar: str
-    measured: str
-    target: str
-    status: str  # PASS, FAIL, INFO, DRY (dry run: not judged), SKIPPED, ERROR
-    note: str = ""
-
-
-class Suite:
-    """Collects rows and raw measurements; ``dry`` marks every judged row DRY instead of PASS/FAIL."""
-
-    def __init__(self, dry: bool, quick: bool) -> None:
-        self.dry, self.quick = dry, quick
-        self.rows: list[Row] = []
-        self.measurements: dict[str, dict] = {}
-        self.seconds: dict[str, float] = {}  # per section, so the 8-minute budget can be checked
-
-    def judge(self, bar: str, value: float, target: str, passes: Callable[[float], bool] | None, unit: str = "",
-              note: str = "") -> None:
-        """Add a row for ``value`` against ``target``: ``passes`` decides PASS/FAIL; None makes it INFO."""
-        if passes is None:
-            status = "INFO"
-        else:
-            status = "DRY" if self.dry else ("PASS" if passes(value) else "FAIL")
-        self.rows.append(Row(bar, f"{value:.3g}{unit}", target, status, note))
-
-    def info(self, bar: str, measured: str, note: str = "") -> None:
-        self.rows.append(Row(bar, measured, "–", "INFO", note))
-
-    def skip(self, bar: str, target: str, reason: str) -> None:
-        self.rows.append(Row(bar, "–", target, "SKIPPED", reason))
-
-    def section(self, name: str, fn: Callable[[], None]) -> None:
-        """Run one subject; an exception becomes an ERROR row instead of ending the run."""
-        start = time.perf_counter()
-        try:
-            fn()
-        except Exception as error:  # noqa: BLE001 - one broken subject must not lose the others
-            self.rows.append(Row(name, "–", "–", "ERROR", measure.describe(error)))
-        self.seconds[name] = time.perf_counter() - start
-        print(f"[{self.seconds[name]:6.1f} s] {name}", file=sys.stderr, flush=True)
-
-
-def _try(record: dict, name: str, fn: Callable[[], float]) -> None:
-    """Store ``fn()`` as ``record[name]``, or why it failed (Unavailable, out of memory, an error)."""
-    try:
-        value = fn()
-    except kernel_bench.Unavailable as why:
-        value = f"skipped: {why}"
-    except torch.OutOfMemoryError:
-        value = "skipped: out of memory"
-    except Exception as error:  # noqa: BLE001 - recorded and shown, the other providers still run
-        value = f"error: {measure.describe(error)}"
-    record[name] = value
-
-
-def _dry_compile(suite: Suite, record: dict, provider: str) -> bool:
-    """In a dry run, record a compile provider as skipped (compiling would take most of the run)."""
-    if suite.dry and "compile" in provider:
-        record[f"{provider}_s"] = "skipped: dry run: torch.compile is timed on a GPU only"
-    return suite.dry and "compile" in provider
-
-
-def _ratio_row(suite: Suite, bar: str, num: float | str, den: float | str, target: str,
-               passes: Callable[[float], bool] | None, note: str = "") -> None:
-    """A row for ``num / den`` or, if either side is a reason string, SKIPPED/ERROR with that reason."""
-    for side in (num, den):
-        if isinstance(side, str):
-            status = "ERROR" if side.startswith("error") else "SKIPPED"
-            suite.rows.append(Row(bar, "–", target, status, side.split(": ", 1)[1]))
-            return
-    suite.judge(bar, num / den, target, passes, "×", note)
+# Speed each mode must reach as a fraction of a same-size copy's (copy time / lash time).
+COPY_FRACTION = {"forward": 0.90, "backward": 0.80, "forward+backward": 0.85}
+HOST_US = 15  # host time per eager call, µs
+AGREEMENT = 0.10  # largest relative difference between two runs' norm and RoPE ratios
+# The loss at the seed's width: lash / bare matmuls by dtype (fp16 is reported, not judged).
+SEED_WIDTH_MATMULS = {"fp32": 1.0, "bf16": 1.5}
 
 
 # ---------------------------------------------------------------- subjects
@@ -143,12 +85,13 @@ def gpu_tests(suite: Suite) -> None:
     suite.rows.append(Row(bar, summary, target, status, "" if status == "PASS" else "see gpu_suite.json: gpu_tests"))
 
 
-def ceilings(suite: Suite) -> dict[str, float]:
+def ceilings(suite: Suite) -> None:
+    """The device's copy bandwidth and matmul throughput at one large size, for reference (the bars
+    are stated against ceilings of their own size)."""
     copy, flops = measure.copy_bandwidth_gbps(), measure.matmul_tflops()
     suite.measurements["ceilings"] = {"copy_gbps": copy, "matmul_tflops": flops}
-    suite.info("ceiling: device copy bandwidth", f"{copy:.0f} GB/s", "read + write bytes, fp32 copy")
+    suite.info("ceiling: device copy bandwidth", f"{copy:.0f} GB/s", "read + write bytes, 1 GiB fp32 copy")
     suite.info("ceiling: dense matmul", f"{flops:.3g} TFLOP/s", "bf16 8192³" if ON_GPU else "fp32 1024³ (CPU)")
-    return suite.measurements["ceilings"]
 
 
 def train_step(suite: Suite) -> None:
@@ -157,24 +100,24 @@ def train_step(suite: Suite) -> None:
         record: dict = {"vocab": vocab, "batch": batch, "precision": precision}
         peaks: dict = {}
         for provider in model_bench.TRAIN_PROVIDERS:
-            if _dry_compile(suite, record, provider):
+            if dry_compile(suite, record, provider):
                 continue
             step = model_bench.train_step_call(provider, vocab, precision, batch)
             step()  # AdamW state allocated (and compilation done) before the peak is read
             peaks[provider] = measure.peak_memory_bytes(step)
-            _try(record, f"{provider}_s", lambda: measure.median_seconds(step))
+            store(record, f"{provider}_s", lambda: measure.median_seconds(step))
             if provider == "lash-compile":
                 record["compile"] = measure.compile_counts()
         record["peak_bytes"] = peaks
         suite.measurements[f"train_step_{precision}"] = record
         name = f"seed train step {precision} (B {batch}, V {vocab}, all 4 exits)"
-        _ratio_row(suite, f"{name}: speedup vs eager", record["eager_s"], record["lash_s"], "≥ 3×", lambda r: r >= 3)
+        ratio_row(suite, f"{name}: speedup vs eager", record["eager_s"], record["lash_s"], "≥ 3×", lambda r: r >= 3)
         if peaks["lash"] is None:
             suite.skip(f"{name}: peak memory vs eager", "≤ 0.25", "peak memory is measured on CUDA only")
         else:
             suite.judge(f"{name}: peak memory vs eager", peaks["lash"] / peaks["eager"], "≤ 0.25", lambda r: r <= 0.25)
-        _ratio_row(suite, f"{name}: lash-compile speedup vs eager", record["eager_s"], record["lash-compile_s"],
-                   "–", None, f"dynamo {record.get('compile')}")
+        ratio_row(suite, f"{name}: lash-compile speedup vs eager", record["eager_s"], record["lash-compile_s"],
+                  "–", None, f"dynamo {record.get('compile')}")
 
 
 def host_syncs(suite: Suite) -> None:
@@ -184,107 +127,173 @@ def host_syncs(suite: Suite) -> None:
         if not ON_GPU:
             suite.skip(bar, "0", "torch.cuda.set_sync_debug_mode needs a CUDA device")
             continue
-        places = model_bench.host_syncs(model_bench.train_step_call(provider, vocab))
+        places = measure.host_syncs(model_bench.train_step_call(provider, vocab))
         suite.measurements[f"host_syncs_{provider}"] = places
         status = "FAIL" if places else "PASS"
         suite.rows.append(Row(bar, f"{len(places)} places", "0", status, "; ".join(places)))
 
 
-def _ce_shapes(suite: Suite) -> Iterator[tuple[tuple[int, int, int, int], str]]:
-    """(N, D, V, K) and dtype: the seed's loss in every dtype, then an LLM-sized one in bf16."""
+def _ce_shapes(suite: Suite) -> Iterator[tuple[tuple[int, int, int, int], str, bool]]:
+    """(N, D, V, K), dtype and whether it is the LLM-sized head: the seed's width D 64 in each
+    dtype, then an LLM-sized head in bf16 (in a dry run, one tiny shape of each kind)."""
     if suite.dry:
-        yield (256, 32, 1024, 3), "fp32"
+        yield (256, 32, 1024, 3), "fp32", False
+        yield (128, 128, 2048, 2), "fp32", True
         return
     for dtype in ("bf16",) if suite.quick else ("fp32", "bf16", "fp16"):
-        yield (2048, 64, 16384, 4), dtype
+        yield (2048, 64, 16384, 4), dtype, False
     if not suite.quick:
-        yield ((8192, 4096, 65536, 4) if measure.large_device() else (4096, 2048, 32768, 4)), "bf16"
+        yield ((8192, 4096, 65536, 4) if measure.large_device() else (4096, 2048, 32768, 4)), "bf16", True
 
 
 def multi_exit_ce(suite: Suite) -> None:
-    for shape, dtype_key in _ce_shapes(suite):
+    """The K-exit loss (forward + backward) against the bare head matmuls, Liger-Kernel and Cut
+    Cross-Entropy per exit, eager and ``torch.compile`` (seed width only: at the LLM size their
+    graphs would hold the K·N·V fp32 logits while every provider stays allocated), and its peak memory."""
+    for shape, dtype_key, llm in _ce_shapes(suite):
         n, d, v, k = shape
+        dtype = DTYPES[dtype_key]
         name = f"multi-exit CE {dtype_key} N{n} D{d} V{v} K{k}"
         record: dict = {"shape": list(shape), "dtype": dtype_key}
-        hiddens, weight, targets = kernel_bench.ce_inputs(shape, DTYPES[dtype_key])
-        for provider in kernel_bench.CE_PROVIDERS:
-            if _dry_compile(suite, record, provider):
-                continue
-            call = None
+        lash_calls = {}
 
-            def seconds(provider=provider):
-                nonlocal call
-                call = kernel_bench.ce_call(provider, hiddens, weight, targets)
-                return measure.median_seconds(call)
+        def build(provider: str) -> measure.Rotation:
+            calls = kernel_bench.ce_calls(provider, shape, dtype)
+            if provider == "lash":
+                lash_calls["lash"] = calls  # kept for its peak memory, read once the timers are gone
+            return calls
 
-            _try(record, f"{provider}_s", seconds)
-            if provider == "compile" and call is not None:
-                record["compile"] = measure.compile_counts()
-            if provider == "lash" and call is not None:
-                record["lash_peak_bytes"] = measure.peak_memory_bytes(call)
+        providers = ("matmuls", "liger", "cce", "lash") if llm else kernel_bench.CE_PROVIDERS
+        side_by_side(suite, record, {p: functools.partial(build, p) for p in providers})
+        if "compile_s" in record and not isinstance(record["compile_s"], str):
+            record["compile"] = measure.compile_counts()
+        if "lash" in lash_calls:
+            record["lash_peak_bytes"] = measure.peak_memory_bytes(lash_calls.pop("lash"))
         suite.measurements[name] = record
         lash = record["lash_s"]
-        _ratio_row(suite, f"{name}: lash / bare head matmuls", lash, record["matmuls_s"], "≤ 1.25×", lambda r: r <= 1.25)
-        _ratio_row(suite, f"{name}: Liger per exit / lash", record["liger_s"], lash, "≥ 1.5×", lambda r: r >= 1.5)
-        _ratio_row(suite, f"{name}: torch.compile / lash", record["compile_s"], lash, "≥ 2×", lambda r: r >= 2,
-                   f"dynamo {record.get('compile')}")
-        _ratio_row(suite, f"{name}: CCE per exit / lash", record["cce_s"], lash, "–", None)
-        floor = kernel_bench.ce_memory_floor_bytes(shape, DTYPES[dtype_key])
-        peak = record.get("lash_peak_bytes")
-        logits = k * n * v * 4
-        note = (f"(K·N·D + V·D)·{kernel_bench.dtype_name(DTYPES[dtype_key])} = {floor / 2**20:.1f} MiB; "
-                f"fp32 logits would be {logits / 2**20:.0f} MiB")
-        suite.info(f"{name}: lash peak memory / (K·N·D + V·D)", "–" if peak is None else f"{peak / floor:.2f}×", note)
+        bound = 1.08 if llm else SEED_WIDTH_MATMULS.get(dtype_key)
+        ratio_row(suite, f"{name}: lash / bare head matmuls", lash, record["matmuls_s"],
+                  f"≤ {bound}×" if bound else "–", (lambda r: r <= bound) if bound else None,
+                  spreads(record, "lash", "matmuls"))
+        ratio_row(suite, f"{name}: Liger per exit / lash", record["liger_s"], lash, "≥ 1.12×" if llm else "–",
+                  (lambda r: r >= 1.12) if llm else None, spreads(record, "liger", "lash"))
+        ratio_row(suite, f"{name}: CCE per exit / lash", record["cce_s"], lash, "–" if llm else "≥ 2×",
+                  None if llm else (lambda r: r >= 2), spreads(record, "cce", "lash"))
+        if not llm:
+            ratio_row(suite, f"{name}: torch.compile / lash", record["compile_s"], lash, "–", None,
+                      f"dynamo {record.get('compile')}; {spreads(record, 'compile', 'lash')}")
+        _peak_row(suite, name, shape, dtype, record.get("lash_peak_bytes"), llm)
+        if llm:
+            _fullgraph_row(suite, name, shape, dtype)
 
 
-def _norm_sizes(suite: Suite) -> list[tuple[int, int]]:
-    if suite.dry:
-        return [(256, 128)]
-    return [(16384, 4096)] if suite.quick else [(16384, 1024), (16384, 4096)]
-
-
-def norms(suite: Suite, copy_gbps: float) -> None:
-    dtype = torch.bfloat16 if ON_GPU else torch.float32
-    providers = ("lash", "eager", "liger")
-    targets = {"forward": 0.85, "backward": 0.70}
-    for op in ("rms_norm", "add_rms_norm"):
-        for size in _norm_sizes(suite):
-            for mode in kernel_bench.NORM_MODES:
-                record: dict = {"op": op, "size": list(size), "mode": mode, "dtype": kernel_bench.dtype_name(dtype)}
-                for provider in providers:
-                    _try(record, f"{provider}_s",
-                         lambda p=provider: measure.median_seconds(kernel_bench.op_call(op, p, size, mode, dtype)))
-                name = f"{op} {mode} {size[0]}×{size[1]} {kernel_bench.dtype_name(dtype)}"
-                suite.measurements[name] = record
-                moved = kernel_bench.bytes_moved(op, size, mode, dtype)
-                _bandwidth_rows(suite, name, record, moved, copy_gbps, targets[mode])
-
-
-def rotary(suite: Suite, copy_gbps: float) -> None:
-    dtype = torch.bfloat16 if ON_GPU else torch.float32
-    sizes = [(2, 4, 64, 32)] if suite.dry else [(8, 32, 2048, 128)]
-    providers = ("lash", "eager", "liger")
-    for size in sizes:
-        mode = "forward+backward"
-        record: dict = {"op": "apply_rotary", "size": list(size), "mode": mode, "dtype": kernel_bench.dtype_name(dtype)}
-        for provider in providers:
-            _try(record, f"{provider}_s",
-                 lambda p=provider: measure.median_seconds(kernel_bench.op_call("apply_rotary", p, size, mode, dtype)))
-        name = f"RoPE {mode} {'×'.join(map(str, size))} {kernel_bench.dtype_name(dtype)}"
-        suite.measurements[name] = record
-        _bandwidth_rows(suite, name, record, kernel_bench.bytes_moved("apply_rotary", size, mode, dtype), copy_gbps, 0.80)
-
-
-def _bandwidth_rows(suite: Suite, name: str, record: dict, moved: int, copy_gbps: float, fraction: float) -> None:
-    lash = record["lash_s"]
-    if isinstance(lash, str):
-        _ratio_row(suite, f"{name}: lash / copy bandwidth", lash, 1.0, f"≥ {fraction:.2f}", None)
+def _peak_row(suite: Suite, name: str, shape: tuple[int, int, int, int], dtype: torch.dtype, peak: int | None,
+              judged: bool) -> None:
+    bar, target = f"{name}: lash peak memory / (K·N·D + V·D)", "≤ 2.5×" if judged else "–"
+    if peak is None:
+        suite.skip(bar, target, "peak memory is measured on CUDA only")
         return
-    gbps = moved / lash / 1e9
-    record["lash_gbps"] = gbps
-    suite.judge(f"{name}: lash / copy bandwidth", gbps / copy_gbps, f"≥ {fraction:.2f}", lambda r: r >= fraction,
-                note=f"{gbps:.0f} of {copy_gbps:.0f} GB/s")
-    _ratio_row(suite, f"{name}: Liger / lash time", record["liger_s"], lash, "≥ 1×", lambda r: r >= 1)
+    n, _, v, k = shape
+    floor = kernel_bench.ce_memory_floor_bytes(shape, dtype)
+    note = (f"(K·N·D + V·D)·{kernel_bench.dtype_name(dtype)} = {floor / 2**20:.1f} MiB; "
+            f"fp32 logits would be {k * n * v * 4 / 2**20:.0f} MiB")
+    suite.judge(bar, peak / floor, target, (lambda r: r <= 2.5) if judged else None, "×", note)
+
+
+def _fullgraph_row(suite: Suite, name: str, shape: tuple[int, int, int, int], dtype: torch.dtype) -> None:
+    """PASS when the LASH loss compiles with ``fullgraph=True`` (no graph break) and runs forward + backward."""
+    bar, target = f"{name}: torch.compile(fullgraph=True) of the lash loss, forward + backward", "runs"
+    if suite.dry:
+        suite.skip(bar, target, "dry run: torch.compile runs on a GPU only")
+        return
+    ran = attempt(lambda: (kernel_bench.ce_call("lash-compile", *kernel_bench.ce_inputs(shape, dtype))(),
+                            measure.synchronize()))
+    if isinstance(ran, str):
+        suite.rows.append(Row(bar, "failed", target, "FAIL", ran))
+    else:
+        suite.rows.append(Row(bar, "ran", target, "PASS", f"dynamo {measure.compile_counts()}"))
+
+
+def _memory_bound(suite: Suite, op: str, label: str, size: tuple[int, ...], mode: str) -> None:
+    """One norm or RoPE measurement: LASH, eager and Liger-Kernel beside a copy of the same bytes."""
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    moved = kernel_bench.bytes_moved(op, size, mode, dtype)
+    record: dict = {"op": op, "size": list(size), "mode": mode, "dtype": kernel_bench.dtype_name(dtype),
+                    "bytes_moved": moved}
+    builders = {"copy": functools.partial(measure.same_size_copy, moved, dtype)}
+    for provider in ("lash", "eager", "liger"):
+        builders[provider] = functools.partial(kernel_bench.op_call, op, provider, size, mode, dtype)
+    side_by_side(suite, record, builders)
+    name = f"{label} {mode} {'×'.join(map(str, size))} {kernel_bench.dtype_name(dtype)}"
+    suite.measurements[name] = record
+    speeds = [f"{p} {moved / record[f'{p}_s'] / 1e9:.0f} GB/s" for p in ("lash", "copy")
+              if not isinstance(record[f"{p}_s"], str)]
+    note = "; ".join(filter(None, [f"{moved / 2**20:.1f} MiB moved", *speeds, spreads(record, "copy", "lash")]))
+    fraction = COPY_FRACTION[mode]
+    record["ratios"] = {
+        "copy": ratio_row(suite, f"{name}: same-size copy / lash time", record["copy_s"], record["lash_s"],
+                          f"≥ {fraction:.2f}×", lambda r: r >= fraction, note),
+        "liger": ratio_row(suite, f"{name}: Liger / lash time", record["liger_s"], record["lash_s"], "≥ 1×",
+                           lambda r: r >= 1, spreads(record, "liger", "lash")),
+    }
+
+
+def norms(suite: Suite) -> None:
+    """RMSNorm and add+RMSNorm, forward and backward alone, at 16384 rows × 1024 and 4096 (bf16)."""
+    sizes = [(256, 128)] if suite.dry else ([(16384, 4096)] if suite.quick else [(16384, 1024), (16384, 4096)])
+    for op in ("rms_norm", "add_rms_norm"):
+        for size in sizes:
+            for mode in kernel_bench.NORM_MODES:
+                _memory_bound(suite, op, op, size, mode)
+
+
+def rotary(suite: Suite) -> None:
+    """RoPE on q and k, forward + backward, at B 8 × H 32 × T 2048 × D 128 (bf16)."""
+    size = (2, 4, 64, 32) if suite.dry else (8, 32, 2048, 128)
+    _memory_bound(suite, "apply_rotary", "RoPE", size, "forward+backward")
+
+
+def host_time(suite: Suite) -> None:
+    """Host time per eager call of each LASH op, on inputs so small that the device keeps up."""
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    builders = {}
+    for op, size in (("rms_norm", (8, 1024)), ("add_rms_norm", (8, 1024)), ("apply_rotary", (1, 4, 16, 64))):
+        for mode in ("forward", "forward+backward"):
+            label = f"{op} {mode} {'×'.join(map(str, size))}"
+            builders[label] = functools.partial(kernel_bench.op_call, op, "lash", size, mode, dtype)
+    n, d, v, k = 256, 64, 2048, 4  # the seed's width D 64, fewer tokens and classes
+    builders[f"multi-exit CE forward+backward N{n} D{d} V{v} K{k}"] = functools.partial(
+        kernel_bench.ce_calls, "lash", (n, d, v, k), dtype)
+    target, calls = f"≤ {HOST_US} µs", 10 if suite.dry else measure.HOST_CALLS
+    for label, build in builders.items():
+        bar = f"host time per eager call: {label} {kernel_bench.dtype_name(dtype)}"
+        result = attempt(lambda build=build: measure.interleaved({"lash": measure.host_timer(build(), calls)})["lash"])
+        if isinstance(result, str):
+            ratio_row(suite, bar, result, 1.0, target, None)  # the reason, as a SKIPPED or ERROR row
+            continue
+        suite.measurements[bar] = {"calls": calls, **result}
+        note = f"{calls} calls, one sync after; spread over {measure.REPEATS} repeats: {result['spread']:.1%}"
+        suite.judge(bar, result["median_s"] * 1e6, target, lambda us: us <= HOST_US, " µs", note)
+
+
+def rerun_agreement(suite: Suite, earlier: Path) -> None:
+    """A row per norm and RoPE measurement: the largest relative difference of its ratios
+    (same-size copy / lash, Liger / lash) from those of the run in ``earlier``, relative to ``earlier``'s."""
+    theirs_all = json.loads(earlier.read_text())["measurements"]
+    for name, record in list(suite.measurements.items()):
+        if "ratios" not in record:
+            continue
+        bar, target = f"{name}: difference from the earlier run", f"≤ {AGREEMENT:.0%}"
+        theirs = theirs_all.get(name, {}).get("ratios", {})
+        pairs = {key: (mine, theirs[key]) for key, mine in record["ratios"].items()
+                 if isinstance(mine, float) and isinstance(theirs.get(key), float)}
+        if not pairs:
+            suite.skip(bar, target, f"no ratio of this measurement was taken both here and in {earlier}")
+            continue
+        record["agreement"] = {key: abs(mine - old) / old for key, (mine, old) in pairs.items()}
+        note = "; ".join(f"{key} / lash {mine:.3g} here, {old:.3g} there" for key, (mine, old) in pairs.items())
+        suite.judge(bar, 100 * max(record["agreement"].values()), target, lambda pct: pct <= 100 * AGREEMENT, "%",
+                    f"{earlier}: {note}")
 
 
 def early_exit(suite: Suite) -> None:
@@ -315,30 +324,7 @@ def early_exit(suite: Suite) -> None:
         del model, x
 
 
-# ---------------------------------------------------------------- report
-
-
-def markdown(env: dict, rows: list[Row], dry: bool, quick: bool, seconds: float) -> str:
-    """The header (device, versions, date, mode) and the bars table, then what was skipped and why."""
-    versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "cuda", "liger_kernel", "cut_cross_entropy")
-                         if env.get(k))
-    mode = "dry run (CPU, tiny shapes, torch paths: numbers check the machinery, not the bars)" if dry else (
-        "quick" if quick else "full")
-    lines = [
-        "# LASH GPU suite: DESIGN.md's performance bars",
-        "",
-        f"Device {env['device']}; {versions}; {env['date']}; mode {mode}; {seconds:.0f} s.",
-        "",
-        "| bar | measured | target | status | note |",
-        "|---|---:|---:|---|---|",
-        *("| " + " | ".join(cell.replace("|", "\\|") for cell in astuple(r)) + " |" for r in rows),
-    ]
-    skipped = [r for r in rows if r.status in ("SKIPPED", "ERROR")]
-    if skipped:
-        lines += ["", "Skipped or failed to run:", "", *(f"- {r.bar}: {r.status} — {r.note}" for r in skipped)]
-    if any("not importable" in r.note for r in rows):
-        lines += ["", f"Liger-Kernel and Cut Cross-Entropy: {kernel_bench.WHEELS}."]
-    return "\n".join(lines) + "\n"
+# ---------------------------------------------------------------- command line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -354,9 +340,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="run on the CPU with tiny shapes (no PASS/FAIL)")
     parser.add_argument("--no-tests", dest="tests", action="store_false",
                         help="skip the gpu-marked tests (when they ran on their own just before)")  # fmt: skip
+    parser.add_argument("--only", choices=["kernels"], help="kernels: the norm and RoPE sections alone (no tests)")
+    parser.add_argument("--compare", type=Path, metavar="JSON",
+                        help="an earlier run's gpu_suite.json: add a row per norm and RoPE measurement with the "
+                             "relative difference of its ratios")  # fmt: skip
     args = parser.parse_args(argv)
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"argument --out: {str(args.out)!r} exists and is not a directory")
+    if args.compare is not None and not args.compare.is_file():
+        parser.error(f"argument --compare: {str(args.compare)!r} is not a file")
     if not ON_GPU and not args.dry_run:
         parser.error("no CUDA device here: add --dry-run to check the suite on the CPU")
     return args
@@ -372,13 +364,17 @@ def main(argv: list[str] | None = None) -> None:
     env = measure.environment()
     args.out.mkdir(parents=True, exist_ok=True)
 
+    mode = "dry-run" if args.dry_run else ("quick" if args.quick else "full")
+    if args.only:
+        mode += f", {args.only} only"
+
     def save() -> str:
         """Write what has been measured so far, so a run cut short still leaves its finished sections."""
         seconds = time.perf_counter() - start
-        text = markdown(env, suite.rows, args.dry_run, args.quick, seconds)
+        text = markdown(env, suite.rows, mode, seconds)
         result = {
             "environment": env,
-            "mode": "dry-run" if args.dry_run else ("quick" if args.quick else "full"),
+            "mode": mode,
             "seconds": seconds,
             "section_seconds": suite.seconds,
             "rows": [asdict(r) for r in suite.rows],
@@ -388,18 +384,21 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "gpu_suite.md").write_text(text)
         return text
 
+    kernels = [("RMSNorm / add+RMSNorm", lambda: norms(suite)), ("RoPE", lambda: rotary(suite))]
     # The flagship loss first, then the quick subjects, then those that wait on torch.compile.
-    sections = [
+    sections = kernels if args.only == "kernels" else [
         ("ceilings", lambda: ceilings(suite)),
         ("multi-exit cross-entropy", lambda: multi_exit_ce(suite)),
-        ("RMSNorm / add+RMSNorm", lambda: norms(suite, suite.measurements["ceilings"]["copy_gbps"])),
-        ("RoPE", lambda: rotary(suite, suite.measurements["ceilings"]["copy_gbps"])),
+        *kernels,
+        ("host time per eager call", lambda: host_time(suite)),
         ("early exit", lambda: early_exit(suite)),
         ("host syncs", lambda: host_syncs(suite)),
         ("seed train step", lambda: train_step(suite)),
     ]
-    if args.tests:
+    if args.tests and not args.only:
         sections.insert(0, ("gpu tests", lambda: gpu_tests(suite)))
+    if args.compare is not None:
+        sections.append(("rerun agreement", lambda: rerun_agreement(suite, args.compare)))
     for name, fn in sections:
         suite.section(name, fn)
         text = save()

@@ -1,8 +1,10 @@
 """The kernel benchmarks' providers and calls: RMSNorm, add+RMSNorm, RoPE, the multi-exit loss.
 
-Each ``*_call`` function builds a no-argument callable for one provider × mode × shape; the
-pytest-benchmark files time it with pytest-benchmark, ``gpu_suite.py`` with
-:func:`measure.median_seconds`, and both compute their ratios against baselines measured in the
+:func:`op_call` and :func:`ce_calls` build a :class:`measure.Rotation` for one provider × mode ×
+shape: one no-argument call per input set, every input and every gradient fed to a backward
+allocated here, before any timing, so that a timed call allocates only what the op itself does.
+The pytest-benchmark files time it with pytest-benchmark, ``gpu_suite.py`` with
+:func:`measure.device_timer`, and both compute their ratios against baselines measured in the
 same test or function. A provider that cannot run here raises :class:`Unavailable` with the reason.
 
 Providers:
@@ -14,18 +16,19 @@ Providers:
   leaves the incoming gradient alone); for the loss, its fused linear cross-entropy once per exit;
 * ``cce``: Cut Cross-Entropy's ``linear_cross_entropy`` once per exit;
 * ``matmuls`` (loss only): the bare head matmuls ``h·Wᵀ``, ``g·W``, ``gᵀ·h`` over all exits in the
-  same dtype, the practical limit.
+  same dtype, the practical limit;
+* ``lash-compile`` (loss only, not timed): the LASH loss under ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
 
-import itertools
+import functools
 import math
 from collections.abc import Callable
 
 import torch
 
-from measure import DEVICE, ON_GPU, compiled, has_module
+from measure import DEVICE, ON_GPU, Rotation, compiled, has_module, input_sets, on_capture_stream
 from lash_kernels import (
     add_rms_norm,
     add_rms_norm_reference,
@@ -38,9 +41,6 @@ from lash_kernels import (
 )
 
 EPS = 1e-6
-# Inputs smaller than this are cycled through several copies so wall-clock timings are not L2 hits
-# (do_bench also clears the L2 before each call).
-L2_FLUSH_BYTES = 256 * 2**20
 WHEELS = (
     "not installed on the GPU machine we borrow, so carry them as wheels: "
     "`python3 -m pip download --no-deps -d .whl liger-kernel==0.8.5 cut-cross-entropy`, "
@@ -97,7 +97,7 @@ def _liger_op(op: str) -> Callable:
         if not hasattr(functional, "liger_fused_add_rms_norm"):
             raise Unavailable("this Liger-Kernel version has no fused add+RMSNorm (0.8.5 has)")
         return lambda x, residual, weight: functional.liger_fused_add_rms_norm(x, residual, weight, EPS, in_place=False)
-    return lambda q, k, cos, sin: functional.liger_rope(q, k, cos[None], sin[None])
+    return functional.liger_rope
 
 
 _OPS = {
@@ -124,69 +124,66 @@ def op_fn(op: str, provider: str) -> Callable:
     raise ValueError(f"unknown provider {provider!r}")
 
 
-def _inputs(op: str, size: tuple[int, ...], dtype: torch.dtype, grad: bool) -> tuple[list, list]:
-    """``(arguments, the ones to differentiate)`` for one call of ``op`` at ``size``."""
+def _inputs(op: str, provider: str, size: tuple[int, ...], dtype: torch.dtype, grad: bool) -> tuple[list, list, list]:
+    """``(arguments, the ones to differentiate, the outputs' gradients)`` for one call of ``op`` at ``size``.
+
+    RoPE's tables are built here, as half tables (``[T, D/2]``, standing for ``cat(c, c)``), or
+    as the ``[1, T, D]`` full tables Liger-Kernel takes. Without ``grad`` nothing requires a
+    gradient and the list of gradients is empty.
+    """
 
     def rand(*shape):
         return torch.randn(*shape, device=DEVICE, dtype=dtype, requires_grad=grad)
 
+    def grads(*like):
+        return [torch.randn_like(t) for t in like] if grad else []
+
     if op == "apply_rotary":
         b, h, t, d = size
         angles = torch.rand(t, d // 2, device=DEVICE) * 6.3  # (T, D/2)
-        angles = torch.cat((angles, angles), dim=-1)  # (T, D)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)  # (T, D/2) each
+        if provider == "liger":
+            cos, sin = (torch.cat((c, c), dim=-1)[None] for c in (cos, sin))  # (1, T, D) each
         q, k = rand(b, h, t, d), rand(b, h, t, d)
-        return [q, k, angles.cos().to(dtype), angles.sin().to(dtype)], [q, k]
+        return [q, k, cos, sin], [q, k], grads(q, k)
     rows, hidden = size
     weight = (torch.rand(hidden, device=DEVICE, dtype=dtype) + 0.5).requires_grad_(grad)
     x = rand(rows, hidden)
     if op == "rms_norm":
-        return [x, weight], [x, weight]
+        return [x, weight], [x, weight], grads(x)
     residual = rand(rows, hidden)
-    return [x, residual, weight], [x, residual, weight]
+    return [x, residual, weight], [x, residual, weight], grads(x, residual)
 
 
-def op_call(op: str, provider: str, size: tuple[int, ...], mode: str, dtype: torch.dtype) -> Callable[[], object]:
-    """A no-argument call of ``op`` in ``mode`` (forward, backward alone, or forward+backward).
+def _as_tuple(out) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
 
-    It cycles through enough input copies to pass the L2 cache. For ``backward`` the forward runs
-    here, once per copy, and each call is one ``autograd.grad`` over a retained graph.
+
+def _forward_backward(fn: Callable, args: list, wrt: list, grads: list) -> tuple[torch.Tensor, ...]:
+    return torch.autograd.grad(_as_tuple(fn(*args)), wrt, grads)
+
+
+def op_call(op: str, provider: str, size: tuple[int, ...], mode: str, dtype: torch.dtype) -> Rotation:
+    """Calls of ``op`` in ``mode`` (forward, backward alone, or forward+backward), one per input set.
+
+    There are enough input sets to pass the L2 cache (:func:`measure.input_sets`). For
+    ``backward`` the forward runs here, once per set, on the capture stream (a backward runs on
+    its forward's stream, and a graph records only the stream it captures), and each call is one
+    ``autograd.grad`` over a retained graph.
     """
     fn = op_fn(op, provider)
     grad = mode != "forward"
-    copies = max(1, min(64, math.ceil(L2_FLUSH_BYTES / bytes_moved(op, size, mode, dtype)))) if ON_GPU else 1
-
-    def as_tuple(out):
-        return out if isinstance(out, tuple) else (out,)
-
+    sets = [_inputs(op, provider, size, dtype, grad) for _ in range(input_sets(bytes_moved(op, size, mode, dtype)))]
     if mode == "forward":
-        sets = itertools.cycle([_inputs(op, size, dtype, False)[0] for _ in range(copies)])
-
-        @torch.no_grad()
-        def forward():
-            return fn(*next(sets))
-
-        return forward
+        return Rotation(functools.partial(fn, *args) for args, _, _ in sets)
     if mode == "forward+backward":
-        sets = itertools.cycle([_inputs(op, size, dtype, True) for _ in range(copies)])
-
-        def forward_backward():
-            args, wrt = next(sets)
-            outputs = as_tuple(fn(*args))
-            return torch.autograd.grad(outputs, wrt, [torch.ones_like(o) for o in outputs])
-
-        return forward_backward
-    graphs = []
-    for _ in range(copies):
-        args, wrt = _inputs(op, size, dtype, True)
-        outputs = as_tuple(fn(*args))
-        graphs.append((outputs, wrt, [torch.randn_like(o) for o in outputs]))
-    graph_cycle = itertools.cycle(graphs)
-
-    def backward():
-        outputs, wrt, grads = next(graph_cycle)
-        return torch.autograd.grad(outputs, wrt, grads, retain_graph=True)
-
-    return backward
+        return Rotation(functools.partial(_forward_backward, fn, args, wrt, grads) for args, wrt, grads in sets)
+    with on_capture_stream():
+        outputs = [_as_tuple(fn(*args)) for args, _, _ in sets]
+    return Rotation(
+        functools.partial(torch.autograd.grad, out, wrt, grads, retain_graph=True)
+        for out, (_, wrt, grads) in zip(outputs, sets)
+    )
 
 
 # ---------------------------------------------------------------- multi-exit cross-entropy
@@ -206,6 +203,8 @@ def ce_inputs(shape: tuple[int, int, int, int], dtype: torch.dtype) -> tuple[tor
 def ce_call(provider: str, hiddens: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> Callable[[], object]:
     """One forward + backward of the K-exit loss (every exit weighing 1) by ``provider``."""
     check_available(provider)
+    if provider == "cce" and hiddens.dtype == torch.float32:
+        raise Unavailable("Cut Cross-Entropy's backward takes bf16 or fp16 only")
     k, n, d = hiddens.shape
     exit_weights = [1.0] * k
     if provider == "matmuls":
@@ -213,9 +212,11 @@ def ce_call(provider: str, hiddens: torch.Tensor, weight: torch.Tensor, targets:
         grad_logits = torch.randn(k * n, weight.shape[0], device=DEVICE, dtype=hiddens.dtype)  # (K·N, V)
         w = weight.detach()
         return lambda: (flat @ w.T, grad_logits @ w, grad_logits.T @ flat)
-    if provider in ("eager", "compile", "lash"):
+    if provider in ("eager", "compile", "lash", "lash-compile"):
         if provider == "lash":
             loss_fn = multi_exit_cross_entropy
+        elif provider == "lash-compile":
+            loss_fn = compiled(multi_exit_cross_entropy, fullgraph=True)
         elif provider == "eager":
             loss_fn = multi_exit_cross_entropy_reference
         else:
@@ -235,6 +236,19 @@ def ce_call(provider: str, hiddens: torch.Tensor, weight: torch.Tensor, targets:
         return torch.autograd.grad(loss, [hiddens, weight])
 
     return per_exit_calls
+
+
+def ce_calls(provider: str, shape: tuple[int, int, int, int], dtype: torch.dtype) -> Rotation:
+    """:func:`ce_call` over enough input sets (:func:`ce_inputs`) that the inputs a round reads pass the L2.
+
+    Every provider reads the hiddens and the head; the bare matmuls also read the logits'
+    gradient (K·N·V elements), a set of its own per input set.
+    """
+    check_available(provider)
+    n, _, v, k = shape
+    grad_logits = k * n * v * torch.finfo(dtype).bits // 8 if provider == "matmuls" else 0
+    read = ce_memory_floor_bytes(shape, dtype) + grad_logits
+    return Rotation(ce_call(provider, *ce_inputs(shape, dtype)) for _ in range(input_sets(read)))
 
 
 def ce_memory_floor_bytes(shape: tuple[int, int, int, int], dtype: torch.dtype) -> int:

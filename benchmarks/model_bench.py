@@ -1,27 +1,23 @@
-"""Whole-model benchmarks: the seed training step, its host syncs, and early-exit inference.
+"""Whole-model benchmarks: the seed training step and early-exit inference.
 
 * :func:`train_step_call`: one optimizer step at the seed configuration (DESIGN.md: dim 64,
   4 layers, 4 heads, seq 32, batch 64, all exits supervised) for ``eager`` (the seed's reference
   model, :class:`lash.original.OriginalModel`, with ``F.cross_entropy`` on every exit's logits),
   ``lash`` (:class:`lash.DeepSupervisionTransformer` and ``Trainer.compute_loss``) or
   ``lash-compile`` (the same loss under ``torch.compile``), in fp32 or bf16 autocast.
-* :func:`host_syncs`: runs one such step under ``torch.cuda.set_sync_debug_mode("warn")``
-  after warm-up and lists every line that synchronised with the host.
 * :class:`RoutingConfig`, :func:`build`, :func:`threshold_for`: early-exit inference set-ups.
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from measure import DEVICE, ON_GPU, compiled, synchronize
+from measure import DEVICE, ON_GPU, compiled
 from lash import DeepSupervisionTransformer, Trainer, TrainingConfig
 from lash.original import OriginalModel
 
@@ -69,35 +65,6 @@ def train_step_call(provider: str, vocab: int, precision: str = "fp32", batch: i
         return loss
 
     return step
-
-
-def host_syncs(step: Callable[[], object], warmup: int = 3) -> list[str]:
-    """The places where ``step`` synchronises with the host, found after ``warmup`` calls.
-
-    One call runs under ``torch.cuda.set_sync_debug_mode("warn")``; every synchronising CUDA
-    operation (``.item()``, ``bool(tensor)``, a device-to-host copy, ``nonzero`` …) then warns from
-    the Python line that issued it.
-
-    Returns:
-        The distinct ``dir/file:line`` places, in the order first hit; empty when there were none.
-    """
-    for _ in range(warmup):
-        step()
-    synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    synchronize()
-    places = [
-        f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}"
-        for w in caught
-        if "called a synchronizing" in str(w.message)  # not the "prototype feature" notice
-    ]
-    return list(dict.fromkeys(places))
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 Providers × modes × sizes, from the seed's 2048 rows × 64 hidden to LLM sizes on a GPU, each
 timed forward and backward alone (the backward over a retained graph). Each result carries its
-bandwidth in GB/s and that as a fraction of the copy bandwidth measured in the same session, the
-ceiling of DESIGN.md's bars (≥ 0.85 forward, ≥ 0.70 backward); the ``lash`` cases record
+bandwidth in GB/s and that as a fraction of a copy of the same bytes timed in the same test, the
+ceiling of DESIGN.md's bars (≥ 0.90 forward, ≥ 0.80 backward); the ``lash`` cases record
 ``speedup_vs_eager`` / ``speedup_vs_liger`` (bar: ≥ 1 against Liger). On the CPU only small
 sizes run, with the torch backend (``measure.py`` sets ``LASH_KERNELS=torch``).
 

@@ -35,17 +35,47 @@ def test_dry_run_writes_the_bars_table(tmp_path):
     bars = " ".join(row["bar"] for row in rows)
     for subject in ("tests -m gpu", "ceiling: device copy bandwidth", "ceiling: dense matmul", "seed train step",
                     "no host sync", "multi-exit CE", "rms_norm forward", "rms_norm backward", "add_rms_norm backward",
-                    "RoPE forward+backward", "early exit", "Liger", "torch.compile / lash"):
+                    "RoPE forward+backward", "early exit", "Liger", "torch.compile / lash",
+                    "same-size copy / lash time", "lash / bare head matmuls", "CCE per exit / lash", "lash peak memory",
+                    "fullgraph=True", "host time per eager call: rms_norm forward",
+                    "host time per eager call: apply_rotary forward+backward",
+                    "host time per eager call: multi-exit CE forward+backward"):
         assert subject in bars, subject
+    norm = result["measurements"]["rms_norm backward 256×128 float32"]
+    assert norm["bytes_moved"] == 3 * 256 * 128 * 4 and "MiB moved" in markdown
+    assert {"copy_s", "copy_spread", "lash_s", "lash_spread", "lash_times_s", "lash_method"} <= set(norm)
+    assert len(norm["lash_times_s"]) >= 5 and "spread over" in markdown
     for row in rows:
         assert row["bar"] in markdown
         if row["status"] == "SKIPPED":
             assert row["note"], row  # every skip says why
 
 
+def test_a_second_run_of_the_kernel_rows_is_compared_with_the_first(tmp_path):
+    first = _run("--dry-run", "--only", "kernels", "--out", str(tmp_path / "first"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    earlier = tmp_path / "first" / "gpu_suite.json"
+    second = _run("--dry-run", "--only", "kernels", "--out", str(tmp_path / "second"), "--compare", str(earlier))
+    assert second.returncode == 0, second.stderr[-2000:]
+    result = json.loads((tmp_path / "second" / "gpu_suite.json").read_text())
+    bars = [row["bar"] for row in result["rows"]]
+    assert not [bar for bar in bars if "multi-exit" in bar or "host time" in bar or "seed" in bar]  # kernels only
+    measured = [name for name, record in result["measurements"].items() if "ratios" in record]
+    assert len(measured) == 5  # rms_norm and add_rms_norm forward and backward, RoPE
+    compared = [row for row in result["rows"] if "difference from the earlier run" in row["bar"]]
+    assert len(compared) == len(measured)
+    assert all(row["status"] == "DRY" and row["measured"].endswith("%") and str(earlier) in row["note"]
+               for row in compared), compared
+
+
 @pytest.mark.parametrize(
     "args, words",
-    [(["--dry-run", "--out", str(SUITE)], ["--out", str(SUITE)]), (["--out", "x", "--rounds", "3"], ["--rounds", "3"])],
+    [
+        (["--dry-run", "--out", str(SUITE)], ["--out", str(SUITE)]),
+        (["--out", "x", "--rounds", "3"], ["--rounds", "3"]),
+        (["--dry-run", "--out", "x", "--compare", "no-such.json"], ["--compare", "no-such.json"]),
+        (["--dry-run", "--out", "x", "--only", "loss"], ["--only", "loss"]),
+    ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(args, words):
     done = _run(*args)
@@ -56,15 +86,21 @@ def test_bad_input_is_one_line_and_exit_code_2(args, words):
 def test_judged_rows_pass_and_fail_in_the_table():
     """What a dry run cannot show: rows judged against their targets, as a GPU run writes them."""
     code = """
-import sys
+import json, pathlib, sys, tempfile
 sys.path.insert(0, "benchmarks")
-import gpu_suite
-suite = gpu_suite.Suite(dry=False, quick=False)
-gpu_suite._ratio_row(suite, "fast", 4.0, 1.0, ">= 3x", lambda r: r >= 3)
-gpu_suite._ratio_row(suite, "slow", 2.0, 1.0, ">= 3x", lambda r: r >= 3)
-gpu_suite._ratio_row(suite, "absent", "skipped: liger_kernel is not importable", 1.0, ">= 1.5x", lambda r: r >= 1.5)
-gpu_suite._ratio_row(suite, "broken", 1.0, "error: ValueError: bad", ">= 2x", lambda r: r >= 2)
-print(gpu_suite.markdown({"device": "d", "torch": "t", "date": "today"}, suite.rows, dry=False, quick=False, seconds=1))
+import gpu_suite, suite_rows
+suite = suite_rows.Suite(dry=False, quick=False)
+suite_rows.ratio_row(suite, "fast", 4.0, 1.0, ">= 3x", lambda r: r >= 3)
+suite_rows.ratio_row(suite, "slow", 2.0, 1.0, ">= 3x", lambda r: r >= 3)
+suite_rows.ratio_row(suite, "absent", "skipped: liger_kernel is not importable", 1.0, ">= 1.5x", lambda r: r >= 1.5)
+suite_rows.ratio_row(suite, "broken", 1.0, "error: ValueError: bad", ">= 2x", lambda r: r >= 2)
+suite.measurements = {"steady": {"ratios": {"copy": 0.95, "liger": None}},
+                      "moved": {"ratios": {"copy": 0.7, "liger": 1.2}}, "new": {"ratios": {"copy": 0.9}}}
+earlier = pathlib.Path(tempfile.mkdtemp()) / "gpu_suite.json"
+earlier.write_text(json.dumps({"measurements": {"steady": {"ratios": {"copy": 1.0, "liger": 1.1}},
+                                                "moved": {"ratios": {"copy": 0.9, "liger": 1.2}}}}))
+gpu_suite.rerun_agreement(suite, earlier)
+print(suite_rows.markdown({"device": "d", "torch": "t", "date": "today"}, suite.rows, "full", seconds=1))
 """
     env = {k: v for k, v in os.environ.items() if k != "LASH_KERNELS"}
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -74,3 +110,6 @@ print(gpu_suite.markdown({"device": "d", "torch": "t", "date": "today"}, suite.r
     assert "| absent | – | >= 1.5x | SKIPPED | liger_kernel is not importable |" in table
     assert "| broken | – | >= 2x | ERROR | ValueError: bad |" in table
     assert "carry them as wheels" in table
+    assert "| steady: difference from the earlier run | 5% | ≤ 10% | PASS |" in table
+    assert "| moved: difference from the earlier run | 22.2% | ≤ 10% | FAIL |" in table  # (0.9 - 0.7) / 0.9
+    assert "| new: difference from the earlier run | – | ≤ 10% | SKIPPED |" in table
