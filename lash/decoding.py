@@ -22,7 +22,8 @@ Modes:
 
   The prompt is prefilled by every layer, not routed. With several rows, each row exits on its
   own confidence and a step goes deep when any row does not exit, carrying every row's pending
-  tokens (under ``"propagate"``, an exited row keeps its exit state in that step's deep layers); ``exit_rule="batch"`` instead lets a step exit only when every row is confident, so
+  tokens (under ``"propagate"``, an exited row keeps its exit state in that step's deep
+  layers); ``exit_rule="batch"`` instead lets a step exit only when every row is confident, so
   that a step that goes deep answers every row from the last layer (same cost, never a worse
   answer). Pending tokens are filled at the latest every :data:`MAX_PENDING` tokens, so a deep
   call has at most ``MAX_PENDING + 1`` rows.
