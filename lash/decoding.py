@@ -32,6 +32,9 @@ Modes:
   call over their exit-layer states; the longest agreeing prefix is kept, plus the full model's
   own next token. Sampling follows the speculative-sampling rule (Leviathan et al., 2023), so
   the output follows the full model's distribution; greedy output equals plain greedy output.
+  Each row keeps its own prefix: a row that kept fewer drafts than another leaves its rejected
+  ones as holes in the cache, which attention skips (where a sliding window counts cache
+  columns, :attr:`Parts.holes` is false and the batch keeps the shortest prefix any row kept).
 
 Host reads: the device decides everything it can; the host reads back at most one small tensor
 per generated token (early exit: whether the step goes deep and which rows have stopped;
@@ -64,6 +67,9 @@ class Parts(Protocol):
     """What the engine needs of a model. Layers are 0-based here; slots are cache columns."""
 
     num_layers: int
+    # Whether cache columns may be left invalid mid-row (speculative decoding's per-row holes):
+    # attention must read columns by validity alone; a sliding window that counts columns may not.
+    holes: bool
 
     def new_cache(self, batch: int, slots: int) -> Any:
         """An empty cache for ``batch`` rows and ``slots`` columns."""
@@ -155,34 +161,37 @@ class _Record:
 
     def __init__(self, tokens: torch.Tensor, start: int, stop: Stop) -> None:
         self.tokens, self.start, self.length, self.stop = tokens, start, start, stop  # (B, S); columns filled
+        self.generated = 0  # tokens every row has (the fewest any row has, when rows differ)
         self.done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)  # (B,) an EOS came
-        self.exited = self.layer_evals = self.drafted = self.accepted = 0  # exited: summed over rows
+        # Summed over rows; device tensors where a step adds them, read once at the end.
+        self.exited = self.layer_evals = self.drafted = self.accepted = 0
 
     def add(self, new: torch.Tensor) -> None:
-        """Append ``(B,)`` or ``(B, m)`` tokens (on the device: no host read)."""
+        """Append ``(B,)`` or ``(B, m)`` tokens to every row (on the device: no host read)."""
         new = new.reshape(new.shape[0], -1)
         self.tokens[:, self.length : self.length + new.shape[1]] = new
         self.length += new.shape[1]
+        self.generated += new.shape[1]
         if self.stop.eos is not None:
             self.done |= torch.isin(new, self.stop.eos).any(dim=1)
-
-    @property
-    def generated(self) -> int:
-        return self.length - self.start
 
     @property
     def more(self) -> bool:
         """Whether to generate another token: not at ``max_new_tokens`` (no host read)."""
         return self.generated < self.stop.max_new_tokens
 
-    def finish(self) -> torch.Tensor:
-        """The prompts and generated tokens, cut to ``max_new_tokens``; with an EOS, each row
-        padded after its first one and the output ended once every row has one, as ``generate`` does."""
+    def finish(self, valid: torch.Tensor) -> torch.Tensor:
+        """The prompts and generated tokens, cut to ``max_new_tokens``; each row's tokens are the
+        columns ``valid`` (B, S) keeps (speculative decoding leaves rejected drafts as holes).
+        With an EOS, each row is padded after its first one and the output ends once every row
+        has one, as ``generate`` does."""
         start, stop = self.start, self.stop
-        out = self.tokens[:, : min(self.length, start + stop.max_new_tokens)]
+        holes = ~valid[:, start : self.length]
+        order = torch.sort(holes.to(torch.uint8), dim=1, stable=True).indices  # each row's tokens first, in order
+        new = self.tokens[:, start : self.length].gather(1, order)[:, : stop.max_new_tokens]
+        out = torch.cat((self.tokens[:, :start], new), dim=1)
         if stop.eos is None:
             return out
-        new = out[:, start:]
         n = new.shape[1]
         first = torch.where(torch.isin(new, stop.eos), torch.arange(1, n + 1, device=out.device), n + 1).amin(dim=1)
         after = torch.arange(1, n + 1, device=out.device) > first.unsqueeze(1)  # (B, n)
@@ -192,11 +201,12 @@ class _Record:
     def stats(self, num_layers: int, exit_layer: int | None) -> dict[str, float]:
         generated = min(self.generated, self.stop.max_new_tokens)
         shallow = int(self.exited) / (generated * self.tokens.shape[0]) if generated else 0.0
+        drafted = int(self.drafted)
         return {
             "shallow_ratio": shallow,
             "compute_cost": compute_cost(shallow, exit_layer, num_layers) if exit_layer else 1.0,
             "executed_layer_ratio": self.layer_evals / (generated * num_layers) if generated else 0.0,
-            "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+            "acceptance_rate": int(self.accepted) / drafted if drafted else 0.0,
         }
 
 
@@ -248,18 +258,19 @@ def _early_exit(
 
 
 def _accepted(drafts, draft_probs, verify_probs, sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
-    """How many drafts every row keeps, and each row's next token after them (on the device).
+    """How many drafts each row keeps, and each row's next token after them (on the device).
 
-    Speculative sampling: row ``b`` keeps draft ``i`` with probability ``min(1, p_i(d)/q_i(d))``;
-    at its first rejection it draws from ``norm(max(p_i - q_i, 0))``. The batch keeps the
-    fewest drafts any row kept (``m``); a row that accepted draft ``m`` too takes it as its next
-    token, which is still a draw from the full model, so every row stays exact.
+    Speculative sampling, row by row: row ``b`` keeps draft ``i`` with probability
+    ``min(1, p_i(d)/q_i(d))``; at its first rejection it draws from ``norm(max(p_i - q_i, 0))``,
+    after keeping all ``k`` from the full model's ``p_k``. Every row's tokens are then draws from
+    the full model (Leviathan et al., 2023); greedy, it keeps the drafts that equal the full
+    model's argmax and then takes that argmax.
 
     Args:
         drafts: ``(B, k)``; ``draft_probs``: ``(B, k, V)``; ``verify_probs``: ``(B, k+1, V)``.
 
     Returns:
-        ``m`` as a 0-d tensor and the ``(B,)`` token at the first position after the kept drafts.
+        ``(B,)`` drafts kept per row and the ``(B,)`` token after them.
     """
     B, k = drafts.shape
     p = verify_probs[:, :k].gather(2, drafts.unsqueeze(2)).squeeze(2)  # (B, k)
@@ -269,23 +280,25 @@ def _accepted(drafts, draft_probs, verify_probs, sampler: Sampler) -> tuple[torc
     else:
         keep = torch.rand(p.shape, generator=sampler.generator, device=p.device) * q < p
     kept = keep.long().cumprod(dim=1).sum(dim=1)  # (B,) per-row accepted prefix length
-    m = kept.min()
-    at_m = m.view(1, 1, 1).expand(B, 1, verify_probs.shape[-1])  # gather index: no host read of m
-    p_m = verify_probs.gather(1, at_m)[:, 0]  # (B, V): the full model after the kept drafts
-    q_m = torch.cat((draft_probs, torch.zeros_like(draft_probs[:, :1])), dim=1).gather(1, at_m)[:, 0]  # 0 after the last
+    at = kept.view(B, 1, 1).expand(B, 1, verify_probs.shape[-1])
+    p_m = verify_probs.gather(1, at)[:, 0]  # (B, V): the full model after each row's kept drafts
+    q_m = torch.cat((draft_probs, torch.zeros_like(draft_probs[:, :1])), dim=1).gather(1, at)[:, 0]  # 0 after the last
     residual = (p_m - q_m).clamp_min(0)
-    # Rows that kept draft m may have p == q there (no residual mass); they take the draft anyway.
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_m)
-    correction = sampler.draw(residual / residual.sum(-1, keepdim=True))
-    padded = torch.cat((drafts, drafts[:, :1]), dim=1)  # (B, k+1): index m exists even when m == k
-    return m, torch.where(kept > m, padded.gather(1, m.view(1, 1).expand(B, 1))[:, 0], correction)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_m)  # rounding may leave no mass
+    return kept, sampler.draw(residual / residual.sum(-1, keepdim=True))
 
 
 def _speculative(parts: Parts, state: DecodeState, record: _Record, sampler: Sampler, exit_layer: int, draft_tokens: int) -> None:
+    """Draft, verify, keep. Each row keeps its own accepted prefix: a step writes the drafts at
+    the same columns in every row and moves on past the longest prefix any row kept (``M``);
+    a row that kept fewer leaves its rejected drafts there as holes (invalid columns, which
+    attention skips and the output drops) and continues at its own positions. A row that has
+    ``max_new_tokens`` tokens keeps nothing more, so its positions stop growing."""
     shallow, deep = range(exit_layer), range(exit_layer, parts.num_layers)
-    col, stop = record.start, record.stop  # col: the newest token's column, not yet cached
-    device = record.tokens.device
+    col, stop = record.start, record.stop  # col: every row's newest token's column, not yet cached
+    B, device = record.tokens.shape[0], record.tokens.device
     steps = torch.arange(draft_tokens + 1, device=device)
+    generated = torch.full((B,), record.generated, device=device)  # per row
     while record.more:
         k = min(draft_tokens, stop.max_new_tokens - record.generated)
         x, states, drafts, draft_probs = record.tokens[:, col : col + 1], [], [], []
@@ -298,20 +311,37 @@ def _speculative(parts: Parts, state: DecodeState, record: _Record, sampler: Sam
                 drafts.append(x)
         out = parts.run(torch.cat(states, dim=1), col, state.positions[:, col : col + k + 1], deep, state)
         verify = sampler.probabilities(parts.head(out))  # (B, k+1, V)
-        drafted = torch.cat(drafts, dim=1) if k else record.tokens.new_empty(record.tokens.shape[0], 0)  # (B, k)
+        drafted = torch.cat(drafts, dim=1) if k else record.tokens.new_empty(B, 0)  # (B, k)
         if k:
-            m, nxt = _accepted(drafted, torch.stack(draft_probs, dim=1), verify, sampler)
+            kept, nxt = _accepted(drafted, torch.stack(draft_probs, dim=1), verify, sampler)
         else:
-            m, nxt = torch.zeros((), dtype=torch.long, device=device), sampler.draw(verify[:, 0])
-        kept = torch.where(steps[: k + 1] == m, nxt[:, None], torch.cat((drafted, nxt[:, None]), dim=1))  # (B, k+1)
+            kept, nxt = torch.zeros(B, dtype=torch.long, device=device), sampler.draw(verify[:, 0])
+        if not parts.holes:  # one prefix for the batch, the fewest kept: a row that kept more takes its next draft
+            fewest_kept = kept.min()
+            after = torch.cat((drafted, nxt[:, None]), dim=1).gather(1, fewest_kept.view(1, 1).expand(B, 1))[:, 0]
+            nxt, kept = torch.where(kept > fewest_kept, after, nxt), fewest_kept.expand(B)
+        active = generated < stop.max_new_tokens  # (B,) rows still taking tokens
+        kept = torch.where(active, kept, 0)
+        gained = torch.where(active, kept + 1, 0)  # the kept drafts and the next token
+        fresh = torch.where(steps[: k + 1] == kept[:, None], nxt[:, None], torch.cat((drafted, nxt[:, None]), dim=1))
         done = record.done
         if stop.eos is not None:
-            done = done | (torch.isin(kept, stop.eos) & (steps[: k + 1] <= m)).any(dim=1)
-        m, all_done = divmod(int(2 * m + done.all()), 2)  # the one host read of the iteration
-        record.add(kept[:, : m + 1])
+            done = done | (torch.isin(fresh, stop.eos) & (steps[: k + 1] < gained[:, None])).any(dim=1)
+        generated = generated + gained
+        # The one host read of the iteration: the longest kept prefix, the fewest tokens a row has, all stopped.
+        packed = int((generated.min() * (draft_tokens + 1) + kept.max()) * 2 + done.all())
+        packed, all_done = divmod(packed, 2)
+        fewest, m = divmod(packed, draft_tokens + 1)
+        record.tokens[:, col + 1 : col + m + 1] = drafted[:, :m]
+        record.tokens[:, col + m + 1] = nxt
+        state.valid[:, col + 1 : col + m + 1] &= steps[1 : m + 1] <= kept[:, None]  # rejected drafts: holes
+        state.valid[:, col + m + 1] = active  # a row with all its tokens adds no more
+        ahead = torch.arange(state.positions.shape[1] - col - m - 1, device=device)
+        state.positions[:, col + m + 1 :] = (state.positions[:, col] + gained)[:, None] + ahead  # each row's own
+        record.length, record.generated, record.done = col + m + 2, fewest, done
         parts.keep(state, col + m + 1)
         record.layer_evals += (k + 1) * parts.num_layers
-        record.drafted, record.accepted = record.drafted + k, record.accepted + m
+        record.drafted, record.accepted = record.drafted + k * active.sum(), record.accepted + kept.sum()
         col += m + 1
         if stop.eos is not None and all_done:
             return
@@ -344,7 +374,9 @@ def decode(
     """
     B, T0 = input_ids.shape
     device = input_ids.device
-    room = stop.max_new_tokens + (draft_tokens if mode == "speculative" else 0)
+    room = stop.max_new_tokens
+    if mode == "speculative":  # one row alone never leaves holes; several may, up to k per token
+        room = (stop.max_new_tokens * (draft_tokens + 1) if B > 1 and parts.holes else stop.max_new_tokens) + draft_tokens
     valid = torch.cat((attention_mask.bool(), attention_mask.new_ones(B, room, dtype=torch.bool)), dim=1)  # (B, S)
     positions = (valid.long().cumsum(-1) - 1).clamp_min(0)  # (B, S): each row counts from its first token
     state = DecodeState(parts.new_cache(B, T0 + room), valid, positions)
@@ -363,4 +395,4 @@ def decode(
         _early_exit(parts, state, record, sampler, exit_layer, routing_threshold, deep_fill, exit_rule)
     else:
         _speculative(parts, state, record, sampler, exit_layer, draft_tokens)
-    return record.finish(), record.stats(parts.num_layers, exit_for_stats)
+    return record.finish(state.valid), record.stats(parts.num_layers, exit_for_stats)

@@ -36,6 +36,8 @@ class LashParts:
         model: a :class:`lash.models.StandardTransformer` (or subclass), in eval mode.
     """
 
+    holes = True  # attention reads the cache's columns by validity alone
+
     def __init__(self, model: DeepSupervisionTransformer) -> None:
         self.model, self.num_layers = model, model.num_layers
 

@@ -52,6 +52,10 @@ class HFParts:
     def __init__(self, model: nn.Module) -> None:
         self.model, self.parts = model, _parts(model)
         self.num_layers = len(self.parts.layers)
+        from transformers import DynamicCache
+
+        # A sliding window counts cache columns, so a row with holes would see fewer tokens in it.
+        self.holes = not any(DynamicCache(config=model.config).is_sliding)
 
     def new_cache(self, batch: int, slots: int):
         from transformers import DynamicCache

@@ -234,3 +234,16 @@ def test_eos_stops_rows_and_pads_them(mode):
         stop = next((i for i, t in enumerate(new) if t in eos), None)
         want = new if stop is None else new[: stop + 1] + [V - 1] * (len(new) - stop - 1)
         assert out[row, PROMPT:].tolist() == want[: out.shape[1] - PROMPT], (row, mode)
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 3])
+def test_each_row_keeps_its_own_drafts(draft_tokens):
+    """At batch > 1 one row's rejection does not cut the others' drafts: the batch accepts about
+    what its rows accept alone, not the fewest any row keeps (the runs differ only in the last
+    steps, where the drafts are capped by the row with the fewest tokens)."""
+    model, x = make_model(deep_scale=0.1), prompts(3)
+    rate = generate(model, x, 30, speculative=True, draft_tokens=draft_tokens, return_stats=True)[1]["acceptance_rate"]
+    alone = [generate(model, x[i : i + 1], 30, speculative=True, draft_tokens=draft_tokens, return_stats=True)[1]
+             ["acceptance_rate"] for i in range(3)]  # fmt: skip
+    assert min(alone) < max(alone)  # the rows differ
+    assert rate > min(alone) and rate == pytest.approx(sum(alone) / 3, abs=0.1)
