@@ -55,14 +55,16 @@ class LashParts:
     def run(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState,
             frozen: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         cache: StaticCache = state.cache
-        slots = torch.arange(start, start + h.shape[1], device=h.device)  # (n,)
-        columns = torch.arange(state.valid.shape[1], device=h.device)  # (S,)
-        allowed = (columns <= slots[:, None]) & state.valid[:, None, :]  # (B, n, S): valid columns up to its own
-        mask = additive_mask(allowed.unsqueeze(1), h.dtype)  # (B, 1, n, S), shared by the layers
+        end = start + h.shape[1]  # the columns after this call: attention reads no further
+        slots = torch.arange(start, end, device=h.device)  # (n,)
+        columns = torch.arange(end, device=h.device)  # (end,)
+        allowed = (columns <= slots[:, None]) & state.valid[:, None, :end]  # (B, n, end): valid columns up to its own
+        mask = additive_mask(allowed.unsqueeze(1), h.dtype)  # (B, 1, n, end), shared by the layers
         where = slots.expand(h.shape[0], -1)  # (B, n): every row writes the same columns
         start_h = h
         for i in layers:
-            h = self.model.layers[i](h, positions, LayerCache(cache.keys[i], cache.values[i], where, mask))
+            layer_cache = LayerCache(cache.keys[i][:, :, :end], cache.values[i][:, :, :end], where, mask)
+            h = self.model.layers[i](h, positions, layer_cache)
             if frozen is not None:
                 h = torch.where(frozen[..., None], start_h, h)
         return h
