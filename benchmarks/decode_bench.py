@@ -10,7 +10,8 @@ KV-cache bytes a token must read under plain decoding over those it must read un
 (exited tokens read the first ``exit_layer`` layers and the head; a step that goes deep reads the
 deep layers once for all its rows), and the achieved fraction of it. Early exit runs at the
 thresholds that make about 50/70/90% of the tokens exit (quantiles of the exit-layer confidence
-on held-out text), self-speculative decoding with 2/4/6 drafts.
+on held-out text), rows exiting independently; at batch > 1 also at ~70% with the batch rule
+(a step exits only when every row may); self-speculative decoding with 2/4/6 drafts.
 
 On CUDA it adds a Hugging Face Llama of about 1B parameters built from a config (random bf16
 weights, so plain and early-exit speed only) against ``model.generate`` with a static cache.
@@ -126,6 +127,8 @@ def run(args) -> list[dict]:
     for batch in args.batches:
         prompt = val[:batch, : args.prompt].to(DEVICE)
         modes = [("plain", {})] + [(f"early exit ~{share:.0%}", {"routing_threshold": t}) for share, t in levels.items()]
+        if batch > 1:  # the whole batch exits only when every row is confident
+            modes += [("early exit ~70%, batch rule", {"routing_threshold": levels[0.7], "exit_rule": "batch"})]
         modes += [(f"speculative, {k} drafts", {"speculative": True, "draft_tokens": k}) for k in (2, 4, 6)]
         plain_time = None
         for name, kwargs in modes:
@@ -183,7 +186,7 @@ def transformers_parts(model):
 
 def _line(row: dict) -> str:
     ideal = f" | bytes ideal {row['bytes_ideal']:.2f}×, reached {row['of_bytes_ideal']:.2f}" if "bytes_ideal" in row else ""
-    return (f"batch {row['batch']:>2} {row['mode']:<22} {row['tokens_per_s']:8.1f} tok/s  {row['speedup_vs_plain']:.2f}× plain"
+    return (f"batch {row['batch']:>2} {row['mode']:<27} {row['tokens_per_s']:8.1f} tok/s  {row['speedup_vs_plain']:.2f}× plain"
             f" | shallow {row['shallow_ratio']:.0%} acceptance {row['acceptance_rate']:.0%} layers {row['executed_layer_ratio']:.2f}{ideal}")
 
 
