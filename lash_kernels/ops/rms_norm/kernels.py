@@ -416,10 +416,13 @@ def _setup_rms_norm(ctx, inputs, output) -> None:
     _, rstd = output
     ctx.mark_non_differentiable(rstd)
     ctx.save_for_backward(x, weight, rstd)
+    # An unused output's gradient arrives as None, not as a zero tensor autograd fills in a kernel.
+    ctx.set_materialize_grads(False)
 
 
 def _rms_norm_grad(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
+    dy = torch.zeros_like(x) if dy is None else dy
     dx, dweight = call_op(_rms_norm_backward_op, _backward, dy, None, x, weight, rstd)
     return dx.to(x.dtype), dweight, None
 
@@ -430,10 +433,13 @@ def _setup_add_rms_norm(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(rstd)
     ctx.save_for_backward(s, weight, rstd)
     ctx.dtypes = (x.dtype, residual.dtype)
+    # Post-norm blocks never use s: its gradient arrives as None rather than as zeros.
+    ctx.set_materialize_grads(False)
 
 
 def _add_rms_norm_grad(ctx, dy, ds_out, _drstd):
     s, weight, rstd = ctx.saved_tensors
+    dy = torch.zeros_like(s) if dy is None else dy  # only s used: rare
     ds, dweight = call_op(_rms_norm_backward_op, _backward, dy, ds_out, s, weight, rstd)
     x_dtype, residual_dtype = ctx.dtypes
     # The add passes its gradient through unchanged: dx and dresidual are the same tensor,
