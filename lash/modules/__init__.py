@@ -19,11 +19,12 @@ from lash.modules.transformer import TransformerBlock
 
 @contextlib.contextmanager
 def inference_weights(model: nn.Module) -> Iterator[None]:
-    """For the duration, every block projects q, k, v with one GEMM and gate and value with another.
+    """For the duration, every block's stacked q/k/v and gate/value weights are built once, not per call.
 
-    The stacked weights are built once on entry (one read and one write of those weights) and
-    dropped on exit, so the parameters, the state dict and training are untouched; the weights
-    must not change inside. Decoding and early exit run under it.
+    A block projects q, k, v with one GEMM and gate and value with another, over weights it
+    stacks on every call (so training's gradients reach each parameter). Here they are stacked
+    once on entry and dropped on exit, so the parameters, the state dict and training are
+    untouched; the weights must not change inside. Decoding and early exit run under it.
     """
     blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
     with torch.no_grad():

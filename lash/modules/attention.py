@@ -102,8 +102,9 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
         self.rope = RotaryPositionalEmbedding(self.head_dim, max_seq_len)
-        # [Wq; Wk; Wv] as one (3·D, D) tensor while inference runs (lash.modules.inference_weights):
-        # one GEMM instead of three. Not a parameter: training keeps the three it has.
+        # q, k and v come from one GEMM over [Wq; Wk; Wv] (3·D, D): stacked per call in training
+        # (the gradients reach the three parameters through the cat), and kept here while
+        # inference runs (lash.modules.inference_weights), so decoding does not stack per token.
         self.qkv_weight: torch.Tensor | None = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -129,10 +130,10 @@ class MultiHeadAttention(nn.Module):
                 ``None``: the tokens attend causally among themselves.
         """
         B, T, D = x.shape
-        if self.qkv_weight is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, D) each
-        else:
-            q, k, v = F.linear(x, self.qkv_weight).split(D, dim=-1)
+        weight = self.qkv_weight
+        if weight is None:
+            weight = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))  # (3D, D)
+        q, k, v = F.linear(x, weight).split(D, dim=-1)  # (B, T, D) each
         q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)  # (B, nh, T, hs)
         q, k = self.rope(q, k, positions)
         if cache is None:

@@ -21,12 +21,13 @@ class GatedLinearUnit(nn.Module):
         self.w1 = nn.Linear(dim, ffn_dim, bias=False)  # gate
         self.w2 = nn.Linear(ffn_dim, dim, bias=False)  # down projection
         self.w3 = nn.Linear(dim, ffn_dim, bias=False)  # value
-        # [W1; W3] as one (2·F, D) tensor while inference runs (lash.modules.inference_weights).
+        # Gate and value from one GEMM over [W1; W3] (2·F, D): stacked per call in training, kept
+        # here while inference runs (lash.modules.inference_weights).
         self.w13_weight: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w13_weight is None:
-            gate, value = self.w1(x), self.w3(x)
-        else:
-            gate, value = F.linear(x, self.w13_weight).chunk(2, dim=-1)
+        weight = self.w13_weight
+        if weight is None:
+            weight = torch.cat((self.w1.weight, self.w3.weight))  # (2F, D)
+        gate, value = F.linear(x, weight).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * value)  # (B, T, D)
