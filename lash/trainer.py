@@ -34,6 +34,7 @@ from lash.optim import create_optimizer
 from lash.parallel import DISTRIBUTED, PRECISIONS
 from lash.progress import log_progress
 from lash.validation import check_device, check_int, check_optional_int, check_real, check_token_ids
+from lash_kernels import values_checked
 from lash_kernels.ops.multi_exit_ce.reference import check_token_weights
 
 # Steps between host syncs that check the loss is finite and refresh the progress bar: a sync
@@ -101,7 +102,9 @@ def _checked_batch(batch: tuple[torch.Tensor, ...], vocab_size: int, ignore_inde
     """``(x, y)`` or ``(x, y, w)`` (``w``: per-token loss weights shaped like ``y``) checked, then moved to ``device``.
 
     Checked before the copy: a bad id or weight is a ValueError, never a device-side assert, and
-    reading CPU tensors costs the device no sync (inside a compiled graph no check runs).
+    reading CPU tensors costs the device no sync (inside a compiled graph no check runs). The step
+    then runs inside ``values_checked()``, so the model and the loss do not check them again (on
+    a GPU that would be device work in every step).
     """
     if len(batch) not in (2, 3):
         raise ValueError(f"a training batch must be (x, y) or (x, y, w); got {len(batch)} tensors")
@@ -423,7 +426,7 @@ class Trainer:
             accumulated += 1
             sync = accumulated == self.grad_accum_steps
             no_sync = getattr(runner, "no_sync", None)
-            with contextlib.nullcontext() if sync or no_sync is None else no_sync(), self._autocast():
+            with contextlib.nullcontext() if sync or no_sync is None else no_sync(), self._autocast(), values_checked():
                 loss = parallel.scale_for_ranks(runner(x, y, *w), y, self.ignore_index, self.world_size, *w)
             self.scaler.scale(loss / self.grad_accum_steps).backward()
             losses.append(loss.detach())

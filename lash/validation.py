@@ -8,6 +8,8 @@ from numbers import Integral, Real
 
 import torch
 
+from lash_kernels.ops.multi_exit_ce.reference import values_need_checking
+
 
 def check_int(name: str, value: object, low: int) -> None:
     """Raise ``ValueError`` unless ``value`` is an int (not a bool) >= ``low``."""
@@ -85,13 +87,16 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int, name: str = "token id", 
     On the CPU the check reads the ids directly. On a GPU reading them back would stall the step
     until the device catches up (a host sync), so there the check is ``torch._assert_async``,
     which fails the next synchronising call with this message; the Trainer checks its batches
-    on the CPU before moving them, so training gets the ``ValueError``. Skipped while
+    on the CPU before moving them, so training gets the ``ValueError``, and runs its step inside
+    :func:`lash_kernels.values_checked`, where the values are not checked again. Skipped while
     ``torch.compile`` traces, where it would break the graph.
     """
     if torch.compiler.is_compiling():
         return
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise ValueError(f"{name}s must be an integer tensor (torch.long), got dtype {ids.dtype}")
+    if not values_need_checking():  # the caller checked them (lash_kernels.values_checked)
+        return
     bad = (ids < 0) | (ids >= vocab_size)
     if ignore_index is not None:
         bad &= ids != ignore_index

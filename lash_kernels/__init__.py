@@ -10,6 +10,7 @@ from lash_kernels.ops.multi_exit_ce import (
     multi_exit_cross_entropy,
     multi_exit_cross_entropy_reference,
 )
+from lash_kernels.ops.multi_exit_ce.reference import values_checked
 from lash_kernels.ops.rms_norm import RMSNorm, add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from lash_kernels.ops.rotary import apply_rotary, apply_rotary_reference
 
@@ -25,4 +26,5 @@ __all__ = [
     "multi_exit_cross_entropy_reference",
     "rms_norm",
     "rms_norm_reference",
+    "values_checked",
 ]

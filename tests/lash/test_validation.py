@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lash.validation import check_bool, check_device, check_index, check_int, check_optional_int, check_real, check_token_ids
+from lash_kernels import multi_exit_cross_entropy, values_checked
 
 
 @pytest.mark.parametrize("value", [0, -3, 1.0, True, "2", None])
@@ -51,3 +52,17 @@ def test_check_index_range(value):
     with pytest.raises(ValueError, match=rf"^layer={value!r} is outside \[1, 3\] \(why\)$"):
         check_index("layer", value, 1, 3, " (why)")
     assert check_index("layer", 3, 1, 3) == 3
+
+
+def test_values_checked_skips_value_checks_but_not_shapes_or_dtypes():
+    ids = torch.tensor([[1, 99]])
+    with pytest.raises(ValueError, match="token id 99 is outside"):
+        check_token_ids(ids, 10)
+    with values_checked():
+        check_token_ids(ids, 10)  # the caller vouches for the values
+        with pytest.raises(ValueError, match="integer tensor"):
+            check_token_ids(ids.float(), 10)
+        with pytest.raises(ValueError, match="targets must have shape"):
+            multi_exit_cross_entropy([torch.randn(3, 4)], torch.randn(5, 4), torch.tensor([0, 1]), [1.0])
+    with pytest.raises(ValueError, match="token id 99 is outside"):
+        check_token_ids(ids, 10)  # and only inside

@@ -6,8 +6,10 @@ logits, which is what every other path avoids, and serves tests and benchmarks a
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -21,6 +23,30 @@ class MultiExitCEOutput(NamedTuple):
     confidence: torch.Tensor | None  # (K, N) fp32 max softmax probability, or None
     predictions: torch.Tensor | None  # (K, N) int64 argmax, or None
     token_loss: torch.Tensor | None  # (K, N) fp32 detached per-token CE (0 where ignored), or None
+
+
+_VALUES_CHECKED = contextvars.ContextVar("lash_values_checked", default=False)
+
+
+@contextlib.contextmanager
+def values_checked() -> Iterator[None]:
+    """Inside, token ids, targets and token weights count as checked by the caller.
+
+    For a caller that checked them on the CPU before moving them to the device (lash's
+    ``Trainer`` does, per batch): the ops' own value checks would otherwise launch device work
+    (``torch._assert_async`` and the comparisons it needs) on every call. Shapes and dtypes are
+    still checked; they cost the device nothing.
+    """
+    token = _VALUES_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _VALUES_CHECKED.reset(token)
+
+
+def values_need_checking() -> bool:
+    """False inside :func:`values_checked`."""
+    return not _VALUES_CHECKED.get()
 
 
 def validate_inputs(
@@ -64,7 +90,7 @@ def validate_inputs(
             raise ValueError(f"exit_weights[{k}] = {w}; must be finite and >= 0")
     if token_weights is not None:
         check_token_weights(token_weights, (N,))
-    if N == 0:
+    if N == 0 or not values_need_checking():
         return
     labelled = torch.where(targets == ignore_index, 0, targets)  # (N,)
     allowed = f"[0, {V}) or ignore_index={ignore_index}"
@@ -84,6 +110,8 @@ def check_token_weights(token_weights: torch.Tensor, shape: tuple[int, ...]) -> 
         raise ValueError(f"token_weights must have shape {shape} to match the targets; got {tuple(token_weights.shape)}")
     if not token_weights.is_floating_point():
         raise ValueError(f"token_weights must be a floating-point tensor; got {token_weights.dtype}")
+    if not values_need_checking():
+        return
     good = torch.isfinite(token_weights) & (token_weights >= 0)
     if _checked_on_device(token_weights):
         torch._assert_async(good.all(), "a token weight is negative or not finite")
