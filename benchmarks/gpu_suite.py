@@ -105,6 +105,7 @@ def train_step(suite: Suite) -> None:
             step = model_bench.train_step_call(provider, vocab, precision, batch)
             step()  # AdamW state allocated (and compilation done) before the peak is read
             peaks[provider] = measure.peak_memory_bytes(step)
+            record[f"{provider}_kernels"] = measure.device_kernels(step)
             store(record, f"{provider}_s", lambda: measure.median_seconds(step))
             if provider == "lash-compile":
                 record["compile"] = measure.compile_counts()
@@ -118,6 +119,11 @@ def train_step(suite: Suite) -> None:
             suite.judge(f"{name}: peak memory vs eager", peaks["lash"] / peaks["eager"], "≤ 0.25", lambda r: r <= 0.25)
         ratio_row(suite, f"{name}: lash-compile speedup vs eager", record["eager_s"], record["lash-compile_s"],
                   "–", None, f"dynamo {record.get('compile')}")
+        if record.get("lash_kernels") is None:
+            suite.skip(f"{name}: device kernels per step (lash, optimizer included)", "≤ 120", "the profiler counts CUDA kernels")
+        else:
+            suite.judge(f"{name}: device kernels per step (lash, optimizer included)", record["lash_kernels"], "≤ 120",
+                        lambda n: n <= 120, note=f"eager {record.get('eager_kernels')}")
 
 
 def host_syncs(suite: Suite) -> None:

@@ -271,6 +271,19 @@ def host_timer(fn: Callable[[], object], calls: int = HOST_CALLS) -> Callable[[]
     return seconds
 
 
+def device_kernels(fn: Callable[[], object]) -> int | None:
+    """Device activities (kernels, copies, fills) of one call of ``fn``, from the profiler, after
+    a warm-up call; None on the CPU."""
+    if not ON_GPU:
+        return None
+    fn()
+    synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        fn()
+        synchronize()
+    return sum(1 for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def host_syncs(step: Callable[[], object], warmup: int = 3) -> list[str]:
     """The places where ``step`` synchronises with the host, found after ``warmup`` calls.
 

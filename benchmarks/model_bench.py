@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from measure import DEVICE, ON_GPU, compiled
 from lash import DeepSupervisionTransformer, Trainer, TrainingConfig
 from lash.original import OriginalModel
+from lash_kernels import values_checked
 
 DIM, LAYERS, HEADS, SEQ_LEN, BATCH = 64, 4, 4, 32, 64  # the seed configuration
 WEIGHTS = {layer: 1.0 / LAYERS for layer in range(1, LAYERS + 1)}  # every exit supervised
@@ -49,7 +50,8 @@ def train_step_call(provider: str, vocab: int, precision: str = "fp32", batch: i
         trainer = Trainer(TrainingConfig(layer_weights=WEIGHTS), vocab, DEVICE, progress=False, precision=precision)
 
         def loss_fn():
-            return trainer.compute_loss(model, x, y)
+            with values_checked():  # as Trainer.train_epoch runs a step: the batch's ids were checked on the CPU
+                return trainer.compute_loss(model, x, y)
 
         if provider == "lash-compile":
             loss_fn = compiled(loss_fn)
