@@ -228,11 +228,7 @@ def train_phase2(
     loop = trainer.epochs(model, train_batches, dev_batches, optimizer, max_epochs=config.phase2_max_epochs)
     epoch = first = len(result["train_losses"])
     clock = time.perf_counter()
-    while not stopper.stop:
-        try:
-            train_loss, stats = next(loop)
-        except StopIteration:
-            break
+    for train_loss, stats in stopper.epochs(loop):
         epoch += 1
         routed_loss = routing_loss()
         for key, value in (("train_losses", train_loss), ("dev_losses", stats["loss"]), ("dev_ppls", stats["ppl"]),

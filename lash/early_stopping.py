@@ -9,6 +9,7 @@ decisions as one that never stopped.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,15 @@ class EarlyStopping:
     def stop(self) -> bool:
         """Whether ``patience`` epochs have passed without improvement."""
         return self.waited >= self.patience
+
+    def epochs(self, loop: Iterator[Any]) -> Iterator[Any]:
+        """``loop``'s items until it ends or :attr:`stop` turns true; checked before each item is
+        asked for, so no epoch runs after the one that stopped training."""
+        while not self.stop:
+            try:
+                yield next(loop)
+            except StopIteration:
+                return
 
     def restore(self, model: nn.Module) -> None:
         """Load the best epoch's weights into ``model`` (nothing when no epoch was recorded)."""

@@ -217,11 +217,7 @@ def train_with_early_stopping(
     loop = trainer.epochs(model, train_batches, val_batches, optimizer, grad_clip, first_epoch + max_epochs)
     clock = time.perf_counter()
     try:
-        while not stopper.stop:
-            try:
-                train_loss, stats = next(loop)
-            except StopIteration:
-                break
+        for train_loss, stats in stopper.epochs(loop):
             epoch += 1
             seconds, clock = time.perf_counter() - clock, time.perf_counter()
             for key, value in (("train_losses", train_loss), ("val_losses", stats["loss"]), ("val_ppls", stats["ppl"]),
