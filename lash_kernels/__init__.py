@@ -1,4 +1,4 @@
-"""Fused Triton kernels for LASH: RMSNorm, RoPE and the multi-exit shared-head cross-entropy.
+"""Fused Triton kernels for LASH: RMSNorm, RoPE, SwiGLU and the multi-exit shared-head cross-entropy.
 
 Every op has a pure-torch ``*_reference`` with identical semantics; :func:`backend` (in
 :mod:`lash_kernels.dispatch`) picks between them (``LASH_KERNELS=auto|triton|torch``).
@@ -13,6 +13,7 @@ from lash_kernels.ops.multi_exit_ce import (
 from lash_kernels.ops.multi_exit_ce.reference import values_checked
 from lash_kernels.ops.rms_norm import RMSNorm, add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from lash_kernels.ops.rotary import apply_rotary, apply_rotary_reference
+from lash_kernels.ops.swiglu import swiglu, swiglu_reference
 
 __all__ = [
     "MultiExitCEOutput",
@@ -26,5 +27,7 @@ __all__ = [
     "multi_exit_cross_entropy_reference",
     "rms_norm",
     "rms_norm_reference",
+    "swiglu",
+    "swiglu_reference",
     "values_checked",
 ]

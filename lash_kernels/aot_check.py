@@ -69,7 +69,8 @@ from lash_kernels.aot_types import ARCHS, KernelVariant, StaticShape
 from lash_kernels.dispatch import interpreting
 
 # Ops whose module declares ``static_variants``.
-OPS = ("lash_kernels.ops.rms_norm.kernels", "lash_kernels.ops.rotary.kernels", "lash_kernels.ops.multi_exit_ce.op")
+OPS = ("lash_kernels.ops.rms_norm.kernels", "lash_kernels.ops.rotary.kernels", "lash_kernels.ops.swiglu.kernels",
+       "lash_kernels.ops.multi_exit_ce.op")
 
 
 SHAPES = {

@@ -7,7 +7,7 @@ choice is forced both ways on the same inputs, and outputs and every gradient mu
 import pytest
 import torch
 
-from lash_kernels import _launch, add_rms_norm, apply_rotary, multi_exit_cross_entropy, rms_norm
+from lash_kernels import _launch, add_rms_norm, apply_rotary, multi_exit_cross_entropy, rms_norm, swiglu
 from tests.lash.counting import OpCounter
 
 
@@ -20,6 +20,7 @@ def _cases():
         "rms_norm": (lambda x, w: rms_norm(x, w), (x, w)),
         "add_rms_norm": (lambda x, r, w: add_rms_norm(x, r, w), (x, r, w)),
         "rotary": (lambda q, k: apply_rotary(q, k, angles.cos(), angles.sin()), (q, k)),
+        "swiglu": (swiglu, (torch.randn(3, 5, 38),)),
         "multi_exit_ce": (lambda h, W, y=targets: multi_exit_cross_entropy(h, W, y, [0.3, 0.7]).loss, (hiddens, head)),
     }
 
