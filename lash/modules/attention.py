@@ -18,6 +18,8 @@ from torch import nn
 
 from lash_kernels import apply_rotary
 
+from lash.modules.projection import project
+
 
 class LayerCache(NamedTuple):
     """One layer's keys and values, where a call writes into them, and what its queries read.
@@ -103,8 +105,8 @@ class MultiHeadAttention(nn.Module):
         self.o_proj = nn.Linear(dim, dim, bias=False)
         self.rope = RotaryPositionalEmbedding(self.head_dim, max_seq_len)
         # q, k and v come from one GEMM over [Wq; Wk; Wv] (3·D, D): stacked per call in training
-        # (the gradients reach the three parameters through the cat), and kept here while
-        # inference runs (lash.modules.inference_weights), so decoding does not stack per token.
+        # (lash.modules.projection), and kept here while inference runs
+        # (lash.modules.inference_weights), so decoding does not stack per token.
         self.qkv_weight: torch.Tensor | None = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -129,11 +131,16 @@ class MultiHeadAttention(nn.Module):
             cache: with ``positions``, where the keys and values go and what the queries read;
                 ``None``: the tokens attend causally among themselves.
         """
+        return self.with_residual(x, positions, cache)[0]
+
+    def with_residual(
+        self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: LayerCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` and ``x`` passed on as the block's residual (see :func:`project`)."""
         B, T, D = x.shape
-        weight = self.qkv_weight
-        if weight is None:
-            weight = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))  # (3D, D)
-        q, k, v = F.linear(x, weight).split(D, dim=-1)  # (B, T, D) each
+        weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+        qkv, x = project(x, weights, self.qkv_weight)  # (B, T, 3D)
+        q, k, v = qkv.split(D, dim=-1)  # (B, T, D) each
         q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)  # (B, nh, T, hs)
         q, k = self.rope(q, k, positions)
         if cache is None:
@@ -143,4 +150,4 @@ class MultiHeadAttention(nn.Module):
             cache.keys.scatter_(2, index, k)
             cache.values.scatter_(2, index, v)
             y = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=cache.mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, D)), x  # (B, T, D) each

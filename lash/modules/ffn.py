@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lash_kernels import swiglu
+
+from lash.modules.projection import project
 
 
 class GatedLinearUnit(nn.Module):
@@ -23,13 +24,15 @@ class GatedLinearUnit(nn.Module):
         self.w1 = nn.Linear(dim, ffn_dim, bias=False)  # gate
         self.w2 = nn.Linear(ffn_dim, dim, bias=False)  # down projection
         self.w3 = nn.Linear(dim, ffn_dim, bias=False)  # value
-        # Gate and value from one GEMM over [W1; W3] (2·F, D): stacked per call in training, kept
-        # here while inference runs (lash.modules.inference_weights).
+        # Gate and value from one GEMM over [W1; W3] (2·F, D): stacked per call in training
+        # (lash.modules.projection), kept here while inference runs (lash.modules.inference_weights).
         self.w13_weight: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.w13_weight
-        if weight is None:
-            weight = torch.cat((self.w1.weight, self.w3.weight))  # (2F, D)
+        return self.with_residual(x)[0]
+
+    def with_residual(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ffn(x), x)``, x passed on as the block's residual (see :func:`project`)."""
+        gate_value, x = project(x, (self.w1.weight, self.w3.weight), self.w13_weight)  # (B, T, 2F)
         # silu(gate) · value in one launch on CUDA, whose backward hands the GEMM one (B, T, 2F) gradient.
-        return self.w2(swiglu(F.linear(x, weight)))  # (B, T, D)
+        return self.w2(swiglu(gate_value)), x  # (B, T, D)

@@ -32,7 +32,10 @@ class TransformerBlock(nn.Module):
         self, h: torch.Tensor, positions: torch.Tensor | None = None, cache: LayerCache | None = None
     ) -> torch.Tensor:
         """``(B, T, D)`` → ``(B, T, D)``; training and inference alike (see :meth:`MultiHeadAttention.forward`)."""
-        # Residual add and norm fused: one pass over the activations instead of two.
-        h, _ = add_rms_norm(self.attn(h, positions, cache), h, self.norm1.weight, self.norm1.eps)  # (B, T, D)
-        h, _ = add_rms_norm(self.ffn(h), h, self.norm2.weight, self.norm2.eps)
+        # Residual add and norm fused: one pass over the activations instead of two. The residual
+        # comes back through each projection, whose backward adds its gradient in the GEMM.
+        attn, h = self.attn.with_residual(h, positions, cache)
+        h, _ = add_rms_norm(attn, h, self.norm1.weight, self.norm1.eps)  # (B, T, D)
+        ffn, h = self.ffn.with_residual(h)
+        h, _ = add_rms_norm(ffn, h, self.norm2.weight, self.norm2.eps)
         return h

@@ -4,8 +4,10 @@ import torch.nn.functional as F
 
 from lash import DeepSupervisionTransformer, StandardTransformer
 from lash.modules import GatedLinearUnit, MultiHeadAttention, RMSNorm, RotaryPositionalEmbedding, TransformerBlock
+from lash.modules.projection import project
 
 from lash.original import OriginalModel
+from tests.lash.counting import OpCounter
 
 
 def test_rms_norm_matches_formula_in_float64():
@@ -105,3 +107,39 @@ def test_strict_load_still_rejects_unknown_keys():
     state = model.state_dict() | {"layers.0.attn.extra": torch.zeros(1)}
     with pytest.raises(RuntimeError, match="extra"):
         model.load_state_dict(state)
+
+
+@pytest.mark.parametrize("uses", ["both", "projection", "residual"])
+def test_projection_gradients_match_autograd_in_float64(uses):
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(o, 5, dtype=torch.float64, requires_grad=True) for o in (4, 3)]
+
+    def through_project(x, *weights):
+        y, residual = project(x, weights)
+        return {"both": (y, residual), "projection": (y,), "residual": (residual,)}[uses]
+
+    assert torch.autograd.gradcheck(through_project, (x, *weights))
+    y, residual = project(x, weights)
+    torch.testing.assert_close(y, F.linear(x, torch.cat(weights)))
+    assert residual.data_ptr() == x.data_ptr()
+
+
+def test_projection_adds_the_residual_gradient_in_the_gemm():
+    x = torch.randn(4, 6, requires_grad=True)
+    weights = [torch.randn(8, 6, requires_grad=True), torch.randn(8, 6, requires_grad=True)]
+    y, residual = project(x, weights)
+    loss = y.sum() + (3 * residual).sum()
+    with OpCounter() as counter:
+        loss.backward()
+    assert counter.kernels.count("addmm") == 1 and "add" not in counter.kernels  # dx = dresidual + dy·W
+    assert counter.kernels.count("cat") == 0  # the weights' gradients are views of one GEMM's output
+
+
+def test_projection_under_no_grad_or_autocast_is_plain_linear():
+    x, weights = torch.randn(3, 4), (torch.randn(2, 4), torch.randn(5, 4))
+    with torch.no_grad():
+        y, residual = project(x, weights)
+    assert residual is x and y.grad_fn is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, residual = project(x, tuple(w.requires_grad_() for w in weights))
+    assert residual is x and y.dtype == torch.bfloat16

@@ -15,7 +15,7 @@ from lash.losses import multi_exit_loss
 from lash_kernels import values_checked
 from tests.lash.counting import OpCounter
 
-STEP_KERNEL_BUDGET = 135  # dim 64, 4 layers, 4 heads, batch 64 × 32, all 4 exits; the vocabulary does not matter
+STEP_KERNEL_BUDGET = 109  # dim 64, 4 layers, 4 heads, batch 64 × 32, all 4 exits (the bar is 110); the vocabulary does not matter
 
 
 def test_kernels_per_training_step_stay_within_budget(monkeypatch):

@@ -55,12 +55,13 @@ if HAS_TRITON:  # optional off Linux: the torch path still works there
         ctx.set_materialize_grads(False)
 
     def _backward(ctx, grad_loss, *_):
-        grad_h, grad_w = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        return (
-            grad_h * grad_loss.to(grad_h.dtype) if need_h else None,
-            grad_w * grad_loss.to(grad_w.dtype) if need_w else None,
-        ) + (None,) * 8
+        grads = [g if need else None for g, need in zip(ctx.saved_tensors, ctx.needs_input_grad[:2])]
+        wanted = [g for g in grads if g is not None]
+        if len({g.dtype for g in wanted}) == 1:  # one launch scales both
+            scaled = iter(torch._foreach_mul(wanted, grad_loss.to(wanted[0].dtype)))
+        else:
+            scaled = iter(g * grad_loss.to(g.dtype) for g in wanted)
+        return tuple(next(scaled) if g is not None else None for g in grads) + (None,) * 8
 
     # The op and its twin function (lash_kernels._launch.call_op picks one per call).
     _triton_op = triton_op("lash::multi_exit_ce", mutates_args=())(_multi_exit_ce)
@@ -148,7 +149,7 @@ def multi_exit_cross_entropy(
     if torch.is_autocast_enabled(device.type):
         dtype = torch.get_autocast_dtype(device.type)
     else:
-        dtype = torch.promote_types(hiddens[0].dtype, weight.dtype)
+        dtype = weight.dtype if hiddens[0].dtype == weight.dtype else torch.promote_types(hiddens[0].dtype, weight.dtype)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         dtype = torch.float32
     head = weight.to(dtype).contiguous()
