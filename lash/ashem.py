@@ -183,6 +183,7 @@ def train_phase2(
     verbose: bool = True,
     routing: tuple[TokenBatches, float] | None = None,
     checkpoint_path: str | Path | None = None,
+    compile: bool | None = None,
 ) -> dict[str, Any]:
     """Train the phase-2 model's last layer on the hard tokens; keep its best epoch on the dev slice.
 
@@ -194,6 +195,7 @@ def train_phase2(
     epoch 0's, so the routed model never gets worse on the dev slice either. Training stops after
     ``phase2_patience`` epochs without a better candidate. With ``checkpoint_path`` every epoch
     is saved there, and a call that finds the file continues from it (same final result).
+    ``compile`` is the :class:`Trainer`'s (default: on CUDA).
 
     Returns:
         ``train_losses`` (epochs 1…E), ``dev_losses`` and ``dev_ppls`` (hard tokens) and, with
@@ -201,7 +203,8 @@ def train_phase2(
         help), ``total_epochs`` and ``stopped_early``.
     """
     device = torch.device(device)
-    trainer = Trainer(_phase2_config(model, config), model.vocab_size, device, IGNORE_INDEX, progress, name="phase 2")
+    trainer = Trainer(_phase2_config(model, config), model.vocab_size, device, IGNORE_INDEX, progress, compile=compile,
+                      name="phase 2")  # fmt: skip
     optimizer = trainer.create_optimizer(model, config.phase2_lr)
     dev_batches = dev_examples.batches(batch_size)
     routed = None if routing is None else TrainingConfig(
@@ -316,11 +319,13 @@ def run_phase1(
     progress: bool = True,
     verbose: bool = True,
     checkpoint_path: str | Path | None = None,
+    compile: bool | None = None,
 ) -> PhaseOne:
     """Phase 1: a ``phase1_layers`` model trained with early stopping on the dev slice, measured on validation.
 
     With ``checkpoint_path`` every epoch is saved there, and a call that finds the file continues
     from it to the same result. ``train_batches`` and ``dev_batches`` come from :func:`split_dev`.
+    ``compile`` is the :class:`Trainer`'s (default: on CUDA).
     """
     device = torch.device(device)
     torch.manual_seed(seed)
@@ -329,7 +334,8 @@ def run_phase1(
                  f"{config.phase1_patience}) on {train_batches.inputs.shape[0]} sequences; early stopping and "
                  f"selection on a dev slice of {dev_batches.inputs.shape[0]}", verbose)  # fmt: skip
     model = DeepSupervisionTransformer(vocab_size, dim, config.phase1_layers, num_heads, max_seq_len=train_batches.inputs.shape[1]).to(device)
-    trainer = Trainer(create_standard_config(config.phase1_layers), vocab_size, device, progress=progress, name="phase 1")
+    trainer = Trainer(create_standard_config(config.phase1_layers), vocab_size, device, progress=progress,
+                      compile=compile, name="phase 1")  # fmt: skip
     history = trainer.train_with_early_stopping(
         model, train_batches, dev_batches, trainer.create_optimizer(model, config.phase1_lr),
         max_epochs=config.phase1_max_epochs, patience=config.phase1_patience, verbose=verbose,
@@ -353,9 +359,10 @@ def run_phase2(
     progress: bool = True,
     verbose: bool = True,
     checkpoint_path: str | Path | None = None,
+    compile: bool | None = None,
 ) -> tuple[ASHEMResult, DeepSupervisionTransformer]:
     """Mining, phase 2 and the evaluation, from where :func:`run_phase1` ended; returns the
-    result and the phase-2 model. ``checkpoint_path`` as in :func:`train_phase2`."""
+    result and the phase-2 model. ``checkpoint_path`` and ``compile`` as in :func:`train_phase2`."""
     device = torch.device(device)
     batch_size = batch_size or train_batches.batch_size
     set_rng_state(phase1.rng)
@@ -389,7 +396,8 @@ def run_phase2(
         model2, config.phase1_layers, config.freeze_embedding, config.freeze_lower_layers, config.freeze_head
     )
     history2 = train_phase2(
-        model2, train_hard, dev_hard, config, batch_size, device, seed, progress, verbose, routing_check, checkpoint_path
+        model2, train_hard, dev_hard, config, batch_size, device, seed, progress, verbose, routing_check, checkpoint_path,
+        compile,
     )  # fmt: skip
     seconds["phase2"] = time.perf_counter() - start
     log_progress(f"phase 2 done: kept epoch {history2['best_epoch']} of {history2['total_epochs']}"
@@ -447,6 +455,7 @@ def run_ashem(
     seed: int = 0,
     progress: bool = True,
     verbose: bool = True,
+    compile: bool | None = None,
 ) -> ASHEMResult:
     """Run both phases and the evaluation (:func:`run_phase1`, then :func:`run_phase2`).
 
@@ -467,7 +476,10 @@ def run_ashem(
         seed: seed of the dev slice, the initialisation and the shuffling.
         progress: tqdm bars.
         verbose: one line per epoch and per phase.
+        compile: ``torch.compile`` the training steps (default: on CUDA, see :class:`Trainer`).
     """
     train, dev = split_dev(config, train_batches, seed)
-    phase1 = run_phase1(config, train, dev, val_batches, vocab_size, dim, num_heads, device, seed, progress, verbose)
-    return run_phase2(phase1, config, train, dev, val_batches, device, batch_size, seed, progress, verbose)[0]
+    phase1 = run_phase1(config, train, dev, val_batches, vocab_size, dim, num_heads, device, seed, progress, verbose,
+                        compile=compile)  # fmt: skip
+    return run_phase2(phase1, config, train, dev, val_batches, device, batch_size, seed, progress, verbose,
+                      compile=compile)[0]  # fmt: skip

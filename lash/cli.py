@@ -85,6 +85,8 @@ def _add_data_args(p: argparse.ArgumentParser, samples: int) -> None:
     p.add_argument("--max-vocab", type=int, default=None, help="vocabulary cap (default: every word of a text; "
                    "the offline corpus: 2048)")  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training step (default: on CUDA, not on the CPU)")
     p.add_argument("--seed", type=int, default=42, help="seed of the data, the initialisation and the shuffling")
     p.add_argument("--threads", default="auto",
                    help="CPU threads: a number, or auto (the cores other processes leave free, checked every epoch)")
@@ -131,7 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up, in optimizer steps")
     train.add_argument("--cosine", action="store_true", help="cosine decay to 10%% over the run")
     train.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="fp32, or bf16/fp16 autocast")
-    train.add_argument("--compile", action="store_true", help="torch.compile the training loss")
     train.add_argument("--distributed", choices=DISTRIBUTED, default="ddp", help="engine under torchrun")
     train.add_argument("--resume", default=None, help="checkpoint to continue from (the same flags, see README)")
     train.add_argument("--overwrite", action="store_true", help=f"replace the {CHECKPOINT} of an earlier run in --out")
@@ -252,14 +253,15 @@ def _ashem_seed(args: argparse.Namespace, config: ASHEMConfig, data, device: tor
     if phase1 is None:
         phase1 = run_phase1(
             config, train, dev, data.val, data.vocab_size, args.dim, args.num_heads, device, seed,
-            progress=not args.no_progress, checkpoint_path=files.phase1_checkpoint,
+            progress=not args.no_progress, checkpoint_path=files.phase1_checkpoint, compile=args.compile,
         )  # fmt: skip
         kept = files.save_phase1(phase1, seed)
         print("phase 1 kept: " + ", ".join(str(path) for path in kept))
     else:
         print(f"phase 1 finished earlier: {files.phase1_model}")
     result, model2 = run_phase2(phase1, config, train, dev, data.val, device, args.batch_size, seed,
-                                progress=not args.no_progress, checkpoint_path=files.phase2_checkpoint)  # fmt: skip
+                                progress=not args.no_progress, checkpoint_path=files.phase2_checkpoint,
+                                compile=args.compile)  # fmt: skip
     files.save_result(result, model2)
     return result
 

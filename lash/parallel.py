@@ -8,6 +8,8 @@ and FSDP2 (``fully_shard``) do the work; see :mod:`lash.distributed` for the pro
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 
 import torch
 from torch import nn
@@ -17,6 +19,55 @@ from lash.models import StandardTransformer
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DISTRIBUTED = ("ddp", "fsdp")
+log = logging.getLogger(__name__)
+
+
+def compile_by_default(device: torch.device) -> bool:
+    """Whether a trainer that was not told compiles its training step: on CUDA, where a small
+    model's step is bound by kernel launches, yes; on the CPU, where the compile would cost more
+    than it saves on a short run, no."""
+    return device.type == "cuda"
+
+
+class _EndOfBackward(torch.autograd.Function):
+    """The loss unchanged; when the backward reaches it, ``clock.stop`` is queued for the backward's end."""
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor, clock: CompiledLoss) -> torch.Tensor:
+        ctx.clock = clock
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        torch.autograd.Variable._execution_engine.queue_callback(ctx.clock.stop)
+        return grad, None
+
+
+class CompiledLoss(nn.Module):
+    """The training loss under ``torch.compile`` (static shapes: a ragged last batch gets its own
+    graph). The first step, forward and backward with their tracing and compiling, is timed and
+    logged once; ``compile_seconds`` keeps it for end-to-end figures."""
+
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        self.compiled = torch.compile(loss, dynamic=False)
+        self.no_sync = getattr(loss, "no_sync", None)  # DDP's, for gradient accumulation
+        self.compile_seconds: float | None = None
+        self._started: tuple[float, torch.device] | None = None
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.compile_seconds is not None or not torch.is_grad_enabled():
+            return self.compiled(*args)
+        self._started = (time.perf_counter(), args[0].device)
+        return _EndOfBackward.apply(self.compiled(*args), self)
+
+    def stop(self) -> None:
+        if self.compile_seconds is None and self._started is not None:
+            started, device = self._started
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.compile_seconds = time.perf_counter() - started
+            log.info("torch.compile: the first training step took %.1f s, compiling included", self.compile_seconds)
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -58,7 +109,7 @@ def wrap(
     elif world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
         loss = nn.parallel.DistributedDataParallel(loss, device_ids=ids, find_unused_parameters=find_unused)
-    return (torch.compile(loss) if compile else loss), root
+    return (CompiledLoss(loss) if compile else loss), root
 
 
 def full_states(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> tuple[dict, dict]:

@@ -253,7 +253,8 @@ class Trainer:
         ignore_index: target id that carries no loss.
         progress: show a tqdm bar per epoch (rank 0 only).
         precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast and a grad scaler).
-        compile: run the training loss through ``torch.compile``.
+        compile: ``torch.compile`` the training step's forward and backward; ``None`` (default):
+            on CUDA yes, elsewhere no (:func:`lash.parallel.compile_by_default`).
         grad_accum_steps: micro-batches per optimizer step.
         warmup_steps: linear learning-rate warm-up, in optimizer steps.
         total_steps: with it, cosine decay to ``min_lr_ratio`` at this step.
@@ -263,8 +264,8 @@ class Trainer:
 
     State, all public: the progress counters that checkpoints carry, the fp16 ``scaler``, and what
     the last :meth:`create_optimizer` made: ``model``, ``optimizer``, ``scheduler``, ``runner`` (the
-    model's loss, wrapped for DDP/FSDP2 and compiled once) and FSDP2's ``sharded_root``. The seed's
-    ``save_checkpoint(path)`` and ``load_checkpoint(path)`` name no model nor optimizer: they use that pair.
+    model's loss, wrapped for DDP/FSDP2, compiled once: :class:`lash.parallel.CompiledLoss`) and
+    FSDP2's ``sharded_root``. ``save_checkpoint(path)``/``load_checkpoint(path)`` use that pair.
     """
 
     def __init__(
@@ -276,7 +277,7 @@ class Trainer:
         progress: bool = True,
         *,
         precision: str = "fp32",
-        compile: bool = False,
+        compile: bool | None = None,
         grad_accum_steps: int = 1,
         warmup_steps: int = 0,
         total_steps: int | None = None,
@@ -288,15 +289,14 @@ class Trainer:
         self.config, self.vocab_size, self.ignore_index = config, vocab_size, ignore_index
         self.dist, self.device = init_distributed(device) if launched_by_torchrun() else (None, check_device("device", device))
         self.progress = progress and self.is_main
-        self.precision, self.compile, self.grad_accum_steps = precision, compile, grad_accum_steps
+        self.compile = parallel.compile_by_default(self.device) if compile is None else compile
+        self.precision, self.grad_accum_steps, self.name = precision, grad_accum_steps, name
         self.schedule, self.distributed = (warmup_steps, total_steps, min_lr_ratio), distributed
-        self.name = name
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self.model: StandardTransformer | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
-        self.runner: nn.Module | None = None
-        self.sharded_root: nn.Module | None = None  # gathered for evaluation
+        self.runner = self.sharded_root = None  # nn.Modules once made; the root is gathered for evaluation
         # Progress through the data, saved in checkpoints so a resumed run continues exactly.
         self.epochs_trained, self.global_step, self.batches_into_epoch = 0, 0, 0
         # Sum and count of the losses of an epoch stopped part-way, so its mean covers the whole epoch.

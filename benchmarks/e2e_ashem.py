@@ -1,0 +1,168 @@
+"""A short ASHEM experiment end to end: LASH's default path against a plain eager loop.
+
+Both sides run the same experiment on the same data: phase 1 (a ``--phase1-layers`` model, every
+epoch measured on a dev slice), mining the hard tokens by the phase-1 model's confidence, phase
+2 (``--phase2-layers``, the new layers trained on the hard tokens, the rest frozen, the dev slice
+measured each epoch), then the validation split at full depth. LASH runs it through
+:func:`lash.ashem.run_ashem` with no flags: whatever the :class:`lash.Trainer` does by default on
+this device (on CUDA, ``torch.compile`` and the fused AdamW). The baseline is the model of the
+original description (:class:`lash.original.OriginalModel`) in a plain loop, as users hand-roll
+it: every layer's logits through the head, ``F.cross_entropy`` on the trained one, AdamW.
+
+Wall time counts everything, compiling included; the compile time LASH logs is shown beside it.
+"Phase 2" is mining and phase-2 training. LASH's total also holds the evaluation its report
+needs (per-layer, routing and hard-token figures), which the eager loop skips, so the total ratio
+leans towards the eager side. The eager model starts from the original description's own
+initialisation, so the validation perplexities are not a quality comparison.
+
+    python benchmarks/e2e_ashem.py --device cuda --json OUT.json
+
+Prints per phase seconds and training tokens/s, and the ratio it exists for: eager wall time / LASH's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lash import ASHEMConfig
+from lash.ashem import run_ashem, split_dev
+from lash.data import load_dataset
+from lash.original import OriginalModel
+
+
+class _CompileLog(logging.Handler):
+    """Collects the seconds of every "first training step took X s" line LASH logs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seconds: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = re.search(r"took ([\d.]+) s", record.getMessage())
+        if found:
+            self.seconds.append(float(found.group(1)))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_lash(config: ASHEMConfig, data, args, device: torch.device) -> dict:
+    handler = _CompileLog()
+    logger = logging.getLogger("lash.parallel")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    start = time.perf_counter()
+    result = run_ashem(config, data.train, data.val, data.vocab_size, args.dim, args.heads, device, seed=args.seed,
+                       progress=False, verbose=False)  # fmt: skip
+    _sync(device)
+    total = time.perf_counter() - start
+    logger.removeHandler(handler)
+    tokens = _train_tokens(config, data, args.seed)
+    return dict(total=total, compile=sum(handler.seconds), phase1=result.seconds["phase1"],
+                phase2=result.seconds["mining"] + result.seconds["phase2"], phase1_tokens=tokens * result.phase1["total_epochs"],
+                phase2_tokens=tokens * result.phase2["total_epochs"], val_ppl=result.phase2["ppl"])  # fmt: skip
+
+
+def _train_tokens(config: ASHEMConfig, data, seed: int) -> int:
+    train, _ = split_dev(config, data.train, seed)
+    return train.inputs.numel()
+
+
+def _eager_epoch(model, layer: int, batches, device, optimizer=None, mask_of=None) -> float:
+    """One pass: train (with an optimizer) or measure the mean CE of ``layer``'s logits."""
+    total, count = torch.zeros((), device=device), 0
+    for i, (x, y) in enumerate(batches):
+        x, y = x.to(device), y.to(device)
+        with torch.set_grad_enabled(optimizer is not None):
+            logits = model.all_logits(x)[layer - 1]
+            ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+            mask = mask_of(i, x) if mask_of else torch.ones_like(ce)
+            loss = (ce * mask).sum() / mask.sum().clamp(min=1)
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        total += loss.detach()
+        count += 1
+    return (total / max(count, 1)).item()
+
+
+def run_eager(config: ASHEMConfig, data, args, device: torch.device) -> dict:
+    torch.manual_seed(args.seed)
+    train, dev = split_dev(config, data.train, args.seed)
+    seq_len = train.inputs.shape[1]
+    start = time.perf_counter()
+    model1 = OriginalModel(data.vocab_size, args.dim, config.phase1_layers, args.heads, max_len=seq_len).to(device)
+    optimizer = torch.optim.AdamW(model1.parameters(), lr=config.phase1_lr)
+    for _ in range(config.phase1_max_epochs):
+        _eager_epoch(model1, config.phase1_layers, train, device, optimizer)
+        _eager_epoch(model1, config.phase1_layers, dev, device)
+    _sync(device)
+    phase1 = time.perf_counter() - start
+
+    start = time.perf_counter()
+    with torch.no_grad():  # mining: the phase-1 model's confidence on every training token
+        confidence = [model1.all_logits(x.to(device))[-1].softmax(-1).amax(-1) for x, _ in train]
+    threshold = torch.cat([c.flatten() for c in confidence]).float().quantile(config.hard_example_ratio).item()
+    hard = [(c < threshold).float().flatten() for c in confidence]
+    model2 = OriginalModel(data.vocab_size, args.dim, config.phase2_layers, args.heads, max_len=seq_len).to(device)
+    model2.load_state_dict(model1.state_dict(), strict=False)  # the phase-1 layers, embedding and head
+    frozen = [model2.embedding, *model2.layers[: config.phase1_layers]]
+    for p in (p for module in frozen for p in module.parameters()):
+        p.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model2.parameters() if p.requires_grad], lr=config.phase2_lr)
+    for _ in range(config.phase2_max_epochs):
+        _eager_epoch(model2, config.phase2_layers, train, device, optimizer, mask_of=lambda i, x: hard[i])
+        _eager_epoch(model2, config.phase2_layers, dev, device)
+    val = _eager_epoch(model2, config.phase2_layers, data.val, device)
+    _sync(device)
+    phase2 = time.perf_counter() - start
+    tokens = train.inputs.numel()
+    return dict(total=phase1 + phase2, compile=0.0, phase1=phase1, phase2=phase2,
+                phase1_tokens=tokens * config.phase1_max_epochs, phase2_tokens=tokens * config.phase2_max_epochs,
+                val_ppl=float(torch.tensor(val).exp()))  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dataset", default="offline", help="offline, wikitext-2 or a text file")
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per phase")
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="write the figures here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    data = load_dataset(args.dataset, args.samples, seed=args.seed)
+    # Patience above the epoch count: both sides train every epoch.
+    config = ASHEMConfig(phase1_max_epochs=args.epochs, phase2_max_epochs=args.epochs,
+                         phase1_patience=args.epochs + 1, phase2_patience=args.epochs + 1)  # fmt: skip
+    rows = {"eager (lash.original, plain loop)": run_eager(config, data, args, device),
+            "LASH default path": run_lash(config, data, args, device)}  # fmt: skip
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{name}, torch {torch.__version__}; {args.samples} sequences ({data.source}), {args.epochs} epochs per phase")
+    print("| path | total s | compile s | phase 1 s | phase 1 tokens/s | phase 2 s | phase 2 tokens/s | val PPL |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for path, r in rows.items():
+        print(f"| {path} | {r['total']:.1f} | {r['compile']:.1f} | {r['phase1']:.1f} | {r['phase1_tokens'] / r['phase1']:,.0f} "
+              f"| {r['phase2']:.1f} | {r['phase2_tokens'] / r['phase2']:,.0f} | {r['val_ppl']:.1f} |")  # fmt: skip
+    eager, lash = rows.values()
+    print(f"end to end, compiling included: LASH {eager['total'] / lash['total']:.2f}× the eager loop's speed (bar ≥ 3× on a GPU)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=name, torch=torch.__version__, args=vars(args), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
