@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything LASH checks on a CUDA machine, most important first, each step time-boxed so that a
-# short lease still returns the earlier steps: at most 9 minutes in all (120 + 80 + 195 + 45 + 100 s).
+# short lease still returns the earlier steps: at most 9 minutes in all (120 + 80 + 165 + 45 + 70 + 60 s).
 # Writes at most 8 files under OUT_DIR.
 #
 #   bash benchmarks/gpu_all.sh OUT_DIR
@@ -26,14 +26,16 @@ LASH_KERNELS=triton timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider 
     done
     timeout 20 python3 benchmarks/hf_rope.py --json "$out/hf_rope.json"
 } >"$out/hf.txt" 2>&1
-timeout 195 python3 benchmarks/gpu_suite.py --out "$out/suite" --no-tests >"$out/suite.log" 2>&1
+timeout 165 python3 benchmarks/gpu_suite.py --out "$out/suite" --no-tests >"$out/suite.log" 2>&1
 # The norm and RoPE rows once more in a fresh process, each compared with the first run: a row that
 # moves more than 10% between two runs is not settled. Its table goes to the end of suite.log, its
 # files to a scratch folder, so OUT_DIR keeps to 8 files.
 timeout 45 python3 benchmarks/gpu_suite.py --out "$(mktemp -d)" --only kernels \
     --compare "$out/suite/gpu_suite.json" >>"$out/suite.log" 2>&1
 # A trained early-exit model (a few hundred bf16 steps), then plain / early exit / speculative decoding.
-timeout 100 python3 benchmarks/decode_bench.py --train-steps 300 --batch-size 32 --repeats 3 >"$out/decode.txt" 2>&1
+timeout 70 python3 benchmarks/decode_bench.py --train-steps 300 --batch-size 32 --repeats 2 >"$out/decode.txt" 2>&1
+# The short ASHEM experiment end to end, compiling included: LASH's default path against an eager loop.
+timeout 60 python3 benchmarks/e2e_ashem.py --device cuda >>"$out/decode.txt" 2>&1
 tail -n 5 "$out"/gpu_tests.txt "$out"/hf.txt
 cat "$out/suite/gpu_suite.md" "$out/decode.txt" 2>/dev/null | tail -n 80
 grep "difference from the earlier run" "$out/suite.log"

@@ -112,18 +112,24 @@ def train_step(suite: Suite) -> None:
         record["peak_bytes"] = peaks
         suite.measurements[f"train_step_{precision}"] = record
         name = f"seed train step {precision} (B {batch}, V {vocab}, all 4 exits)"
-        ratio_row(suite, f"{name}: speedup vs eager", record["eager_s"], record["lash_s"], "≥ 3×", lambda r: r >= 3)
-        if peaks["lash"] is None:
+        # The bar is the Trainer's default path (on CUDA: compiled, fused AdamW); eager kernels and
+        # the compiled loss with a plain AdamW are context.
+        ratio_row(suite, f"{name}: default path speedup vs eager", record["eager_s"], record["lash-default_s"], "≥ 3×",
+                  lambda r: r >= 3)  # fmt: skip
+        ratio_row(suite, f"{name}: lash eager kernels speedup vs eager", record["eager_s"], record["lash_s"], "–", None)
+        if peaks["lash-default"] is None:
             suite.skip(f"{name}: peak memory vs eager", "≤ 0.25", "peak memory is measured on CUDA only")
         else:
-            suite.judge(f"{name}: peak memory vs eager", peaks["lash"] / peaks["eager"], "≤ 0.25", lambda r: r <= 0.25)
+            suite.judge(f"{name}: peak memory vs eager", peaks["lash-default"] / peaks["eager"], "≤ 0.25", lambda r: r <= 0.25)
         ratio_row(suite, f"{name}: lash-compile speedup vs eager", record["eager_s"], record["lash-compile_s"],
                   "–", None, f"dynamo {record.get('compile')}")
-        if record.get("lash_kernels") is None:
-            suite.skip(f"{name}: device kernels per step (lash, optimizer included)", "≤ 120", "the profiler counts CUDA kernels")
+        if record.get("lash-default_kernels") is None:
+            suite.skip(f"{name}: device kernels per step (default path, optimizer included)", "≤ 120",
+                       "the profiler counts CUDA kernels")  # fmt: skip
         else:
-            suite.judge(f"{name}: device kernels per step (lash, optimizer included)", record["lash_kernels"], "≤ 120",
-                        lambda n: n <= 120, note=f"eager {record.get('eager_kernels')}")
+            suite.judge(f"{name}: device kernels per step (default path, optimizer included)", record["lash-default_kernels"],
+                        "≤ 120", lambda n: n <= 120,
+                        note=f"eager {record.get('eager_kernels')}, lash eager kernels {record.get('lash_kernels')}")  # fmt: skip
 
 
 def host_syncs(suite: Suite) -> None:

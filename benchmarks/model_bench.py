@@ -24,7 +24,7 @@ from lash_kernels import values_checked
 
 DIM, LAYERS, HEADS, SEQ_LEN, BATCH = 64, 4, 4, 32, 64  # the seed configuration
 WEIGHTS = {layer: 1.0 / LAYERS for layer in range(1, LAYERS + 1)}  # every exit supervised
-TRAIN_PROVIDERS = ("eager", "lash", "lash-compile")
+TRAIN_PROVIDERS = ("eager", "lash", "lash-compile", "lash-default")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
@@ -55,9 +55,17 @@ def train_step_call(provider: str, vocab: int, precision: str = "fp32", batch: i
 
         if provider == "lash-compile":
             loss_fn = compiled(loss_fn)
+    elif provider == "lash-default":  # what Trainer.train_epoch runs, no flags: on CUDA compiled, fused AdamW
+        model = DeepSupervisionTransformer(vocab, DIM, LAYERS, HEADS, max_seq_len=SEQ_LEN).to(DEVICE)
+        trainer = Trainer(TrainingConfig(layer_weights=WEIGHTS), vocab, DEVICE, progress=False, precision=precision)
+        trainer_optimizer = trainer.create_optimizer(model, 1e-3)
+
+        def loss_fn():
+            with trainer._autocast(), values_checked():
+                return trainer.runner(x, y)
     else:
         raise ValueError(f"unknown provider {provider!r}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = trainer_optimizer if provider == "lash-default" else torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def step():
         optimizer.zero_grad(set_to_none=True)

@@ -25,7 +25,7 @@ from measure import ON_GPU, compile_counts, peak_memory_bytes
 from model_bench import BATCH, DIM, LAYERS, SEQ_LEN, train_step_call
 
 VOCABS = [16384, 65536] if ON_GPU else [4096]
-PROVIDERS = ["eager", "lash", "lash-compile"] if ON_GPU else ["eager", "lash"]
+PROVIDERS = ["eager", "lash", "lash-compile", "lash-default"] if ON_GPU else ["eager", "lash", "lash-default"]
 PRECISIONS = ["fp32", "bf16"] if ON_GPU else ["fp32"]
 
 
