@@ -13,7 +13,7 @@ inference a token the phase-1 layers are confident about exits there (two-stage 
 rest go deeper.
 
 Everything reported is measured on the validation split, which nothing else looks at.
-``protocol="original"`` instead repeats the original description's protocol in phase 2 (hard
+``protocol="original"`` instead repeats the original implementation's protocol in phase 2 (hard
 tokens mined from the validation set, phase 2 trained, selected and measured on them as
 single-token sequences) so its published table can be compared like for like.
 """
@@ -35,7 +35,7 @@ from lash.early_stopping import EarlyStopping, load_progress, save_progress
 from lash.evaluation import evaluate
 from lash.losses import exit_statistics
 from lash.models import DeepSupervisionTransformer
-from lash.progress import duration, log_progress
+from lash.utils import duration, log_progress
 from lash.trainer import Trainer
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -67,16 +67,27 @@ class HardExamples(NamedTuple):
         return TokenBatches(self.inputs, self.targets, batch_size, shuffle, seed, weights)
 
     def single_tokens(self) -> HardExamples:
-        """Each hard token alone as a length-1 sequence: the original description's phase-2 data (no context)."""
+        """Each hard token alone as a length-1 sequence: the original implementation's phase-2 data (no context)."""
         x, y = self.inputs[self.hard][:, None], self.targets[self.hard][:, None]  # (m, 1)
         return HardExamples(x, y, torch.ones_like(x, dtype=torch.bool))
 
 
+class ScoredTokens(NamedTuple):
+    """Every token of some batches with the confidence of a model's output layer, ``(n, T)`` each."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    confidence: torch.Tensor
+
+    def hard_examples(self, threshold: float) -> HardExamples:
+        """The sequences with the mask of tokens whose confidence is below ``threshold``."""
+        return HardExamples(self.inputs, self.targets, self.confidence < threshold)
+
+
 @torch.no_grad()
-def _token_confidence(
-    model: DeepSupervisionTransformer, batches: Batches, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inputs, targets and the output layer's confidence of every token ``(n, T)``, over ``batches``."""
+def score_tokens(model: DeepSupervisionTransformer, batches: Batches, device: str | torch.device = "cpu") -> ScoredTokens:
+    """The output layer's max softmax probability for every token of ``batches``, in their order."""
+    device = torch.device(device)
     model.eval()
     xs, ys, confs = [], [], []
     for x, y in batches:
@@ -84,12 +95,7 @@ def _token_confidence(
         confs.append(exit_statistics(h, model.output_head.weight, y.to(device)).confidence[0].view_as(x).cpu())
         xs.append(x)
         ys.append(y)
-    return torch.cat(xs), torch.cat(ys), torch.cat(confs)
-
-
-def last_layer_confidence(model: DeepSupervisionTransformer, batches: Batches, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Max softmax probability of the model's last layer for every token: ``(n, T)``."""
-    return _token_confidence(model, batches, torch.device(device))[2]
+    return ScoredTokens(torch.cat(xs), torch.cat(ys), torch.cat(confs))
 
 
 def compute_confidence_threshold(confidence: torch.Tensor, hard_example_ratio: float) -> float:
@@ -98,14 +104,6 @@ def compute_confidence_threshold(confidence: torch.Tensor, hard_example_ratio: f
         raise ValueError(f"hard_example_ratio={hard_example_ratio} is outside (0, 1)")
     ordered = confidence.flatten().sort().values
     return ordered[min(int(hard_example_ratio * ordered.numel()), ordered.numel() - 1)].item()
-
-
-def collect_hard_examples(
-    model: DeepSupervisionTransformer, batches: Batches, threshold: float, device: str | torch.device = "cpu"
-) -> HardExamples:
-    """Every sequence of ``batches`` with the mask of tokens whose confidence is below ``threshold``."""
-    inputs, targets, confidence = _token_confidence(model, batches, torch.device(device))
-    return HardExamples(inputs, targets, confidence < threshold)
 
 
 def extend_model(model: DeepSupervisionTransformer, phase2_layers: int) -> DeepSupervisionTransformer:
@@ -372,13 +370,13 @@ def run_phase2(
     original = config.protocol == "original"
     # Scored in stored order: the hard examples' order then never depends on phase 1's epoch count.
     splits = {"val": val_batches} if original else {"train": train_batches.in_order(), "dev": dev_batches, "val": val_batches}
-    scored = {name: _token_confidence(model1, batches, device) for name, batches in splits.items()}
-    mined_conf = scored["val" if original else "train"][2]
+    scored = {name: score_tokens(model1, batches, device) for name, batches in splits.items()}
+    mined_conf = scored["val" if original else "train"].confidence
     threshold = compute_confidence_threshold(mined_conf, config.hard_example_ratio)
-    hard = {name: HardExamples(x, y, conf < threshold) for name, (x, y, conf) in scored.items()}
+    hard = {name: tokens.hard_examples(threshold) for name, tokens in scored.items()}
     seconds["mining"] = time.perf_counter() - start
     if original:
-        # The seed trains, selects and measures phase 2 on the validation hard tokens, one token at a time.
+        # The original protocol trains, selects and measures phase 2 on the validation hard tokens, one token at a time.
         train_hard = dev_hard = val_hard = hard["val"].single_tokens()
         routing_check = None
     else:
@@ -462,7 +460,7 @@ def run_ashem(
     ``config.dev_fraction`` of the training sequences become the dev slice: early stopping and
     model selection in both phases look at it alone, and the validation split is only measured
     for the report (except under ``protocol="original"``, whose phase 2 uses it as the
-    original description did).
+    original implementation did).
 
     Args:
         config: the ASHEM settings (depths, learning rates, patience, freezing, protocol).

@@ -20,16 +20,12 @@ import random
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from lash import parallel
 from lash.files import write_atomic
-
-if TYPE_CHECKING:
-    from lash.trainer import Trainer
 
 FORMAT = "lash-checkpoint-v2"
 OLD_FORMAT = "lash-checkpoint-v1"
@@ -214,13 +210,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def set_seed(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def check_resumable(
     payload: dict[str, Any],
     path: str | Path,
@@ -270,81 +259,8 @@ def check_resumable(
                 )
 
 
-def save_training(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sections: dict[str, Any], *,
-                  sharded: bool, write: bool) -> None:  # fmt: skip
-    """Save a training run atomically: model, optimizer and RNG states plus ``sections``
-    (``trainer`` state, ``config``, ``extra``).
-
-    Every process takes part in gathering a sharded model's state; only ``write`` ones write.
-    """
-    model_state, optim_state = parallel.full_states(model, optimizer, sharded)
+def save_run(path: str | Path, state: dict[str, Any], *, write: bool) -> None:
+    """Save a training run's ``state`` (a trainer's ``state_dict()`` and ``extra``) with the RNG
+    states, atomically; only processes with ``write`` write."""
     if write:
-        save_atomic({"model": model_state, "optimizer": optim_state, "rng": rng_state(), **sections}, path)
-
-
-def load_training(
-    path: str | Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    config: dict[str, Any],
-    settings: dict[str, Any],
-    has_scheduler: bool,
-    sharded: bool,
-) -> dict[str, Any]:
-    """Check a saved run against this one (see :func:`check_resumable`), then load its model,
-    optimizer and RNG states; return the payload (for the trainer's own state and ``extra``).
-
-    Nothing changes unless every check passes.
-    """
-    payload = load(path)
-    check_model_state(payload["model"], model, path)
-    check_resumable(payload, path, config, settings, optimizer, has_scheduler)
-    parallel.load_full_states(model, optimizer, payload["model"], payload["optimizer"], sharded)
-    set_rng_state(payload["rng"])
-    return payload
-
-
-def _trainer_settings(trainer: Trainer) -> dict[str, Any]:
-    """The settings a resumed run must share with the saved one."""
-    warmup, total, floor = trainer.schedule
-    return {"grad_accum_steps": trainer.grad_accum_steps, "warmup_steps": warmup, "total_steps": total,
-            "min_lr_ratio": floor, "precision": trainer.precision}  # fmt: skip
-
-
-def _trained_pair(trainer: Trainer, action: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    if trainer.model is None or trainer.optimizer is None:
-        raise ValueError(f"{action} needs a model and optimizer: call create_optimizer first")
-    return trainer.model, trainer.optimizer
-
-
-def save_trainer(path: str | Path, trainer: Trainer, extra: dict[str, Any] | None = None) -> None:
-    """Save ``trainer``'s model and optimizer (those of its last ``create_optimizer``), its
-    progress counters, schedule, scaler and settings, the RNG states and ``extra``."""
-    model, optimizer = _trained_pair(trainer, "save_checkpoint")
-    state = {
-        "epochs_trained": trainer.epochs_trained,
-        "global_step": trainer.global_step,
-        "batches_into_epoch": trainer.batches_into_epoch,
-        "partial_epoch_loss": list(trainer.partial_epoch_loss),
-        "scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
-        "scaler": trainer.scaler.state_dict(),
-        "settings": _trainer_settings(trainer),
-    }
-    sections = {"trainer": state, "config": trainer.config.as_dict(), "extra": extra or {}}
-    save_training(path, model, optimizer, sections, sharded=trainer.is_sharded, write=trainer.is_main)
-
-
-def load_trainer(path: str | Path, trainer: Trainer) -> dict[str, Any]:
-    """Restore what :func:`save_trainer` saved into ``trainer`` (checked first by
-    :func:`load_training`: nothing changes unless it fits); return the checkpoint's ``extra``."""
-    model, optimizer = _trained_pair(trainer, "load_checkpoint")
-    payload = load_training(path, model, optimizer, trainer.config.as_dict(), _trainer_settings(trainer),
-                            trainer.scheduler is not None, trainer.is_sharded)  # fmt: skip
-    state = payload["trainer"]
-    if trainer.scheduler is not None:
-        trainer.scheduler.load_state_dict(state["scheduler"])
-    trainer.scaler.load_state_dict(state["scaler"])
-    trainer.epochs_trained, trainer.global_step = state["epochs_trained"], state["global_step"]
-    trainer.batches_into_epoch = state["batches_into_epoch"]
-    trainer.partial_epoch_loss = tuple(state["partial_epoch_loss"])
-    return payload["extra"]
+        save_atomic({**state, "rng": rng_state()}, path)

@@ -24,7 +24,6 @@ import torch
 from lash import threads as lash_threads
 from lash.ashem import ASHEMResult, run_phase1, run_phase2, split_dev
 from lash.ashem_store import ASHEMStore
-from lash.checkpoint import set_seed
 from lash.config import PROTOCOLS, ASHEMConfig, TrainingConfig, create_standard_config
 from lash.data import load_dataset
 from lash.distributed import shutdown_distributed
@@ -32,7 +31,7 @@ from lash.files import check_writable_dir, write_atomic
 from lash.models import DeepSupervisionTransformer
 from lash.report import summary_table, write_report
 from lash.parallel import DISTRIBUTED, PRECISIONS
-from lash.progress import duration
+from lash.utils import duration, set_seed
 from lash.trainer import NonFiniteLossError, Trainer
 from lash.validation import check_device, check_int, check_real
 

@@ -24,7 +24,7 @@ class TrainingConfig:
             one learning rate for everything.
         routing_threshold: early exit at evaluation and inference: a token whose confidence at
             ``exit_layer`` is >= this takes that layer's prediction (:mod:`lash.routing`'s rule).
-            ``None`` turns routing off; so does 0, the original description's spelling of "off", which is
+            ``None`` turns routing off; so does 0, the original implementation's spelling of "off", which is
             stored as ``None`` (everywhere else 0 sends every token out early).
         exit_layer: the layer tokens may exit at; must be shallower than the output layer.
     """
@@ -49,7 +49,7 @@ class TrainingConfig:
             for layer, scale in self.layer_lr_scales.items():
                 check_layer_index("layer_lr_scales", layer)
                 check_real(f"layer_lr_scales[{layer}]", scale, 0.0, low_open=True)
-        self.routing_threshold = check_threshold(self.routing_threshold) or None  # the original description's 0 = off
+        self.routing_threshold = check_threshold(self.routing_threshold) or None  # 0 = off, kept for compatibility (README)
         check_layer_index("exit_layer", self.exit_layer)
 
     @property
@@ -77,7 +77,7 @@ class TrainingConfig:
         return {
             "layer_weights": dict(self.layer_weights),
             "layer_lr_scales": None if self.layer_lr_scales is None else dict(self.layer_lr_scales),
-            "routing_threshold": self.routing_threshold or 0.0,  # files keep the original description's 0 = off
+            "routing_threshold": self.routing_threshold or 0.0,  # files keep 0 = off, for compatibility (README)
             "exit_layer": self.exit_layer,
         }
 
@@ -137,7 +137,7 @@ def create_standard_config(num_layers: int, **options) -> TrainingConfig:
 
 
 def create_deep_supervision_config(num_layers: int, **options) -> TrainingConfig:
-    """Deep supervision: every layer weighs ``1 / num_layers`` (the original description shows 0.33 for 3 layers)."""
+    """Deep supervision: every layer weighs ``1 / num_layers`` (0.33 each for 3 layers, as the original implementation does)."""
     check_int("num_layers", num_layers, 1)
     weights = {layer: 1.0 / num_layers for layer in range(1, num_layers + 1)}
     return TrainingConfig(layer_weights=weights, **options)
@@ -166,7 +166,7 @@ class ASHEMConfig:
             the phase-1 model did. Off by default: training the head (it is shared, so the exit
             layer's answers move too) measured better hard-token and routing PPL (README).
         protocol: ``"held-out"`` mines hard tokens from the training data and reports validation
-            numbers only; ``"original"`` repeats the original description's protocol (hard tokens mined from the
+            numbers only; ``"original"`` repeats the original implementation's protocol (hard tokens mined from the
             validation set, phase 2 trained and measured on them as single-token sequences).
         dev_fraction: share of the training sequences held out as the dev slice that early
             stopping and model selection use in both phases (the validation split is only reported).

@@ -384,6 +384,6 @@ def load_dataset(
 def create_wikitext_dataloaders(
     num_samples: int, batch_size: int, seq_len: int = 32, seed: int = 42, max_vocab: int | None = None
 ) -> tuple[TokenBatches, TokenBatches, int]:
-    """WikiText-2 as ``(train_batches, val_batches, vocab_size)``, as the original description's experiments use it."""
+    """WikiText-2 as ``(train_batches, val_batches, vocab_size)``, as the original implementation's experiments use it."""
     data = load_dataset("wikitext-2", num_samples, batch_size, seq_len, seed, max_vocab)
     return data.train, data.val, data.vocab_size

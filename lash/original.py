@@ -1,4 +1,4 @@
-"""The model of the original description, restated step by step in eager PyTorch.
+"""The model of the original implementation, restated step by step in eager PyTorch.
 
 It keeps the original code's derived buffers (``rope.inv_freq``, ``causal_mask``) in its state dict,
 as that code's checkpoints do, and computes attention by hand. Tests use it to check that

@@ -237,7 +237,7 @@ def calibrate_threshold(
         target_shallow_ratio: in [0, 1]: the threshold at which this fraction of the tokens has
             exit confidence ``>= threshold`` (ties may add a few).
         max_accuracy_drop: in [0, 1]: the lowest threshold whose *selection-based* accuracy
-            (the original description's ``Trainer.evaluate`` rule: exited tokens scored with the exit layer's
+            (the original implementation's ``Trainer.evaluate`` rule: exited tokens scored with the exit layer's
             prediction, the rest with the last layer's, all layers computed normally) is at
             least the last layer's accuracy minus this drop. The early-exit path
             (:func:`early_exit_forward`) can score a little differently, since deep tokens see

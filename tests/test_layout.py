@@ -1,7 +1,9 @@
 """The shape of both packages, ``lash`` and ``lash_kernels``: every module imports; no import
-cycle (function-level imports and dotted module paths in strings, as ``importlib`` loads them, count);
-``lash.models`` never reaches back for routing or generation; no module hidden behind a
-same-named package attribute; files of at most 500 lines and classes of at most 250."""
+cycle (function-level imports, ``TYPE_CHECKING`` imports and dotted module paths in strings, as
+``importlib`` loads them, count); nothing private imported across packages; ``lash.models``
+never reaches back for routing or generation; no module hidden behind a same-named package
+attribute; no free function of ``lash.trainer`` that takes the trainer (a method in hiding);
+files of at most 500 lines and classes of at most 250."""
 
 import ast
 import importlib
@@ -28,19 +30,15 @@ def _modules(package) -> dict[str, Path]:
 MODULES = {**_modules(lash), **_modules(lash_kernels)}
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    return isinstance(node.test, (ast.Name, ast.Attribute)) and ast.unparse(node.test).endswith("TYPE_CHECKING")
-
-
 def _imports(module: str, path: Path) -> set[str]:
-    """The modules ``module`` loads at run time. Edges into its own enclosing packages are left
-    out: a package imports its submodules, which import the package back for nothing else."""
+    """The modules ``module`` imports, at run time or for annotations (``TYPE_CHECKING``): a
+    circle held apart by annotations is still a circle for a reader. Edges into its own enclosing
+    packages are left out: a package imports its submodules, which import the package back for
+    nothing else."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            return  # annotations only: never executed
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -87,6 +85,35 @@ def test_no_import_cycle():
 
     for module in sorted(GRAPH):
         walk(module, [])
+
+
+def _package(module: str) -> str:
+    return module if MODULES[module].name == "__init__.py" else module.rpartition(".")[0]
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_nothing_private_is_imported_across_packages(module):
+    """A name with a leading underscore stays in its package; a private module (``_launch``)
+    stays in its top-level package (``lash`` uses ``lash_kernels``' public names only)."""
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        if not isinstance(node, ast.ImportFrom) or node.level or node.module not in MODULES:
+            continue
+        names = [alias.name for alias in node.names if _private(alias.name)]
+        assert not names or _package(node.module) == _package(module), f"{module} imports {names} from {node.module}"
+        if node.module.split(".")[0] != module.split(".")[0]:
+            assert not any(_private(part) for part in node.module.split(".")), f"{module} imports the private {node.module}"
+
+
+def test_no_free_function_of_the_trainer_takes_the_trainer():
+    for node in ast.parse(MODULES["lash.trainer"].read_text()).body:
+        if isinstance(node, ast.FunctionDef) and node.args.args:
+            first = node.args.args[0]
+            annotation = ast.unparse(first.annotation) if first.annotation else ""
+            assert first.arg != "trainer" and "Trainer" not in annotation, f"lash.trainer.{node.name} takes the trainer"
 
 
 def test_the_kernels_never_import_lash():

@@ -9,13 +9,12 @@ from lash import ASHEMConfig, DeepSupervisionTransformer, load_dataset
 from lash.ashem import (
     IGNORE_INDEX,
     ASHEMResult,
-    collect_hard_examples,
     compute_confidence_threshold,
     evaluate_on_hard_examples,
     extend_model,
     freeze_lower_layers,
-    last_layer_confidence,
     run_ashem,
+    score_tokens,
     _phase2_config,
     train_phase2,
 )
@@ -24,6 +23,12 @@ from lash.optim import create_optimizer
 from lash.report import load_results, write_report
 
 TINY = ASHEMConfig(phase1_layers=1, phase2_layers=2, phase1_max_epochs=2, phase2_max_epochs=2, phase2_lr=1e-3)
+
+
+def _mine(model, batches, ratio):
+    """The hard examples of ``batches``: the ``ratio`` of their tokens the model is least sure of."""
+    scored = score_tokens(model, batches)
+    return scored.hard_examples(compute_confidence_threshold(scored.confidence, ratio))
 
 
 @pytest.fixture(scope="module")
@@ -38,20 +43,22 @@ def result(data):
 
 def test_threshold_gives_target_hard_ratio_on_training_tokens(data):
     model = DeepSupervisionTransformer(data.vocab_size, dim=16, num_layers=1, num_heads=2)
-    conf = last_layer_confidence(model, data.train)
+    scored = score_tokens(model, data.train)
+    conf = scored.confidence
     assert conf.shape == data.train.inputs.shape and ((conf > 0) & (conf <= 1)).all()
     for ratio in (0.2, 0.5, 0.7):
         threshold = compute_confidence_threshold(conf, ratio)
-        hard = collect_hard_examples(model, data.train, threshold)
+        hard = scored.hard_examples(threshold)
         assert abs(hard.ratio - ratio) <= 0.02
-        torch.testing.assert_close(hard.hard, last_layer_confidence(model, hard.batches(32)) < threshold)
+        torch.testing.assert_close(hard.hard, score_tokens(model, hard.batches(32)).confidence < threshold)
     with pytest.raises(ValueError, match=r"hard_example_ratio=1.0 is outside \(0, 1\)"):
         compute_confidence_threshold(conf, 1.0)
 
 
 def test_loss_mask_covers_exactly_the_hard_tokens(data):
     model = DeepSupervisionTransformer(data.vocab_size, dim=16, num_layers=1, num_heads=2)
-    hard = collect_hard_examples(model, data.train, 0.5 * last_layer_confidence(model, data.train).median().item() * 2)
+    scored = score_tokens(model, data.train)
+    hard = scored.hard_examples(scored.confidence.median().item())
     seen_x, seen_y = [], []
     for x, y in hard.batches(32, shuffle=True):
         seen_x.append(x)
@@ -83,7 +90,7 @@ def test_extend_and_freeze_keep_phase1_function_and_weights(data):
     assert set(frozen) == {"embedding.weight", "output_head.weight"} | {
         n for n, _ in model2.named_parameters() if n.startswith("layers.0.")
     }
-    hard = collect_hard_examples(model1, data.train, compute_confidence_threshold(last_layer_confidence(model1, data.train), 0.5))
+    hard = _mine(model1, data.train, 0.5)
     before = {n: p.detach().clone() for n, p in model2.named_parameters() if p.requires_grad}
     train_phase2(model2, hard, hard, TINY, batch_size=32, progress=False, verbose=False)
     for name, p in model2.named_parameters():
@@ -97,7 +104,7 @@ def test_extend_and_freeze_keep_phase1_function_and_weights(data):
 
 def test_evaluate_on_hard_examples_counts_only_hard_tokens(data):
     model = DeepSupervisionTransformer(data.vocab_size, dim=16, num_layers=1, num_heads=2)
-    hard = collect_hard_examples(model, data.val, compute_confidence_threshold(last_layer_confidence(model, data.val), 0.3))
+    hard = _mine(model, data.val, 0.3)
     stats = evaluate_on_hard_examples(model, hard, batch_size=16)
     assert stats["tokens"] == int(hard.hard.sum())
     with torch.no_grad():
@@ -163,8 +170,9 @@ def test_phase2_keeps_its_start_when_training_only_hurts(data):
 def test_phase2_keeps_the_best_epoch_whose_routing_is_no_worse(data, monkeypatch):
     """Scripted dev losses: epoch 2 has the best hard loss but worse routing than the start, so epoch 1 is kept."""
     model1 = DeepSupervisionTransformer(data.vocab_size, dim=16, num_layers=1, num_heads=2)
-    threshold = compute_confidence_threshold(last_layer_confidence(model1, data.train), 0.5)
-    hard = collect_hard_examples(model1, data.train, threshold)
+    scored = score_tokens(model1, data.train)
+    threshold = compute_confidence_threshold(scored.confidence, 0.5)
+    hard = scored.hard_examples(threshold)
     model2 = extend_model(model1, 2)
     hard_losses, routing_losses, states = iter([2.0, 1.9, 1.5, 1.95]), iter([1.0, 0.9, 1.1, 0.95]), []
 
@@ -182,7 +190,7 @@ def test_phase2_keeps_the_best_epoch_whose_routing_is_no_worse(data, monkeypatch
 
 def test_phase2_variants_weight_easy_tokens_and_scale_lower_layers(data):
     model1 = DeepSupervisionTransformer(data.vocab_size, dim=16, num_layers=1, num_heads=2)
-    hard = collect_hard_examples(model1, data.train, compute_confidence_threshold(last_layer_confidence(model1, data.train), 0.5))
+    hard = _mine(model1, data.train, 0.5)
     x, y, w = next(iter(hard.batches(500, easy_weight=0.25)))
     assert torch.equal(y, hard.targets) and torch.equal(w, torch.where(hard.hard, 1.0, 0.25))
     config = ASHEMConfig(**{**TINY.__dict__, "phase2_easy_weight": 0.25, "freeze_lower_layers": False, "lower_lr_scale": 0.1})

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from lash.ashem import ASHEMResult
-from lash.report import SEED_REFERENCE, aggregate, load_results, results_markdown, summary_table, write_report
+from lash.report import PUBLISHED_REFERENCE, aggregate, load_results, results_markdown, summary_table, write_report
 
 
 def phase(ppl, layers, epochs=2, start=False):
@@ -68,7 +68,7 @@ def test_results_markdown_sections():
     assert "## Seed 1: history (dev slice)" in md and "| 2 | 2.5000 | 2.9000 | 2.90 |" in md
     assert "| 0 | – | 3.2000 | 3.0000 |" in md and "| 1 | 3.0000 | 3.1000 | 2.8000 |" in md
     assert "| seed | phase1 | phase2 |" in md and "| 0 | 1.0 | 2.5 |" in md
-    assert f"Phase-1 PPL {SEED_REFERENCE['phase1_ppl']:.0f}" in md
+    assert f"Phase-1 PPL {PUBLISHED_REFERENCE['phase1_ppl']:.0f}" in md
 
 
 def test_write_report_publishes_every_file_and_reads_back(tmp_path):

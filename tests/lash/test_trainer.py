@@ -207,7 +207,7 @@ EPOCHS, STEPS = 3, 9
 
 def resume_run(tmp_path, stop_at=None, resume_from=None):
     """Train (from scratch or ``resume_from``) until ``stop_at`` or the end; return what it ended with."""
-    from lash.checkpoint import set_seed
+    from lash.utils import set_seed
     from lash.data import TokenBatches
 
     set_seed(7)

@@ -1,9 +1,12 @@
-"""Progress lines for people watching a run: logged, and printed beside the tqdm bars."""
+"""What every part of a run shares: seeding, progress lines for people watching it, durations."""
 
 from __future__ import annotations
 
 import logging
+import random
 
+import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 logger = logging.getLogger("lash")
@@ -23,3 +26,10 @@ def duration(seconds: float) -> str:
     """``"42 s"``, ``"3 min 07 s"``."""
     minutes, rest = divmod(round(seconds), 60)
     return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
