@@ -128,7 +128,7 @@ def run(args) -> list[dict]:
         prompt = val[:batch, : args.prompt].to(DEVICE)
         modes = [("plain", {})] + [(f"early exit ~{share:.0%}", {"routing_threshold": t}) for share, t in levels.items()]
         if batch > 1:  # the whole batch exits only when every row is confident
-            modes += [("early exit ~70%, batch rule", {"routing_threshold": levels[0.7], "exit_rule": "batch"})]
+            modes += [("early exit ~70%, batch rule", {"routing_threshold": levels[0.7], "exit_batching": "batch"})]
         modes += [(f"speculative, {k} drafts", {"speculative": True, "draft_tokens": k}) for k in (2, 4, 6)]
         plain_time = None
         for name, kwargs in modes:

@@ -28,6 +28,8 @@ import torch
 from lash.files import write_atomic
 
 FORMAT = "lash-checkpoint-v2"
+# Config fields that only evaluation reads (the exit rule): a resumed run may change them.
+EVALUATION_ONLY = ("routing_threshold", "exit_layer")
 OLD_FORMAT = "lash-checkpoint-v1"
 # What a v1 file holds besides tensors: the config object and NumPy's RNG state (NumPy 2 moved
 # numpy.core to numpy._core). Anything else marks a foreign, possibly malicious, file.
@@ -223,7 +225,7 @@ def check_resumable(
     Args:
         payload: what :func:`load` returned.
         path: the file, for messages.
-        config: this run's ``TrainingConfig.as_dict()``.
+        config: this run's ``TrainingConfig.as_dict()``; the exit rule (:data:`EVALUATION_ONLY`) may differ.
         settings: this run's trainer settings (accumulation, schedule, precision).
         optimizer: this run's optimizer, whose param groups' settings must match.
         has_scheduler: whether this run has a learning-rate schedule.
@@ -237,7 +239,9 @@ def check_resumable(
         raise ValueError(f"checkpoint {path} is damaged: its trainer partial_epoch_loss is {partial!r}")
     if "settings" not in state or not isinstance(state["settings"], (dict, type(None))) or not isinstance(state.get("scaler"), dict):
         raise ValueError(f"checkpoint {path} is damaged: its trainer settings or scaler state are missing")
-    if payload["config"] != config:
+    trained = {key: value for key, value in config.items() if key not in EVALUATION_ONLY}
+    saved_config = payload["config"] if isinstance(payload["config"], dict) else {}
+    if {key: value for key, value in saved_config.items() if key not in EVALUATION_ONLY} != trained:
         raise ValueError(f"checkpoint {path} was trained with {payload['config']}, this trainer has {config}")
     saved_settings = state["settings"] or settings  # None: converted from v1, which did not record them
     for key, mine in settings.items():

@@ -40,7 +40,7 @@ QUICK = {"samples": 1200, "dim": 64, "phase1_max_epochs": 3, "phase2_max_epochs"
 # Flags a resumed run may change; every other one must match the checkpoint's run. More epochs
 # or steps extend a run (under --cosine they move the schedule's end, which the trainer refuses).
 RESUME_MAY_CHANGE = {"resume", "out", "stop_at_step", "epochs", "max_steps", "no_progress", "overwrite", "device",
-                     "distributed", "compile", "threads"}  # fmt: skip
+                     "distributed", "compile", "threads", "routing_threshold", "exit_layer"}  # fmt: skip
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -326,8 +326,7 @@ def run_train_command(args: argparse.Namespace, command: str) -> int:
         distributed=args.distributed,
     )  # fmt: skip
     model = DeepSupervisionTransformer(
-        data.vocab_size, args.dim, args.num_layers, args.num_heads, max_seq_len=args.seq_len,
-        exit_layer=args.exit_layer, routing_threshold=config.routing_threshold,
+        data.vocab_size, args.dim, args.num_layers, args.num_heads, max_seq_len=args.seq_len
     ).to(trainer.device)  # fmt: skip
     optimizer = trainer.create_optimizer(model, args.lr, args.weight_decay)
     out = Path(args.out)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lash.validation import check_bool, check_exit_layer, check_int, check_layer_index, check_real, check_threshold
+from lash.exit_rule import ExitRule, routing_rule
+from lash.validation import check_bool, check_exit_layer, check_int, check_layer_index, check_real
 
 
 @dataclass
@@ -49,13 +50,19 @@ class TrainingConfig:
             for layer, scale in self.layer_lr_scales.items():
                 check_layer_index("layer_lr_scales", layer)
                 check_real(f"layer_lr_scales[{layer}]", scale, 0.0, low_open=True)
-        self.routing_threshold = check_threshold(self.routing_threshold) or None  # 0 = off, kept for compatibility (README)
         check_layer_index("exit_layer", self.exit_layer)
+        rule = routing_rule(self.routing_threshold, self.exit_layer)  # 0 = off (README, "Compatibility")
+        self.routing_threshold = None if rule is None else rule.threshold
+
+    @property
+    def exit_rule(self) -> ExitRule | None:
+        """The early-exit rule evaluation applies (``None``: routing off)."""
+        return routing_rule(self.routing_threshold, self.exit_layer)
 
     @property
     def has_routing(self) -> bool:
         """Whether evaluation routes confident tokens out at ``exit_layer``."""
-        return self.routing_threshold is not None
+        return self.exit_rule is not None
 
     @property
     def has_layer_lr(self) -> bool:

@@ -23,7 +23,7 @@ Modes:
   The prompt is prefilled by every layer, not routed. With several rows, each row exits on its
   own confidence and a step goes deep when any row does not exit, carrying every row's pending
   tokens (under ``"propagate"``, an exited row keeps its exit state in that step's deep
-  layers); ``exit_rule="batch"`` instead lets a step exit only when every row is confident, so
+  layers); ``exit_batching="batch"`` instead lets a step exit only when every row is confident, so
   that a step that goes deep answers every row from the last layer (same cost, never a worse
   answer). Pending tokens are filled at the latest every :data:`MAX_PENDING` tokens, so a deep
   call has at most ``MAX_PENDING + 1`` rows.
@@ -56,11 +56,12 @@ from typing import Any, Protocol
 import torch
 
 from lash.losses import confidence
-from lash.routing import compute_cost, exits
+from lash.exit_rule import ExitRule
+from lash.routing import compute_cost
 
 MAX_PENDING = 15  # exited tokens an early-exit row may owe the deep layers before a step fills them
 DEEP_FILLS = ("recompute", "propagate")
-EXIT_RULES = ("row", "batch")
+EXIT_BATCHING = ("row", "batch")
 
 
 class Parts(Protocol):
@@ -223,9 +224,10 @@ def _plain(parts: Parts, state: DecodeState, record: _Record, sampler: Sampler) 
 
 
 def _early_exit(
-    parts: Parts, state: DecodeState, record: _Record, sampler: Sampler, exit_layer: int, threshold: float,
-    deep_fill: str, exit_rule: str,
+    parts: Parts, state: DecodeState, record: _Record, sampler: Sampler, rule: ExitRule, deep_fill: str,
+    exit_batching: str,
 ) -> None:  # fmt: skip
+    exit_layer = rule.exit_layer
     shallow, deep = range(exit_layer), range(exit_layer, parts.num_layers)
     col = filled = record.start  # filled: the deep caches hold every column before it
     while record.more:
@@ -233,8 +235,8 @@ def _early_exit(
         h = parts.run(parts.embed(x), col, state.positions[:, col : col + 1], shallow, state)
         state.exit_states[:, col] = h[:, 0]
         logits = parts.head(h[:, 0])  # (B, V)
-        exited = exits(confidence(logits), threshold)  # (B,)
-        if exit_rule == "batch":
+        exited = rule.exits(confidence(logits))  # (B,)
+        if exit_batching == "batch":
             exited = exited.all().expand_as(exited)
         goes_deep, stopped = divmod(int(2 * (~exited).any() + record.done.all()), 2)  # the one host read of the step
         if record.stop.eos is not None and stopped:  # every row stopped at an earlier token
@@ -359,7 +361,7 @@ def decode(
     routing_threshold: float | None = None,
     draft_tokens: int = 4,
     deep_fill: str = "recompute",
-    exit_rule: str = "row",
+    exit_batching: str = "row",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Decode after ``input_ids`` (B, T0), left-padded where ``attention_mask`` (B, T0) is 0.
 
@@ -392,7 +394,7 @@ def decode(
         _plain(parts, state, record, sampler)
     elif mode == "early_exit":
         state.exit_states = h.new_empty(B, T0 + room, h.shape[-1])  # (B, S, D)
-        _early_exit(parts, state, record, sampler, exit_layer, routing_threshold, deep_fill, exit_rule)
+        _early_exit(parts, state, record, sampler, ExitRule(routing_threshold, exit_layer), deep_fill, exit_batching)
     else:
         _speculative(parts, state, record, sampler, exit_layer, draft_tokens)
     return record.finish(state.valid), record.stats(parts.num_layers, exit_for_stats)

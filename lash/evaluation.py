@@ -19,7 +19,7 @@ from lash.distributed import all_reduce_sum
 from lash.losses import exit_statistics
 from lash.models import StandardTransformer
 from lash.parallel import autocast
-from lash.routing import compute_cost, exits
+from lash.routing import compute_cost
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -65,6 +65,7 @@ def evaluate(
     config.validate_for(model.num_layers)
     was_training = model.training
     model.eval()
+    rule = config.exit_rule
     L, out, exit_ = model.num_layers, config.output_layer - 1, config.exit_layer - 1
     zeros = torch.zeros(L, device=device, dtype=torch.float64)
     layer_loss, layer_hits = zeros.clone(), zeros.clone()  # (L,) sums over tokens
@@ -78,8 +79,8 @@ def evaluate(
         layer_loss += (stats.token_loss * valid).sum(dim=1)
         layer_hits += hit.sum(dim=1)
         routed[3] += valid.sum()
-        if config.has_routing:
-            exited = exits(stats.confidence[exit_], config.routing_threshold) & valid  # (N,)
+        if rule is not None:
+            exited = rule.exits(stats.confidence[exit_]) & valid  # (N,)
             routed[0] += torch.where(exited, stats.token_loss[exit_], stats.token_loss[out]).mul(valid).sum()
             routed[1] += torch.where(exited, hit[exit_], hit[out]).sum()
             routed[2] += exited.sum()

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from lash.decoding import DEEP_FILLS, EXIT_RULES, DecodeState, Sampler, Stop, decode
+from lash.decoding import DEEP_FILLS, EXIT_BATCHING, DecodeState, Sampler, Stop, decode
+from lash.exit_rule import ExitRule
 from lash.modules.attention import LayerCache, additive_mask
 from lash.validation import check_exit_layer, check_index, check_int, check_real, check_threshold, check_token_ids
 from lash_kernels import apply_rotary
@@ -115,14 +116,14 @@ def _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k,
     check_token_ids(input_ids, model.vocab_size)
 
 
-def decoding_mode(speculative: bool, routing_threshold: float | None, deep_fill: str, exit_rule: str) -> str:
+def decoding_mode(speculative: bool, routing_threshold: float | None, deep_fill: str, exit_batching: str) -> str:
     """The mode :func:`lash.decoding.decode` runs; ``ValueError`` for options that do not go together."""
     if speculative and routing_threshold is not None:
         raise ValueError("choose one mode: speculative=True or a routing_threshold (early exit), not both")
     if deep_fill not in DEEP_FILLS:
         raise ValueError(f"deep_fill={deep_fill!r} must be one of {', '.join(DEEP_FILLS)}")
-    if exit_rule not in EXIT_RULES:
-        raise ValueError(f"exit_rule={exit_rule!r} must be one of {', '.join(EXIT_RULES)}")
+    if exit_batching not in EXIT_BATCHING:
+        raise ValueError(f"exit_batching={exit_batching!r} must be one of {', '.join(EXIT_BATCHING)}")
     return "speculative" if speculative else "early_exit" if routing_threshold is not None else "plain"
 
 
@@ -152,11 +153,11 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     exit_layer: int | None = None,
-    routing_threshold: float | None = None,
+    routing_threshold: ExitRule | float | None = None,
     speculative: bool = False,
     draft_tokens: int = 4,
     deep_fill: str = "recompute",
-    exit_rule: str = "row",
+    exit_batching: str = "row",
     attention_mask: torch.Tensor | None = None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
@@ -177,13 +178,13 @@ def generate(
         top_p: sample among the most likely tokens holding ``top_p`` of the probability (None: all).
         exit_layer: exit / draft layer in ``[1, num_layers - 1]`` (early exit, speculative);
             default: the model's own ``exit_layer``.
-        routing_threshold: early exit's confidence threshold in [0, 1] (the rule of
-            :mod:`lash.routing`); ``None``: no early exit.
+        routing_threshold: early exit's :class:`~lash.exit_rule.ExitRule` (its exit layer wins
+            over ``exit_layer``), or its bare confidence threshold in [0, 1]; ``None``: no early exit.
         speculative: self-speculative decoding with ``exit_layer`` as the draft depth.
         draft_tokens: most tokens drafted per verification (speculative).
         deep_fill: early exit's ``"recompute"`` (exact deep states, filled in the next step that
             goes deep) or ``"propagate"`` (projected from the exit state at once).
-        exit_rule: ``"row"`` (each row exits on its own confidence) or ``"batch"`` (a step exits
+        exit_batching: ``"row"`` (each row exits on its own confidence) or ``"batch"`` (a step exits
             only when every row is confident).
         attention_mask: ``(B, T0)``, 1 for tokens and 0 for left padding; ``None``: all tokens.
         eos_token_id: stop a row at this id (or any of these); rows that stopped are padded
@@ -197,7 +198,9 @@ def generate(
         row stopped), plus the stats with ``return_stats``.
     """
     _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, draft_tokens, generator)
-    mode = decoding_mode(speculative, routing_threshold, deep_fill, exit_rule)
+    if isinstance(routing_threshold, ExitRule):
+        exit_layer, routing_threshold = routing_threshold.exit_layer, routing_threshold.threshold
+    mode = decoding_mode(speculative, routing_threshold, deep_fill, exit_batching)
     if exit_layer is None and mode != "plain":
         exit_layer = getattr(model, "exit_layer", None)
     check_exit(exit_layer, model.num_layers, mode)
@@ -208,6 +211,6 @@ def generate(
         LashParts(model), input_ids, mask, stopping(max_new_tokens, eos_token_id, pad_token_id, device),
         Sampler(temperature, top_k, top_p, generator), mode=mode, exit_layer=exit_layer,
         routing_threshold=check_threshold(routing_threshold), draft_tokens=draft_tokens, deep_fill=deep_fill,
-        exit_rule=exit_rule,
+        exit_batching=exit_batching,
     )  # fmt: skip
     return (out, stats) if return_stats else out

@@ -16,6 +16,7 @@ from torch import nn
 
 from lash.losses import head_confidence
 from lash.modules import TransformerBlock
+from lash.exit_rule import ExitRule, routing_rule
 from lash.validation import check_exit_layer, check_index, check_int, check_optional_int, check_threshold, check_token_ids
 
 
@@ -112,8 +113,8 @@ class DeepSupervisionTransformer(StandardTransformer):
 
     Args:
         exit_layer: the layer confident tokens exit at, in ``[1, num_layers - 1]``.
-        routing_threshold: ``None`` (routing off) or the confidence (max softmax probability)
-            needed to exit, in [0, 1]: 0 sends every token out early, 1 only fully confident ones.
+        routing_threshold: the confidence (max softmax probability) needed to exit, in (0, 1];
+            ``None`` or 0 (the original API's "off") for no rule of its own (:attr:`exit_rule`).
         Other arguments as :class:`StandardTransformer`.
     """
 
@@ -133,6 +134,11 @@ class DeepSupervisionTransformer(StandardTransformer):
             check_exit_layer(exit_layer, num_layers)
         self.exit_layer = exit_layer
         self.routing_threshold = check_threshold(routing_threshold)
+
+    @property
+    def exit_rule(self) -> ExitRule | None:
+        """The model's own early-exit rule, from ``routing_threshold`` and ``exit_layer`` (``None``: off)."""
+        return routing_rule(self.routing_threshold, self.exit_layer)
 
     def compute_confidence(self, h: torch.Tensor) -> torch.Tensor:
         """Max softmax probability of the shared head at hidden state ``h``: ``(B, T, D)`` → ``(B, T)``.

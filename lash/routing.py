@@ -23,8 +23,9 @@ Deep tokens attend to the propagated (exit-layer) states of exited tokens, not t
 states, so the answer differs from the selection-only routing. The call reads back from the
 device once: how many tokens go deep, and the most of any row.
 
-Also here: the routing rule itself (:func:`exits`, :func:`compute_cost`) and
-:func:`calibrate_threshold`, which picks a threshold on held-out batches.
+Also here: the original implementation's cost accounting (:func:`compute_cost`) and
+:func:`calibrate_threshold`, which picks a threshold on held-out batches. The rule itself is
+:class:`lash.exit_rule.ExitRule`.
 """
 
 from __future__ import annotations
@@ -34,20 +35,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lash.exit_rule import ExitRule, as_rule
 from lash.modules import inference_weights
 from lash.modules.attention import LayerCache, additive_mask
-from lash.validation import check_exit_layer, check_real, check_threshold, check_token_ids
+from lash.validation import check_exit_layer, check_real, check_token_ids
 from lash_kernels import apply_rotary
 
 if TYPE_CHECKING:
     from lash.models import DeepSupervisionTransformer
-
-
-def exits(confidence: torch.Tensor, threshold: float | None) -> torch.Tensor:
-    """The routing rule: which tokens exit early, ``confidence >= threshold`` (none when ``None``)."""
-    if threshold is None:
-        return torch.zeros_like(confidence, dtype=torch.bool)
-    return confidence >= threshold
 
 
 def compute_cost(shallow_ratio: float, exit_layer: int, num_layers: int) -> float:
@@ -57,7 +52,7 @@ def compute_cost(shallow_ratio: float, exit_layer: int, num_layers: int) -> floa
 
 @torch.no_grad()
 def forward_inference(
-    model: DeepSupervisionTransformer, x: torch.Tensor, threshold: float | None, exit_layer: int | None = None
+    model: DeepSupervisionTransformer, x: torch.Tensor, threshold: ExitRule | float | None, exit_layer: int | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The original implementation's two-stage routing: confident tokens take the exit layer's logits, the rest the last layer's.
 
@@ -67,19 +62,20 @@ def forward_inference(
     Args:
         model: a :class:`DeepSupervisionTransformer`.
         x: token ids ``(B, T)``.
-        threshold: exit when confidence ``>= threshold``, in [0, 1]; ``None``: routing off.
-        exit_layer: in ``[1, num_layers - 1]``; default ``model.exit_layer``.
+        threshold: an :class:`ExitRule`, or a bare threshold in [0, 1] (exit when confidence
+            ``>= threshold``) at ``exit_layer``; ``None``: routing off.
+        exit_layer: in ``[1, num_layers - 1]`` with a bare threshold; default ``model.exit_layer``.
 
     Returns:
         ``(logits (B, T, V), stats)`` with ``shallow_ratio`` and ``compute_cost`` (:func:`compute_cost`).
     """
-    threshold = check_threshold(threshold)
     if threshold is None or model.num_layers == 1:
         return model(x), {"shallow_ratio": 0.0, "compute_cost": 1.0}
-    exit_layer = check_exit_layer(model.exit_layer if exit_layer is None else exit_layer, model.num_layers)
+    rule = as_rule(threshold, model.exit_layer if exit_layer is None else exit_layer, model.num_layers)
+    exit_layer = rule.exit_layer
     h = model.hidden_states(x, [exit_layer])[0]  # (B, T, D)
     shallow_logits = model.output_head(h)  # (B, T, V)
-    exited = exits(model.compute_confidence(h), threshold)  # (B, T)
+    exited = rule.exits(model.compute_confidence(h))  # (B, T)
     shallow_ratio = exited.sum().item() / exited.numel()
     if shallow_ratio < 1.0:
         for block in model.layers[exit_layer:]:
@@ -138,7 +134,7 @@ def _matmul_flops(model: DeepSupervisionTransformer, B: int, T: int, exit_layer:
 
 @torch.no_grad()
 def early_exit_forward(
-    model: DeepSupervisionTransformer, x: torch.Tensor, threshold: float | None, exit_layer: int | None = None
+    model: DeepSupervisionTransformer, x: torch.Tensor, threshold: ExitRule | float | None, exit_layer: int | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Early-exit inference that skips the deeper layers' work for confident tokens.
 
@@ -149,23 +145,26 @@ def early_exit_forward(
     Args:
         model: a :class:`DeepSupervisionTransformer`.
         x: token ids ``(B, T)``.
-        threshold: exit when confidence ``>= threshold``, in [0, 1] (0: every token exits);
-            ``None``: none does, and the result is :meth:`forward`'s.
-        exit_layer: in ``[1, num_layers - 1]``; default ``model.exit_layer``.
+        threshold: an :class:`ExitRule`, or a bare threshold in [0, 1] (exit when confidence
+            ``>= threshold``; 0: every token exits) at ``exit_layer``; ``None``: none does, and
+            the result is :meth:`forward`'s.
+        exit_layer: in ``[1, num_layers - 1]`` with a bare threshold; default ``model.exit_layer``.
 
     Returns:
         ``(logits (B, T, V), stats)``: ``shallow_ratio``; ``compute_cost`` (:func:`compute_cost`);
         ``flop_ratio``, matmul FLOPs executed (exit statistics, exited tokens' deeper keys and
         values, padding included) over those of the full forward.
     """
-    threshold = check_threshold(threshold)
-    exit_layer = check_exit_layer(model.exit_layer if exit_layer is None else exit_layer, model.num_layers)
+    exit_layer = model.exit_layer if exit_layer is None else exit_layer
+    rule = as_rule(threshold, exit_layer, model.num_layers)
+    exit_layer = check_exit_layer(exit_layer if rule is None else rule.exit_layer, model.num_layers)
     if x.dim() != 2 or x.numel() == 0:
         raise ValueError(f"input ids must have shape (batch >= 1, seq_len >= 1); got {tuple(x.shape)}")
     B, T = x.shape
     with inference_weights(model):
         h = model.hidden_states(x, [exit_layer])[0]  # (B, T, D)
-        exited = exits(model.compute_confidence(h), threshold)  # (B, T), fused statistics
+        confidence = model.compute_confidence(h)  # (B, T), fused statistics
+        exited = rule.exits(confidence) if rule is not None else torch.zeros_like(confidence, dtype=torch.bool)
         count = (~exited).sum(dim=1)  # (B,)
         deep, most = divmod(int(count.sum() * 2**32 + count.max()), 2**32)  # the one host read
         flat = torch.argsort(exited.flatten().to(torch.uint8), stable=True)  # (B·T,): deep tokens first

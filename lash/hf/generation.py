@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lash.decoding import DecodeState, Sampler, decode
+from lash.exit_rule import ExitRule
 from lash.generation import check_exit, decoding_mode, stopping
 from lash.hf.structure import DecoderParts, cache_keyword, decoder_parts
 from lash.validation import check_int, check_real, check_threshold
@@ -115,11 +116,11 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     exit_layer: int | None = None,
-    routing_threshold: float | None = None,
+    routing_threshold: ExitRule | float | None = None,
     speculative: bool = False,
     draft_tokens: int = 4,
     deep_fill: str = "recompute",
-    exit_rule: str = "row",
+    exit_batching: str = "row",
     attention_mask: torch.Tensor | None = None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
@@ -137,7 +138,9 @@ def generate(
         plus the stats with ``return_stats``.
     """
     parts = HFParts(model)
-    mode = decoding_mode(speculative, routing_threshold, deep_fill, exit_rule)
+    if isinstance(routing_threshold, ExitRule):  # the rule carries its own exit layer
+        exit_layer, routing_threshold = routing_threshold.exit_layer, routing_threshold.threshold
+    mode = decoding_mode(speculative, routing_threshold, deep_fill, exit_batching)
     check_exit(exit_layer, parts.num_layers, mode)
     check_int("max_new_tokens", max_new_tokens, 0)
     check_int("draft_tokens", draft_tokens, 1)
@@ -154,6 +157,6 @@ def generate(
         parts, input_ids, mask, stopping(max_new_tokens, eos_token_id, pad, device),
         Sampler(temperature, top_k, top_p, generator), mode=mode, exit_layer=exit_layer,
         routing_threshold=check_threshold(routing_threshold), draft_tokens=draft_tokens, deep_fill=deep_fill,
-        exit_rule=exit_rule,
+        exit_batching=exit_batching,
     )  # fmt: skip
     return (out, stats) if return_stats else out

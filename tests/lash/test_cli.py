@@ -153,6 +153,17 @@ def test_resume_from_any_stop_point_ends_bit_for_bit_where_the_full_run_ends(tmp
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+def test_resume_may_change_the_exit_rule_and_trains_the_same_weights(tmp_path):
+    # The exit rule only decides evaluation: a resumed run under another one trains exactly as before.
+    full = run_cli(tmp_path, "full")
+    run_cli(tmp_path, "part", "--stop-at-step", "4")
+    resumed = run_cli(tmp_path, "part", "--resume", str(tmp_path / "part" / "checkpoint.pt"),
+                      "--routing-threshold", "0.5", "--exit-layer", "1")  # fmt: skip
+    assert resumed["global_step"] == full["global_step"] == 8 and "shallow_ratio" in resumed
+    a, b = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"] for name in ("full", "part"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -83,7 +83,7 @@ def test_greedy_modes_equal_recomputation(batch, mode):
 def test_recompute_early_exit_is_exact_deep_states_with_exit_predictions(rule, batch):
     model, x = make_model(), prompts(batch)
     threshold = split_threshold(model, x)
-    out, stats = generate(model, x, 14, routing_threshold=threshold, exit_rule=rule, return_stats=True)
+    out, stats = generate(model, x, 14, routing_threshold=threshold, exit_batching=rule, return_stats=True)
     expected, decisions = reference(model, x, 14, 2, threshold, rule)
     assert torch.equal(out, expected)
     assert 0 < decisions.sum() < decisions.numel()  # the threshold splits the tokens

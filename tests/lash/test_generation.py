@@ -85,7 +85,7 @@ def test_no_new_tokens_returns_the_prompt():
         ({"generator": 3}, r"generator must be a torch.Generator"),
         ({"top_p": 0.0}, r"top_p=0.0 is outside \(0.0, 1.0\]"),
         ({"deep_fill": "copy", "routing_threshold": 0.5}, r"deep_fill='copy' must be one of recompute, propagate"),
-        ({"exit_rule": "all", "routing_threshold": 0.5}, r"exit_rule='all' must be one of row, batch"),
+        ({"exit_batching": "all", "routing_threshold": 0.5}, r"exit_batching='all' must be one of row, batch"),
         ({"attention_mask": torch.ones(1, 5)}, r"attention_mask shape \(1, 5\) must equal input_ids shape \(1, 6\)"),
     ],
 )

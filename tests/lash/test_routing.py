@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lash import DeepSupervisionTransformer, calibrate_threshold
-from lash import routing
+from lash.exit_rule import ExitRule
 from lash.routing import early_exit_forward, forward_inference
 from tests.lash.counting import OpCounter
 from tests.lash.test_models import count_layer_calls
@@ -74,7 +74,7 @@ def test_rows_with_no_or_only_deep_tokens(monkeypatch):
     exits = torch.zeros(3, 11, dtype=torch.bool)
     exits[0] = True  # row 0 exits entirely, row 1 never, row 2 alternates
     exits[2, ::2] = True
-    monkeypatch.setattr(routing, "exits", lambda confidence, threshold: exits)
+    monkeypatch.setattr(ExitRule, "exits", lambda rule, confidence: exits)
     logits, stats = early_exit_forward(model, x, 0.5, 2)
     torch.testing.assert_close(logits, propagated_reference(model, x, exits, 2), rtol=1e-10, atol=1e-10)
     assert stats["shallow_ratio"] == pytest.approx(exits.double().mean().item())
