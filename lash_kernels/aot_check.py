@@ -70,7 +70,7 @@ from lash_kernels.dispatch import interpreting
 
 # Ops whose module declares ``static_variants``.
 OPS = ("lash_kernels.ops.rms_norm.kernels", "lash_kernels.ops.rotary.kernels", "lash_kernels.ops.swiglu.kernels",
-       "lash_kernels.ops.multi_exit_ce.op")
+       "lash_kernels.ops.multi_exit_ce.kernels")
 
 
 SHAPES = {
