@@ -51,7 +51,7 @@ def _imports(module: str, path: Path) -> set[str]:
             # ``from package import submodule`` loads the submodule, anything else the module itself.
             found.update(f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names)
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "." in node.value:
-            found.add(node.value)  # a dotted module path, as aot_check's OPS hands to importlib
+            found.add(node.value)  # a dotted module path, as tools.aot_check's OPS hands to importlib
         for child in ast.iter_child_nodes(node):
             visit(child)
 

@@ -423,7 +423,7 @@ def run_fused(hiddens, weight, targets, token_weights, exit_weights, ignore_inde
 
 
 def fused_variants(shape, dtype: torch.dtype, arch: int) -> list:
-    """The four fused launches at ``shape`` on ``arch`` for :mod:`lash_kernels.aot_check`, in training."""
+    """The four fused launches at ``shape`` on ``arch`` for :mod:`lash_kernels.tools.aot_check`, in training."""
     D, V, K, N = shape.hidden, shape.vocab, shape.exits, shape.tokens
     rows = K * N
     act, f32, i64 = pointer(dtype), pointer(torch.float32), pointer(torch.int64)

@@ -74,7 +74,7 @@ def multi_exit_ce_call(hiddens, weight, targets, token_weights, exit_weights, ig
 
 
 def static_variants(shape, dtype: torch.dtype, arch: int) -> list:
-    """The launches :mod:`lash_kernels.aot_check` compiles on ``arch`` at ``shape``: the fused
+    """The launches :mod:`lash_kernels.tools.aot_check` compiles on ``arch`` at ``shape``: the fused
     pair where :func:`fused_regime` sends the shape, else the row kernel of the chunked path."""
     if fused_regime(shape.hidden, dtype, arch_has_tensor_core_dots(arch)):
         return fused_variants(shape, dtype, arch)

@@ -108,7 +108,7 @@ def run_chunked(hiddens, weight, targets, token_weights, exit_weights, ignore_in
 
 
 def row_variants(shape, dtype: torch.dtype) -> list:
-    """The row kernel's launch at ``shape`` for :mod:`lash_kernels.aot_check`: one chunk of rows."""
+    """The row kernel's launch at ``shape`` for :mod:`lash_kernels.tools.aot_check`: one chunk of rows."""
     V, rows = shape.vocab, shape.exits * shape.tokens
     act, f32, i64 = pointer(dtype), pointer(torch.float32), pointer(torch.int64)
     chunk = min(rows, gpu_chunk_rows(shape.hidden))
