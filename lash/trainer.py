@@ -34,8 +34,7 @@ from lash.optim import create_optimizer
 from lash.parallel import DISTRIBUTED, PRECISIONS
 from lash.progress import log_progress
 from lash.validation import check_device, check_int, check_optional_int, check_real, check_token_ids
-from lash_kernels import values_checked
-from lash_kernels.ops.multi_exit_ce.reference import check_token_weights
+from lash_kernels import check_token_weights, values_checked
 
 # Steps between host syncs that check the loss is finite and refresh the progress bar: a sync
 # every step would stall the GPU queue on small models.

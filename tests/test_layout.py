@@ -1,7 +1,8 @@
 """The shape of both packages, ``lash`` and ``lash_kernels``: every module imports; no import
 cycle (function-level imports and dotted module paths in strings, as ``importlib`` loads them, count);
-``lash.models`` never reaches back for routing or generation; no module hidden behind a
-same-named package attribute; files of at most 500 lines and classes of at most 250."""
+``lash`` imports ``lash_kernels``' public names only; ``lash.models`` never reaches back for routing
+or generation; no module hidden behind a same-named package attribute; files of at most 500 lines
+and classes of at most 250."""
 
 import ast
 import importlib
@@ -91,6 +92,12 @@ def test_no_import_cycle():
 
 def test_the_kernels_never_import_lash():
     assert not {dep for m in GRAPH if m.startswith("lash_kernels") for dep in GRAPH[m] if not dep.startswith("lash_kernels")}
+
+
+def test_lash_takes_only_the_kernels_public_api():
+    # `from lash_kernels import ...`: the names lash_kernels/__init__.py exports, no submodule.
+    lash_modules = [m for m in GRAPH if m == "lash" or m.startswith("lash.")]
+    assert not {f"{m} -> {dep}" for m in lash_modules for dep in GRAPH[m] if dep.startswith("lash_kernels.")}
 
 
 def test_models_import_no_routing_nor_generation():
