@@ -35,11 +35,11 @@ from lash.early_stopping import EarlyStopping, load_progress, save_progress
 from lash.evaluation import evaluate
 from lash.losses import exit_statistics
 from lash.models import DeepSupervisionTransformer
-from lash.utils import duration, log_progress
 from lash.trainer import Trainer
+from lash.utils import duration, log_progress
+from lash_kernels import IGNORE_INDEX
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-IGNORE_INDEX = -100
 
 
 class HardExamples(NamedTuple):

@@ -20,6 +20,7 @@ from lash.losses import exit_statistics
 from lash.models import StandardTransformer
 from lash.parallel import autocast
 from lash.routing import compute_cost
+from lash_kernels import IGNORE_INDEX
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -35,7 +36,7 @@ def evaluate(
     batches: Batches,
     config: TrainingConfig,
     device: torch.device,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     precision: str = "fp32",
 ) -> dict[str, Any]:
     """Loss, perplexity and accuracy of the model's answer, of every exit, and of routing.
@@ -43,7 +44,8 @@ def evaluate(
     The model answers from ``config.output_layer`` (the deepest weighted layer; the last layer
     in every preset). With routing on, a token whose confidence at ``exit_layer`` passes the
     threshold takes the exit layer's prediction instead. All layers still run: this is the
-    seed's selection-based measure, with :func:`lash.routing.compute_cost` as its accounting.
+    original implementation's selection-based measure (README, "Compatibility"), with
+    :func:`lash.routing.compute_cost` as its accounting.
     Sums are all-reduced, so under torchrun each rank passes its own share of the batches.
 
     Args:

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from lash_kernels import multi_exit_cross_entropy
+from lash_kernels import IGNORE_INDEX, multi_exit_cross_entropy
 
 
 def confidence(logits: torch.Tensor) -> torch.Tensor:
@@ -34,7 +34,7 @@ def multi_exit_loss(
     head_weight: torch.Tensor,
     targets: torch.Tensor,
     weights: Sequence[float],
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Σ_k w_k · CE(h_k · Wᵀ, y), each CE a mean over the non-ignored tokens.
@@ -77,7 +77,7 @@ def exit_statistics(
     hiddens: Sequence[torch.Tensor],
     head_weight: torch.Tensor,
     targets: torch.Tensor,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> ExitStatistics:
     """Loss, confidence and prediction of every token at every exit, for evaluation and routing.
 
@@ -96,5 +96,5 @@ def exit_statistics(
 def head_confidence(h: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
     """Max softmax probability of the shared head at hidden states ``(..., D)`` → ``(...)`` fp32,
     from the fused statistics: no ``[tokens, vocab]`` logits, the numbers evaluation uses."""
-    unlabelled = torch.full(h.shape[:-1], -100, dtype=torch.long, device=h.device)
+    unlabelled = torch.full(h.shape[:-1], IGNORE_INDEX, dtype=torch.long, device=h.device)
     return exit_statistics([h], head_weight, unlabelled).confidence[0].view(h.shape[:-1])

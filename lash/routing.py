@@ -39,7 +39,7 @@ from lash.exit_rule import ExitRule, as_rule
 from lash.modules import inference_weights
 from lash.modules.attention import LayerCache, additive_mask
 from lash.validation import check_exit_layer, check_real, check_token_ids
-from lash_kernels import apply_rotary
+from lash_kernels import IGNORE_INDEX, apply_rotary
 
 if TYPE_CHECKING:
     from lash.models import DeepSupervisionTransformer
@@ -224,7 +224,7 @@ def calibrate_threshold(
     exit_layer: int,
     target_shallow_ratio: float | None = None,
     max_accuracy_drop: float | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> float | None:
     """Pick a routing threshold on held-out ``(x, y)`` batches; give exactly one target.
 

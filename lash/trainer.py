@@ -30,8 +30,7 @@ from lash.models import StandardTransformer
 from lash.optim import create_optimizer
 from lash.trainer_state import NonFiniteLossError, TrainerState, check_finite, check_model
 from lash.validation import check_optional_int, check_real, check_token_ids
-from lash_kernels import values_checked
-from lash_kernels.ops.multi_exit_ce.reference import check_token_weights
+from lash_kernels import check_token_weights, values_checked
 
 __all__ = ["NonFiniteLossError", "Trainer"]
 

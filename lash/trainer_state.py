@@ -23,8 +23,8 @@ from lash.distributed import all_reduce_sum, init_distributed, launched_by_torch
 from lash.models import StandardTransformer
 from lash.parallel import DISTRIBUTED, PRECISIONS
 from lash.validation import check_device, check_int, check_optional_int, check_real
+from lash_kernels import IGNORE_INDEX
 
-IGNORE_INDEX = -100  # the target id that carries no loss, unless a trainer is told another
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -8,7 +8,7 @@ from numbers import Integral, Real
 
 import torch
 
-from lash_kernels.ops.multi_exit_ce.reference import values_need_checking
+from lash_kernels import values_need_checking
 
 
 def check_int(name: str, value: object, low: int) -> None:

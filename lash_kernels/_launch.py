@@ -8,9 +8,10 @@ from collections.abc import Callable
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+from torch.library import wrap_triton
 
 from lash_kernels.aot_types import ARCHS, Arch
-from lash_kernels.dispatch import HAS_TRITON, interpreting
+from lash_kernels.dispatch import interpreting
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activations the Triton kernels take
 
@@ -90,9 +91,6 @@ def call_op(op: Callable, eager: Callable, *args):
     return op(*args) if through_op() else eager(*args)
 
 
-if HAS_TRITON:  # optional off Linux: the torch paths still work there
-    from torch.library import wrap_triton
-
-    def launch(kernel):
-        """The kernel as ``torch.compile`` can trace it; the interpreter runs it as it is."""
-        return kernel if interpreting() else wrap_triton(kernel)
+def launch(kernel):
+    """The kernel as ``torch.compile`` can trace it; the interpreter runs it as it is."""
+    return kernel if interpreting() else wrap_triton(kernel)

@@ -1,4 +1,4 @@
-"""The types an op's ``static_variants`` builds for :mod:`lash_kernels.aot_check`.
+"""The types an op's ``static_variants`` builds for :mod:`lash_kernels.tools.aot_check`.
 
 Op modules import them from here, and the check imports the op modules by name, so neither side
 imports the other: the GPUs checked, the problem shape, one launch config, and the pointer names.

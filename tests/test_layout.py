@@ -1,9 +1,9 @@
 """The shape of both packages, ``lash`` and ``lash_kernels``: every module imports; no import
 cycle (function-level imports, ``TYPE_CHECKING`` imports and dotted module paths in strings, as
-``importlib`` loads them, count); nothing private imported across packages; ``lash.models``
-never reaches back for routing or generation; no module hidden behind a same-named package
-attribute; no free function of ``lash.trainer`` that takes the trainer (a method in hiding);
-files of at most 500 lines and classes of at most 250."""
+``importlib`` loads them, count); nothing private imported across packages, and ``lash`` imports
+``lash_kernels``' public names only; ``lash.models`` never reaches back for routing or generation;
+no module hidden behind a same-named package attribute; no free function of ``lash.trainer``
+that takes the trainer (a method in hiding); files of at most 500 lines and classes of at most 250."""
 
 import ast
 import importlib
@@ -49,7 +49,7 @@ def _imports(module: str, path: Path) -> set[str]:
             # ``from package import submodule`` loads the submodule, anything else the module itself.
             found.update(f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names)
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "." in node.value:
-            found.add(node.value)  # a dotted module path, as aot_check's OPS hands to importlib
+            found.add(node.value)  # a dotted module path, as tools.aot_check's OPS hands to importlib
         for child in ast.iter_child_nodes(node):
             visit(child)
 
@@ -118,6 +118,12 @@ def test_no_free_function_of_the_trainer_takes_the_trainer():
 
 def test_the_kernels_never_import_lash():
     assert not {dep for m in GRAPH if m.startswith("lash_kernels") for dep in GRAPH[m] if not dep.startswith("lash_kernels")}
+
+
+def test_lash_takes_only_the_kernels_public_api():
+    # `from lash_kernels import ...`: the names lash_kernels/__init__.py exports, no submodule.
+    lash_modules = [m for m in GRAPH if m == "lash" or m.startswith("lash.")]
+    assert not {f"{m} -> {dep}" for m in lash_modules for dep in GRAPH[m] if dep.startswith("lash_kernels.")}
 
 
 def test_models_import_no_routing_nor_generation():

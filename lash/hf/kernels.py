@@ -36,8 +36,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lash_kernels import apply_rotary, rms_norm
-from lash_kernels._launch import KERNEL_DTYPES
+from lash_kernels import KERNEL_DTYPES, apply_rotary, rms_norm
 
 # Class name → whether the norm is Gemma's (1 + w, one rounding) rather than Llama's.
 RMS_NORMS = {

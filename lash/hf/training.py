@@ -25,9 +25,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lash.config import TrainingConfig
 from lash.hf.structure import cache_keyword, decoder_hidden_states, decoder_parts, layer_recorder
-from lash_kernels import multi_exit_cross_entropy
+from lash_kernels import IGNORE_INDEX, multi_exit_cross_entropy
 
-IGNORE_INDEX = -100  # Hugging Face's label of tokens without loss
 
 
 @dataclass

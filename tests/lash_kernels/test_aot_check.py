@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lash_kernels.aot_check import Allowed, Result, read_allow_list, report, violations
+from lash_kernels.tools.aot_check import Allowed, Result, read_allow_list, report, violations
 
 HERE = Path(__file__).parent
 ALLOW_LIST = HERE / "aot_allowlist.txt"

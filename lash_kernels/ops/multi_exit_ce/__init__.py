@@ -22,14 +22,17 @@ forms the gradients in the forward when they are needed and the backward only mu
 the incoming scalar gradient: the op's differentiable output is the scalar loss. The K exits are
 stacked on the token axis (``K·N`` rows), so each head matmul covers all exits at once.
 
-Two regimes behind the one op (:func:`multi_exit_cross_entropy` in :mod:`.op` picks):
+Two regimes behind the one op (:func:`multi_exit_cross_entropy` in :mod:`.op` picks, by the rule
+in :mod:`.regime`; the ``lash::multi_exit_ce`` op over both is in :mod:`.kernels`):
 
-* **Fused** (:mod:`.fused`): narrow heads (``D ≤ 256``, the seed's models) on GPUs where
+* **Fused** (:mod:`.fused`): narrow heads (``D ≤ 256``, LASH's small models) on GPUs where
   ``tl.dot`` has tensor cores; four Triton launches and no torch op per call, 4 head matmuls,
   no logits in memory.
-* **Chunked** (:mod:`.chunked`): wider heads, or sm < 80; cuBLAS matmuls over token chunks and
-  one fused Triton row pass per chunk, 3 head matmuls. The CPU runs the same driver with a torch
-  row pass (:mod:`.torch_path`).
+* **Chunked** (:mod:`.chunked`, the driver, and :mod:`.row_kernel`): wider heads, or sm < 80;
+  cuBLAS matmuls over token chunks and one fused Triton row pass per chunk, 3 head matmuls. The
+  CPU runs the same driver with a torch row pass (:mod:`.torch_path`).
+
+:mod:`.kernels`, :mod:`.fused` and :mod:`.row_kernel` are imported only where Triton is installed.
 
 Exits with weight 0 run forward only (for ``per_exit`` and the statistics): the public function
 sends them through the op without gradients, so no gradient work is done for them.

@@ -18,10 +18,11 @@ scalar loss, and the backward only multiplies ``dH`` and ``dW`` by the incoming 
 lines are skipped. Extra memory: one ``[C, V]`` block,
 ``dH`` ``[K·N, D]`` and ``dW`` ``[V, D]``; never ``[N, V]`` logits for a whole exit.
 
-On a GPU, :func:`run_chunked` runs the driver with cuBLAS matmuls in the input dtype and
-``_row_kernel``, which turns a chunk of logits in place into CE, lse, confidence, argmax and G:
-3 matmuls, one fused pass (two reads, one write) over each ``[C, V]`` chunk, ``dW`` accumulated
-in fp32 in cuBLAS's epilogue (deterministic). Chunks are ``D / 2`` rows (:func:`gpu_chunk_rows`).
+On a GPU, :func:`~lash_kernels.ops.multi_exit_ce.row_kernel.run_chunked` runs the driver with
+cuBLAS matmuls in the input dtype and a Triton row kernel, which turns a chunk of logits in place
+into CE, lse, confidence, argmax and G: 3 matmuls, one fused pass (two reads, one write) over
+each ``[C, V]`` chunk, ``dW`` accumulated in fp32 in cuBLAS's epilogue (deterministic). Chunks
+are ``D / 2`` rows (:func:`gpu_chunk_rows`). This module is pure torch.
 """
 
 from __future__ import annotations
@@ -29,9 +30,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-
-from lash_kernels.aot_types import config_variant, pointer
-from lash_kernels.dispatch import HAS_TRITON, interpreting
 
 # fp32 logits per CPU chunk: 1048 rows at V = 32000. sgemm on 2 cores runs ~30% faster per row
 # at 1024 rows than at 256 (measured), and the chunk stays ~1/10 of eager's logits memory.
@@ -181,107 +179,3 @@ def add_transposed_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) 
 @add_transposed_product.register_fake
 def _(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     return None
-
-
-if HAS_TRITON:  # optional off Linux: the torch path still works there
-    import triton
-    import triton.language as tl
-    from lash_kernels._launch import launch
-
-    @triton.jit
-    def _row_kernel(
-        z_ptr,  # [C, V] logits of one chunk (input dtype or fp32), overwritten with G (HAS_GRAD)
-        y_ptr,  # [C] int64 targets, 0 at ignored rows
-        valid_ptr,  # [C] bool: False at ignored rows
-        g_ptr,  # [C] fp32 ∂loss/∂CE per row (HAS_GRAD)
-        loss_ptr,  # [C] fp32 out: CE, 0 at ignored rows
-        conf_ptr,  # [C] fp32 out: max softmax probability (WITH_STATS)
-        pred_ptr,  # [C] int64 out: argmax (WITH_STATS)
-        V,  # vocabulary size (row stride of z)
-        HAS_GRAD: tl.constexpr,  # overwrite the logits with G = g · (softmax − onehot)
-        WITH_STATS: tl.constexpr,  # write confidence and argmax
-        BLOCK_V: tl.constexpr,  # vocab entries per loop step
-    ):
-        """One row: online max / Σexp / argmax / target logit in fp32, then (HAS_GRAD) G in place.
-
-        Two reads and one write of the row: the least a softmax gradient needs without keeping
-        the row on chip.
-        """
-        row = tl.program_id(0).to(tl.int64)
-        z_ptr += row * V
-        y = tl.load(y_ptr + row)
-        offs = tl.arange(0, BLOCK_V)
-        run_max = tl.full((BLOCK_V,), float("-inf"), dtype=tl.float32)  # per lane, reduced at the end
-        run_sum = tl.zeros((BLOCK_V,), dtype=tl.float32)
-        for v0 in range(0, V, BLOCK_V):
-            z = tl.load(z_ptr + v0 + offs, mask=v0 + offs < V, other=float("-inf")).to(tl.float32)
-            new_max = tl.maximum(run_max, z)
-            # Lanes still at -inf have no value yet: keep their sum at 0 instead of exp(nan).
-            scale = tl.where(new_max == float("-inf"), 0.0, tl.exp(run_max - new_max))
-            run_sum = run_sum * scale + tl.where(new_max == float("-inf"), 0.0, tl.exp(z - new_max))
-            run_max = new_max
-        row_max = tl.max(run_max, axis=0)
-        total = tl.sum(run_sum * tl.exp(run_max - row_max), axis=0)  # Σ exp(z − max) ≥ 1
-        lse = row_max + tl.log(total)
-        target_logit = tl.load(z_ptr + y).to(tl.float32)
-        valid = tl.load(valid_ptr + row)
-        tl.store(loss_ptr + row, tl.where(valid, lse - target_logit, 0.0))
-        if WITH_STATS:
-            tl.store(conf_ptr + row, 1.0 / total)
-            best = tl.full((), V, dtype=tl.int32)  # lowest index holding the row maximum
-            for v0 in range(0, V, BLOCK_V):
-                z = tl.load(z_ptr + v0 + offs, mask=v0 + offs < V, other=float("-inf")).to(tl.float32)
-                best = tl.minimum(best, tl.min(tl.where(z == row_max, v0 + offs, V), axis=0))
-            tl.store(pred_ptr + row, best.to(tl.int64))
-        if HAS_GRAD:
-            g = tl.load(g_ptr + row)
-            for v0 in range(0, V, BLOCK_V):
-                cols = v0 + offs
-                z = tl.load(z_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-                grad = g * (tl.exp(z - lse) - (cols == y).to(tl.float32))
-                tl.store(z_ptr + cols, grad.to(z_ptr.dtype.element_ty), mask=cols < V)
-
-    def _row_config(V: int) -> dict:
-        """Vocab entries per step and warps of the row kernel: 8 fp32 lanes per thread."""
-        if interpreting():
-            return dict(BLOCK_V=64, num_warps=1, num_stages=1)
-        block_v = min(4096, triton.next_power_of_2(int(V)))  # a number even for a SymInt V (compile)
-        return dict(BLOCK_V=block_v, num_warps=max(1, min(16, block_v // 256)), num_stages=1)
-
-    def _triton_row_pass(logits, targets, valid, g, with_stats):
-        """The chunked driver's row pass as one launch of ``_row_kernel`` over the chunk's rows."""
-        C, V = logits.shape
-        loss = torch.empty(C, dtype=torch.float32, device=logits.device)
-        conf = torch.empty(C if with_stats else 0, dtype=torch.float32, device=logits.device)
-        pred = torch.empty(C if with_stats else 0, dtype=torch.int64, device=logits.device)
-        launch(_row_kernel)[(C,)](
-            logits, targets, valid, g if g is not None else loss, loss, conf, pred, V,
-            HAS_GRAD=g is not None, WITH_STATS=with_stats, **_row_config(V),
-        )  # fmt: skip
-        return loss, conf if with_stats else None, pred if with_stats else None
-
-    def run_chunked(hiddens, weight, targets, token_weights, exit_weights, ignore_index, with_stats, need_h, need_w):
-        """The chunked regime: cuBLAS matmuls in the input dtype (fp32 off CUDA) and ``_row_kernel``.
-
-        Returns ``(loss, per_exit, token_loss, confidence, predictions, grad_h, grad_w)``."""
-        dtype = hiddens.dtype if hiddens.is_cuda else torch.float32  # CPU: the interpreter's tests
-        chunk = gpu_chunk_rows(weight.shape[1])
-        chunk = chunk if not interpreting() else 32  # several chunks on the tests' small shapes
-        g = token_scales(targets, exit_weights, ignore_index, token_weights)  # (K, N)
-        loss, token_loss, *rest = chunked_multi_exit_ce(
-            hiddens, weight, targets, g, ignore_index, with_stats, need_h, need_w, _triton_row_pass, chunk, dtype
-        )
-        return loss, per_exit_means(token_loss, targets, ignore_index), token_loss, *rest
-
-    def row_variants(shape, dtype: torch.dtype) -> list:
-        """The row kernel's launch at ``shape`` for :mod:`lash_kernels.aot_check`: one chunk of rows."""
-        V, rows = shape.vocab, shape.exits * shape.tokens
-        act, f32, i64 = pointer(dtype), pointer(torch.float32), pointer(torch.int64)
-        chunk = min(rows, gpu_chunk_rows(shape.hidden))
-        signature = dict(z_ptr=act, y_ptr=i64, valid_ptr="*i1", g_ptr=f32, loss_ptr=f32, conf_ptr=f32, pred_ptr=i64)
-        flags = dict(HAS_GRAD=True, WITH_STATS=True)
-        return [
-            config_variant(
-                "multi_exit_ce.row", _row_kernel, signature | dict(V="i32"), _row_config(V), flags, chunk, dict(V=V)
-            )
-        ]

@@ -1,11 +1,9 @@
-"""The public multi-exit cross-entropy: dispatch, the ``lash::multi_exit_ce`` op and its autograd.
+"""The public multi-exit cross-entropy: the exits stacked, then the torch path or the Triton op.
 
 :func:`multi_exit_cross_entropy` stacks the exits and sends them, with the exit and token
-weights, to the torch path (:mod:`.torch_path`) or to the Triton op in the regime
-:func:`~lash_kernels.ops.multi_exit_ce.fused.fused_regime` picks. The op is registered as
-``torch.ops.lash.multi_exit_ce`` with ``torch.library.triton_op`` so ``torch.compile`` sees the
-kernels, with a twin ``autograd.Function`` for eager calls (:func:`lash_kernels._launch.call_op`);
-the backward only scales the gradients the forward formed.
+weights, to the torch path (:mod:`.torch_path`) or to the ``lash::multi_exit_ce`` op
+(:mod:`.kernels`) in the regime :func:`~lash_kernels.ops.multi_exit_ce.regime.fused_regime`
+picks.
 """
 
 from __future__ import annotations
@@ -15,65 +13,13 @@ from collections.abc import Sequence
 
 import torch
 
-from lash_kernels._launch import call_op, twin_function
-from lash_kernels.dispatch import HAS_TRITON, arch_has_tensor_core_dots, backend, tensor_core_dots
-from lash_kernels.ops.multi_exit_ce.fused import fused_regime
-from lash_kernels.ops.multi_exit_ce.reference import MultiExitCEOutput, validate_inputs
+from lash_kernels.dispatch import HAS_TRITON, backend, tensor_core_dots
+from lash_kernels.ops.multi_exit_ce.reference import IGNORE_INDEX, MultiExitCEOutput, validate_inputs
+from lash_kernels.ops.multi_exit_ce.regime import fused_regime
 from lash_kernels.ops.multi_exit_ce.torch_path import TorchMultiExitCE
 
 if HAS_TRITON:  # optional off Linux: the torch path still works there
-    from torch.library import register_autograd, triton_op
-
-    from lash_kernels.ops.multi_exit_ce.chunked import row_variants, run_chunked
-    from lash_kernels.ops.multi_exit_ce.fused import fused_variants, run_fused
-
-    def _multi_exit_ce(
-        hiddens: torch.Tensor,
-        weight: torch.Tensor,
-        targets: torch.Tensor,
-        token_weights: torch.Tensor | None,
-        exit_weights: list[float],
-        ignore_index: int,
-        with_stats: bool,
-        need_grad_hiddens: bool,
-        need_grad_weight: bool,
-        chunked: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(loss, per_exit, token_loss, confidence, predictions, grad_h, grad_w)``; see the two regimes."""
-        run = run_chunked if chunked or hiddens.numel() == 0 else run_fused  # no tokens: no kernel to launch
-        loss, per_exit, token_loss, conf, pred, grad_h, grad_w = run(
-            hiddens, weight, targets, token_weights, exit_weights, ignore_index, with_stats, need_grad_hiddens,
-            need_grad_weight,
-        )  # fmt: skip
-        # Gradients in the input dtypes, formed now; the backward only scales them.
-        return loss, per_exit, token_loss, conf, pred, grad_h.to(hiddens.dtype), grad_w.to(weight.dtype)
-
-    def _setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(output[5], output[6])
-        # Only the loss is differentiable: no zero-filled gradients for the other six outputs.
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.set_materialize_grads(False)
-
-    def _backward(ctx, grad_loss, *_):
-        grads = [g if need else None for g, need in zip(ctx.saved_tensors, ctx.needs_input_grad[:2])]
-        wanted = [g for g in grads if g is not None]
-        if len({g.dtype for g in wanted}) == 1:  # one launch scales both
-            scaled = iter(torch._foreach_mul(wanted, grad_loss.to(wanted[0].dtype)))
-        else:
-            scaled = iter(g * grad_loss.to(g.dtype) for g in wanted)
-        return tuple(next(scaled) if g is not None else None for g in grads) + (None,) * 8
-
-    # The op and its twin function (lash_kernels._launch.call_op picks one per call).
-    _triton_op = triton_op("lash::multi_exit_ce", mutates_args=())(_multi_exit_ce)
-    register_autograd(_triton_op, _backward, setup_context=_setup_context)
-    _TwinFunction = twin_function(_multi_exit_ce, _setup_context, _backward)
-
-    def static_variants(shape, dtype: torch.dtype, arch: int) -> list:
-        """The launches :mod:`lash_kernels.aot_check` compiles on ``arch`` at ``shape``: the fused
-        pair where :func:`fused_regime` sends the shape, else the row kernel of the chunked path."""
-        if fused_regime(shape.hidden, dtype, arch_has_tensor_core_dots(arch)):
-            return fused_variants(shape, dtype, arch)
-        return row_variants(shape, dtype)
+    from lash_kernels.ops.multi_exit_ce import kernels
 
 
 def _stack(hiddens: Sequence[torch.Tensor] | torch.Tensor, exits: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -89,13 +35,8 @@ def _per_token(device: torch.device, hidden: int, dtype: torch.dtype):
     """The implementation for inputs on ``device``: the torch path, or the Triton op in one regime."""
     if backend(device) == "torch":
         return TorchMultiExitCE.apply
-    return functools.partial(_call_triton_op, chunked=not fused_regime(hidden, dtype, tensor_core_dots(device)))
-
-
-def _call_triton_op(hiddens, weight, targets, token_weights, exit_weights, ignore_index, with_stats, need_h, need_w,
-                    chunked):  # fmt: skip
-    return call_op(_triton_op, _TwinFunction.apply, hiddens, weight, targets, token_weights, exit_weights, ignore_index,
-                   with_stats, need_h, need_w, chunked)[:5]  # fmt: skip
+    chunked = not fused_regime(hidden, dtype, tensor_core_dots(device))
+    return functools.partial(kernels.multi_exit_ce_call, chunked=chunked)
 
 
 def multi_exit_cross_entropy(
@@ -103,7 +44,7 @@ def multi_exit_cross_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     exit_weights: Sequence[float],
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     return_stats: bool = False,
     validate: bool = True,
     token_weights: torch.Tensor | None = None,

@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import torch
 
+IGNORE_INDEX = -100  # the target id that carries no loss (PyTorch's and Hugging Face's convention)
+
 
 class MultiExitCEOutput(NamedTuple):
     """What :func:`multi_exit_cross_entropy` returns."""
@@ -131,7 +133,7 @@ def multi_exit_cross_entropy_reference(
     weight: torch.Tensor,
     targets: torch.Tensor,
     exit_weights: Sequence[float],
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     return_stats: bool = False,
     validate: bool = True,
     token_weights: torch.Tensor | None = None,

@@ -160,7 +160,7 @@ def add_rms_norm(
 class RMSNorm(nn.Module):
     """Drop-in RMSNorm: ``x · rsqrt(mean(x², -1) + eps) · weight`` with weight initialised to ones.
 
-    Its state dict is exactly ``{"weight"}``, as in the seed's reference module.
+    Its state dict is exactly ``{"weight"}``, as in the original implementation's module.
 
     Args:
         dim: hidden size ``N``.

@@ -349,7 +349,7 @@ def _backward(
 
 
 def static_variants(shape, dtype: torch.dtype, arch: int) -> list:
-    """The launches :mod:`lash_kernels.aot_check` compiles: forward and backward, with and
+    """The launches :mod:`lash_kernels.tools.aot_check` compiles: forward and backward, with and
     without the residual, at ``shape.tokens`` rows of ``shape.hidden``, fp32 weight."""
     m, n, itemsize = shape.tokens, shape.hidden, torch.empty((), dtype=dtype).element_size()
     act, f32 = pointer(dtype), pointer(torch.float32)

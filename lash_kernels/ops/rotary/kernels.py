@@ -183,7 +183,7 @@ def _plan(t: int, b: int, hq: int, hk: int, half: int, sms: int) -> _Plan:
 
 
 def static_variants(shape, dtype: torch.dtype, arch: int) -> list:
-    """The launches :mod:`lash_kernels.aot_check` compiles: the rotation and its transpose on
+    """The launches :mod:`lash_kernels.tools.aot_check` compiles: the rotation and its transpose on
     contiguous ``[batch, heads, seq, head_dim]`` q and k, fp32 half tables (LASH's own)."""
     b, h, t, dim = shape.batch, shape.heads, shape.seq, shape.head_dim
     itemsize = torch.empty((), dtype=dtype).element_size()

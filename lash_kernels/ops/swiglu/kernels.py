@@ -131,7 +131,7 @@ def swiglu_call(h: torch.Tensor) -> torch.Tensor:
 
 
 def static_variants(shape, dtype: torch.dtype, arch: int) -> list:
-    """The launches :mod:`lash_kernels.aot_check` compiles: forward and backward over
+    """The launches :mod:`lash_kernels.tools.aot_check` compiles: forward and backward over
     ``shape.tokens`` rows of a ``4 · shape.hidden`` wide gate (LASH's default FFN width)."""
     m, f = shape.tokens, 4 * shape.hidden
     itemsize = torch.empty((), dtype=dtype).element_size()

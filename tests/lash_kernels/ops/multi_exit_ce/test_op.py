@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten
 
 from lash_kernels import MultiExitCEOutput, multi_exit_cross_entropy, multi_exit_cross_entropy_reference
-from lash_kernels.ops.multi_exit_ce import chunked, fused
+from lash_kernels.ops.multi_exit_ce import chunked, fused, regime
 from lash_kernels.ops.multi_exit_ce.chunked import chunk_rows
 
 BACKENDS = ["torch", "triton", "triton-chunked"]
@@ -26,7 +26,7 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2
 def kernels(request, monkeypatch):
     monkeypatch.setenv("LASH_KERNELS", request.param.removesuffix("-chunked"))
     if request.param == "triton-chunked":
-        monkeypatch.setattr(fused, "FUSED_MAX_HIDDEN", 0)
+        monkeypatch.setattr(regime, "FUSED_MAX_HIDDEN", 0)
     return request.param
 
 

@@ -1,0 +1,1 @@
+"""Tools that work on the ops without running them: :mod:`.aot_check`, the static GPU check."""
