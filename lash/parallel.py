@@ -8,6 +8,7 @@ and FSDP2 (``fully_shard``) do the work; see :mod:`lash.distributed` for the pro
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 
@@ -132,7 +133,9 @@ def load_full_states(model: nn.Module, optimizer: torch.optim.Optimizer, model_s
         )  # fmt: skip
     else:
         model.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
+        # Optimizer.load_state_dict keeps tensors already on the right device and dtype as they
+        # are: copied here, so a state dict taken from a live optimizer is not shared with it.
+        optimizer.load_state_dict(copy.deepcopy(optim_state))
 
 
 def scale_for_ranks(

@@ -21,14 +21,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lash import evaluation, parallel, threads
-from lash.config import TrainingConfig
 from lash.distributed import ShardedBatches
 from lash.early_stopping import train_with_early_stopping
 from lash.evaluation import Batches
-from lash.losses import multi_exit_loss
 from lash.models import StandardTransformer
-from lash.optim import create_optimizer
-from lash.trainer_state import NonFiniteLossError, TrainerState, check_finite, check_model
+from lash.trainer_state import NonFiniteLossError, TrainerState, WeightedLoss, check_finite, check_model
 from lash.validation import check_optional_int, check_real, check_token_ids
 from lash_kernels import check_token_weights, values_checked
 
@@ -37,19 +34,6 @@ __all__ = ["NonFiniteLossError", "Trainer"]
 # Steps between host syncs that check the loss is finite and refresh the progress bar: a sync
 # every step would stall the GPU queue on small models.
 _SYNC_EVERY = 25
-
-
-class _WeightedLoss(nn.Module):
-    """The training loss as a module, so DDP/FSDP hooks and ``torch.compile`` see one forward."""
-
-    def __init__(self, model: StandardTransformer, config: TrainingConfig, ignore_index: int) -> None:
-        super().__init__()
-        self.model, self.layers, self.ignore_index = model, config.active_layers, ignore_index
-        self.weights = [config.weight(layer) for layer in self.layers]
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        hiddens = self.model.hidden_states(x, self.layers)  # K × (B, T, D)
-        return multi_exit_loss(hiddens, self.model.output_head.weight, y, self.weights, self.ignore_index, w)
 
 
 def _checked_batch(batch: tuple[torch.Tensor, ...], vocab_size: int, ignore_index: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -100,11 +84,16 @@ class Trainer(TrainerState):
         min_lr_ratio: the cosine schedule's floor, as a fraction of each group's rate.
         distributed: ``"ddp"`` or ``"fsdp"`` (FSDP2 ``fully_shard``) when launched by torchrun.
         name: what progress bars and log lines call this training (``"phase 1"``: "phase 1 epoch 3").
+        model: the model to train, owned from construction with its AdamW at ``lr`` and
+            ``weight_decay`` (:meth:`create_optimizer`); ``None``: given later through
+            ``create_optimizer(model, lr)``, the original API's call.
 
-    State, all public: the progress counters that checkpoints carry, the fp16 ``scaler``, and what
-    the last :meth:`create_optimizer` made: ``model``, ``optimizer``, ``scheduler``, ``runner`` (the
-    model's loss, wrapped for DDP/FSDP2, compiled once: :class:`lash.parallel.CompiledLoss`) and
-    FSDP2's ``sharded_root``. ``save_checkpoint(path)``/``load_checkpoint(path)`` use that pair.
+    State, all public and kept by :class:`lash.trainer_state.TrainerState`: the progress counters
+    that checkpoints carry, the fp16 ``scaler``, and what the last :meth:`create_optimizer` made:
+    ``model``, ``optimizer``, ``scheduler``, ``runner`` (the model's loss, wrapped for DDP/FSDP2,
+    compiled once: :class:`lash.parallel.CompiledLoss`) and FSDP2's ``sharded_root``.
+    ``state_dict()`` / ``load_state_dict()`` and ``save_checkpoint(path)`` / ``load_checkpoint(path)``
+    cover that pair and the counters.
     """
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -112,12 +101,6 @@ class Trainer(TrainerState):
 
     def _shard(self, batches: Batches) -> Batches:
         return ShardedBatches(batches, self.dist) if self.world_size > 1 else batches
-
-    def _wrap(self, model: StandardTransformer) -> tuple[nn.Module, nn.Module | None]:
-        """The loss module for ``model``, wrapped in DDP/FSDP2 under torchrun, compiled on request; its FSDP2 root."""
-        unused = self.config.output_layer < model.num_layers  # deeper layers never run
-        loss = _WeightedLoss(model, self.config, self.ignore_index)
-        return parallel.wrap(loss, model, self.device, self.world_size, self.distributed, unused, self.compile)
 
     def compute_loss(self, model: StandardTransformer, x: torch.Tensor, y: torch.Tensor, token_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Σ_l w_l · CE(head(h_l), y) over the layers with a positive weight.
@@ -135,23 +118,7 @@ class Trainer(TrainerState):
         check_model(model, self.config, self.vocab_size, self.device)
         w = None if token_weights is None else token_weights.to(self.device)
         with self._autocast():
-            return _WeightedLoss(model, self.config, self.ignore_index)(x.to(self.device), y.to(self.device), w)
-
-    def create_optimizer(self, model: StandardTransformer, base_lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
-        """AdamW with one param group per layer at ``base_lr * layer_lr_scales[l]``.
-
-        Groups are named ``layer_1`` … ``layer_L``; the embedding and the shared head (and any
-        other parameter) form ``embedding_head`` at ``base_lr``. With ``warmup_steps`` or
-        ``total_steps`` set, ``trainer.scheduler`` drives every group's rate per optimizer step.
-        The model, optimizer, schedule and the model's wrapped loss are kept for
-        :meth:`train_epoch` and the checkpoints.
-        """
-        check_model(model, self.config, self.vocab_size, self.device)
-        # FSDP2 replaces the parameters: wrap before the optimizer sees them.
-        self.runner, self.sharded_root = self._wrap(model)
-        self.optimizer, self.scheduler = create_optimizer(model, self.config, base_lr, weight_decay, *self.schedule)
-        self.model = model
-        return self.optimizer
+            return WeightedLoss(model, self.config, self.ignore_index)(x.to(self.device), y.to(self.device), w)
 
     def train_epoch(
         self,

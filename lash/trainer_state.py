@@ -20,7 +20,9 @@ from torch import nn
 from lash import checkpoint, parallel
 from lash.config import TrainingConfig
 from lash.distributed import all_reduce_sum, init_distributed, launched_by_torchrun
+from lash.losses import multi_exit_loss
 from lash.models import StandardTransformer
+from lash.optim import create_optimizer
 from lash.parallel import DISTRIBUTED, PRECISIONS
 from lash.validation import check_device, check_int, check_optional_int, check_real
 from lash_kernels import IGNORE_INDEX
@@ -70,6 +72,19 @@ def check_finite(losses: list[torch.Tensor], checked: int, epoch: int) -> int:
     return len(losses)
 
 
+class WeightedLoss(nn.Module):
+    """The training loss as a module, so DDP/FSDP hooks and ``torch.compile`` see one forward."""
+
+    def __init__(self, model: StandardTransformer, config: TrainingConfig, ignore_index: int) -> None:
+        super().__init__()
+        self.model, self.layers, self.ignore_index = model, config.active_layers, ignore_index
+        self.weights = [config.weight(layer) for layer in self.layers]
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        hiddens = self.model.hidden_states(x, self.layers)  # K × (B, T, D)
+        return multi_exit_loss(hiddens, self.model.output_head.weight, y, self.weights, self.ignore_index, w)
+
+
 class TrainerState:
     """A trainer's settings, its model and optimizer pair, schedule, scaler and progress; see
     :class:`lash.trainer.Trainer` for the arguments."""
@@ -90,6 +105,9 @@ class TrainerState:
         min_lr_ratio: float = 0.1,
         distributed: str = "ddp",
         name: str = "",
+        model: StandardTransformer | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
     ) -> None:
         check_options(config, vocab_size, precision, grad_accum_steps, warmup_steps, total_steps, min_lr_ratio, distributed)
         self.config, self.vocab_size, self.ignore_index = config, vocab_size, ignore_index
@@ -108,6 +126,8 @@ class TrainerState:
         self.epochs_trained, self.global_step, self.batches_into_epoch = 0, 0, 0
         # Sum and count of the losses of an epoch stopped part-way, so its mean covers the whole epoch.
         self.partial_epoch_loss: tuple[float, int] = (0.0, 0)
+        if model is not None:  # owned from the start; create_optimizer(model, lr) later does the same
+            self.create_optimizer(model, lr, weight_decay)
 
     @property
     def is_main(self) -> bool:
@@ -125,6 +145,28 @@ class TrainerState:
     def epoch_label(self, epoch: int) -> str:
         """``"epoch 3"``, or ``"phase 1 epoch 3"`` for a trainer named ``"phase 1"``."""
         return f"{self.name} epoch {epoch}" if self.name else f"epoch {epoch}"
+
+    def _wrap(self, model: StandardTransformer) -> tuple[nn.Module, nn.Module | None]:
+        """The loss module for ``model``, wrapped in DDP/FSDP2 under torchrun, compiled on request; its FSDP2 root."""
+        unused = self.config.output_layer < model.num_layers  # deeper layers never run
+        loss = WeightedLoss(model, self.config, self.ignore_index)
+        return parallel.wrap(loss, model, self.device, self.world_size, self.distributed, unused, self.compile)
+
+    def create_optimizer(self, model: StandardTransformer, base_lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+        """AdamW with one param group per layer at ``base_lr * layer_lr_scales[l]``.
+
+        Groups are named ``layer_1`` … ``layer_L``; the embedding and the shared head (and any
+        other parameter) form ``embedding_head`` at ``base_lr``. With ``warmup_steps`` or
+        ``total_steps`` set, ``trainer.scheduler`` drives every group's rate per optimizer step.
+        The model, optimizer, schedule and the model's wrapped loss are kept for
+        :meth:`~lash.trainer.Trainer.train_epoch` and the checkpoints.
+        """
+        check_model(model, self.config, self.vocab_size, self.device)
+        # FSDP2 replaces the parameters: wrap before the optimizer sees them.
+        self.runner, self.sharded_root = self._wrap(model)
+        self.optimizer, self.scheduler = create_optimizer(model, self.config, base_lr, weight_decay, *self.schedule)
+        self.model = model
+        return self.optimizer
 
     def _pair(self, action: str) -> tuple[StandardTransformer, torch.optim.Optimizer]:
         if self.model is None or self.optimizer is None:

@@ -256,7 +256,7 @@ def test_resuming_with_other_flags_is_refused(tmp_path, capsys):
 def test_non_finite_loss_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
     run_cli(tmp_path, "run", "--stop-at-step", "6")
     saved = (tmp_path / "run" / "checkpoint.pt").read_bytes()
-    monkeypatch.setattr("lash.trainer._WeightedLoss.forward", lambda self, x, y: self.model(x).sum() * math.nan)
+    monkeypatch.setattr("lash.trainer_state.WeightedLoss.forward", lambda self, x, y: self.model(x).sum() * math.nan)
     assert cli.main([*ARGS, "--out", str(tmp_path / "run"), "--resume", str(tmp_path / "run" / "checkpoint.pt")]) == 1
     err = capsys.readouterr().err
     assert "training loss became nan" in err and err.count("\n") == 1

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import lash.trainer
+import lash.trainer_state
 from lash import DeepSupervisionTransformer, StandardTransformer, Trainer, TrainingConfig
 from lash.trainer import NonFiniteLossError
 
@@ -26,13 +27,13 @@ def tiny(num_layers=3, cls=DeepSupervisionTransformer):
 
 def spy_loss(monkeypatch):
     calls = []
-    real = lash.trainer.multi_exit_loss
+    real = lash.trainer_state.multi_exit_loss
 
     def spy(hiddens, *args, **kwargs):
         calls.append(len(hiddens))
         return real(hiddens, *args, **kwargs)
 
-    monkeypatch.setattr(lash.trainer, "multi_exit_loss", spy)
+    monkeypatch.setattr(lash.trainer_state, "multi_exit_loss", spy)
     return calls
 
 
@@ -155,7 +156,7 @@ def test_non_finite_loss_names_epoch_and_step_and_keeps_best(monkeypatch):
     model = tiny()
     trainer = Trainer(TrainingConfig(layer_weights={3: 1}), vocab_size=V, progress=False)
     opt = trainer.create_optimizer(model, base_lr=1e-3)
-    real = lash.trainer.multi_exit_loss
+    real = lash.trainer_state.multi_exit_loss
     count = [0]
 
     def poisoned(*args, **kwargs):
@@ -163,7 +164,7 @@ def test_non_finite_loss_names_epoch_and_step_and_keeps_best(monkeypatch):
         loss = real(*args, **kwargs)
         return loss * float("nan") if count[0] == 6 else loss
 
-    monkeypatch.setattr(lash.trainer, "multi_exit_loss", poisoned)
+    monkeypatch.setattr(lash.trainer_state, "multi_exit_loss", poisoned)
     best = {}
     with pytest.raises(NonFiniteLossError, match="at epoch 2, step 2"):
         real_eval = trainer.evaluate
@@ -451,3 +452,28 @@ def test_bad_token_weights_are_refused_before_any_step(w, message):
     with pytest.raises(ValueError, match=r"\(x, y\) or \(x, y, w\); got 4 tensors"):
         trainer.train_epoch(model, [(x, x, w, w)], optimizer)
     assert trainer.global_step == 0
+
+
+def test_a_trainer_given_its_model_owns_it_and_its_optimizer_from_the_start():
+    torch.manual_seed(0)
+    model = DeepSupervisionTransformer(30, dim=16, num_layers=2, num_heads=2)
+    trainer = Trainer(TrainingConfig(layer_weights={2: 1.0}), 30, progress=False, model=model, lr=3e-3)
+    assert trainer.model is model and trainer.optimizer.param_groups[0]["lr"] == 3e-3
+    x = torch.randint(0, 30, (4, 6))
+    trainer.train_epoch(model, [(x, x)], trainer.optimizer)
+    assert trainer.global_step == 1 and set(trainer.state_dict()) == {"model", "optimizer", "trainer", "config"}
+
+
+def test_load_state_dict_restores_what_state_dict_saw():
+    torch.manual_seed(0)
+    make = lambda: Trainer(TrainingConfig(layer_weights={2: 1.0}), 30, progress=False,  # noqa: E731
+                           model=DeepSupervisionTransformer(30, dim=16, num_layers=2, num_heads=2))  # fmt: skip
+    a, b = make(), make()
+    x = torch.randint(0, 30, (4, 6))
+    a.train_epoch(a.model, [(x, x), (x, x.roll(1, 1))], a.optimizer)
+    b.load_state_dict(a.state_dict())
+    assert (b.global_step, b.epochs_trained) == (a.global_step, a.epochs_trained) == (2, 1)
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+    a.train_epoch(a.model, [(x, x)], a.optimizer)
+    b.train_epoch(b.model, [(x, x)], b.optimizer)
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
