@@ -16,6 +16,7 @@ so a mismatched checkpoint raises ``ValueError`` and leaves the model as it was.
 from __future__ import annotations
 
 import pickle
+import pickletools
 import random
 import warnings
 from collections.abc import Mapping
@@ -83,6 +84,29 @@ def _old_format_hint(path: Path) -> str:
     )
 
 
+def _globals_named(path: Path) -> set[str]:
+    """The ``module.name`` globals a pickle in ``path`` would import, read without unpickling:
+    through torch for its zip format, else from a legacy pickle's opcodes; empty for a file that
+    is not a pickle at all (cut short, or another format)."""
+    try:
+        return set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:
+        pass
+    found, strings = set(), []
+    try:
+        with open(path, "rb") as f:
+            for opcode, arg, _ in pickletools.genops(f):
+                if opcode.name == "GLOBAL":
+                    found.add(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.add(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:
+        return found
+    return found
+
+
 def read_safely(path: str | Path) -> Any:
     """Read a ``torch.save`` file with ``torch.load(weights_only=True)``: tensors and plain values only.
 
@@ -92,6 +116,8 @@ def read_safely(path: str | Path) -> Any:
             plain containers (which could run code, and are never unpickled).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -99,19 +125,17 @@ def read_safely(path: str | Path) -> Any:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        try:
-            found = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-        except Exception:
-            found = set()
+        found = _globals_named(path)
         if "lash.config.TrainingConfig" in found and found <= _V1_GLOBALS:
             raise ValueError(_old_format_hint(path)) from None
-        objects = ", ".join(sorted(found)) or "objects other than tensors and plain containers"
+        if not found:  # nothing that names code: the pickle is cut short or not one at all
+            raise ValueError(f"{path} is not a LASH checkpoint (damaged or another format)") from None
         raise ValueError(
-            f"checkpoint {path} was refused: it holds {objects}, which loading could use to run code; "
-            "LASH checkpoints hold only tensors and plain containers"
+            f"checkpoint {path} was refused: it holds {', '.join(sorted(found))}, which loading could use to run "
+            "code; LASH checkpoints hold only tensors and plain containers"
         ) from None
-    except Exception as error:
-        raise ValueError(f"checkpoint {path} is unreadable or corrupt ({type(error).__name__}: {error})") from None
+    except Exception:
+        raise ValueError(f"{path} is not a LASH checkpoint (damaged or another format)") from None
     return payload
 
 
@@ -130,7 +154,7 @@ def load(path: str | Path) -> dict[str, Any]:
         found = payload.get("format") if isinstance(payload, dict) else None
         if found == OLD_FORMAT:
             raise ValueError(_old_format_hint(path))
-        raise ValueError(f"checkpoint {path} is not a {FORMAT} file")
+        raise ValueError(f"{path} is not a LASH checkpoint (damaged or another format)")
     for section in _SECTIONS:
         if not isinstance(payload.get(section), Mapping):
             raise ValueError(f"checkpoint {path} is damaged: its {section!r} entry is missing or not a dict")
@@ -166,7 +190,8 @@ def upgrade_v1(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_model_state(state: Mapping[str, torch.Tensor], model: torch.nn.Module, path: str | Path) -> None:
-    """Raise ``ValueError`` unless ``state`` has exactly the model's tensor names and shapes."""
+    """Raise ``ValueError`` unless ``state`` has exactly the model's tensor names and shapes, a
+    floating dtype where the model's tensor is floating (its own dtype otherwise) and finite values."""
     own = model.state_dict()
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     if missing or unexpected:
@@ -177,6 +202,57 @@ def check_model_state(state: Mapping[str, torch.Tensor], model: torch.nn.Module,
             raise ValueError(
                 f"checkpoint {path} does not fit the model: {name} has shape {shape}, the model's is {tuple(own[name].shape)}"
             )
+        floating = own[name].is_floating_point()
+        if tensor.is_floating_point() != floating or (not floating and tensor.dtype != own[name].dtype):
+            raise ValueError(f"checkpoint {path} does not fit the model: {name} is {tensor.dtype}, the model's is {own[name].dtype}")
+        if floating and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"checkpoint {path} is damaged: {name} holds NaN or infinite values")
+
+
+def check_optimizer_state(state: Mapping[str, Any], optimizer: torch.optim.Optimizer, path: str | Path) -> None:
+    """Raise ``ValueError`` unless ``state`` (an optimizer state dict) fits ``optimizer``: the
+    same groups of as many parameters, and per-parameter tensors shaped like their parameter,
+    floating and finite, with second moments (``*_sq``) and step counts ≥ 0."""
+    groups, own = state.get("param_groups"), optimizer.param_groups
+    if not isinstance(groups, list) or len(groups) != len(own):
+        raise ValueError(f"checkpoint {path} has an optimizer with a different number of param groups")
+    params = [p for group in own for p in group["params"]]
+    for saved, mine in zip(groups, own):
+        if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), list) or len(saved["params"]) != len(mine["params"]):
+            raise ValueError(f"checkpoint {path} has an optimizer param group {mine.get('name', '?')} of another size")
+    per_param = state.get("state")
+    if not isinstance(per_param, Mapping):
+        raise ValueError(f"checkpoint {path} is damaged: its optimizer state is missing")
+    for index, values in per_param.items():
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(values, Mapping):
+            raise ValueError(f"checkpoint {path} is damaged: optimizer state entry {index!r} names no parameter")
+        for key, value in values.items():
+            _check_optimizer_value(value, key, params[index], f"checkpoint {path}: optimizer state {index}.{key}")
+
+
+def _check_optimizer_value(value: Any, key: str, param: torch.Tensor, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (torch.Tensor, int, float)):
+        return  # flags and other plain settings: the optimizer's own
+    tensor = torch.as_tensor(value)
+    if tensor.dim() and tuple(tensor.shape) != tuple(param.shape):
+        raise ValueError(f"{where} has shape {tuple(tensor.shape)}, its parameter's is {tuple(param.shape)}")
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{where} holds NaN or infinite values")
+    if (key.endswith("_sq") or key == "step") and bool((tensor < 0).any()):
+        raise ValueError(f"{where} is negative, which it cannot be")
+
+
+def check_rng_state(rng: Mapping[str, Any], path: str | Path) -> None:
+    """Raise ``ValueError`` unless the random states have the sizes this machine's generators take."""
+    cuda = rng["cuda"]
+    expected = torch.get_rng_state().numel()
+    if rng["torch"].numel() != expected or rng["numpy_kind"] != "MT19937" or not 0 <= rng["numpy_pos"] <= 624:
+        raise ValueError(f"checkpoint {path} is damaged: its random states have the wrong sizes")
+    if not isinstance(cuda, list) or not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda):
+        raise ValueError(f"checkpoint {path} is damaged: its CUDA random states are not byte tensors")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        if any(t.numel() != torch.cuda.get_rng_state(i).numel() for i, t in enumerate(cuda)):
+            raise ValueError(f"checkpoint {path} is damaged: its CUDA random states have the wrong sizes")
 
 
 def _encode_rng(python: tuple, numpy: tuple, torch_state: torch.Tensor, cuda: list) -> dict[str, Any]:
@@ -209,7 +285,8 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     np.random.set_state((state["numpy_kind"], keys, state["numpy_pos"], state["numpy_has_gauss"], state["numpy_gauss"]))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def check_resumable(
@@ -249,12 +326,17 @@ def check_resumable(
             raise ValueError(f"checkpoint {path} was trained with {key}={saved_settings.get(key)!r}, this trainer has {key}={mine!r}")
     if (state.get("scheduler") is None) != (not has_scheduler):
         raise ValueError(f"checkpoint {path} and this trainer disagree on having a learning-rate schedule")
+    schedule = state.get("scheduler")
+    step = schedule.get("last_epoch") if isinstance(schedule, dict) else None
+    if has_scheduler and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        raise ValueError(f"checkpoint {path} is damaged: its learning-rate schedule is at step {step!r}")
     groups = payload["optimizer"].get("param_groups")
     if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
         raise ValueError(f"checkpoint {path} has an optimizer with a different number of param groups")
     for saved, own in zip(groups, optimizer.param_groups):
-        # The schedule moves "lr" (its base is "initial_lr"); without one, "lr" is the setting.
-        skip = {"params", "lr"} if has_scheduler else {"params"}
+        # The schedule moves "lr" (its base is "initial_lr"); without one, "lr" is the setting. How
+        # the step runs (fused, foreach, ...) is this machine's choice, not the run's.
+        skip = {"params", "fused", "foreach", "capturable", "differentiable"} | ({"lr"} if has_scheduler else set())
         for key in sorted(own.keys() - skip):
             if saved.get(key) != own[key]:
                 raise ValueError(

@@ -9,8 +9,11 @@ experiment exactly as ``colab2.py`` does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
+import os
 import re
 import shlex
 import sys
@@ -27,13 +30,13 @@ from lash.ashem_store import ASHEMStore
 from lash.config import PROTOCOLS, ASHEMConfig, TrainingConfig, create_standard_config
 from lash.data import load_dataset
 from lash.distributed import shutdown_distributed
-from lash.files import check_writable_dir, write_atomic
+from lash.files import WriteError, check_writable_dir, one_writer, write_atomic
 from lash.models import DeepSupervisionTransformer
 from lash.report import summary_table, write_report
 from lash.parallel import DISTRIBUTED, PRECISIONS
 from lash.utils import duration, set_seed
 from lash.trainer import NonFiniteLossError, Trainer
-from lash.validation import check_device, check_int, check_real
+from lash.validation import check_device, check_index, check_int, check_real
 
 # --quick: a small ASHEM run that finishes in a few minutes on two CPU cores.
 QUICK = {"samples": 1200, "dim": 64, "phase1_max_epochs": 3, "phase2_max_epochs": 3, "max_vocab": 1024}
@@ -52,7 +55,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _layer_map(text: str) -> dict[int, float]:
-    """``"2:0.5,4:0.5"`` → ``{2: 0.5, 4: 0.5}``; a layer named twice is an error."""
+    """``"2:0.5,4:0.5"`` → ``{2: 0.5, 4: 0.5}``; a layer named twice, or nothing named, is an error."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: give layer:value pairs like 2:0.5,4:0.5")
     try:
         pairs = [item.split(":") for item in text.split(",") if item.strip()]
         parsed = [(int(layer), float(value)) for layer, value in pairs]
@@ -178,9 +183,37 @@ def _check_common_args(args: argparse.Namespace) -> torch.device:
     for flag, low in (("samples", 1), ("seq_len", 1), ("batch_size", 1), ("val_samples", 1), ("max_vocab", 2)):
         if getattr(args, flag) is not None:  # None: the flag was left out
             check_int(_flag(flag), getattr(args, flag), low)
+    check_index("--seed", args.seed, 0, 2**32 - 1)
+    _check_model_flags(args)
+    _check_memory(args)
     if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) >= 1):
         raise ValueError(f"--threads {args.threads!r} must be auto or a whole number ≥ 1")
     return check_device("--device", args.device)
+
+
+def _check_model_flags(args: argparse.Namespace) -> None:
+    """Depth, width and heads that make a model: whole heads of an even width (RoPE rotates pairs)."""
+    for flag in ("num_layers", "dim", "num_heads"):
+        if getattr(args, flag, None) is not None:
+            check_int(_flag(flag), getattr(args, flag), 1)
+    if args.dim % args.num_heads or (args.dim // args.num_heads) % 2:
+        raise ValueError(f"--dim {args.dim} / --num-heads {args.num_heads} must give a whole, even head width "
+                         f"(rotary embeddings turn pairs of features); e.g. --dim {2 * args.num_heads * max(1, args.dim // (2 * args.num_heads))}")  # fmt: skip
+
+
+def _check_memory(args: argparse.Namespace) -> None:
+    """Refuse sizes this machine cannot hold, with the estimate: the token ids (train and
+    validation, int64) and the model with its gradients and AdamW state (4 copies, fp32)."""
+    sequences = args.samples + (args.val_samples if args.val_samples is not None else args.samples // 5)
+    vocab = args.max_vocab or 2048  # a text's vocabulary is capped by its words; the offline corpus's default
+    layers = getattr(args, "num_layers", None) or max(getattr(args, "phase2_layers", 4), getattr(args, "phase1_layers", 2))
+    params = 2 * vocab * args.dim + layers * 12 * args.dim**2
+    needed = 8 * sequences * (args.seq_len + 1) + 4 * 4 * params
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise ValueError(f"--samples {args.samples}, --seq-len {args.seq_len}, --max-vocab {args.max_vocab}, --dim "
+                         f"{args.dim} and {layers} layers need about {needed / 2**30:,.0f} GiB; this machine has "
+                         f"{available / 2**30:,.0f} GiB")  # fmt: skip
 
 
 def _where(device: torch.device, threads: str) -> str:
@@ -202,8 +235,6 @@ ASHEM_MAY_CHANGE = {"out", "no_progress", "device", "seeds", "resume", "overwrit
 def run_ashem_command(args: argparse.Namespace, command: str) -> int:
     config = ASHEMConfig(**{f.name: getattr(args, f.name) for f in fields(ASHEMConfig)})
     device = _check_common_args(args)
-    check_int("--dim", args.dim, 1)
-    check_int("--num-heads", args.num_heads, 1)
     check_int("--seeds", args.seeds, 1)
     out = check_writable_dir("--out", args.out)
     store = ASHEMStore(out, {name: value for name, value in vars(args).items() if name not in ASHEM_MAY_CHANGE})
@@ -268,8 +299,6 @@ def _ashem_seed(args: argparse.Namespace, config: ASHEMConfig, data, device: tor
 def _check_train_args(args: argparse.Namespace) -> None:
     """Check every ``train`` flag before any work; ``ValueError`` names the flag, value and range."""
     _check_common_args(args)
-    for flag in ("num_layers", "dim", "num_heads"):
-        check_int(_flag(flag), getattr(args, flag), 1)
     check_real("--lr", args.lr, 0.0, low_open=True)
     check_real("--weight-decay", args.weight_decay, 0.0)
     check_real("--grad-clip", args.grad_clip, 0.0)
@@ -277,6 +306,8 @@ def _check_train_args(args: argparse.Namespace) -> None:
     for flag, low in (("epochs", 1), ("max_steps", 1), ("stop_at_step", 1), ("grad_accum", 1), ("warmup_steps", 0)):
         if getattr(args, flag) is not None:  # None: the flag was left out
             check_int(_flag(flag), getattr(args, flag), low)
+    if args.resume is not None and not args.resume.strip():
+        raise ValueError("--resume is empty: name the checkpoint file to continue from")
     out = check_writable_dir("--out", args.out)
     if (out / CHECKPOINT).exists() and not (args.resume or args.overwrite):
         raise ValueError(
@@ -371,10 +402,21 @@ def run_train_command(args: argparse.Namespace, command: str) -> int:
         "history": history,
     }
     if trainer.is_main:
-        write_atomic(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+        write_atomic(out / "metrics.json", json.dumps(_strict_json(metrics), indent=2, allow_nan=False).encode())
         print(_final_line(metrics, config))
         print(f"wrote {out / 'metrics.json'} and {out / CHECKPOINT}")
     return 0
+
+
+def _strict_json(value):
+    """``value`` with every NaN or infinite float as ``None`` (``null``): JSON has no such numbers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(item) for item in value]
+    return value
 
 
 def _final_line(metrics: dict, config: TrainingConfig) -> str:
@@ -394,12 +436,16 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
     command = "python -m lash " + shlex.join(argv)
     try:
-        if args.command == "ashem":
-            return run_ashem_command(args, command)
-        return run_train_command(args, command)
+        with _one_writer(args):
+            if args.command == "ashem":
+                return run_ashem_command(args, command)
+            return run_train_command(args, command)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except WriteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except NonFiniteLossError as error:
         print(f"error: {error}; the last checkpoint in --out is kept (try a lower --lr or --grad-clip)", file=sys.stderr)
         return 1
@@ -410,6 +456,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         shutdown_distributed()
+
+
+def _one_writer(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """The lock of ``--out`` for the process that writes there (rank 0 under torchrun)."""
+    if args.out is None or int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    return one_writer("--out", args.out)
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

@@ -318,7 +318,13 @@ class OfflineCorpus:
         return tokens, logp
 
 
+OFFLINE_MIN_VOCAB = 36  # a tenth function words, and 32 for the largest topic pool
+
+
 def _offline(num_samples: int, val_samples: int, batch_size: int, seq_len: int, seed: int, max_vocab: int | None) -> LMData:
+    if max_vocab is not None and max_vocab < OFFLINE_MIN_VOCAB:
+        raise ValueError(f"max_vocab={max_vocab} is too small for the offline corpus, whose topics need at least "
+                         f"{OFFLINE_MIN_VOCAB} words")  # fmt: skip
     corpus = OfflineCorpus(vocab_size=max_vocab or 2048, seed=seed)
     train, _ = corpus.sample(num_samples, seq_len + 1, seed=seed + 1)
     val, val_logp = corpus.sample(val_samples, seq_len + 1, seed=seed + 2)

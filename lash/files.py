@@ -11,12 +11,29 @@ umask), not the 0600 of ``tempfile.mkstemp``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
+
+
+class WriteError(OSError):
+    """A file could not be written (a full disk, a quota, a size limit); what was there before is intact."""
+
+
+@contextlib.contextmanager
+def _reported(path: Path) -> Iterator[None]:
+    """Turn an ``OSError`` of writing ``path`` into a :class:`WriteError` that names it and says the old file stands."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise WriteError(f"could not write {path} ({reason}); the file there before, if any, is intact") from None
 
 
 def _umask() -> int:
@@ -60,9 +77,13 @@ def _temporary(path: Path) -> Iterator[tuple[IO[bytes], Path]]:
 
 
 def write_atomic(path: str | Path, data: bytes | Callable[[IO[bytes]], None]) -> None:
-    """Write ``data`` (bytes, or a function that writes into a binary file) to ``path`` atomically."""
+    """Write ``data`` (bytes, or a function that writes into a binary file) to ``path`` atomically.
+
+    Raises:
+        WriteError: the write failed (the disk is full, ...); the previous file is untouched.
+    """
     path = Path(path)
-    with _temporary(path) as (f, tmp):
+    with _reported(path), _temporary(path) as (f, tmp):
         if callable(data):
             data(f)
         else:
@@ -100,7 +121,7 @@ def publish(files: dict[str, bytes], out_dir: str | Path) -> list[Path]:
     try:
         for name, data in files.items():
             path = out_dir / name
-            with _temporary(path) as (f, tmp):
+            with _reported(path), _temporary(path) as (f, tmp):
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -117,6 +138,8 @@ def publish(files: dict[str, bytes], out_dir: str | Path) -> list[Path]:
 
 def check_writable_dir(name: str, path: str | Path) -> Path:
     """Create ``path`` if needed and check a file can be written in it; ``ValueError`` otherwise."""
+    if not str(path).strip():
+        raise ValueError(f"{name} is empty: name a directory")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{name} {str(path)!r} is a file, not a directory")
@@ -127,3 +150,32 @@ def check_writable_dir(name: str, path: str | Path) -> Path:
     except OSError as error:
         raise ValueError(f"{name} {str(path)!r} is not a writable directory ({error.strerror or error})") from None
     return path
+
+
+LOCK_NAME = ".lash.lock"
+
+
+@contextlib.contextmanager
+def one_writer(name: str, path: str | Path) -> Iterator[Path]:
+    """Hold ``path``'s lock file (``fcntl.flock``) for the duration: one run writes into an
+    output directory at a time. The lock goes with the process, so a crash leaves none behind;
+    the file keeps the last holder's PID for the message a second run gets.
+
+    Raises:
+        ValueError: another live process holds the directory (its PID named), or ``path`` is
+            not a writable directory.
+    """
+    path = check_writable_dir(name, path)
+    fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            raise ValueError(f"{name} {str(path)!r} is in use by process {holder}: one run writes into a directory "
+                             "at a time; wait for it or choose another directory") from None  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield path
+    finally:
+        os.close(fd)

@@ -36,21 +36,28 @@ __all__ = ["NonFiniteLossError", "Trainer"]
 _SYNC_EVERY = 25
 
 
+def _check_batch(batch: tuple[torch.Tensor, ...], vocab_size: int, ignore_index: int) -> None:
+    """Raise ``ValueError`` unless ``batch`` is ``(x, y)`` or ``(x, y, w)`` with ids in range
+    and ``w`` per-token loss weights shaped like ``y``."""
+    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+        count = f"{len(batch)} tensors" if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}"
+        raise ValueError(f"a training batch must be (x, y) or (x, y, w); got {count}")
+    x, y, *w = batch
+    check_token_ids(x, vocab_size)
+    check_token_ids(y, vocab_size, "target value", ignore_index)
+    if w:
+        check_token_weights(w[0], tuple(y.shape))
+
+
 def _checked_batch(batch: tuple[torch.Tensor, ...], vocab_size: int, ignore_index: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """``(x, y)`` or ``(x, y, w)`` (``w``: per-token loss weights shaped like ``y``) checked, then moved to ``device``.
+    """``batch`` checked (:func:`_check_batch`), then moved to ``device``.
 
     Checked before the copy: a bad id or weight is a ValueError, never a device-side assert, and
     reading CPU tensors costs the device no sync (inside a compiled graph no check runs). The step
     then runs inside ``values_checked()``, so the model and the loss do not check them again (on
     a GPU that would be device work in every step).
     """
-    if len(batch) not in (2, 3):
-        raise ValueError(f"a training batch must be (x, y) or (x, y, w); got {len(batch)} tensors")
-    x, y, *w = batch
-    check_token_ids(x, vocab_size)
-    check_token_ids(y, vocab_size, "target value", ignore_index)
-    if w:
-        check_token_weights(w[0], tuple(y.shape))
+    _check_batch(batch, vocab_size, ignore_index)
     return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
@@ -152,6 +159,39 @@ class Trainer(TrainerState):
             check_real("grad_clip", grad_clip, 0.0)
         check_optional_int("max_steps", max_steps, 1)
         check_model(model, self.config, self.vocab_size, self.device)
+        self._check_batches(train_batches)
+        start = (self.epochs_trained, self.global_step, self.batches_into_epoch, self.partial_epoch_loss)
+        try:
+            return self._epoch(model, train_batches, optimizer, grad_clip, max_steps)
+        except ValueError:
+            if self.global_step == start[1]:  # no step was taken: nothing was learnt, so nothing moved
+                self.epochs_trained, _, self.batches_into_epoch, self.partial_epoch_loss = start
+                optimizer.zero_grad(set_to_none=True)
+            raise
+
+    def _check_batches(self, train_batches: Batches) -> None:
+        """Before the first step: where the trainer stands must lie inside the epoch, and every
+        remaining batch of a collection (not a one-pass iterator) is checked on the CPU, so a bad
+        batch anywhere, or an epoch with nothing to learn, changes nothing."""
+        if not hasattr(train_batches, "__len__") or isinstance(train_batches, Iterator):
+            return
+        size = len(self._shard(train_batches))
+        if self.batches_into_epoch > size:
+            raise ValueError(f"the trainer is {self.batches_into_epoch} batches into its epoch, but train_batches has "
+                             f"{size}: resume with the batches the run was saved with")  # fmt: skip
+        if self.world_size > 1:
+            return  # each rank checks its own share as it comes
+        learnable = False
+        for batch in self._batches(train_batches):
+            if any(t.device.type != "cpu" for t in batch):
+                return  # batches already on a device are checked as they come: reading them would sync
+            _check_batch(batch, self.vocab_size, self.ignore_index)
+            learnable = learnable or not _nothing_to_learn(batch, self.ignore_index)
+        if not learnable and not self.batches_into_epoch and not self.partial_epoch_loss[1]:
+            raise ValueError("train_batches yielded no batch with a labelled target")
+
+    def _epoch(self, model: StandardTransformer, train_batches: Batches, optimizer: torch.optim.Optimizer,
+               grad_clip: float | None, max_steps: int | None) -> float:  # fmt: skip
         model.train()
         threads.refresh()  # under the CLI's --threads auto: the cores others left free
         epoch, resumed_at = self.epochs_trained + 1, self.batches_into_epoch

@@ -203,6 +203,8 @@ class TrainerState:
         model, optimizer = self._pair("load_state_dict")
         checkpoint.check_model_state(state["model"], model, source)
         checkpoint.check_resumable(state, source, self.config.as_dict(), self._settings(), optimizer, self.scheduler is not None)
+        if not self.is_sharded:  # FSDP2 checks its full state itself as it shards it
+            checkpoint.check_optimizer_state(state["optimizer"], optimizer, source)
         parallel.load_full_states(model, optimizer, state["model"], state["optimizer"], self.is_sharded)
         saved = state["trainer"]
         if self.scheduler is not None:
@@ -231,6 +233,7 @@ class TrainerState:
         """
         self._pair("load_checkpoint")
         payload = checkpoint.load(path)
+        checkpoint.check_rng_state(payload["rng"], path)
         self.load_state_dict(payload, path)
         checkpoint.set_rng_state(payload["rng"])
         return payload["extra"]

@@ -17,14 +17,20 @@ def check_int(name: str, value: object, low: int) -> None:
         raise ValueError(f"{name}={value!r} must be an int >= {low}")
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
+
+
 def check_real(
     name: str, value: object, low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False
 ) -> None:
-    """Raise ``ValueError`` unless ``value`` is a finite real number in the interval from ``low`` to ``high``."""
+    """Raise ``ValueError`` unless ``value`` is a finite real number in the interval from ``low`` to
+    ``high``, within float32's range (every such number ends up in a tensor)."""
     high_open = high_open or not math.isfinite(high)
     allowed = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
         raise ValueError(f"{name}={value!r} must be a finite number in {allowed}")
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{name}={value!r} is beyond float32's range (±{FLOAT32_MAX:.3g}); allowed: {allowed}")
     if value < low or value > high or (low_open and value == low) or (high_open and value == high):
         raise ValueError(f"{name}={value} is outside {allowed}")
 

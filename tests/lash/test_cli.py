@@ -97,7 +97,7 @@ def test_corrupt_or_mismatched_checkpoint_is_a_clear_error_and_touches_nothing(t
     bad = tmp_path / "bad.pt"
     bad.write_bytes(good[: len(good) // 2])
     assert cli.main([*ARGS, "--out", str(tmp_path / "run"), "--resume", str(bad)]) == 2
-    assert "is unreadable or corrupt" in capsys.readouterr().err
+    assert "is not a LASH checkpoint (damaged or another format)" in capsys.readouterr().err
     assert cli.main([*ARGS, "--dim", "32", "--out", str(tmp_path / "run"), "--resume", str(ckpt)]) == 2
     assert "does not fit the model" in capsys.readouterr().err
     assert cli.main([*ARGS, "--out", str(tmp_path / "run"), "--resume", str(tmp_path / "nope.pt")]) == 2
