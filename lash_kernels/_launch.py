@@ -1,4 +1,4 @@
-"""Launcher helpers shared by the ops: how a kernel is launched, on which dtypes, over how many SMs."""
+"""Launcher helpers shared by the ops: how a kernel is launched, on which dtypes and devices, over how many SMs."""
 
 from __future__ import annotations
 
@@ -21,6 +21,19 @@ def check_kernel_dtypes(op: str, **tensors: torch.Tensor) -> None:
     for name, x in tensors.items():
         if x.dtype not in KERNEL_DTYPES:
             raise ValueError(f"{name} dtype {x.dtype} is not supported by the Triton {op}; use fp32, bf16 or fp16")
+
+
+def check_one_device(**tensors: torch.Tensor | None) -> None:
+    """Raise ValueError naming the first argument that is not on the first argument's device
+    (``None``, an absent optional input, is skipped): an op's tensor inputs share one device."""
+    first = None
+    for name, x in tensors.items():
+        if x is None:
+            continue
+        if first is None:
+            first = name, x.device
+        elif x.device != first[1]:
+            raise ValueError(f"{name} is on {x.device} but {first[0]} is on {first[1]}; they must be on one device")
 
 
 _DEVICE_FLOATS: dict = {}  # (values, device) → fp32 tensor

@@ -9,7 +9,8 @@ token n, with logits ``z = h_kn · Wᵀ`` and target ``y_n``:
     conf_kn  = max_v softmax(z)_v = exp(max_v z_v − lse_kn),  pred_kn = argmax_v z_v
 
 with optional per-token weights ``t_n ≥ 0`` (all 1 by default, when the divisor is
-``max(|valid|, 1)``). Backward. With ``g_kn = ∂loss/∂CE_kn`` (``w_k · t_n / Σ_valid t`` for valid
+``max(|valid|, 1)``); every path first divides them by the labelled tokens' largest weight, so
+their fp32 sum stays in ``[1, N]`` whatever their scale (all-zero weights stay 0). Backward. With ``g_kn = ∂loss/∂CE_kn`` (``w_k · t_n / Σ_valid t`` for valid
 tokens, 0 for ignored ones),
 ``∂CE_kn/∂z_v = softmax(z)_v − [v = y_n]``, so the gradient of the logits is
 
@@ -26,13 +27,14 @@ Two regimes behind the one op (:func:`multi_exit_cross_entropy` in :mod:`.op` pi
 in :mod:`.regime`; the ``lash::multi_exit_ce`` op over both is in :mod:`.kernels`):
 
 * **Fused** (:mod:`.fused`): narrow heads (``D ≤ 256``, LASH's small models) on GPUs where
-  ``tl.dot`` has tensor cores; four Triton launches and no torch op per call, 4 head matmuls,
-  no logits in memory.
+  ``tl.dot`` has tensor cores; four Triton launches (five with token weights, :mod:`.token_weights`)
+  and no torch op per call, 4 head matmuls, no logits in memory.
 * **Chunked** (:mod:`.chunked`, the driver, and :mod:`.row_kernel`): wider heads, or sm < 80;
   cuBLAS matmuls over token chunks and one fused Triton row pass per chunk, 3 head matmuls. The
   CPU runs the same driver with a torch row pass (:mod:`.torch_path`).
 
-:mod:`.kernels`, :mod:`.fused` and :mod:`.row_kernel` are imported only where Triton is installed.
+:mod:`.kernels`, :mod:`.fused`, :mod:`.token_weights` and :mod:`.row_kernel` are imported only where
+Triton is installed.
 
 Exits with weight 0 run forward only (for ``per_exit`` and the statistics): the public function
 sends them through the op without gradients, so no gradient work is done for them.

@@ -31,6 +31,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from lash_kernels.ops.multi_exit_ce.reference import labelled_token_weights
+
 # fp32 logits per CPU chunk: 1048 rows at V = 32000. sgemm on 2 cores runs ~30% faster per row
 # at 1024 rows than at 256 (measured), and the chunk stays ~1/10 of eager's logits memory.
 CPU_CHUNK_BYTES = 128 * 2**20
@@ -46,16 +48,18 @@ def token_scales(
 ) -> torch.Tensor:
     """``g[k, n] = w_k · t_n / Σ_valid t`` at labelled tokens, 0 at ignored ones: ``∂loss/∂CE_kn``, fp32 (K, N).
 
-    Without ``token_weights`` every ``t_n`` is 1, so ``g = w_k / |valid|``. Built on the device
-    from Python floats and device tensors (no host-to-device copy, so no sync); the divisor is
-    clamped (to 1 for the count, to fp32's smallest normal for weights) so that a batch with
-    nothing to learn gives loss 0 rather than NaN.
+    Without ``token_weights`` every ``t_n`` is 1, so ``g = w_k / |valid|``; with them, ``t`` is
+    the labelled tokens' weights over their maximum (:func:`labelled_token_weights`), so that
+    their fp32 sum neither overflows nor underflows. Built on the device from Python floats and
+    device tensors (no host-to-device copy, so no sync); the divisor is clamped (to 1 for the
+    count, to fp32's smallest normal for weights) so that a batch with nothing to learn gives
+    loss 0 rather than NaN.
     """
     valid = targets != ignore_index  # (N,)
     if token_weights is None:
         per_token = 1.0 / valid.sum().clamp(min=1).float()  # () on the device
     else:
-        t = torch.where(valid, token_weights.float(), 0.0)  # (N,) weights of labelled tokens
+        t = labelled_token_weights(token_weights, valid).float()  # (N,) max 1, 0 at ignored tokens
         per_token = t / t.sum().clamp(min=torch.finfo(torch.float32).tiny)  # (N,)
     return torch.stack([torch.where(valid, w, 0.0) for w in exit_weights]) * per_token  # (K, N)
 

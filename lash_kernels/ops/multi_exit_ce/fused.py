@@ -3,7 +3,8 @@
 Taken for heads up to ``FUSED_MAX_HIDDEN`` = 256 wide (LASH's small models) on GPUs where
 ``tl.dot`` has tensor cores, fp32 operands only up to D = 64 (the rule and the tile tables are
 in :mod:`.regime`). One call is four launches and no torch op in between (kernel boundaries
-order them):
+order them); with token weights, a fifth before the merge scales them to a maximum of 1
+(:mod:`.token_weights`), so that the kernels' fp32 sums of them stay in range:
 
 1. ``_fused_forward_kernel`` on a (token tiles × vocab splits) grid: partial max and Σexp of each
    row over its split (the argmax only when statistics are asked for);
@@ -33,6 +34,7 @@ from lash_kernels._launch import device_floats, launch, sm_count
 from lash_kernels.aot_types import ARCHS, config_variant, pointer
 from lash_kernels.dispatch import interpreting
 from lash_kernels.ops.multi_exit_ce.regime import FORWARD_TILES, GRAD_TILES, tile_key
+from lash_kernels.ops.multi_exit_ce.token_weights import scaled_token_weights, token_weight_variants
 
 PROGRAMS_PER_SM = 4  # fused grids aim for this many programs per streaming multiprocessor
 
@@ -113,7 +115,7 @@ def _fused_merge_kernel(
     h_ptr,  # [K·N, D] hidden states, stacked, contiguous
     w_ptr,  # [V, D] shared head, contiguous
     y_ptr,  # [N] int64 targets (row r of h has target y[r mod N])
-    tw_ptr,  # [N] token weights (HAS_TOKEN_WEIGHTS)
+    tw_ptr,  # [N] fp32 token weights over their maximum (HAS_TOKEN_WEIGHTS)
     ew_ptr,  # [K] fp32 exit weights
     max_ptr,  # [S, K·N] fp32 split maxima from the forward kernel
     sum_ptr,  # [S, K·N] fp32 split sums
@@ -191,7 +193,7 @@ def _fused_grad_kernel(
     h_ptr,  # [K·N, D] hidden states of the exits, stacked, contiguous
     w_ptr,  # [V, D] shared head, contiguous
     y_ptr,  # [N] int64 targets
-    tw_ptr,  # [N] token weights (HAS_TOKEN_WEIGHTS)
+    tw_ptr,  # [N] fp32 token weights over their maximum (HAS_TOKEN_WEIGHTS)
     ew_ptr,  # [K] fp32 exit weights
     lse_ptr,  # [K·N] fp32 log-sum-exp from the merge kernel
     gh_ptr,  # [K·N, D] fp32 in/out, zeroed: Σt·∂loss/∂h, accumulated with atomics (NEED_H)
@@ -397,7 +399,9 @@ def run_fused(hiddens, weight, targets, token_weights, exit_weights, ignore_inde
     sums = torch.empty((merge_programs, 3 + K), **f32)
     grad_h32 = torch.empty((rows, D) if need_h else (0,), **f32)
     weights = device_floats(exit_weights, h)
-    tw = token_weights if token_weights is not None else lse  # any pointer when unused
+    tw = lse  # any pointer when unused
+    if token_weights is not None:
+        tw = scaled_token_weights(token_weights, targets, ignore_index)  # (N,) fp32, at most 1
     launch(_fused_merge_kernel)[(merge_programs,)](
         h, weight, targets, tw, weights, part_max, part_sum, part_arg if with_stats else part_max, lse,
         token_loss, conf, pred, sums, grad_h32, rows, N, V, D, K, splits_v, ignore_index,
@@ -423,7 +427,8 @@ def run_fused(hiddens, weight, targets, token_weights, exit_weights, ignore_inde
 
 
 def fused_variants(shape, dtype: torch.dtype, arch: int) -> list:
-    """The four fused launches at ``shape`` on ``arch`` for :mod:`lash_kernels.tools.aot_check`, in training."""
+    """The fused launches at ``shape`` on ``arch`` for :mod:`lash_kernels.tools.aot_check`, in training:
+    the four kernels and the token weights' launch."""
     D, V, K, N = shape.hidden, shape.vocab, shape.exits, shape.tokens
     rows = K * N
     act, f32, i64 = pointer(dtype), pointer(torch.float32), pointer(torch.int64)
@@ -465,4 +470,5 @@ def fused_variants(shape, dtype: torch.dtype, arch: int) -> list:
             FINISH_CONFIG | dict(num_stages=1), dict(NEED_W=True, NEED_H=True), finish_programs,
             dict(programs=merge_programs, K=K, splits=splits_n, w_size=V * D, h_size=rows * D),
         ),
+        *token_weight_variants(shape),
     ]  # fmt: skip

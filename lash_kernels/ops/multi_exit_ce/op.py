@@ -9,6 +9,7 @@ picks.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -55,10 +56,10 @@ def multi_exit_cross_entropy(
         hiddens: K tensors ``[N, D]`` or one ``[K, N, D]`` tensor: the exits' hidden states,
             flattened over batch × time.
         weight: ``[V, D]`` shared output head (an ``nn.Linear`` weight without bias).
-        targets: ``[N]`` integer targets in ``[0, V)`` or equal to ``ignore_index``.
+        targets: ``[N]`` targets of any integer dtype, in ``[0, V)`` or equal to ``ignore_index``.
         exit_weights: K static floats ≥ 0. Exits weighing 0 are evaluated (``per_exit``,
             statistics) but get no gradient and cost no gradient work.
-        ignore_index: target value of tokens that carry no loss.
+        ignore_index: target value of tokens that carry no loss, an int.
         return_stats: also return per-token confidence, argmax and loss of every exit.
         validate: check shapes, weights and target values, without a host sync: target and
             token-weight values raise ValueError on the CPU and are checked with
@@ -66,7 +67,9 @@ def multi_exit_cross_entropy(
             next sync). Pass False when the caller already checked.
         token_weights: optional ``[N]`` floating-point weights ``t_n ≥ 0`` of the tokens' losses:
             each exit's CE becomes the weighted mean ``Σ_n t_n·CE_kn / Σ_valid t_n`` (0 when the
-            labelled tokens weigh 0 in all). ``None`` is the plain mean, as all-ones weights.
+            labelled tokens weigh 0 in all); only their ratios count, whatever their scale (they
+            are divided by the labelled tokens' largest weight first). ``None`` is the plain
+            mean, as all-ones weights.
 
     Returns:
         ``MultiExitCEOutput(loss, per_exit, confidence, predictions, token_loss)``: ``loss`` ()
@@ -77,14 +80,16 @@ def multi_exit_cross_entropy(
         detached per-token CE (0 at ignored tokens, never weighted), else None.
 
     Raises:
-        ValueError: with ``validate``, a shape mismatch, K ≠ len(exit_weights), a negative or
-            non-finite weight, ``token_weights`` not a floating-point ``[N]`` tensor, or (CPU
+        ValueError: with ``validate``, a shape mismatch, tensors on two devices, no exits (K < 1)
+            or K ≠ len(exit_weights), a negative or non-finite weight, an ``ignore_index`` that
+            is not an int, ``token_weights`` not a floating-point ``[N]`` tensor, or (CPU
             tensors) a target outside ``[0, V)`` other than ``ignore_index`` or a token weight
             that is negative or not finite.
     """
     weights = [float(w) for w in exit_weights]
     if validate:
         validate_inputs(hiddens, weight, targets, weights, ignore_index, token_weights)
+    ignore_index = operator.index(ignore_index)  # a Python int for the op (NumPy integers too)
     device = weight.device
     # Like nn.Linear: the autocast dtype when autocast is on, else the common input dtype.
     if torch.is_autocast_enabled(device.type):

@@ -9,10 +9,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import numbers
+import operator
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
+
+from lash_kernels._launch import check_one_device
 
 IGNORE_INDEX = -100  # the target id that carries no loss (PyTorch's and Hugging Face's convention)
 
@@ -59,12 +63,13 @@ def validate_inputs(
     ignore_index: int,
     token_weights: torch.Tensor | None = None,
 ) -> None:
-    """Raise ValueError naming the offending shape or value; never a host sync.
+    """Raise ValueError naming the offending shape, device or value; never a host sync.
 
-    Shapes and weights are checked on the host. Target and token-weight values are checked on
-    the host only for CPU tensors outside ``torch.compile`` (free there); on a GPU, or while
-    compiling, the check is ``torch._assert_async``, which raises a RuntimeError with the same
-    message when the device gets to it (at the next sync), so a training step never waits for it.
+    Shapes, devices, weights and ``ignore_index`` are checked on the host. Target and
+    token-weight values are checked on the host only for CPU tensors outside ``torch.compile``
+    (free there); on a GPU, or while compiling, the check is ``torch._assert_async``, which raises
+    a RuntimeError with the same message when the device gets to it (at the next sync), so a
+    training step never waits for it.
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be [V, D]; got shape {tuple(weight.shape)}")
@@ -72,12 +77,18 @@ def validate_inputs(
     if isinstance(hiddens, torch.Tensor):
         if hiddens.dim() != 3:
             raise ValueError(f"stacked hiddens must be [K, N, D]; got shape {tuple(hiddens.shape)}")
-        K, exit_shape = hiddens.shape[0], tuple(hiddens.shape[1:])
+        K, exit_shape, exits = hiddens.shape[0], tuple(hiddens.shape[1:]), {"hiddens": hiddens}
     else:
         shapes = [tuple(h.shape) for h in hiddens]
-        if not shapes or any(len(s) != 2 or s != shapes[0] for s in shapes):
+        if any(len(s) != 2 or s != shapes[0] for s in shapes):
             raise ValueError(f"hiddens must be K ≥ 1 tensors of one shape [N, D]; got shapes {shapes}")
-        K, exit_shape = len(shapes), shapes[0]
+        K, exit_shape = len(shapes), shapes[0] if shapes else None
+        exits = {f"hiddens[{k}]": h for k, h in enumerate(hiddens)}
+    if K < 1:
+        raise ValueError(
+            f"hiddens hold {K} exits and exit_weights {len(exit_weights)}; the number of exits must be ≥ 1"
+        )
+    check_one_device(**exits, weight=weight, targets=targets, token_weights=token_weights)
     N = exit_shape[0]
     if exit_shape[1] != D:
         raise ValueError(f"hidden size of hiddens {exit_shape} does not match head weight {tuple(weight.shape)}")
@@ -87,6 +98,8 @@ def validate_inputs(
         raise ValueError(f"targets must be an integer tensor; got {targets.dtype}")
     if K != len(exit_weights):
         raise ValueError(f"{K} exits in hiddens but {len(exit_weights)} exit_weights")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise ValueError(f"ignore_index={ignore_index!r} must be an int")
     for k, w in enumerate(exit_weights):
         if not math.isfinite(w) or w < 0:
             raise ValueError(f"exit_weights[{k}] = {w}; must be finite and >= 0")
@@ -123,6 +136,24 @@ def check_token_weights(token_weights: torch.Tensor, shape: tuple[int, ...]) -> 
         raise ValueError(f"token weight {bad[0].item()} is negative or not finite; token weights must be finite and >= 0")
 
 
+def labelled_token_weights(token_weights: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
+    """The weights ``t_n`` of the weighted mean: ``token_weights`` at ``labelled`` tokens (0 at the
+    others) divided by their maximum, in the weights' dtype widened to fp32 at least.
+
+    The mean does not depend on the weights' scale, but an fp32 sum of them does: weights near
+    fp32's largest value overflow it, and subnormal ones fall below the clamp that keeps an
+    all-zero sum from dividing 0 by 0. Scaled to a maximum of 1 they sum to a value in
+    ``[1, N]``, or to 0 when every labelled token weighs 0 (all stay 0). Tensor ops only: no host
+    sync.
+    """
+    wide = torch.promote_types(token_weights.dtype, torch.float32)
+    t = torch.where(labelled, token_weights.to(wide), 0.0)  # (N,)
+    if t.numel() == 0:
+        return t
+    peak = t.amax()
+    return t / torch.where(peak > 0, peak, 1.0)
+
+
 def _checked_on_device(values: torch.Tensor) -> bool:
     """Whether a value check must stay on the device: reading a GPU tensor, or one being traced, would sync or break the graph."""
     return values.device.type != "cpu" or torch.compiler.is_compiling()
@@ -141,15 +172,17 @@ def multi_exit_cross_entropy_reference(
     """Eager reference: materialises each exit's ``[N, V]`` logits and calls ``F.cross_entropy``.
 
     Same arguments and result as :func:`multi_exit_cross_entropy`. Computes in fp32, or in
-    float64 when the inputs are float64 (which is how the tests get an exact yardstick).
+    float64 when the inputs are float64 (which is how the tests get an exact yardstick); targets
+    of any integer dtype are read as int64.
     """
     weights = [float(w) for w in exit_weights]
     if validate:
         validate_inputs(hiddens, weight, targets, weights, ignore_index, token_weights)
+    ignore_index, targets = operator.index(ignore_index), targets.long()
     dtype = torch.promote_types(torch.promote_types(hiddens[0].dtype, weight.dtype), torch.float32)
     count = (targets != ignore_index).sum().clamp(min=1)
     if token_weights is not None:
-        t = torch.where(targets != ignore_index, token_weights.to(dtype), 0.0)  # (N,)
+        t = labelled_token_weights(token_weights, targets != ignore_index).to(dtype)  # (N,)
         t = t / t.sum().clamp(min=torch.finfo(dtype).tiny)
     per_exit, weighted, confidence, predictions, token_loss = [], [], [], [], []
     for h in hiddens:

@@ -37,10 +37,13 @@ and :func:`add_rms_norm_reference` in pure torch.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import nn
 
-from lash_kernels._launch import call_op, check_kernel_dtypes
+from lash_kernels._launch import call_op, check_kernel_dtypes, check_one_device
 from lash_kernels.dispatch import HAS_TRITON, backend
 
 if HAS_TRITON:  # optional off Linux: the torch references still work there
@@ -89,18 +92,27 @@ def add_rms_norm_reference(
     return y.to(out_dtype), s.to(out_dtype)
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> None:
-    """Raise ValueError for inputs outside the ops' envelope (both backends check the same)."""
+def _check_eps(eps: float) -> float:
+    """``eps`` as a float; ValueError unless it is a finite real number ≥ 0 (not a bool)."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps={eps!r} must be a finite real number ≥ 0")
+    return float(eps)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> float:
+    """Raise ValueError for inputs outside the ops' envelope (both backends check the same); return eps as a float."""
+    check_one_device(x=x, residual=residual, weight=weight)
     if x.ndim < 1 or x.shape[-1] < 1 or not x.is_floating_point():
         raise ValueError(
             f"x must be a floating tensor with a hidden size ≥ 1; got {x.dtype} of shape {tuple(x.shape)}"
         )
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"weight shape {tuple(weight.shape)} must be ({x.shape[-1]},), the hidden size of x")
+    if not weight.is_floating_point():
+        raise ValueError(f"weight must be a floating tensor; got {weight.dtype}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} must equal x shape {tuple(x.shape)}")
-    if not eps >= 0:
-        raise ValueError(f"eps={eps} must be ≥ 0")
+    return _check_eps(eps)
 
 
 def _check_kernel(**tensors: torch.Tensor) -> None:
@@ -116,16 +128,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     Args:
         x: ``(..., N)`` activations, any layout.
         weight: ``(N,)`` scale, any floating dtype.
-        eps: added to ``mean(x²)`` before the square root, ≥ 0.
+        eps: added to ``mean(x²)`` before the square root, a finite real ≥ 0.
 
     Returns:
         ``(..., N)`` contiguous tensor in ``x.dtype`` (see the module docstring for the dtype rule).
 
     Raises:
-        ValueError: weight not of shape ``(N,)``, negative eps, or (Triton) a dtype other than
-            fp32/bf16/fp16 or ``N`` above 16384.
+        ValueError: x and weight on two devices, weight not a floating tensor of shape ``(N,)``,
+            eps not a finite real ≥ 0, or (Triton) a dtype other than fp32/bf16/fp16 or ``N``
+            above 16384.
     """
-    _check(x, weight, eps)
+    eps = _check(x, weight, eps)
     if backend(x.device) == "torch":
         return rms_norm_reference(x, weight, eps)
     _check_kernel(x=x, weight=weight)
@@ -141,15 +154,16 @@ def add_rms_norm(
         x: ``(..., N)`` activations, any layout.
         residual: ``(..., N)`` residual stream, same shape as ``x``.
         weight: ``(N,)`` scale.
-        eps: added to ``mean(s²)`` before the square root, ≥ 0.
+        eps: added to ``mean(s²)`` before the square root, a finite real ≥ 0.
 
     Returns:
         ``(y, s)``, both ``(..., N)`` contiguous in the promoted dtype of ``x`` and ``residual``.
 
     Raises:
-        ValueError: shapes that disagree, negative eps, or (Triton) an unsupported dtype or size.
+        ValueError: inputs on two devices, shapes that disagree, a weight that is not floating,
+            eps not a finite real ≥ 0, or (Triton) an unsupported dtype or size.
     """
-    _check(x, weight, eps, residual)
+    eps = _check(x, weight, eps, residual)
     if backend(x.device) == "torch":
         return add_rms_norm_reference(x, residual, weight, eps)
     _check_kernel(x=x, residual=residual, weight=weight)
@@ -163,16 +177,19 @@ class RMSNorm(nn.Module):
     Its state dict is exactly ``{"weight"}``, as in the original implementation's module.
 
     Args:
-        dim: hidden size ``N``.
-        eps: added to ``mean(x²)`` before the square root.
+        dim: hidden size ``N``, an int ≥ 1.
+        eps: added to ``mean(x²)`` before the square root, a finite real ≥ 0.
+
+    Raises:
+        ValueError: ``dim`` or ``eps`` outside those ranges.
     """
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
-        if dim < 1:
-            raise ValueError(f"dim={dim} must be ≥ 1")
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+            raise ValueError(f"dim={dim!r} must be an int ≥ 1")
+        self.eps = _check_eps(eps)
+        self.weight = nn.Parameter(torch.ones(int(dim)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., dim)`` → ``(..., dim)`` in ``x.dtype``."""

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from lash_kernels._launch import check_kernel_dtypes
+from lash_kernels._launch import check_kernel_dtypes, check_one_device
 from lash_kernels.dispatch import HAS_TRITON, backend
 
 if HAS_TRITON:  # optional off Linux: the torch reference still works there
@@ -107,6 +107,7 @@ def _check(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None
 ) -> None:
     """Raise ValueError for inputs outside the op's envelope (both backends check the same)."""
+    check_one_device(q=q, k=k, cos=cos, sin=sin, positions=positions)
     if q.ndim != 4 or k.ndim != 4:
         raise ValueError(f"q and k must be [B, H, T, D]; got shapes {tuple(q.shape)} and {tuple(k.shape)}")
     if (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]):
@@ -167,8 +168,8 @@ def apply_rotary(
         ``(q_rot, k_rot)`` shaped, typed and (for dense inputs) laid out like ``q`` and ``k``.
 
     Raises:
-        ValueError: shapes that disagree, an odd head_dim, tables that require grad, or (Triton)
-            a dtype of q/k other than fp32/bf16/fp16.
+        ValueError: inputs on two devices, shapes that disagree, an odd head_dim, tables that
+            require grad, or (Triton) a dtype of q/k other than fp32/bf16/fp16.
     """
     _check(q, k, cos, sin, positions)
     if backend(q.device) == "torch":

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten
 
 from lash_kernels import MultiExitCEOutput, multi_exit_cross_entropy, multi_exit_cross_entropy_reference
-from lash_kernels.ops.multi_exit_ce import chunked, fused, regime
+from lash_kernels.ops.multi_exit_ce import chunked, fused, regime, token_weights as token_weights_module
 from lash_kernels.ops.multi_exit_ce.chunked import chunk_rows
 
 BACKENDS = ["torch", "triton", "triton-chunked"]
@@ -328,6 +328,7 @@ def test_fused_call_launches_at_most_five_kernels(monkeypatch, with_stats, token
             return run
 
     monkeypatch.setattr(fused, "launch", CountingLaunch)
+    monkeypatch.setattr(token_weights_module, "launch", CountingLaunch)
     hiddens, weight, targets = make_inputs(3, 24, stacked=True)
     weights = torch.rand(N) if token_weights else None
     with KernelCounter() as outside:
@@ -342,7 +343,9 @@ def test_fused_call_launches_at_most_five_kernels(monkeypatch, with_stats, token
     assert outside.ops == ["lash::multi_exit_ce"] and inside.ops == []
     assert backward.ops == ["aten::_foreach_mul"]  # dH and dW times the incoming gradient, in one launch
     per_call = launches[: len(launches) // 2]
-    assert per_call == ["_fused_forward_kernel", "_fused_merge_kernel", "_fused_grad_kernel", "_fused_finish_kernel"]
+    scaling = ["_token_weights_kernel"] if token_weights else []  # the token weights over their maximum
+    rest = ["_fused_merge_kernel", "_fused_grad_kernel", "_fused_finish_kernel"]
+    assert per_call == ["_fused_forward_kernel", *scaling, *rest]
     assert len(per_call) + len(backward.ops) <= 6 and len(per_call) <= 5
     expected = multi_exit_cross_entropy_reference(hiddens.detach().double(), weight.detach().double(), targets,
                                                   [0.5, 1.0, 2.0], token_weights=weights)  # fmt: skip
