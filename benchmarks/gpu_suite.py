@@ -51,6 +51,7 @@ import model_bench  # noqa: E402
 from measure import ON_GPU  # noqa: E402
 from suite_rows import Row, Suite, attempt, dry_compile, markdown, ratio_row, side_by_side, spreads, store  # noqa: E402
 
+from lash.files import check_writable_dir  # noqa: E402
 from lash.routing import early_exit_forward  # noqa: E402
 
 TESTS_TIMEOUT_S = 300  # the tests' share when the suite runs them
@@ -357,12 +358,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="an earlier run's gpu_suite.json: add a row per norm and RoPE measurement with the "
                              "relative difference of its ratios")  # fmt: skip
     args = parser.parse_args(argv)
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"argument --out: {str(args.out)!r} exists and is not a directory")
     if args.compare is not None and not args.compare.is_file():
         parser.error(f"argument --compare: {str(args.compare)!r} is not a file")
     if not ON_GPU and not args.dry_run:
         parser.error("no CUDA device here: add --dry-run to check the suite on the CPU")
+    try:  # last: it creates the directory, which a refused run should not leave behind
+        check_writable_dir("argument --out:", args.out)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -374,7 +377,6 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     suite = Suite(dry=args.dry_run, quick=args.quick)
     env = measure.environment()
-    args.out.mkdir(parents=True, exist_ok=True)
 
     mode = "dry-run" if args.dry_run else ("quick" if args.quick else "full")
     if args.only:

@@ -340,7 +340,7 @@ def _offline(num_samples: int, val_samples: int, batch_size: int, seq_len: int, 
 
 
 def load_dataset(
-    name: str = "auto",
+    name: str | os.PathLike = "auto",
     num_samples: int = 10000,
     batch_size: int = 64,
     seq_len: int = 32,
@@ -354,7 +354,7 @@ def load_dataset(
     warning saying so.
 
     Args:
-        name: which data.
+        name: which data: one of the names above, or a path (str or ``os.PathLike``).
         num_samples: training sequences (at most what the source holds).
         batch_size: sequences per batch.
         seq_len: tokens per sequence.
@@ -362,6 +362,8 @@ def load_dataset(
         max_vocab: vocabulary cap (text sources) or size (offline corpus, default 2048).
         val_samples: validation sequences (default ``num_samples // 5``, at least 1).
     """
+    if not isinstance(name, os.PathLike) and not (isinstance(name, str) and name.strip()):
+        raise ValueError(f"name={name!r} must be one of {', '.join(DATASETS)} or a path to a text file or directory")
     for field, value in (("num_samples", num_samples), ("batch_size", batch_size), ("seq_len", seq_len)):
         check_int(field, value, 1)
     check_optional_int("val_samples", val_samples, 1)

@@ -9,6 +9,7 @@ and ``v_proj`` weights and rotates them in one launch.
 
 from __future__ import annotations
 
+from numbers import Integral
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from lash.decoding import DEEP_FILLS, EXIT_BATCHING, DecodeState, Sampler, Stop, decode
 from lash.exit_rule import ExitRule
 from lash.modules.attention import LayerCache, additive_mask
-from lash.validation import check_exit_layer, check_index, check_int, check_real, check_threshold, check_token_ids
+from lash.validation import check_bool, check_exit_layer, check_index, check_int, check_real, check_threshold, check_token_ids
 from lash_kernels import apply_rotary
 
 if TYPE_CHECKING:
@@ -118,6 +119,7 @@ def _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k,
 
 def decoding_mode(speculative: bool, routing_threshold: float | None, deep_fill: str, exit_batching: str) -> str:
     """The mode :func:`lash.decoding.decode` runs; ``ValueError`` for options that do not go together."""
+    check_bool("speculative", speculative)
     if speculative and routing_threshold is not None:
         raise ValueError("choose one mode: speculative=True or a routing_threshold (early exit), not both")
     if deep_fill not in DEEP_FILLS:
@@ -135,10 +137,23 @@ def check_exit(exit_layer: int | None, num_layers: int, mode: str) -> None:
         check_exit_layer(exit_layer, num_layers)
 
 
-def stopping(max_new_tokens: int, eos_token_id: int | list[int] | None, pad_token_id: int | None, device) -> Stop:
+def _is_int(value: object) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def stopping(
+    max_new_tokens: int, eos_token_id: int | list[int] | None, pad_token_id: int | None, vocab_size: int, device
+) -> Stop:
     """The :class:`lash.decoding.Stop` of a call: rows padded after their EOS with ``pad_token_id``
-    (default: the first EOS id)."""
-    ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    (default: the first EOS id); ``ValueError`` for EOS ids outside ``[0, vocab_size)`` or a pad
+    id that is not an int."""
+    ids = [] if eos_token_id is None else [eos_token_id] if _is_int(eos_token_id) else eos_token_id
+    if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and 0 <= i < vocab_size for i in ids):
+        raise ValueError(
+            f"eos_token_id={eos_token_id!r} must be None, a token id or a list of token ids (ints) in [0, {vocab_size})"
+        )
+    if pad_token_id is not None and not _is_int(pad_token_id):
+        raise ValueError(f"pad_token_id={pad_token_id!r} must be None or an int")
     eos = torch.tensor(ids, dtype=torch.long, device=device) if ids else None
     pad = pad_token_id if pad_token_id is not None else (ids[0] if ids else 0)
     return Stop(max_new_tokens, eos, pad)
@@ -198,6 +213,7 @@ def generate(
         row stopped), plus the stats with ``return_stats``.
     """
     _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, draft_tokens, generator)
+    check_bool("return_stats", return_stats)
     if isinstance(routing_threshold, ExitRule):
         exit_layer, routing_threshold = routing_threshold.exit_layer, routing_threshold.threshold
     mode = decoding_mode(speculative, routing_threshold, deep_fill, exit_batching)
@@ -208,7 +224,7 @@ def generate(
     input_ids = input_ids.to(device)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
     out, stats = decode(
-        LashParts(model), input_ids, mask, stopping(max_new_tokens, eos_token_id, pad_token_id, device),
+        LashParts(model), input_ids, mask, stopping(max_new_tokens, eos_token_id, pad_token_id, model.vocab_size, device),
         Sampler(temperature, top_k, top_p, generator), mode=mode, exit_layer=exit_layer,
         routing_threshold=check_threshold(routing_threshold), draft_tokens=draft_tokens, deep_fill=deep_fill,
         exit_batching=exit_batching,

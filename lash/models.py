@@ -63,13 +63,13 @@ class StandardTransformer(nn.Module):
             nn.init.trunc_normal_(module.weight, std=0.02)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Check the input ids and embed them: ``(B, T)`` → ``(B, T, D)``."""
+        """Check the input ids (any integer dtype) and embed them: ``(B, T)`` → ``(B, T, D)``."""
         if x.dim() != 2:
             raise ValueError(f"input ids must have shape (batch, seq_len); got {tuple(x.shape)}")
         if not 1 <= x.shape[1] <= self.max_seq_len:
             raise ValueError(f"sequence length {x.shape[1]} is outside [1, max_seq_len={self.max_seq_len}]")
         check_token_ids(x, self.vocab_size)
-        return self.embedding(x)
+        return self.embedding(x.long())  # nn.Embedding refuses uint8, int8 and int16 ids
 
     def hidden_states(self, x: torch.Tensor, layers: Iterable[int] | None = None) -> list[torch.Tensor]:
         """Hidden states after the given layers, running no layer deeper than the deepest asked.

@@ -45,6 +45,13 @@ if TYPE_CHECKING:
     from lash.models import DeepSupervisionTransformer
 
 
+def _check_input_shape(x: torch.Tensor) -> None:
+    """``ValueError`` unless ``x`` holds ids of shape ``(batch >= 1, seq_len >= 1)``: routing
+    statistics are ratios over the tokens."""
+    if x.dim() != 2 or x.numel() == 0:
+        raise ValueError(f"input ids must have shape (batch >= 1, seq_len >= 1); got {tuple(x.shape)}")
+
+
 def compute_cost(shallow_ratio: float, exit_layer: int, num_layers: int) -> float:
     """The original implementation's cost: (shallow · exit_layer + deep · num_layers) / (tokens · num_layers)."""
     return (shallow_ratio * exit_layer + (1 - shallow_ratio) * num_layers) / num_layers
@@ -61,7 +68,7 @@ def forward_inference(
 
     Args:
         model: a :class:`DeepSupervisionTransformer`.
-        x: token ids ``(B, T)``.
+        x: token ids ``(B, T)``, B and T at least 1.
         threshold: an :class:`ExitRule`, or a bare threshold in [0, 1] (exit when confidence
             ``>= threshold``) at ``exit_layer``; ``None``: routing off.
         exit_layer: in ``[1, num_layers - 1]`` with a bare threshold; default ``model.exit_layer``.
@@ -69,6 +76,7 @@ def forward_inference(
     Returns:
         ``(logits (B, T, V), stats)`` with ``shallow_ratio`` and ``compute_cost`` (:func:`compute_cost`).
     """
+    _check_input_shape(x)
     if threshold is None or model.num_layers == 1:
         return model(x), {"shallow_ratio": 0.0, "compute_cost": 1.0}
     rule = as_rule(threshold, model.exit_layer if exit_layer is None else exit_layer, model.num_layers)
@@ -144,7 +152,7 @@ def early_exit_forward(
 
     Args:
         model: a :class:`DeepSupervisionTransformer`.
-        x: token ids ``(B, T)``.
+        x: token ids ``(B, T)``, B and T at least 1.
         threshold: an :class:`ExitRule`, or a bare threshold in [0, 1] (exit when confidence
             ``>= threshold``; 0: every token exits) at ``exit_layer``; ``None``: none does, and
             the result is :meth:`forward`'s.
@@ -158,8 +166,7 @@ def early_exit_forward(
     exit_layer = model.exit_layer if exit_layer is None else exit_layer
     rule = as_rule(threshold, exit_layer, model.num_layers)
     exit_layer = check_exit_layer(exit_layer if rule is None else rule.exit_layer, model.num_layers)
-    if x.dim() != 2 or x.numel() == 0:
-        raise ValueError(f"input ids must have shape (batch >= 1, seq_len >= 1); got {tuple(x.shape)}")
+    _check_input_shape(x)
     B, T = x.shape
     with inference_weights(model):
         h = model.hidden_states(x, [exit_layer])[0]  # (B, T, D)

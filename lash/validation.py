@@ -88,7 +88,8 @@ def check_device(name: str, value: object) -> torch.device:
 
 
 def check_token_ids(ids: torch.Tensor, vocab_size: int, name: str = "token id", ignore_index: int | None = None) -> None:
-    """Raise ``ValueError`` if any id is outside ``[0, vocab_size)`` (``ignore_index`` allowed).
+    """Raise ``ValueError`` if ``ids`` is not an integer tensor (any integer dtype) or any id is
+    outside ``[0, vocab_size)`` (``ignore_index`` allowed).
 
     On the CPU the check reads the ids directly. On a GPU reading them back would stall the step
     until the device catches up (a host sync), so there the check is ``torch._assert_async``,
@@ -100,9 +101,10 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int, name: str = "token id", 
     if torch.compiler.is_compiling():
         return
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise ValueError(f"{name}s must be an integer tensor (torch.long), got dtype {ids.dtype}")
+        raise ValueError(f"{name}s must be an integer tensor (such as torch.long), got dtype {ids.dtype}")
     if not values_need_checking():  # the caller checked them (lash_kernels.values_checked)
         return
+    ids = ids.long()  # compared in int64: a narrower dtype would wrap a vocabulary size it cannot hold
     bad = (ids < 0) | (ids >= vocab_size)
     if ignore_index is not None:
         bad &= ids != ignore_index
@@ -127,4 +129,6 @@ def check_threshold(threshold: object) -> float | None:
 
 def check_exit_layer(exit_layer: object, num_layers: int) -> int:
     """Return ``exit_layer`` if it is an int in ``[1, num_layers - 1]`` (shallower than the answering layer)."""
+    if num_layers == 1:
+        raise ValueError(f"exit_layer={exit_layer!r}: a model of num_layers=1 has no shallower layer to exit at")
     return check_index("exit_layer", exit_layer, 1, num_layers - 1, f" (a layer shallower than layer {num_layers})")

@@ -29,7 +29,7 @@ from lash.decoding import DecodeState, Sampler, decode
 from lash.exit_rule import ExitRule
 from lash.generation import check_exit, decoding_mode, stopping
 from lash.hf.structure import DecoderParts, cache_keyword, decoder_parts
-from lash.validation import check_int, check_real, check_threshold
+from lash.validation import check_bool, check_int, check_real, check_threshold, check_token_ids
 
 
 def _parts(model: nn.Module) -> DecoderParts:
@@ -147,6 +147,9 @@ def generate(
     check_real("temperature", temperature, 0.0)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long or 0 in input_ids.shape:
         raise ValueError("input_ids must be a non-empty LongTensor (batch, prompt_len)")
+    vocab_size = parts.parts.head.weight.shape[0]
+    check_token_ids(input_ids, vocab_size)
+    check_bool("return_stats", return_stats)
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
     device = parts.parts.head.weight.device
@@ -154,7 +157,7 @@ def generate(
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
     pad = model.generation_config.pad_token_id if pad_token_id is None else pad_token_id
     out, stats = decode(
-        parts, input_ids, mask, stopping(max_new_tokens, eos_token_id, pad, device),
+        parts, input_ids, mask, stopping(max_new_tokens, eos_token_id, pad, vocab_size, device),
         Sampler(temperature, top_k, top_p, generator), mode=mode, exit_layer=exit_layer,
         routing_threshold=check_threshold(routing_threshold), draft_tokens=draft_tokens, deep_fill=deep_fill,
         exit_batching=exit_batching,

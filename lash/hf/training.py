@@ -16,6 +16,7 @@ large batch's loss.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral
 from types import MethodType
 
 import torch
@@ -68,6 +69,7 @@ def apply_lash(model: nn.Module, config: TrainingConfig) -> nn.Module:
         ValueError: a model that cannot be served exactly, or a config that does not fit its depth.
     """
     parts = decoder_parts(model)
+    _check_config(config)
     config.validate_for(len(parts.layers))
     previous = getattr(model, "_lash_patch", None)
     inner = previous.inner_forward if previous is not None else model.forward
@@ -75,6 +77,34 @@ def apply_lash(model: nn.Module, config: TrainingConfig) -> nn.Module:
     model._lash_patch = _Patch(config, inner)
     model.forward = MethodType(_lash_forward, model)
     return model
+
+
+def _check_config(config: object) -> None:
+    if not isinstance(config, TrainingConfig):
+        raise ValueError(f"config must be a lash.TrainingConfig, got {type(config).__name__}")
+
+
+def _check_num_items(value: int | torch.Tensor) -> None:
+    """``ValueError`` unless ``value`` is a positive int or a one-element tensor holding a positive
+    finite number (``transformers.Trainer`` passes a float tensor: the count divided by the
+    parallel group sizes).
+
+    A tensor's value is read on the CPU only: on a GPU the check is ``torch._assert_async`` (no
+    host sync), and it is skipped while ``torch.compile`` traces.
+    """
+    allowed = "must be a positive int or a one-element tensor holding a positive number"
+    if torch.is_tensor(value):
+        if value.numel() != 1 or value.dtype.is_complex or value.dtype == torch.bool:
+            raise ValueError(f"num_items_in_batch={value!r} {allowed}")
+        if torch.compiler.is_compiling():
+            return
+        positive = torch.isfinite(value) & (value > 0)
+        if value.device.type != "cpu":
+            torch._assert_async(positive.reshape(()), f"num_items_in_batch {allowed}")
+        elif not bool(positive):
+            raise ValueError(f"num_items_in_batch={value.item()} {allowed}")
+    elif isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
+        raise ValueError(f"num_items_in_batch={value!r} {allowed}")
 
 
 def _lash_forward(
@@ -126,8 +156,9 @@ def lash_loss(
         model: a causal LM :func:`~lash.hf.structure.decoder_parts` accepts (patched or not).
         config: the layer weights (validated against the model's depth).
         labels: ``(B, T)`` token ids, ``-100`` where no loss; position t predicts labels[t + 1].
-        num_items_in_batch: when given, each exit's CE is summed over tokens and divided by it
-            instead of averaged (Hugging Face's gradient-accumulation convention); no host sync.
+        num_items_in_batch: a positive int or one-element tensor; when given, each exit's CE is summed
+            over tokens and divided by it instead of averaged (Hugging Face's gradient-accumulation
+            convention); no host sync.
         shift_labels: ``(B, T)`` targets already shifted (position t predicts shift_labels[t]);
             replaces the shift of ``labels``.
         **inputs: the decoder's inputs (``input_ids``, ``attention_mask``, ...).
@@ -138,7 +169,10 @@ def lash_loss(
     """
     parts = decoder_parts(model)
     depth = len(parts.layers)
+    _check_config(config)
     config.validate_for(depth)
+    if num_items_in_batch is not None:
+        _check_num_items(num_items_in_batch)
     exits = config.active_layers  # (K,) shallow to deep
     run = decoder_hidden_states(model, exits, **inputs)
     # The backbone norms its last state itself: at full depth that is exit L, never normed twice.

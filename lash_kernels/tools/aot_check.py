@@ -43,7 +43,6 @@ Run it without ``TRITON_INTERPRET=1``: interpreted kernels cannot be compiled.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import fnmatch
@@ -66,6 +65,7 @@ import torch
 
 from lash_kernels._launch import resident_programs
 from lash_kernels.aot_types import ARCHS, KernelVariant, StaticShape
+from lash_kernels.tools.aot_args import Parser, arch_list, name_list, output_file
 from lash_kernels.dispatch import interpreting
 
 # The ops' Triton modules, each declaring ``static_variants``.
@@ -397,41 +397,23 @@ def variant_table(results: Sequence[Result]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _arch_list(text: str) -> tuple[int, ...]:
-    archs = tuple(int(a.strip().removeprefix("sm_")) for a in text.split(",") if a.strip())
-    unknown = [a for a in archs if a not in ARCHS]
-    if unknown or not archs:
-        raise argparse.ArgumentTypeError(f"--archs {text!r}: allowed values are {', '.join(f'sm_{a}' for a in ARCHS)}")
-    return archs
-
-
-def _name_list(allowed: dict):
-    def parse(text: str) -> tuple[str, ...]:
-        names = tuple(n.strip() for n in text.split(",") if n.strip())
-        if not names or any(n not in allowed for n in names):
-            raise argparse.ArgumentTypeError(f"{text!r}: allowed values are {', '.join(allowed)}")
-        return names
-
-    return parse
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m lash_kernels.aot_check",
         description="Compile every LASH Triton kernel for sm_75/80/89/90 without a GPU and check "
         "shared memory, spills and compile errors.",
     )
     parser.add_argument("--full", action="store_true", help="every shape and dtype (default: CI's subset)")
-    parser.add_argument("--archs", type=_arch_list, help="comma-separated, e.g. sm_80,sm_90")
-    parser.add_argument("--shapes", type=_name_list(SHAPES), help=f"comma-separated of {', '.join(SHAPES)}")
-    parser.add_argument("--dtypes", type=_name_list(DTYPES), help=f"comma-separated of {', '.join(DTYPES)}")
+    parser.add_argument("--archs", type=arch_list, help="comma-separated, e.g. sm_80,sm_90")
+    parser.add_argument("--shapes", type=name_list(SHAPES), help=f"comma-separated of {', '.join(SHAPES)}")
+    parser.add_argument("--dtypes", type=name_list(DTYPES), help=f"comma-separated of {', '.join(DTYPES)}")
     parser.add_argument("--allow", type=Path, help="allow-list file of known violations")
     parser.add_argument("--extra", type=Path, action="append", default=[], help="also check this op file")
     parser.add_argument("--only-extra", action="store_true", help="check the --extra files alone")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="compile processes")
     parser.add_argument("--table", action="store_true", help="print every variant")
-    parser.add_argument("--markdown", type=Path, help="write the per-arch summary table here")
-    parser.add_argument("--json", type=Path, help="write every variant's figures here")
+    parser.add_argument("--markdown", type=output_file, help="write the per-arch summary table here")
+    parser.add_argument("--json", type=output_file, help="write every variant's figures here")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # triton 3.9's notice, not ours
     if interpreting():
