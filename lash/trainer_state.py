@@ -33,12 +33,14 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
-def check_options(config: TrainingConfig, vocab_size: int, precision: str, grad_accum_steps: int, warmup_steps: int,
-                  total_steps: int | None, min_lr_ratio: float, distributed: str) -> None:  # fmt: skip
+def check_options(config: TrainingConfig, vocab_size: int, ignore_index: int, precision: str, grad_accum_steps: int,
+                  warmup_steps: int, total_steps: int | None, min_lr_ratio: float, distributed: str) -> None:  # fmt: skip
     """Check the :class:`Trainer`'s arguments, each error naming the argument, the value and the allowed range."""
     if not isinstance(config, TrainingConfig):
         raise ValueError(f"config must be a TrainingConfig, got {type(config).__name__}")
     check_int("vocab_size", vocab_size, 1)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index={ignore_index!r} must be an int (the target id that carries no loss)")
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}")
     check_int("grad_accum_steps", grad_accum_steps, 1)
@@ -109,7 +111,8 @@ class TrainerState:
         lr: float = 1e-3,
         weight_decay: float = 0.0,
     ) -> None:
-        check_options(config, vocab_size, precision, grad_accum_steps, warmup_steps, total_steps, min_lr_ratio, distributed)
+        check_options(config, vocab_size, ignore_index, precision, grad_accum_steps, warmup_steps, total_steps, min_lr_ratio,
+                      distributed)  # fmt: skip
         self.config, self.vocab_size, self.ignore_index = config, vocab_size, ignore_index
         self.dist, self.device = init_distributed(device) if launched_by_torchrun() else (None, check_device("device", device))
         self.progress = progress and self.is_main

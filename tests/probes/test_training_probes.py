@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lash import DeepSupervisionTransformer, Trainer, TrainingConfig, cli
-from lash.files import LOCK_NAME
+from lash.files import LOCK_NAME, WriteError, publish
 from tests.lash.test_cli import ARGS, ROOT, run_cli
 
 V = 30
@@ -172,7 +172,28 @@ def test_metrics_are_valid_json(tmp_path):
     json.loads((tmp_path / "run" / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
 
 
+@pytest.mark.parametrize("ignore_index", [0.5, "-100", True])
+def test_a_trainer_refuses_an_ignore_index_that_is_no_int(ignore_index):
+    """Trainer(ignore_index=...) must be an int: a named ValueError otherwise."""
+    with pytest.raises(ValueError, match=f"ignore_index={ignore_index!r} must be an int"):
+        Trainer(TrainingConfig(layer_weights={1: 1.0}), V, ignore_index=ignore_index)
+
+
 # --- a full disk ------------------------------------------------------------------------------
+
+
+def test_a_full_disk_while_publishing_a_report_names_the_file_and_keeps_the_old_set(tmp_path, monkeypatch):
+    """files.publish (the ASHEM report) fails on a full disk: one WriteError naming the file; the old files stay."""
+    publish({"results.md": b"old"}, tmp_path)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", full)
+    with pytest.raises(WriteError, match="results.md .No space left on device.; the file there before, if any, is intact"):
+        publish({"results.md": b"new"}, tmp_path)
+    assert (tmp_path / "results.md").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.md"]
 
 
 def test_a_full_disk_at_save_is_one_line_and_the_last_checkpoint_stays(tmp_path, capsys, monkeypatch):
