@@ -348,5 +348,7 @@ def check_resumable(
 def save_run(path: str | Path, state: dict[str, Any], *, write: bool) -> None:
     """Save a training run's ``state`` (a trainer's ``state_dict()`` and ``extra``) with the RNG
     states, atomically; only processes with ``write`` write."""
+    if Path(path).is_dir():
+        raise ValueError(f"checkpoint {path} is a directory, not a checkpoint file")
     if write:
         save_atomic({**state, "rng": rng_state()}, path)

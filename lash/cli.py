@@ -184,6 +184,8 @@ def _check_common_args(args: argparse.Namespace) -> torch.device:
         if getattr(args, flag) is not None:  # None: the flag was left out
             check_int(_flag(flag), getattr(args, flag), low)
     check_index("--seed", args.seed, 0, 2**32 - 1)
+    if not str(args.dataset).strip():
+        raise ValueError("--dataset is empty: give auto, wikitext-2, offline, or a text file or directory")
     _check_model_flags(args)
     _check_memory(args)
     if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) >= 1):

@@ -53,6 +53,8 @@ class TrainingConfig:
         check_layer_index("exit_layer", self.exit_layer)
         rule = routing_rule(self.routing_threshold, self.exit_layer)  # 0 = off (README, "Compatibility")
         self.routing_threshold = None if rule is None else rule.threshold
+        if rule is not None:
+            check_exit_layer(self.exit_layer, self.output_layer)
 
     @property
     def exit_rule(self) -> ExitRule | None:

@@ -18,7 +18,7 @@ from lash.decoding import DEEP_FILLS, EXIT_BATCHING, DecodeState, Sampler, Stop,
 from lash.exit_rule import ExitRule
 from lash.modules.attention import LayerCache, additive_mask
 from lash.validation import check_bool, check_exit_layer, check_index, check_int, check_real, check_threshold, check_token_ids
-from lash_kernels import apply_rotary
+from lash_kernels import apply_rotary, values_checked
 
 if TYPE_CHECKING:
     from lash.models import DeepSupervisionTransformer
@@ -79,7 +79,8 @@ class LashParts:
         kv = (h @ stacked.T).view(B, n, 2 * len(blocks), attn.num_heads, attn.head_dim).transpose(1, 3)  # (B, nh, 2Lk, n, hs)
         keys, values = kv[:, :, 0::2], kv[:, :, 1::2]  # (B, nh, Lk, n, hs)
         heads = keys.transpose(1, 2).reshape(B, len(blocks) * attn.num_heads, n, attn.head_dim)  # layers as heads
-        rotated, _ = apply_rotary(heads, heads[:, :0], attn.rope.cos, attn.rope.sin, positions=positions)
+        with values_checked():  # the engine's own positions: in range by construction
+            rotated, _ = apply_rotary(heads, heads[:, :0], attn.rope.cos, attn.rope.sin, positions=positions)
         rotated = rotated.view(B, len(blocks), attn.num_heads, n, attn.head_dim)
         cache: StaticCache = state.cache
         slots = torch.arange(start, start + n, device=h.device)
@@ -96,9 +97,9 @@ class LashParts:
 
 def _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, draft_tokens, generator) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long or 0 in input_ids.shape:
-        raise ValueError("input_ids must be a non-empty LongTensor (batch, prompt_len)")
-    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+        got = f"{input_ids.dtype} of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a non-empty LongTensor (batch, prompt_len); got {got}")
+    check_attention_mask(attention_mask, input_ids)
     check_int("max_new_tokens", max_new_tokens, 0)
     total = input_ids.shape[1] + max_new_tokens
     if total > model.max_seq_len:
@@ -106,15 +107,38 @@ def _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k,
             f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} = {total} is outside "
             f"[1, max_seq_len={model.max_seq_len}]"
         )
+    check_sampling(temperature, top_k, top_p, generator, model.vocab_size)
+    check_int("draft_tokens", draft_tokens, 1)
+    check_token_ids(input_ids, model.vocab_size)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, generator, vocab_size: int) -> None:
+    """Raise ``ValueError`` for sampling settings outside their ranges (both ``generate`` functions)."""
     check_real("temperature", temperature, 0.0)  # 0: greedy
     if top_k is not None:
-        check_index("top_k", top_k, 1, model.vocab_size, " (the vocabulary size), or None")
+        check_index("top_k", top_k, 1, vocab_size, " (the vocabulary size), or None")
     if top_p is not None:
         check_real("top_p", top_p, 0.0, 1.0, low_open=True)
-    check_int("draft_tokens", draft_tokens, 1)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    check_token_ids(input_ids, model.vocab_size)
+
+
+def check_attention_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless the mask is ``None`` or 0/1 shaped like ``input_ids``, each row
+    left-padded (its zeros before its ones) with at least one token."""
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask shape {shape} must equal input_ids shape {tuple(input_ids.shape)}")
+    mask = attention_mask.long()
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold 0 (padding) and 1 (token) only")
+    empty = (mask.sum(dim=1) == 0).nonzero()
+    if empty.numel():
+        raise ValueError(f"row {int(empty[0])} of attention_mask holds no token: every prompt needs at least one")
+    if not bool((mask[:, 1:] >= mask[:, :-1]).all()):
+        raise ValueError("attention_mask must be left-padded: in each row, the zeros before the ones")
 
 
 def decoding_mode(speculative: bool, routing_threshold: float | None, deep_fill: str, exit_batching: str) -> str:
@@ -152,8 +176,8 @@ def stopping(
         raise ValueError(
             f"eos_token_id={eos_token_id!r} must be None, a token id or a list of token ids (ints) in [0, {vocab_size})"
         )
-    if pad_token_id is not None and not _is_int(pad_token_id):
-        raise ValueError(f"pad_token_id={pad_token_id!r} must be None or an int")
+    if pad_token_id is not None and not (_is_int(pad_token_id) and 0 <= pad_token_id < vocab_size):
+        raise ValueError(f"pad_token_id={pad_token_id!r} must be None or a token id (an int) in [0, {vocab_size})")
     eos = torch.tensor(ids, dtype=torch.long, device=device) if ids else None
     pad = pad_token_id if pad_token_id is not None else (ids[0] if ids else 0)
     return Stop(max_new_tokens, eos, pad)

@@ -39,7 +39,7 @@ from lash.exit_rule import ExitRule, as_rule
 from lash.modules import inference_weights
 from lash.modules.attention import LayerCache, additive_mask
 from lash.validation import check_exit_layer, check_real, check_token_ids
-from lash_kernels import IGNORE_INDEX, apply_rotary
+from lash_kernels import IGNORE_INDEX, apply_rotary, values_checked
 
 if TYPE_CHECKING:
     from lash.models import DeepSupervisionTransformer
@@ -114,7 +114,8 @@ def _frozen_keys_values(model: DeepSupervisionTransformer, h: torch.Tensor, laye
     keys = kv[:, :, :, 0].permute(0, 2, 3, 1, 4).reshape(B, len(layers) * nh, S, hs)
     values = kv[:, :, :, 1].permute(0, 2, 3, 1, 4).reshape(B, len(layers) * nh, S, hs)
     positions = torch.arange(S, device=h.device).clamp_max(S - 2)  # the spare column's key is never read
-    keys, _ = apply_rotary(keys, keys[:, :0], attn.rope.cos, attn.rope.sin, positions=positions)
+    with values_checked():  # the tokens' own positions: in range by construction
+        keys, _ = apply_rotary(keys, keys[:, :0], attn.rope.cos, attn.rope.sin, positions=positions)
     return keys, values
 
 

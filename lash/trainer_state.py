@@ -204,6 +204,9 @@ class TrainerState:
         tensors, config, settings, optimizer groups, schedule; ``source`` names it in errors), so
         a refusal leaves everything as it was."""
         model, optimizer = self._pair("load_state_dict")
+        missing = [key for key in ("model", "optimizer", "trainer", "config") if not isinstance(state.get(key), Mapping)]
+        if missing:
+            raise ValueError(f"{source} is no trainer state: it lacks {', '.join(missing)} (what state_dict() returns)")
         checkpoint.check_model_state(state["model"], model, source)
         checkpoint.check_resumable(state, source, self.config.as_dict(), self._settings(), optimizer, self.scheduler is not None)
         if not self.is_sharded:  # FSDP2 checks its full state itself as it shards it

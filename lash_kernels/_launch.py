@@ -25,7 +25,8 @@ def check_kernel_dtypes(op: str, **tensors: torch.Tensor) -> None:
 
 def check_one_device(**tensors: torch.Tensor | None) -> None:
     """Raise ValueError naming the first argument that is not on the first argument's device
-    (``None``, an absent optional input, is skipped): an op's tensor inputs share one device."""
+    (``None``, an absent optional input, is skipped): an op's tensor inputs share one device, a
+    CPU or CUDA one (a ``meta`` tensor holds no values to compute with)."""
     first = None
     for name, x in tensors.items():
         if x is None:
@@ -34,6 +35,8 @@ def check_one_device(**tensors: torch.Tensor | None) -> None:
             first = name, x.device
         elif x.device != first[1]:
             raise ValueError(f"{name} is on {x.device} but {first[0]} is on {first[1]}; they must be on one device")
+    if first is not None and first[1].type not in ("cpu", "cuda"):
+        raise ValueError(f"{first[0]} is on {first[1]}; LASH's ops compute on CPU or CUDA tensors")
 
 
 _DEVICE_FLOATS: dict = {}  # (values, device) → fp32 tensor

@@ -177,6 +177,11 @@ def lash_loss(
     run = decoder_hidden_states(model, exits, **inputs)
     # The backbone norms its last state itself: at full depth that is exit L, never normed twice.
     hiddens = [run.last_normed if layer == depth else parts.norm(run.hiddens[layer]) for layer in exits]  # K × (B, T, D)
+    tokens = tuple(hiddens[0].shape[:-1])  # (B, T)
+    for name, given in (("labels", labels), ("shift_labels", shift_labels)):
+        if given is not None and (not isinstance(given, torch.Tensor) or tuple(given.shape) != tokens):
+            shape = tuple(given.shape) if isinstance(given, torch.Tensor) else type(given).__name__
+            raise ValueError(f"{name} must have the inputs' shape {tokens}; got {shape}")
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]  # (B, T): position t predicts t + 1
     targets = shift_labels.reshape(-1).to(parts.head.weight.device)  # (N,)

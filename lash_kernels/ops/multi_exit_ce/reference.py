@@ -36,7 +36,7 @@ _VALUES_CHECKED = contextvars.ContextVar("lash_values_checked", default=False)
 
 @contextlib.contextmanager
 def values_checked() -> Iterator[None]:
-    """Inside, token ids, targets and token weights count as checked by the caller.
+    """Inside, token ids, targets, token weights and RoPE positions count as checked by the caller.
 
     For a caller that checked them on the CPU before moving them to the device (lash's
     ``Trainer`` does, per batch): the ops' own value checks would otherwise launch device work

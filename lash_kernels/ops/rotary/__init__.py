@@ -43,6 +43,7 @@ import torch
 
 from lash_kernels._launch import check_kernel_dtypes, check_one_device
 from lash_kernels.dispatch import HAS_TRITON, backend
+from lash_kernels.ops.multi_exit_ce.reference import values_need_checking
 
 if HAS_TRITON:  # optional off Linux: the torch reference still works there
     from lash_kernels.ops.rotary import kernels
@@ -101,6 +102,15 @@ def _check_positions(positions: torch.Tensor, b: int, t: int, cos: torch.Tensor,
         )
     if cos.ndim != 2 or cos.shape[1] != width or sin.shape != cos.shape:
         raise ValueError(f"with positions, cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must both be (S, {width})")
+    rows = cos.shape[0]
+    if positions.numel() == 0 or not values_need_checking():
+        return
+    if positions.device.type != "cpu" or torch.compiler.is_compiling():  # reading them would sync: checked on the device
+        torch._assert_async(((positions >= 0) & (positions < rows)).all(), f"a position is outside [0, {rows})")
+        return
+    lo, hi = torch.aminmax(positions)
+    if lo < 0 or hi >= rows:
+        raise ValueError(f"position {int(lo) if lo < 0 else int(hi)} is outside [0, {rows}), the rows of the tables")
 
 
 def _check(
