@@ -21,9 +21,9 @@ def test_rope_positions_past_the_tables_are_refused(monkeypatch, kernels):
     """A position beyond the tables' rows: a named ValueError in both backends, never an out-of-bounds read."""
     monkeypatch.setenv("LASH_KERNELS", kernels)
     q = torch.randn(1, 2, 4, 6)
-    with pytest.raises(ValueError, match=r"position 10 is outside \[0, 4\)"):
+    with pytest.raises(ValueError, match=r"positions holds 10, outside \[0, 4\)"):
         K.apply_rotary(q, q, torch.ones(4, 6), torch.zeros(4, 6), positions=torch.tensor([0, 1, 2, 10]))
-    with pytest.raises(ValueError, match=r"position -1 is outside \[0, 4\)"):
+    with pytest.raises(ValueError, match=r"positions holds -1, outside \[0, 4\)"):
         K.apply_rotary(q, q, torch.ones(4, 6), torch.zeros(4, 6), positions=torch.tensor([0, 1, 2, -1]))
 
 

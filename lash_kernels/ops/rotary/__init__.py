@@ -110,7 +110,7 @@ def _check_positions(positions: torch.Tensor, b: int, t: int, cos: torch.Tensor,
         return
     lo, hi = torch.aminmax(positions)
     if lo < 0 or hi >= rows:
-        raise ValueError(f"position {int(lo) if lo < 0 else int(hi)} is outside [0, {rows}), the rows of the tables")
+        raise ValueError(f"positions holds {int(lo) if lo < 0 else int(hi)}, outside [0, {rows}), the rows of the tables")
 
 
 def _check(
