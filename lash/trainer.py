@@ -49,15 +49,14 @@ def _check_batch(batch: tuple[torch.Tensor, ...], vocab_size: int, ignore_index:
         check_token_weights(w[0], tuple(y.shape))
 
 
-def _checked_batch(batch: tuple[torch.Tensor, ...], vocab_size: int, ignore_index: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """``batch`` checked (:func:`_check_batch`), then moved to ``device``.
+def _to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """A batch already checked (:func:`_check_batch`) moved to ``device``.
 
     Checked before the copy: a bad id or weight is a ValueError, never a device-side assert, and
     reading CPU tensors costs the device no sync (inside a compiled graph no check runs). The step
     then runs inside ``values_checked()``, so the model and the loss do not check them again (on
     a GPU that would be device work in every step).
     """
-    _check_batch(batch, vocab_size, ignore_index)
     return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
@@ -65,7 +64,7 @@ def _nothing_to_learn(batch: tuple[torch.Tensor, ...], ignore_index: int) -> boo
     """Whether a CPU batch has no labelled target of nonzero weight, so its loss is 0 and a step
     on it would only decay the weights. Batches already on a device are kept: reading them would sync."""
     if len(batch) not in (2, 3) or any(t.device.type != "cpu" for t in batch[1:]):
-        return False  # a malformed batch is left to _checked_batch
+        return False  # a malformed batch is left to _check_batch
     y, labelled = batch[1], batch[1] != ignore_index
     if len(batch) == 3 and batch[2].shape == y.shape:  # so is a misshapen w
         labelled &= batch[2] != 0
@@ -159,39 +158,41 @@ class Trainer(TrainerState):
             check_real("grad_clip", grad_clip, 0.0)
         check_optional_int("max_steps", max_steps, 1)
         check_model(model, self.config, self.vocab_size, self.device)
-        self._check_batches(train_batches)
+        prechecked = self._check_batches(train_batches)
         start = (self.epochs_trained, self.global_step, self.batches_into_epoch, self.partial_epoch_loss)
         try:
-            return self._epoch(model, train_batches, optimizer, grad_clip, max_steps)
+            return self._epoch(model, train_batches, optimizer, grad_clip, max_steps, prechecked)
         except ValueError:
             if self.global_step == start[1]:  # no step was taken: nothing was learnt, so nothing moved
                 self.epochs_trained, _, self.batches_into_epoch, self.partial_epoch_loss = start
                 optimizer.zero_grad(set_to_none=True)
             raise
 
-    def _check_batches(self, train_batches: Batches) -> None:
+    def _check_batches(self, train_batches: Batches) -> bool:
         """Before the first step: where the trainer stands must lie inside the epoch, and every
         remaining batch of a collection (not a one-pass iterator) is checked on the CPU, so a bad
-        batch anywhere, or an epoch with nothing to learn, changes nothing."""
+        batch anywhere, or an epoch with nothing to learn, changes nothing. Returns whether every
+        remaining batch was checked here (the steps then do not check them again)."""
         if not hasattr(train_batches, "__len__") or isinstance(train_batches, Iterator):
-            return
+            return False
         size = len(self._shard(train_batches))
         if self.batches_into_epoch > size:
             raise ValueError(f"the trainer is {self.batches_into_epoch} batches into its epoch, but train_batches has "
                              f"{size}: resume with the batches the run was saved with")  # fmt: skip
         if self.world_size > 1:
-            return  # each rank checks its own share as it comes
+            return False  # each rank checks its own share as it comes
         learnable = False
         for batch in self._batches(train_batches):
             if any(t.device.type != "cpu" for t in batch):
-                return  # batches already on a device are checked as they come: reading them would sync
+                return False  # batches already on a device are checked as they come: reading them would sync
             _check_batch(batch, self.vocab_size, self.ignore_index)
             learnable = learnable or not _nothing_to_learn(batch, self.ignore_index)
         if not learnable and not self.batches_into_epoch and not self.partial_epoch_loss[1]:
             raise ValueError("train_batches yielded no batch with a labelled target")
+        return True
 
     def _epoch(self, model: StandardTransformer, train_batches: Batches, optimizer: torch.optim.Optimizer,
-               grad_clip: float | None, max_steps: int | None) -> float:  # fmt: skip
+               grad_clip: float | None, max_steps: int | None, prechecked: bool) -> float:  # fmt: skip
         model.train()
         threads.refresh()  # under the CLI's --threads auto: the cores others left free
         epoch, resumed_at = self.epochs_trained + 1, self.batches_into_epoch
@@ -209,7 +210,7 @@ class Trainer(TrainerState):
                 self.batches_into_epoch += 1  # deciding on the CPU costs no device sync
                 continue
             accumulated += 1
-            losses.append(self.step(runner, batch, sync=accumulated == self.grad_accum_steps))
+            losses.append(self.step(runner, batch, sync=accumulated == self.grad_accum_steps, checked=prechecked))
             if accumulated == self.grad_accum_steps:
                 self.optimizer_step(params, optimizer, grad_clip)
                 accumulated = 0
@@ -230,11 +231,13 @@ class Trainer(TrainerState):
         shard = self._shard(train_batches)
         return len(shard) - self.batches_into_epoch if hasattr(shard, "__len__") else None  # tqdm's ETA
 
-    def step(self, runner: nn.Module, batch: tuple[torch.Tensor, ...], sync: bool = True) -> torch.Tensor:
-        """Forward and backward of one batch ``(x, y)`` or ``(x, y, w)``, checked on the CPU and
-        moved to the device; returns the detached loss. ``sync=False`` (a micro-batch before the
-        last of an accumulation) skips DDP's gradient all-reduce."""
-        x, y, *w = _checked_batch(batch, self.vocab_size, self.ignore_index, self.device)  # w: [] or [(B, T)]
+    def step(self, runner: nn.Module, batch: tuple[torch.Tensor, ...], sync: bool = True, checked: bool = False) -> torch.Tensor:
+        """Forward and backward of one batch ``(x, y)`` or ``(x, y, w)``, checked on the CPU (unless
+        ``checked``: the caller did) and moved to the device; returns the detached loss.
+        ``sync=False`` (a micro-batch before the last of an accumulation) skips DDP's gradient all-reduce."""
+        if not checked:
+            _check_batch(batch, self.vocab_size, self.ignore_index)
+        x, y, *w = _to_device(batch, self.device)  # w: [] or [(B, T)]
         no_sync = getattr(runner, "no_sync", None)
         with contextlib.nullcontext() if sync or no_sync is None else no_sync(), self._autocast(), values_checked():
             loss = parallel.scale_for_ranks(runner(x, y, *w), y, self.ignore_index, self.world_size, *w)
