@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import DEVICE, ON_GPU, device_name, synchronize  # noqa: E402
+from measure import DEVICE, ON_GPU, copy_bandwidth_gbps, device_name, synchronize  # noqa: E402
 
 from lash import DeepSupervisionTransformer, Trainer, TrainingConfig  # noqa: E402
 from lash.data import load_dataset  # noqa: E402
@@ -124,9 +124,13 @@ def run(args) -> list[dict]:
         torch.set_num_threads(args.threads)
     rows = []
     levels = thresholds(model, val, [0.5, 0.7, 0.9])
+    bandwidth = copy_bandwidth_gbps() * 1e9 if ON_GPU else None  # bytes/s, read + written
     for batch in args.batches:
         prompt = val[:batch, : args.prompt].to(DEVICE)
-        modes = [("plain", {})] + [(f"early exit ~{share:.0%}", {"routing_threshold": t}) for share, t in levels.items()]
+        modes = [("plain", {})]
+        if ON_GPU:  # plain decoding replays CUDA graphs by default; this row shows what they save
+            modes += [("plain, no CUDA graphs", {"cuda_graphs": False})]
+        modes += [(f"early exit ~{share:.0%}", {"routing_threshold": t}) for share, t in levels.items()]
         if batch > 1:  # the whole batch exits only when every row is confident
             modes += [("early exit ~70%, batch rule", {"routing_threshold": levels[0.7], "exit_batching": "batch"})]
         modes += [(f"speculative, {k} drafts", {"speculative": True, "draft_tokens": k}) for k in (2, 4, 6)]
@@ -138,6 +142,9 @@ def run(args) -> list[dict]:
             plain_time = plain_time or seconds
             row = {"batch": batch, "mode": name, "tokens_per_s": batch * args.new / seconds,
                    "speedup_vs_plain": plain_time / seconds, **stats}  # fmt: skip
+            if bandwidth and name == "plain":  # bytes a step must read, over the time the copy bandwidth needs for them
+                step_bytes = batch * bytes_per_token(model, args.prompt, args.new, batch, 0.0, 1.0)
+                row["of_roofline"] = step_bytes / bandwidth / (seconds / args.new)
             if "routing_threshold" in kwargs:
                 deep_share = (deep_steps(model, call) - 1) / args.new  # the prefill's call is not a step
                 full = bytes_per_token(model, args.prompt, args.new, batch, 0.0, 1.0)
@@ -168,7 +175,9 @@ def hf_rows(args) -> list[dict]:
         h = parts.backbone(prompt, output_hidden_states=True).hidden_states[exit_layer]
         conf = parts.head(parts.norm(h)).float().softmax(-1).amax(-1).flatten()
     rows = []
-    for name, kwargs in [("plain", {}), ("early exit ~70%", {"routing_threshold": float(conf.quantile(0.3))})]:
+    modes = [("plain", {}), ("plain, static cache", {"cache_implementation": "static"}),
+             ("early exit ~70%", {"routing_threshold": float(conf.quantile(0.3))})]  # fmt: skip
+    for name, kwargs in modes:
         call = lambda kw=kwargs: hf_generate(model, prompt, new, exit_layer=exit_layer, **kw)  # noqa: E731
         _, stats = hf_generate(model, prompt, new, exit_layer=exit_layer, return_stats=True, **kwargs)
         seconds = timed(call, args.repeats)
@@ -186,6 +195,7 @@ def transformers_parts(model):
 
 def _line(row: dict) -> str:
     ideal = f" | bytes ideal {row['bytes_ideal']:.2f}×, reached {row['of_bytes_ideal']:.2f}" if "bytes_ideal" in row else ""
+    ideal += f" | {row['of_roofline']:.2f} of the HBM roofline" if "of_roofline" in row else ""
     return (f"batch {row['batch']:>2} {row['mode']:<27} {row['tokens_per_s']:8.1f} tok/s  {row['speedup_vs_plain']:.2f}× plain"
             f" | shallow {row['shallow_ratio']:.0%} acceptance {row['acceptance_rate']:.0%} layers {row['executed_layer_ratio']:.2f}{ideal}")
 
@@ -203,6 +213,9 @@ def markdown(rows: list[dict], args) -> str:
         ideal = (f"{r['bytes_ideal']:.2f}× | {r['of_bytes_ideal']:.2f}" if "bytes_ideal" in r else "– | –")
         lines.append(f"| {r['batch']} | {r['mode']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_plain']:.2f}× | "
                      f"{r['shallow_ratio']:.0%} | {r['acceptance_rate']:.0%} | {r['executed_layer_ratio']:.2f} | {ideal} |")  # fmt: skip
+    roofline = [f"batch {r['batch']}: {r['of_roofline']:.2f}" for r in rows if "of_roofline" in r]
+    if roofline:
+        lines += ["", "Plain decoding, share of the HBM roofline (step bytes / copy bandwidth): " + ", ".join(roofline) + "."]
     return "\n".join(lines) + "\n"
 
 

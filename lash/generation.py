@@ -1,98 +1,25 @@
-"""Decoding LASH models: the adapter of :mod:`lash.decoding`'s engine, and :func:`generate`.
+"""Decoding LASH models: :func:`generate`, and the argument checks both ``generate`` functions share.
 
-:class:`LashParts` runs a LASH model's own blocks (their one ``forward(h, positions, cache)``,
-the training code) over a static KV cache preallocated for the whole call, so decoding cannot
-drift from training. CALM-style propagation (``deep_fill="propagate"``) projects an exited
-token's keys and values for every deep layer with one GEMM over the layers' stacked ``k_proj``
-and ``v_proj`` weights and rotates them in one launch.
+The model takes part in :mod:`lash.decoding`'s engine through :class:`lash.decoding_parts.LashParts`
+(its own blocks over a static KV cache); on CUDA its short layer calls replay CUDA graphs
+(:mod:`lash.cuda_graphs`).
 """
 
 from __future__ import annotations
 
 from numbers import Integral
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 
-from lash.decoding import DEEP_FILLS, EXIT_BATCHING, DecodeState, Sampler, Stop, decode
+from lash import cuda_graphs
+from lash.decoding import DEEP_FILLS, EXIT_BATCHING, Sampler, Stop, decode
+from lash.decoding_parts import LashParts
 from lash.exit_rule import ExitRule
-from lash.modules.attention import LayerCache, additive_mask
 from lash.validation import check_bool, check_exit_layer, check_index, check_int, check_real, check_threshold, check_token_ids
-from lash_kernels import apply_rotary, values_checked
 
 if TYPE_CHECKING:
     from lash.models import DeepSupervisionTransformer
-
-
-class StaticCache(NamedTuple):
-    """Every layer's keys and values for a whole decoding call, allocated once."""
-
-    keys: torch.Tensor  # (L, B, nh, S, hs)
-    values: torch.Tensor  # (L, B, nh, S, hs)
-
-
-class LashParts:
-    """:class:`lash.decoding.Parts` of a LASH model.
-
-    Args:
-        model: a :class:`lash.models.StandardTransformer` (or subclass), in eval mode.
-    """
-
-    holes = True  # attention reads the cache's columns by validity alone
-
-    def __init__(self, model: DeepSupervisionTransformer) -> None:
-        self.model, self.num_layers = model, model.num_layers
-
-    def new_cache(self, batch: int, slots: int) -> StaticCache:
-        m = self.model
-        shape = (m.num_layers, batch, m.num_heads, slots, m.dim // m.num_heads)
-        weight = m.output_head.weight
-        # Zeros, not empty memory: a masked column still meets a zero attention weight, and
-        # 0 · NaN (left in uninitialised memory) would be NaN.
-        return StaticCache(weight.new_zeros(shape), weight.new_zeros(shape))
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embedding(ids)  # ids are checked once, by generate, or were generated
-
-    def run(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState,
-            frozen: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        cache: StaticCache = state.cache
-        end = start + h.shape[1]  # the columns after this call: attention reads no further
-        slots = torch.arange(start, end, device=h.device)  # (n,)
-        columns = torch.arange(end, device=h.device)  # (end,)
-        allowed = (columns <= slots[:, None]) & state.valid[:, None, :end]  # (B, n, end): valid columns up to its own
-        mask = additive_mask(allowed.unsqueeze(1), h.dtype)  # (B, 1, n, end), shared by the layers
-        where = slots.expand(h.shape[0], -1)  # (B, n): every row writes the same columns
-        start_h = h
-        for i in layers:
-            layer_cache = LayerCache(cache.keys[i][:, :, :end], cache.values[i][:, :, :end], where, mask)
-            h = self.model.layers[i](h, positions, layer_cache)
-            if frozen is not None:
-                h = torch.where(frozen[..., None], start_h, h)
-        return h
-
-    def fill(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState) -> None:
-        blocks = [self.model.layers[i].attn for i in layers]
-        stacked = torch.cat([w for a in blocks for w in (a.k_proj.weight, a.v_proj.weight)])  # (2·D·n_layers, D)
-        B, n, D = h.shape
-        attn = blocks[0]
-        kv = (h @ stacked.T).view(B, n, 2 * len(blocks), attn.num_heads, attn.head_dim).transpose(1, 3)  # (B, nh, 2Lk, n, hs)
-        keys, values = kv[:, :, 0::2], kv[:, :, 1::2]  # (B, nh, Lk, n, hs)
-        heads = keys.transpose(1, 2).reshape(B, len(blocks) * attn.num_heads, n, attn.head_dim)  # layers as heads
-        with values_checked():  # the engine's own positions: in range by construction
-            rotated, _ = apply_rotary(heads, heads[:, :0], attn.rope.cos, attn.rope.sin, positions=positions)
-        rotated = rotated.view(B, len(blocks), attn.num_heads, n, attn.head_dim)
-        cache: StaticCache = state.cache
-        slots = torch.arange(start, start + n, device=h.device)
-        index = slots.view(1, 1, 1, n, 1).expand(len(blocks), B, attn.num_heads, n, attn.head_dim)
-        cache.keys[layers.start : layers.stop].scatter_(3, index, rotated.transpose(0, 1))
-        cache.values[layers.start : layers.stop].scatter_(3, index, values.permute(2, 0, 1, 3, 4))
-
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.output_head(h)
-
-    def keep(self, state: DecodeState, slots: int) -> None:
-        """A static cache keeps every column: later writes overwrite, masks hide what is ahead."""
 
 
 def _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, draft_tokens, generator) -> None:
@@ -202,6 +129,7 @@ def generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     return_stats: bool = False,
+    cuda_graphs: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
     """Decode ``max_new_tokens`` tokens after each prompt with a KV cache (:mod:`lash.decoding`).
 
@@ -231,6 +159,8 @@ def generate(
         generator: random source for sampling, on the model's device.
         return_stats: also return ``shallow_ratio``, ``compute_cost``, ``executed_layer_ratio``
             and ``acceptance_rate`` (:mod:`lash.decoding`).
+        cuda_graphs: replay each short layer call as a CUDA graph, captured once per model, batch
+            and cache length (:mod:`lash.cuda_graphs`); ``None``: when the model is on CUDA.
 
     Returns:
         ``(B, T0 + n)`` ids (the prompts first), ``n <= max_new_tokens`` (fewer only when every
@@ -245,12 +175,24 @@ def generate(
         exit_layer = getattr(model, "exit_layer", None)
     check_exit(exit_layer, model.num_layers, mode)
     device = model.output_head.weight.device
+    parts = _parts(model, device, cuda_graphs)
     input_ids = input_ids.to(device)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-    out, stats = decode(
-        LashParts(model), input_ids, mask, stopping(max_new_tokens, eos_token_id, pad_token_id, model.vocab_size, device),
-        Sampler(temperature, top_k, top_p, generator), mode=mode, exit_layer=exit_layer,
-        routing_threshold=check_threshold(routing_threshold), draft_tokens=draft_tokens, deep_fill=deep_fill,
-        exit_batching=exit_batching,
-    )  # fmt: skip
+    with parts.weights():
+        out, stats = decode(
+            parts, input_ids, mask, stopping(max_new_tokens, eos_token_id, pad_token_id, model.vocab_size, device),
+            Sampler(temperature, top_k, top_p, generator), mode=mode, exit_layer=exit_layer,
+            routing_threshold=check_threshold(routing_threshold), draft_tokens=draft_tokens, deep_fill=deep_fill,
+            exit_batching=exit_batching,
+        )  # fmt: skip
     return (out, stats) if return_stats else out
+
+
+def _parts(model: DeepSupervisionTransformer, device: torch.device, graphs: bool | None) -> LashParts:
+    """The model's parts for the engine: graphed where ``graphs`` asks (``None``: wherever they can be)."""
+    if graphs is not None:
+        check_bool("cuda_graphs", graphs)
+        if graphs and not cuda_graphs.available(device):
+            raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}")
+    graphed = cuda_graphs.available(device) if graphs is None else graphs
+    return cuda_graphs.GraphedParts(model) if graphed else LashParts(model)

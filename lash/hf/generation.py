@@ -2,7 +2,8 @@
 
 The modes, rules, sampler, stopping and stats are the engine's, shared with LASH models
 (:func:`lash.generation.generate` takes the same arguments). :class:`HFParts` steps the model's
-own decoder layers over one ``DynamicCache``: it builds the rotary tables and causal masks for
+own decoder layers over one ``DynamicCache`` (or, with ``cache_implementation="static"``, a
+``StaticCache`` preallocated for the whole call, as ``model.generate`` offers): it builds the rotary tables and causal masks for
 the positions it runs (``create_causal_mask``, so left padding and sliding windows work as in
 ``model.generate``), and exits pass through the model's final norm before the head
 (``lm_head(norm(h))``). Plain and self-speculative greedy output equal
@@ -43,28 +44,44 @@ def _parts(model: nn.Module) -> DecoderParts:
     return parts
 
 
+CACHES = ("dynamic", "static")
+
+
 class HFParts:
     """:class:`lash.decoding.Parts` of a Hugging Face causal LM.
 
     Args:
         model: a decoder-only ``*ForCausalLM`` in eval mode.
+        cache_implementation: ``"dynamic"`` (a ``DynamicCache`` grown per layer) or ``"static"``
+            (a ``StaticCache`` of the call's full length; full-attention models only).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, cache_implementation: str = "dynamic") -> None:
         self.model, self.parts = model, _parts(model)
         self.num_layers = len(self.parts.layers)
         from transformers import DynamicCache
 
+        if cache_implementation not in CACHES:
+            raise ValueError(f"cache_implementation={cache_implementation!r} must be one of {', '.join(CACHES)}")
         # A sliding window counts cache columns, so a row with holes would see fewer tokens in it.
         self.holes = not any(DynamicCache(config=model.config).is_sliding)
+        self.static = cache_implementation == "static"
+        if self.static and not self.holes:
+            raise ValueError(
+                f"cache_implementation='static' needs full-attention layers; {type(model).__name__} has sliding-window "
+                "layers: use 'dynamic'"
+            )
 
     def new_cache(self, batch: int, slots: int):
-        from transformers import DynamicCache
+        from transformers import DynamicCache, StaticCache
 
-        cache = DynamicCache(config=self.model.config)
+        if self.static:  # its layers allocate on their first write, in the model's dtype and device
+            cache = StaticCache(config=self.model.config, max_cache_len=slots)
+        else:
+            cache = DynamicCache(config=self.model.config)
+            cache.activate_past_recording()  # sliding-window layers must be able to roll back rejected drafts
         if len(cache.layers) != self.num_layers:
             raise ValueError(f"the cache has {len(cache.layers)} layers for {self.num_layers} decoder layers")
-        cache.activate_past_recording()  # sliding-window layers must be able to roll back rejected drafts
         return cache
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -102,6 +119,10 @@ class HFParts:
         return self.parts.head(self.parts.norm(h))
 
     def keep(self, state: DecodeState, slots: int) -> None:
+        if self.static:  # each layer's length is a device counter: set, never read
+            for layer in state.cache.layers:
+                layer.cumulative_length.fill_(slots)
+            return
         extra = state.cache.get_seq_length() - slots  # the layers' lengths are shapes: no host read
         if extra:
             state.cache.crop(-extra)
@@ -126,18 +147,21 @@ def generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     return_stats: bool = False,
+    cache_implementation: str = "dynamic",
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
     """Decode a Hugging Face causal LM: plain, early exit or self-speculative (:mod:`lash.decoding`).
 
     The arguments are :func:`lash.generation.generate`'s. A Hugging Face model has no exit layer
     of its own: pass ``exit_layer`` for early exit and self-speculative decoding. ``pad_token_id``
     defaults to ``model.generation_config.pad_token_id``, then to the first EOS id.
+    ``cache_implementation``: ``"dynamic"`` (default) or ``"static"`` (preallocated for the call;
+    full-attention models only), as ``model.generate`` takes it.
 
     Returns:
         ``(B, T0 + n)`` ids, ``n <= max_new_tokens`` (fewer only when every row hit an EOS),
         plus the stats with ``return_stats``.
     """
-    parts = HFParts(model)
+    parts = HFParts(model, cache_implementation)
     if isinstance(routing_threshold, ExitRule):  # the rule carries its own exit layer
         exit_layer, routing_threshold = routing_threshold.exit_layer, routing_threshold.threshold
     mode = decoding_mode(speculative, routing_threshold, deep_fill, exit_batching)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lash import DeepSupervisionTransformer
-from lash import generation
+from lash import decoding_parts
 from lash.decoding import MAX_PENDING
 from lash.generation import generate
 
@@ -133,8 +133,8 @@ def test_propagate_early_exit_follows_calms_rule(batch):
 
 def _keep_cache(monkeypatch) -> list:
     caches = []
-    new_cache = generation.LashParts.new_cache
-    monkeypatch.setattr(generation.LashParts, "new_cache", lambda self, *a: caches.append(new_cache(self, *a)) or caches[-1])
+    new_cache = decoding_parts.LashParts.new_cache
+    monkeypatch.setattr(decoding_parts.LashParts, "new_cache", lambda self, *a: caches.append(new_cache(self, *a)) or caches[-1])
     return caches
 
 

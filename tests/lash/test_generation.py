@@ -4,7 +4,7 @@ import torch
 from lash import DeepSupervisionTransformer
 from lash.generation import generate
 from lash.decoding import DecodeState
-from lash.generation import LashParts
+from lash.decoding_parts import LashParts
 
 V, DIM, LAYERS, HEADS = 37, 32, 4, 4
 

@@ -105,6 +105,32 @@ def test_plain_greedy_with_left_padding_equals_hf_generate():
     assert torch.equal(generate(model, x, NEW, exit_layer=2, attention_mask=mask), hf_greedy(model, x, attention_mask=mask))
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3"])
+@pytest.mark.parametrize("mode", [{}, {"speculative": True, "draft_tokens": 3, "exit_layer": 1}, {"routing_threshold": 0.2},
+                                  {"routing_threshold": 0.2, "deep_fill": "propagate"}])  # fmt: skip
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_static_cache_decodes_as_the_dynamic_cache_and_hf_generate(family, mode, batch):
+    model, x = make_model(family, weight_scale=10.0 if "routing_threshold" in mode else 1.0,
+                          deep_scale=0.2 if "speculative" in mode else 1.0), prompts(batch)  # fmt: skip
+    mask = torch.ones_like(x)
+    mask[-1, :2] = 0  # left padding (batch 1: a single row's drafts are cropped away when rejected)
+    x = x.masked_fill(mask == 0, 0)
+    call = {"exit_layer": 2, "attention_mask": mask, "return_stats": True, **mode}  # drafts kept and rejected
+    static, static_stats = generate(model, x, NEW, cache_implementation="static", **call)
+    dynamic, dynamic_stats = generate(model, x, NEW, **call)
+    assert torch.equal(static, dynamic) and static_stats == dynamic_stats
+    if "routing_threshold" not in mode:
+        assert torch.equal(static, hf_greedy(model, x, attention_mask=mask, cache_implementation="static"))
+        assert static_stats["acceptance_rate"] > 0 or not mode
+    else:
+        assert 0 < static_stats["shallow_ratio"] < 1
+
+
+def test_a_static_cache_is_refused_for_sliding_window_layers():
+    with pytest.raises(ValueError, match="cache_implementation='static' needs full-attention layers"):
+        generate(make_model("mistral"), prompts(1), 2, exit_layer=1, cache_implementation="static")
+
+
 @pytest.mark.parametrize("speculative", [False, True])
 def test_eos_pads_finished_rows_and_stops_like_hf_generate(speculative):
     model, x = make_model(deep_scale=0.2), prompts(3)
@@ -203,6 +229,7 @@ def test_zero_new_tokens_returns_the_prompt():
         ({"exit_layer": 1, "max_new_tokens": -1}, r"max_new_tokens=-1 must be an int >= 0"),
         ({"exit_layer": 1, "routing_threshold": 1.5}, r"routing_threshold=1.5 is outside \[0.0, 1.0\]"),
         ({"exit_layer": 1, "routing_threshold": 0.5, "speculative": True}, "choose one mode"),
+        ({"exit_layer": 1, "cache_implementation": "paged"}, r"cache_implementation='paged' must be one of dynamic, static"),
     ],
 )
 def test_bad_arguments_name_the_value_and_the_range(kwargs, message):

@@ -1,0 +1,155 @@
+"""CUDA graphs for LASH decoding: each short layer call of the engine replays a captured graph.
+
+A decoding step launches a dozen small kernels per layer; at batch 1 on a GPU their launch
+overhead, not the bytes of the weights, sets the speed. :class:`GraphedParts` is
+:class:`lash.decoding_parts.LashParts` whose layer calls of up to :data:`MAX_GRAPH_ROWS` tokens (a
+plain or shallow step, a deep step with its pending tokens, a verify step) replay a CUDA graph.
+Each graph is captured on first use for its (layer range, tokens, frozen or not) and kept with
+the static KV cache and the buffers it reads and writes, per model, batch and cache length: a
+later ``generate`` call with the same ones captures nothing.
+
+A graph replays what it captured: every Python value and every tensor address is fixed then. So
+everything that changes between replays is a device buffer the graph reads: the call's hidden
+states, positions and frozen flags are copied in, the first column it writes is a device scalar,
+attention reads the whole cache through a mask the graph builds from the columns' validity, and
+the stacked q/k/v and gate/value weights are rewritten in place at each call
+(:func:`lash.modules.inference_weights` with buffers), so a model trained between calls is
+served with its new weights. Parameters that move (``model.to``) start a new set of graphs.
+
+Longer calls (a long prompt's prefill) run eagerly over the same cache; the head, the confidence
+and the sampler run eagerly too (a few kernels per token).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+
+from lash.decoding import MAX_PENDING, DecodeState
+from lash.decoding_parts import LashParts, StaticCache
+from lash.modules import inference_weights
+
+if TYPE_CHECKING:
+    from lash.models import DeepSupervisionTransformer
+
+MAX_GRAPH_ROWS = MAX_PENDING + 1  # an early-exit deep step's rows at most
+# A capture turns a function of no arguments (it reads and writes fixed buffers) into a replay
+# that runs the same work again and returns its output.
+Capture = Callable[[Callable[[], torch.Tensor]], Callable[[], torch.Tensor]]
+
+
+def available(device: torch.device) -> bool:
+    """Whether layer calls on ``device`` can be captured (CUDA only)."""
+    return device.type == "cuda"
+
+
+def cuda_graph(body: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """Capture ``body`` as a CUDA graph after one warm-up run (kernels compile, cuBLAS picks its
+    algorithms). The warm-up writes what the first replay writes again: a layer call's writes
+    depend only on its inputs."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        body()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = body()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay
+
+
+class _Inputs(NamedTuple):
+    h: torch.Tensor  # (B, n, D)
+    positions: torch.Tensor  # (B, n)
+    frozen: torch.Tensor  # (B, 1) bool
+
+
+class _Graphs:
+    """What the graphs of one model, batch and cache length read and write, and the graphs."""
+
+    def __init__(self, parts: LashParts, batch: int, slots: int, key: tuple) -> None:
+        m, weight = parts.model, parts.model.output_head.weight
+        self.key, self.batch, self.slots = key, batch, slots
+        self.cache = LashParts.new_cache(parts, batch, slots)
+        self.valid = torch.zeros(batch, slots, dtype=torch.bool, device=weight.device)
+        self.first = torch.zeros((), dtype=torch.long, device=weight.device)  # the first column a call writes
+        self.steps = torch.arange(MAX_GRAPH_ROWS, device=weight.device)
+        self.inputs = {
+            n: _Inputs(weight.new_zeros(batch, n, m.dim), self.valid.new_zeros(batch, n, dtype=torch.long),
+                       self.valid.new_zeros(batch, 1))  # fmt: skip
+            for n in range(1, MAX_GRAPH_ROWS + 1)
+        }
+        self.replays: dict[tuple, Callable[[], torch.Tensor]] = {}
+
+
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → its _Graphs
+_STACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → its stacked weights' buffers
+
+
+def _fingerprint(model: torch.nn.Module) -> tuple:
+    """What a captured graph depends on beyond its buffers: the weights' addresses and types."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return tuple((t.data_ptr(), t.dtype) for t in tensors) + (torch.is_autocast_enabled("cuda"),)
+
+
+class GraphedParts(LashParts):
+    """:class:`lash.decoding.Parts` of a LASH model whose short layer calls replay captured graphs.
+
+    Args:
+        model: a LASH model in eval mode, on CUDA.
+    """
+
+    capture: Capture = staticmethod(cuda_graph)  # how a layer call becomes a replay
+
+    def __init__(self, model: DeepSupervisionTransformer) -> None:
+        super().__init__(model)
+        self.graphs: _Graphs | None = _GRAPHS.get(model)
+
+    def weights(self) -> contextlib.AbstractContextManager:
+        return inference_weights(self.model, _STACKED.setdefault(self.model, {}))
+
+    def new_cache(self, batch: int, slots: int) -> StaticCache:
+        key = (batch, slots, _fingerprint(self.model))
+        if self.graphs is None or self.graphs.key != key:
+            self.graphs = _GRAPHS[self.model] = _Graphs(self, batch, slots, key)
+        for buffer in self.graphs.cache:
+            buffer.zero_()
+        return self.graphs.cache
+
+    def run(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState,
+            frozen: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        n, graphs = h.shape[1], self.graphs
+        if n > MAX_GRAPH_ROWS:
+            return super().run(h, start, positions, layers, state, frozen)
+        inputs = graphs.inputs[n]
+        inputs.h.copy_(h)
+        inputs.positions.copy_(positions)
+        if frozen is not None:
+            inputs.frozen.copy_(frozen)
+        graphs.valid.copy_(state.valid)
+        graphs.first.fill_(start)
+        key = (layers.start, layers.stop, n, frozen is not None)
+        replay = graphs.replays.get(key)
+        if replay is None:
+            replay = graphs.replays[key] = self.capture(self._body(inputs, layers, frozen is not None))
+        return replay().clone()  # the graph's output buffer is overwritten by its next replay
+
+    def _body(self, inputs: _Inputs, layers: range, frozen: bool) -> Callable[[], torch.Tensor]:
+        graphs, layer_call = self.graphs, super().layers
+
+        def body() -> torch.Tensor:
+            slots = graphs.first + graphs.steps[: inputs.h.shape[1]]  # (n,) on the device
+            return layer_call(inputs.h, slots, graphs.slots, inputs.positions, layers, graphs.cache, graphs.valid,
+                              inputs.frozen if frozen else None)  # fmt: skip
+
+        return body

@@ -1,0 +1,93 @@
+"""CUDA graphs for LASH decoding (lash.cuda_graphs): a replay gives what eager decoding gives.
+
+On the CPU a capture is stood in for by an FX trace: like a CUDA graph, it fixes every Python
+value and tensor address at capture and replays only the recorded tensor ops, so a layer call
+that passed a changing value by Python (a column, a length) would replay a stale one here too.
+"""
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from lash import cuda_graphs
+from lash.generation import generate
+
+from .test_decoding import PROMPT, make_model, prompts, split_threshold
+
+MODES = [{}, {"routing_threshold": "split"}, {"routing_threshold": "split", "deep_fill": "propagate"},
+         {"speculative": True, "draft_tokens": 3}]  # fmt: skip
+
+
+@pytest.fixture
+def traced(monkeypatch):
+    """Graphs on the CPU, captured as FX traces; yields the list of captures."""
+    captures = []
+
+    def capture(body):
+        captures.append(make_fx(body)())
+        return captures[-1]
+
+    monkeypatch.setattr(cuda_graphs, "available", lambda device: True)
+    monkeypatch.setattr(cuda_graphs.GraphedParts, "capture", staticmethod(capture))
+    return captures
+
+
+def _mode(model, x, mode):
+    if mode.get("routing_threshold") == "split":
+        return {**mode, "routing_threshold": split_threshold(model, x)}
+    return mode
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_replayed_graphs_decode_as_eager_decoding(traced, mode, batch):
+    model, x = make_model(deep_scale=0.1), prompts(batch)
+    mode = _mode(model, x, mode)
+    mask = torch.ones_like(x)
+    mask[1:, :2] = 0  # rows after the first are left-padded
+    eager, eager_stats = generate(model, x, 20, attention_mask=mask, cuda_graphs=False, return_stats=True, **mode)
+    graphed, stats = generate(model, x, 20, attention_mask=mask, cuda_graphs=True, return_stats=True, **mode)
+    assert traced and torch.equal(graphed, eager) and stats == eager_stats
+
+
+def test_graphs_are_captured_once_per_model_batch_and_length_and_serve_new_weights(traced):
+    model, x = make_model(deep_scale=0.1), prompts(2)
+    call = {"max_new_tokens": 12, "speculative": True, "draft_tokens": 2}
+    before = generate(model, x, cuda_graphs=True, **call)
+    captured = len(traced)
+    assert torch.equal(generate(model, x, cuda_graphs=True, **call), before)
+    assert len(traced) == captured  # the same model, batch and cache length: every graph replays
+    with torch.no_grad():  # trained in place between calls: the graphs read the new weights
+        for block in model.layers:
+            block.ffn.w1.weight.mul_(3.0)
+            block.attn.q_proj.weight.mul_(3.0)
+    after = generate(model, x, cuda_graphs=True, **call)
+    assert len(traced) == captured and not torch.equal(after, before)
+    assert torch.equal(after, generate(model, x, cuda_graphs=False, **call))
+    generate(model, x[:1], 12, cuda_graphs=True)
+    assert len(traced) > captured  # another batch: new graphs
+    model.float()  # the weights move: new graphs over them
+    captured = len(traced)
+    assert torch.equal(generate(model, x, cuda_graphs=True, **call), generate(model, x, cuda_graphs=False, **call))
+    assert len(traced) > captured
+
+
+def test_graphs_need_cuda():
+    model, x = make_model(), prompts(1)
+    with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device"):
+        generate(model, x, 2, cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        generate(model, x, 2, cuda_graphs="yes")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cuda_graph_replay_decodes_as_eager_decoding(mode, batch):
+    model, x = make_model(deep_scale=0.1, dtype=torch.float32), prompts(batch)
+    model, x = model.cuda(), x.cuda()
+    mode = _mode(model, x, mode)
+    eager = generate(model, x, 24, cuda_graphs=False, **mode)
+    for _ in range(2):  # the second call replays the first call's graphs
+        assert torch.equal(generate(model, x, 24, cuda_graphs=True, **mode), eager)
+    assert generate(model, x, 24, **mode).shape == (batch, PROMPT + 24)  # graphs by default on CUDA
