@@ -1,18 +1,19 @@
-"""CUDA graphs for LASH decoding: each short layer call of the engine replays a captured graph.
+"""CUDA graphs for decoding: each short layer call of the engine replays a captured graph.
 
 A decoding step launches a dozen small kernels per layer; at batch 1 on a GPU their launch
-overhead, not the bytes of the weights, sets the speed. :class:`GraphedParts` is
-:class:`lash.decoding_parts.LashParts` whose layer calls of up to :data:`MAX_GRAPH_ROWS` tokens (a
-plain or shallow step, a deep step with its pending tokens, a verify step) replay a CUDA graph.
-Each graph is captured on first use for its (layer range, tokens, frozen or not) and kept with
-the static KV cache and the buffers it reads and writes, per model, batch and cache length: a
-later ``generate`` call with the same ones captures nothing.
+overhead, not the bytes of the weights, sets the speed. :class:`GraphedParts` (LASH models) and
+:class:`lash.hf.generation.GraphedHFParts` (Hugging Face models over a ``StaticCache``) replay a
+CUDA graph for every layer call of up to :data:`MAX_GRAPH_ROWS` tokens: a plain or shallow step,
+a deep step with its pending tokens, a verify step. Each graph is captured on first use for its
+(layer range, tokens, frozen or not) and kept in :class:`Graphs` with the cache and the buffers
+it reads and writes, per model, batch and cache length: a later ``generate`` call with the same
+ones captures nothing.
 
 A graph replays what it captured: every Python value and every tensor address is fixed then. So
 everything that changes between replays is a device buffer the graph reads: the call's hidden
 states, positions and frozen flags are copied in, the first column it writes is a device scalar,
 attention reads the whole cache through a mask the graph builds from the columns' validity, and
-the stacked q/k/v and gate/value weights are rewritten in place at each call
+LASH's stacked q/k/v and gate/value weights are rewritten in place at each call
 (:func:`lash.modules.inference_weights` with buffers), so a model trained between calls is
 served with its new weights. Parameters that move (``model.to``) start a new set of graphs.
 
@@ -74,32 +75,55 @@ class _Inputs(NamedTuple):
     frozen: torch.Tensor  # (B, 1) bool
 
 
-class _Graphs:
-    """What the graphs of one model, batch and cache length read and write, and the graphs."""
+Body = Callable[[_Inputs, range, bool], Callable[[], torch.Tensor]]  # (inputs, layers, frozen?) → what a graph runs
 
-    def __init__(self, parts: LashParts, batch: int, slots: int, key: tuple) -> None:
-        m, weight = parts.model, parts.model.output_head.weight
-        self.key, self.batch, self.slots = key, batch, slots
-        self.cache = LashParts.new_cache(parts, batch, slots)
-        self.valid = torch.zeros(batch, slots, dtype=torch.bool, device=weight.device)
-        self.first = torch.zeros((), dtype=torch.long, device=weight.device)  # the first column a call writes
-        self.steps = torch.arange(MAX_GRAPH_ROWS, device=weight.device)
+
+class Graphs:
+    """The graphs of one model, batch and cache length, with the cache they write and the buffers
+    they read: each call's inputs, the columns' validity and the first column it writes."""
+
+    def __init__(self, key: tuple, cache, batch: int, slots: int, dim: int, like: torch.Tensor) -> None:
+        self.key, self.cache, self.slots = key, cache, slots
+        self.valid = torch.zeros(batch, slots, dtype=torch.bool, device=like.device)
+        self.first = torch.zeros((), dtype=torch.long, device=like.device)
+        self.steps = torch.arange(MAX_GRAPH_ROWS, device=like.device)
         self.inputs = {
-            n: _Inputs(weight.new_zeros(batch, n, m.dim), self.valid.new_zeros(batch, n, dtype=torch.long),
+            n: _Inputs(like.new_zeros(batch, n, dim), self.valid.new_zeros(batch, n, dtype=torch.long),
                        self.valid.new_zeros(batch, 1))  # fmt: skip
             for n in range(1, MAX_GRAPH_ROWS + 1)
         }
         self.replays: dict[tuple, Callable[[], torch.Tensor]] = {}
 
+    def run(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState,
+            frozen: torch.Tensor | None, capture: Capture, body: Body) -> torch.Tensor:  # fmt: skip
+        """Copy a layer call's inputs in and replay its graph, captured from ``body`` on first use."""
+        inputs = self.inputs[h.shape[1]]
+        inputs.h.copy_(h)
+        inputs.positions.copy_(positions)
+        if frozen is not None:
+            inputs.frozen.copy_(frozen)
+        self.valid.copy_(state.valid)
+        self.first.fill_(start)
+        key = (layers.start, layers.stop, h.shape[1], frozen is not None)
+        replay = self.replays.get(key)
+        if replay is None:
+            replay = self.replays[key] = capture(body(inputs, layers, frozen is not None))
+        return replay().clone()  # the graph's output buffer is overwritten by its next replay
 
-_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → its _Graphs
+
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → its Graphs
 _STACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → its stacked weights' buffers
 
 
-def _fingerprint(model: torch.nn.Module) -> tuple:
-    """What a captured graph depends on beyond its buffers: the weights' addresses and types."""
-    tensors = itertools.chain(model.parameters(), model.buffers())
-    return tuple((t.data_ptr(), t.dtype) for t in tensors) + (torch.is_autocast_enabled("cuda"),)
+def graphs_for(model: torch.nn.Module, batch: int, slots: int, new_cache: Callable[[], object], dim: int) -> Graphs:
+    """The model's graphs for this batch and cache length: those held, unless the shapes or the
+    weights' addresses and types changed since they were captured (then new ones, over ``new_cache()``)."""
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    key = (batch, slots, tuple((t.data_ptr(), t.dtype) for t in tensors), torch.is_autocast_enabled("cuda"))
+    held = _GRAPHS.get(model)
+    if held is None or held.key != key:
+        held = _GRAPHS[model] = Graphs(key, new_cache(), batch, slots, dim, tensors[0])
+    return held
 
 
 class GraphedParts(LashParts):
@@ -111,38 +135,21 @@ class GraphedParts(LashParts):
 
     capture: Capture = staticmethod(cuda_graph)  # how a layer call becomes a replay
 
-    def __init__(self, model: DeepSupervisionTransformer) -> None:
-        super().__init__(model)
-        self.graphs: _Graphs | None = _GRAPHS.get(model)
-
     def weights(self) -> contextlib.AbstractContextManager:
         return inference_weights(self.model, _STACKED.setdefault(self.model, {}))
 
     def new_cache(self, batch: int, slots: int) -> StaticCache:
-        key = (batch, slots, _fingerprint(self.model))
-        if self.graphs is None or self.graphs.key != key:
-            self.graphs = _GRAPHS[self.model] = _Graphs(self, batch, slots, key)
+        self.graphs = graphs_for(self.model, batch, slots, lambda: super(GraphedParts, self).new_cache(batch, slots),
+                                 self.model.dim)  # fmt: skip
         for buffer in self.graphs.cache:
             buffer.zero_()
         return self.graphs.cache
 
     def run(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState,
             frozen: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        n, graphs = h.shape[1], self.graphs
-        if n > MAX_GRAPH_ROWS:
+        if h.shape[1] > MAX_GRAPH_ROWS:
             return super().run(h, start, positions, layers, state, frozen)
-        inputs = graphs.inputs[n]
-        inputs.h.copy_(h)
-        inputs.positions.copy_(positions)
-        if frozen is not None:
-            inputs.frozen.copy_(frozen)
-        graphs.valid.copy_(state.valid)
-        graphs.first.fill_(start)
-        key = (layers.start, layers.stop, n, frozen is not None)
-        replay = graphs.replays.get(key)
-        if replay is None:
-            replay = graphs.replays[key] = self.capture(self._body(inputs, layers, frozen is not None))
-        return replay().clone()  # the graph's output buffer is overwritten by its next replay
+        return self.graphs.run(h, start, positions, layers, state, frozen, self.capture, self._body)
 
     def _body(self, inputs: _Inputs, layers: range, frozen: bool) -> Callable[[], torch.Tensor]:
         graphs, layer_call = self.graphs, super().layers

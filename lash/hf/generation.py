@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lash import cuda_graphs
+from lash.cuda_graphs import MAX_GRAPH_ROWS, Capture, cuda_graph, graphs_for
 from lash.decoding import DecodeState, Sampler, decode
 from lash.exit_rule import ExitRule
 from lash.generation import check_attention_mask, check_exit, check_sampling, decoding_mode, stopping
@@ -89,10 +91,16 @@ class HFParts:
 
     def run(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState,
             frozen: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        end = start + h.shape[1]  # the cache length after the call
+        return self.layers(h, positions, layers, state.cache, state.valid[:, :end], frozen)
+
+    def layers(self, h: torch.Tensor, positions: torch.Tensor, layers: range, cache, valid: torch.Tensor,
+               frozen: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        """:meth:`run` over the columns whose validity ``valid`` (B, ≥ end) gives; each layer of
+        ``cache`` appends at its own length."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-        parts, cache = self.parts, state.cache
-        end = start + h.shape[1]  # the cache length after the call
+        parts = self.parts
         rotary = parts.backbone.rotary_emb(h, positions)  # (cos, sin), each (B, n, head_dim)
         masks: dict[bool, object] = {}  # sliding? → the mask, sized by the first such layer's cache
         start = h
@@ -101,9 +109,9 @@ class HFParts:
             if sliding not in masks:
                 make = create_sliding_window_causal_mask if sliding else create_causal_mask
                 masks[sliding] = make(
-                    config=self.model.config, inputs_embeds=h, attention_mask=state.valid[:, :end].long(),
-                    position_ids=positions, layer_idx=i, **{cache_keyword(make): cache},
-                )  # fmt: skip
+                    config=self.model.config, inputs_embeds=h, attention_mask=valid.long(), position_ids=positions,
+                    layer_idx=i, allow_is_causal_skip=False, **{cache_keyword(make): cache},
+                )  # fmt: skip  # a skip would be decided by reading the mask back: a host read
             layer = parts.layers[i]
             out = layer(h, attention_mask=masks[sliding], position_embeddings=rotary, position_ids=positions,
                         use_cache=True, **{cache_keyword(layer.forward): cache})  # fmt: skip
@@ -128,6 +136,58 @@ class HFParts:
             state.cache.crop(-extra)
 
 
+def _parts_for(model: nn.Module, cache_implementation: str | None, graphs: bool | None) -> HFParts:
+    """The model's parts for the engine; ``ValueError`` for a cache and graph choice that do not go together."""
+    if graphs is not None:
+        check_bool("cuda_graphs", graphs)
+    parts = HFParts(model, cache_implementation or "dynamic")
+    device = parts.parts.head.weight.device
+    if graphs and not cuda_graphs.available(device):
+        raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}")
+    if graphs and not parts.holes:
+        raise ValueError(f"cuda_graphs=True needs a static cache, which {type(model).__name__}'s sliding-window layers do not take")
+    if graphs and cache_implementation == "dynamic":
+        raise ValueError("cuda_graphs=True needs cache_implementation='static' (or None)")
+    if graphs is None:  # wherever they can be: on CUDA, over full-attention layers, unless a dynamic cache was asked for
+        graphs = cuda_graphs.available(device) and parts.holes and cache_implementation != "dynamic"
+    return GraphedHFParts(model) if graphs else parts
+
+
+class GraphedHFParts(HFParts):
+    """:class:`HFParts` over a ``StaticCache`` whose short layer calls replay CUDA graphs
+    (:mod:`lash.cuda_graphs`), captured once per model, batch and cache length. A graph first sets
+    the lengths of the layers it runs to the call's first column (a device copy), so each replay,
+    and the warm-up before a capture, appends where the engine writes. The prefill runs eagerly:
+    it allocates the cache's layers on their first write."""
+
+    capture: Capture = staticmethod(cuda_graph)
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model, "static")
+
+    def new_cache(self, batch: int, slots: int):
+        dim = self.parts.head.weight.shape[1]
+        self.graphs = graphs_for(self.model, batch, slots, lambda: super(GraphedHFParts, self).new_cache(batch, slots), dim)
+        self.graphs.cache.reset()  # in place: the graphs keep reading the same tensors
+        return self.graphs.cache
+
+    def run(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState,
+            frozen: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        if start == 0 or h.shape[1] > MAX_GRAPH_ROWS:
+            return super().run(h, start, positions, layers, state, frozen)
+        return self.graphs.run(h, start, positions, layers, state, frozen, self.capture, self._body)
+
+    def _body(self, inputs, layers: range, frozen: bool):
+        graphs, layer_call = self.graphs, super().layers
+
+        def body() -> torch.Tensor:  # every column's validity: the causal mask hides those ahead
+            for i in layers:
+                graphs.cache.layers[i].cumulative_length.copy_(graphs.first)
+            return layer_call(inputs.h, inputs.positions, layers, graphs.cache, graphs.valid, inputs.frozen if frozen else None)
+
+        return body
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -147,21 +207,24 @@ def generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     return_stats: bool = False,
-    cache_implementation: str = "dynamic",
+    cache_implementation: str | None = None,
+    cuda_graphs: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
     """Decode a Hugging Face causal LM: plain, early exit or self-speculative (:mod:`lash.decoding`).
 
     The arguments are :func:`lash.generation.generate`'s. A Hugging Face model has no exit layer
     of its own: pass ``exit_layer`` for early exit and self-speculative decoding. ``pad_token_id``
     defaults to ``model.generation_config.pad_token_id``, then to the first EOS id.
-    ``cache_implementation``: ``"dynamic"`` (default) or ``"static"`` (preallocated for the call;
-    full-attention models only), as ``model.generate`` takes it.
+    ``cache_implementation``: ``"dynamic"`` or ``"static"`` (preallocated for the call;
+    full-attention models only), as ``model.generate`` takes it; ``None``: static with CUDA graphs,
+    else dynamic. ``cuda_graphs``: replay short layer calls as CUDA graphs over a static cache
+    (:mod:`lash.cuda_graphs`); ``None``: on CUDA for full-attention models.
 
     Returns:
         ``(B, T0 + n)`` ids, ``n <= max_new_tokens`` (fewer only when every row hit an EOS),
         plus the stats with ``return_stats``.
     """
-    parts = HFParts(model, cache_implementation)
+    parts = _parts_for(model, cache_implementation, cuda_graphs)
     if isinstance(routing_threshold, ExitRule):  # the rule carries its own exit layer
         exit_layer, routing_threshold = routing_threshold.exit_layer, routing_threshold.threshold
     mode = decoding_mode(speculative, routing_threshold, deep_fill, exit_batching)

@@ -1,35 +1,17 @@
 """CUDA graphs for LASH decoding (lash.cuda_graphs): a replay gives what eager decoding gives.
 
-On the CPU a capture is stood in for by an FX trace: like a CUDA graph, it fixes every Python
-value and tensor address at capture and replays only the recorded tensor ops, so a layer call
-that passed a changing value by Python (a column, a length) would replay a stale one here too.
-"""
+On the CPU the captures are FX traces (:func:`tests.lash.graphs.traced`)."""
 
 import pytest
 import torch
-from torch.fx.experimental.proxy_tensor import make_fx
 
-from lash import cuda_graphs
 from lash.generation import generate
 
+from .graphs import traced  # noqa: F401 (a fixture)
 from .test_decoding import PROMPT, make_model, prompts, split_threshold
 
 MODES = [{}, {"routing_threshold": "split"}, {"routing_threshold": "split", "deep_fill": "propagate"},
          {"speculative": True, "draft_tokens": 3}]  # fmt: skip
-
-
-@pytest.fixture
-def traced(monkeypatch):
-    """Graphs on the CPU, captured as FX traces; yields the list of captures."""
-    captures = []
-
-    def capture(body):
-        captures.append(make_fx(body)())
-        return captures[-1]
-
-    monkeypatch.setattr(cuda_graphs, "available", lambda device: True)
-    monkeypatch.setattr(cuda_graphs.GraphedParts, "capture", staticmethod(capture))
-    return captures
 
 
 def _mode(model, x, mode):

@@ -1,0 +1,33 @@
+"""CUDA graph capture stood in for on the CPU, for the tests of both decoding adapters.
+
+An FX trace (``make_fx``) is what a CUDA graph is to the host: it fixes every Python value and
+tensor address at capture and replays only the recorded tensor ops, so a layer call that passed
+a changing value by Python (a column, a length) would replay a stale one here too. The warm-up
+run counts host reads, which would make a CUDA capture fail: there must be none.
+"""
+
+import pytest
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from lash import cuda_graphs
+from lash.hf.generation import GraphedHFParts
+
+from .counting import OpCounter
+
+
+@pytest.fixture
+def traced(monkeypatch):
+    """Graphs on the CPU, captured as FX traces; yields the list of captures."""
+    captures = []
+
+    def capture(body):
+        with OpCounter() as counter:  # the warm-up run, as on CUDA
+            body()
+        assert not counter.host_reads, counter.host_reads
+        captures.append(make_fx(body)())
+        return captures[-1]
+
+    monkeypatch.setattr(cuda_graphs, "available", lambda device: True)
+    for parts in (cuda_graphs.GraphedParts, GraphedHFParts):
+        monkeypatch.setattr(parts, "capture", staticmethod(capture))
+    return captures
