@@ -80,17 +80,21 @@ def thresholds(model, val: torch.Tensor, shares: list[float]) -> dict[float, flo
     return {share: float(conf.quantile(1 - share)) for share in shares}
 
 
-def timed(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
+def timed(fns: dict[str, object], repeats: int) -> dict[str, float]:
+    """Median wall time of each ``fn()`` over ``repeats`` rounds after one warm-up each. The calls
+    are interleaved, one of each per round, so that a machine whose speed drifts (a shared CPU)
+    moves every mode alike and the ratios between them hold."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
         fn()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            synchronize()
+            start = time.perf_counter()
+            fn()
+            synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def deep_steps(model, fn) -> int:
@@ -134,12 +138,12 @@ def run(args) -> list[dict]:
         if batch > 1:  # the whole batch exits only when every row is confident
             modes += [("early exit ~70%, batch rule", {"routing_threshold": levels[0.7], "exit_batching": "batch"})]
         modes += [(f"speculative, {k} drafts", {"speculative": True, "draft_tokens": k}) for k in (2, 4, 6)]
-        plain_time = None
+        calls = {name: (lambda kw=kwargs: generate(model, prompt, args.new, **kw)) for name, kwargs in modes}
+        seconds_of = timed(calls, args.repeats)
+        plain_time = seconds_of["plain"]
         for name, kwargs in modes:
-            call = lambda kw=kwargs: generate(model, prompt, args.new, **kw)  # noqa: E731
-            out, stats = generate(model, prompt, args.new, return_stats=True, **kwargs)
-            seconds = timed(call, args.repeats)
-            plain_time = plain_time or seconds
+            call, seconds = calls[name], seconds_of[name]
+            _, stats = generate(model, prompt, args.new, return_stats=True, **kwargs)
             row = {"batch": batch, "mode": name, "tokens_per_s": batch * args.new / seconds,
                    "speedup_vs_plain": plain_time / seconds, **stats}  # fmt: skip
             if bandwidth and name == "plain":  # bytes a step must read, over the time the copy bandwidth needs for them
@@ -169,21 +173,21 @@ def hf_rows(args) -> list[dict]:
     model = transformers.LlamaForCausalLM(config).to(DEVICE, torch.bfloat16).eval()
     prompt = torch.randint(0, config.vocab_size, (1, 128), device=DEVICE)
     new, exit_layer = args.new, 4
-    reference = timed(lambda: model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                             cache_implementation="static"), args.repeats)  # fmt: skip
     with torch.no_grad():
         parts = transformers_parts(model)
         h = parts.backbone(prompt, output_hidden_states=True).hidden_states[exit_layer]
         conf = parts.head(parts.norm(h)).float().softmax(-1).amax(-1).flatten()
+    modes = {"plain": {}, "plain, dynamic cache, no CUDA graphs": {"cache_implementation": "dynamic"},
+             "early exit ~70%": {"routing_threshold": float(conf.quantile(0.3))}}  # fmt: skip
+    calls = {name: (lambda kw=kwargs: hf_generate(model, prompt, new, exit_layer=exit_layer, **kw)) for name, kwargs in modes.items()}
+    calls["model.generate"] = lambda: model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                                     cache_implementation="static")  # fmt: skip
+    seconds_of = timed(calls, args.repeats)
     rows = []
-    modes = [("plain", {}), ("plain, dynamic cache, no CUDA graphs", {"cache_implementation": "dynamic"}),
-             ("early exit ~70%", {"routing_threshold": float(conf.quantile(0.3))})]  # fmt: skip
-    for name, kwargs in modes:
-        call = lambda kw=kwargs: hf_generate(model, prompt, new, exit_layer=exit_layer, **kw)  # noqa: E731
+    for name, kwargs in modes.items():
         _, stats = hf_generate(model, prompt, new, exit_layer=exit_layer, return_stats=True, **kwargs)
-        seconds = timed(call, args.repeats)
-        rows.append({"batch": 1, "mode": f"hf llama-1b {name}", "tokens_per_s": new / seconds,
-                     "speedup_vs_plain": reference / seconds, **stats})  # fmt: skip
+        rows.append({"batch": 1, "mode": f"hf llama-1b {name}", "tokens_per_s": new / seconds_of[name],
+                     "speedup_vs_plain": seconds_of["model.generate"] / seconds_of[name], **stats})  # fmt: skip
         print(_line(rows[-1]).replace("plain |", "model.generate (static cache) |"), flush=True)
     return rows
 

@@ -73,3 +73,29 @@ def test_cuda_graph_replay_decodes_as_eager_decoding(mode, batch):
     for _ in range(2):  # the second call replays the first call's graphs
         assert torch.equal(generate(model, x, 24, cuda_graphs=True, **mode), eager)
     assert generate(model, x, 24, **mode).shape == (batch, PROMPT + 24)  # graphs by default on CUDA
+
+
+def _syncs(call) -> int:
+    """Host syncs ``call()`` makes, counted by ``torch.cuda.set_sync_debug_mode``."""
+    import warnings
+
+    call()  # graphs captured, kernels compiled
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("called a synchronizing" in str(w.message) for w in caught)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_at_most_one_sync_per_generated_token_on_cuda(mode):
+    model, x = make_model(deep_scale=0.1, dtype=torch.float32), prompts(3)
+    model, x = model.cuda(), x.cuda()
+    mode = _mode(model, x, mode)
+    syncs = {new: _syncs(lambda: generate(model, x, new, **mode)) for new in (10, 20)}
+    assert syncs[20] - syncs[10] <= 10, syncs
