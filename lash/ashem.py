@@ -92,10 +92,10 @@ def score_tokens(model: DeepSupervisionTransformer, batches: Batches, device: st
     xs, ys, confs = [], [], []
     for x, y in batches:
         h = model.hidden_states(x.to(device), [model.num_layers])
-        confs.append(exit_statistics(h, model.output_head.weight, y.to(device)).confidence[0].view_as(x).cpu())
+        confs.append(exit_statistics(h, model.output_head.weight, y.to(device)).confidence[0].view_as(x))
         xs.append(x)
         ys.append(y)
-    return ScoredTokens(torch.cat(xs), torch.cat(ys), torch.cat(confs))
+    return ScoredTokens(torch.cat(xs), torch.cat(ys), torch.cat(confs).cpu())  # one copy back, not one per batch
 
 
 def compute_confidence_threshold(confidence: torch.Tensor, hard_example_ratio: float) -> float:

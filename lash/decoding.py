@@ -144,7 +144,9 @@ class Sampler:
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
-        """``(B, V)`` logits → ``(B,)`` tokens."""
+        """``(B, V)`` logits → ``(B,)`` tokens (greedy: their argmax, one launch)."""
+        if self.temperature == 0:
+            return logits.argmax(-1)
         return self.draw(self.probabilities(logits))
 
 
