@@ -69,6 +69,16 @@ def cuda_graph(body: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     return replay
 
 
+def outside_inference_mode() -> contextlib.AbstractContextManager:
+    """Gradients off and ``torch.inference_mode`` off: the buffers graphs keep are then plain
+    tensors, which a later call may update in place whether or not it runs in inference mode
+    (an inference tensor may only be updated inside it)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack
+
+
 class _Inputs(NamedTuple):
     h: torch.Tensor  # (B, n, D)
     positions: torch.Tensor  # (B, n)
@@ -135,8 +145,11 @@ class GraphedParts(LashParts):
 
     capture: Capture = staticmethod(cuda_graph)  # how a layer call becomes a replay
 
-    def weights(self) -> contextlib.AbstractContextManager:
-        return inference_weights(self.model, _STACKED.setdefault(self.model, {}))
+    def serving(self) -> contextlib.AbstractContextManager:
+        stack = contextlib.ExitStack()
+        stack.enter_context(outside_inference_mode())
+        stack.enter_context(inference_weights(self.model, _STACKED.setdefault(self.model, {})))
+        return stack
 
     def new_cache(self, batch: int, slots: int) -> StaticCache:
         self.graphs = graphs_for(self.model, batch, slots, lambda: super(GraphedParts, self).new_cache(batch, slots),

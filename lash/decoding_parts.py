@@ -99,6 +99,7 @@ class LashParts:
     def keep(self, state: DecodeState, slots: int) -> None:
         """A static cache keeps every column: later writes overwrite, masks hide what is ahead."""
 
-    def weights(self) -> contextlib.AbstractContextManager:
-        """The stacked projection weights for a whole call (:func:`lash.modules.inference_weights`)."""
+    def serving(self) -> contextlib.AbstractContextManager:
+        """What a whole decoding call runs under: the stacked projection weights
+        (:func:`lash.modules.inference_weights`)."""
         return inference_weights(self.model)

@@ -178,7 +178,7 @@ def generate(
     parts = _parts(model, device, cuda_graphs)
     input_ids = input_ids.to(device)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-    with parts.weights():
+    with parts.serving():
         out, stats = decode(
             parts, input_ids, mask, stopping(max_new_tokens, eos_token_id, pad_token_id, model.vocab_size, device),
             Sampler(temperature, top_k, top_p, generator), mode=mode, exit_layer=exit_layer,

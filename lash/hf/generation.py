@@ -23,11 +23,13 @@ scaled inside the backbone (Gemma) are refused.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from lash import cuda_graphs
-from lash.cuda_graphs import MAX_GRAPH_ROWS, Capture, cuda_graph, graphs_for
+from lash.cuda_graphs import MAX_GRAPH_ROWS, Capture, cuda_graph, graphs_for, outside_inference_mode
 from lash.decoding import DecodeState, Sampler, decode
 from lash.exit_rule import ExitRule
 from lash.generation import check_attention_mask, check_exit, check_sampling, decoding_mode, stopping
@@ -126,6 +128,10 @@ class HFParts:
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.parts.head(self.parts.norm(h))
 
+    def serving(self) -> contextlib.AbstractContextManager:
+        """What a whole decoding call runs under: nothing here."""
+        return contextlib.nullcontext()
+
     def keep(self, state: DecodeState, slots: int) -> None:
         if self.static:  # each layer's length is a device counter: set, never read
             for layer in state.cache.layers:
@@ -164,6 +170,9 @@ class GraphedHFParts(HFParts):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model, "static")
+
+    def serving(self) -> contextlib.AbstractContextManager:
+        return outside_inference_mode()
 
     def new_cache(self, batch: int, slots: int):
         dim = self.parts.head.weight.shape[1]
@@ -243,10 +252,11 @@ def generate(
     input_ids = input_ids.to(device)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
     pad = model.generation_config.pad_token_id if pad_token_id is None else pad_token_id
-    out, stats = decode(
-        parts, input_ids, mask, stopping(max_new_tokens, eos_token_id, pad, vocab_size, device),
-        Sampler(temperature, top_k, top_p, generator), mode=mode, exit_layer=exit_layer,
-        routing_threshold=check_threshold(routing_threshold), draft_tokens=draft_tokens, deep_fill=deep_fill,
-        exit_batching=exit_batching,
-    )  # fmt: skip
+    with parts.serving():
+        out, stats = decode(
+            parts, input_ids, mask, stopping(max_new_tokens, eos_token_id, pad, vocab_size, device),
+            Sampler(temperature, top_k, top_p, generator), mode=mode, exit_layer=exit_layer,
+            routing_threshold=check_threshold(routing_threshold), draft_tokens=draft_tokens, deep_fill=deep_fill,
+            exit_batching=exit_batching,
+        )  # fmt: skip
     return (out, stats) if return_stats else out

@@ -99,3 +99,12 @@ def test_at_most_one_sync_per_generated_token_on_cuda(mode):
     mode = _mode(model, x, mode)
     syncs = {new: _syncs(lambda: generate(model, x, new, **mode)) for new in (10, 20)}
     assert syncs[20] - syncs[10] <= 10, syncs
+
+
+@pytest.mark.parametrize("first_in_inference_mode", [True, False])
+def test_graphs_serve_calls_in_and_out_of_inference_mode(traced, first_in_inference_mode):
+    model, x = make_model(deep_scale=0.1), prompts(2)
+    eager = generate(model, x, 8, speculative=True, draft_tokens=2, cuda_graphs=False)
+    for inference in (first_in_inference_mode, not first_in_inference_mode):  # the same graphs and buffers
+        with torch.inference_mode(inference):
+            assert torch.equal(generate(model, x, 8, speculative=True, draft_tokens=2, cuda_graphs=True), eager)

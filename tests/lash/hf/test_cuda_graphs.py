@@ -48,6 +48,16 @@ def test_graphs_are_the_default_only_where_they_can_be(traced):
     assert len(traced) == captured
 
 
+@pytest.mark.parametrize("first_in_inference_mode", [True, False])
+def test_graphs_serve_calls_in_and_out_of_inference_mode(traced, first_in_inference_mode):
+    model, x = make_model(deep_scale=0.2), prompts(2)
+    call = {"exit_layer": 1, "speculative": True, "draft_tokens": 2}
+    eager = generate(model, x, NEW, cuda_graphs=False, **call)
+    for inference in (first_in_inference_mode, not first_in_inference_mode):  # the same graphs and cache
+        with torch.inference_mode(inference):
+            assert torch.equal(generate(model, x, NEW, cuda_graphs=True, **call), eager)
+
+
 @pytest.mark.parametrize(
     ("family", "kwargs", "message"),
     [
