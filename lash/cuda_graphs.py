@@ -7,7 +7,8 @@ CUDA graph for every layer call of up to :data:`MAX_GRAPH_ROWS` tokens: a plain 
 a deep step with its pending tokens, a verify step. Each graph is captured on first use for its
 (layer range, tokens, frozen or not) and kept in :class:`Graphs` with the cache and the buffers
 it reads and writes, per model, batch and cache length: a later ``generate`` call with the same
-ones captures nothing.
+ones captures nothing (its cache's length is rounded up to a power of two, so calls of similar
+lengths count as the same; :func:`release` frees what is kept).
 
 A graph replays what it captured: every Python value and every tensor address is fixed then. So
 everything that changes between replays is a device buffer the graph reads: the call's hidden
@@ -104,6 +105,10 @@ class Graphs:
         }
         self.replays: dict[tuple, Callable[[], torch.Tensor]] = {}
 
+    def begin(self) -> None:
+        """Before a call: no column is valid yet."""
+        self.valid.zero_()
+
     def run(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState,
             frozen: torch.Tensor | None, capture: Capture, body: Body) -> torch.Tensor:  # fmt: skip
         """Copy a layer call's inputs in and replay its graph, captured from ``body`` on first use."""
@@ -112,7 +117,7 @@ class Graphs:
         inputs.positions.copy_(positions)
         if frozen is not None:
             inputs.frozen.copy_(frozen)
-        self.valid.copy_(state.valid)
+        self.valid[:, : state.valid.shape[1]].copy_(state.valid)  # those past the call's stay invalid (begin)
         self.first.fill_(start)
         key = (layers.start, layers.stop, h.shape[1], frozen is not None)
         replay = self.replays.get(key)
@@ -125,15 +130,32 @@ _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → it
 _STACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → its stacked weights' buffers
 
 
-def graphs_for(model: torch.nn.Module, batch: int, slots: int, new_cache: Callable[[], object], dim: int) -> Graphs:
-    """The model's graphs for this batch and cache length: those held, unless the shapes or the
-    weights' addresses and types changed since they were captured (then new ones, over ``new_cache()``)."""
+def cache_columns(slots: int) -> int:
+    """The columns a graphed cache holds for a call that needs ``slots``: the next power of two
+    (at least 64), so that calls of similar lengths share one set of graphs. Attention reads them
+    all; those past the call's own are never valid."""
+    return max(64, 1 << (slots - 1).bit_length())
+
+
+def graphs_for(model: torch.nn.Module, batch: int, slots: int, new_cache: Callable[[int], object], dim: int) -> Graphs:
+    """The model's graphs for this batch and a call that needs ``slots`` cache columns: those held,
+    unless the batch, the column bucket (:func:`cache_columns`) or the weights' addresses and
+    types changed since they were captured (then new ones, over ``new_cache(columns)``)."""
     tensors = list(itertools.chain(model.parameters(), model.buffers()))
-    key = (batch, slots, tuple((t.data_ptr(), t.dtype) for t in tensors), torch.is_autocast_enabled("cuda"))
+    columns = cache_columns(slots)
+    key = (batch, columns, tuple((t.data_ptr(), t.dtype) for t in tensors), torch.is_autocast_enabled("cuda"))
     held = _GRAPHS.get(model)
     if held is None or held.key != key:
-        held = _GRAPHS[model] = Graphs(key, new_cache(), batch, slots, dim, tensors[0])
+        _GRAPHS.pop(model, None)  # the old graphs and cache go before the new ones are allocated
+        held = _GRAPHS[model] = Graphs(key, new_cache(columns), batch, columns, dim, tensors[0])
     return held
+
+
+def release(model: torch.nn.Module) -> None:
+    """Free what graphed decoding keeps for ``model`` between calls: its graphs, their cache and
+    buffers, and its stacked projection weights. The next graphed call captures anew."""
+    _GRAPHS.pop(model, None)
+    _STACKED.pop(model, None)
 
 
 class GraphedParts(LashParts):
@@ -152,8 +174,9 @@ class GraphedParts(LashParts):
         return stack
 
     def new_cache(self, batch: int, slots: int) -> StaticCache:
-        self.graphs = graphs_for(self.model, batch, slots, lambda: super(GraphedParts, self).new_cache(batch, slots),
+        self.graphs = graphs_for(self.model, batch, slots, lambda columns: super(GraphedParts, self).new_cache(batch, columns),
                                  self.model.dim)  # fmt: skip
+        self.graphs.begin()
         for buffer in self.graphs.cache:
             buffer.zero_()
         return self.graphs.cache

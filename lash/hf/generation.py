@@ -176,7 +176,8 @@ class GraphedHFParts(HFParts):
 
     def new_cache(self, batch: int, slots: int):
         dim = self.parts.head.weight.shape[1]
-        self.graphs = graphs_for(self.model, batch, slots, lambda: super(GraphedHFParts, self).new_cache(batch, slots), dim)
+        self.graphs = graphs_for(self.model, batch, slots, lambda columns: super(GraphedHFParts, self).new_cache(batch, columns), dim)
+        self.graphs.begin()
         self.graphs.cache.reset()  # in place: the graphs keep reading the same tensors
         return self.graphs.cache
 

@@ -5,6 +5,7 @@ On the CPU the captures are FX traces (:func:`tests.lash.graphs.traced`)."""
 import pytest
 import torch
 
+from lash import cuda_graphs
 from lash.generation import generate
 
 from .graphs import traced  # noqa: F401 (a fixture)
@@ -52,6 +53,19 @@ def test_graphs_are_captured_once_per_model_batch_and_length_and_serve_new_weigh
     captured = len(traced)
     assert torch.equal(generate(model, x, cuda_graphs=True, **call), generate(model, x, cuda_graphs=False, **call))
     assert len(traced) > captured
+
+
+def test_calls_of_similar_lengths_share_graphs_and_release_frees_them(traced):
+    model, x = make_model(deep_scale=0.1), prompts(2)
+    generate(model, x, 20, cuda_graphs=True)
+    captured = len(traced)
+    for new in (9, 14):  # cache columns 15 and 20, after 26: one bucket of 64
+        assert torch.equal(generate(model, x, new, cuda_graphs=True), generate(model, x, new, cuda_graphs=False))
+    assert len(traced) == captured
+    cuda_graphs.release(model)
+    generate(model, x, 9, cuda_graphs=True)
+    assert len(traced) > captured
+    assert [cuda_graphs.cache_columns(n) for n in (1, 64, 65, 300)] == [64, 64, 128, 512]
 
 
 def test_graphs_need_cuda():
