@@ -49,6 +49,7 @@ def _parts(model: nn.Module) -> DecoderParts:
 
 
 CACHES = ("dynamic", "static")
+GRAPHED_ATTENTION = ("sdpa", "eager")  # attention that takes a 4-D mask: no length read on the host
 
 
 class HFParts:
@@ -154,8 +155,15 @@ def _parts_for(model: nn.Module, cache_implementation: str | None, graphs: bool 
         raise ValueError(f"cuda_graphs=True needs a static cache, which {type(model).__name__}'s sliding-window layers do not take")
     if graphs and cache_implementation == "dynamic":
         raise ValueError("cuda_graphs=True needs cache_implementation='static' (or None)")
+    attention = getattr(model.config, "_attn_implementation", None)
+    if graphs and attention not in GRAPHED_ATTENTION:
+        raise ValueError(
+            f"cuda_graphs=True needs attn_implementation 'sdpa' or 'eager'; the model uses {attention!r}, whose "
+            "varying lengths are read on the host"
+        )
     if graphs is None:  # wherever they can be: on CUDA, over full-attention layers, unless a dynamic cache was asked for
-        graphs = cuda_graphs.available(device) and parts.holes and cache_implementation != "dynamic"
+        graphs = (cuda_graphs.available(device) and parts.holes and cache_implementation != "dynamic"
+                  and attention in GRAPHED_ATTENTION)  # fmt: skip
     return GraphedHFParts(model) if graphs else parts
 
 

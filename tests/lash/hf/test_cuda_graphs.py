@@ -75,11 +75,15 @@ def test_graph_options_that_do_not_go_together_are_refused(family, kwargs, messa
     [
         ("mistral", {"cuda_graphs": True}, "sliding-window layers"),
         ("llama", {"cuda_graphs": True, "cache_implementation": "dynamic"}, "needs cache_implementation='static'"),
+        ("flash", {"cuda_graphs": True}, "needs attn_implementation 'sdpa' or 'eager'; the model uses 'flash_attention_2'"),
     ],
 )
-def test_graphs_need_a_static_cache(traced, family, kwargs, message):
+def test_graphs_need_a_static_cache_and_attention_that_takes_a_mask(traced, family, kwargs, message):
+    model = make_model("llama" if family == "flash" else family)
+    if family == "flash":  # as if loaded with attn_implementation="flash_attention_2" (not installed here)
+        model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match=message):
-        generate(make_model(family), prompts(1), 2, exit_layer=1, **kwargs)
+        generate(model, prompts(1), 2, exit_layer=1, **kwargs)
 
 
 @pytest.mark.gpu
