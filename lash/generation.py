@@ -22,10 +22,19 @@ if TYPE_CHECKING:
     from lash.models import DeepSupervisionTransformer
 
 
+def check_prompts(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """``ValueError`` unless ``input_ids`` is a non-empty ``(batch, prompt_len)`` tensor of ids in
+    ``[0, vocab_size)``, of any integer dtype (both ``generate`` functions decode them as int64)."""
+    tensor = isinstance(input_ids, torch.Tensor)
+    integer = tensor and not (input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool)
+    if not integer or input_ids.dim() != 2 or 0 in input_ids.shape:
+        got = f"{input_ids.dtype} of shape {tuple(input_ids.shape)}" if tensor else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a non-empty integer tensor (batch, prompt_len); got {got}")
+    check_token_ids(input_ids, vocab_size)
+
+
 def _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, draft_tokens, generator) -> None:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long or 0 in input_ids.shape:
-        got = f"{input_ids.dtype} of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ValueError(f"input_ids must be a non-empty LongTensor (batch, prompt_len); got {got}")
+    check_prompts(input_ids, model.vocab_size)
     check_attention_mask(attention_mask, input_ids)
     check_int("max_new_tokens", max_new_tokens, 0)
     total = input_ids.shape[1] + max_new_tokens
@@ -36,7 +45,6 @@ def _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k,
         )
     check_sampling(temperature, top_k, top_p, generator, model.vocab_size)
     check_int("draft_tokens", draft_tokens, 1)
-    check_token_ids(input_ids, model.vocab_size)
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, generator, vocab_size: int) -> None:
@@ -176,7 +184,7 @@ def generate(
     check_exit(exit_layer, model.num_layers, mode)
     device = model.output_head.weight.device
     parts = _parts(model, device, cuda_graphs)
-    input_ids = input_ids.to(device)
+    input_ids = input_ids.to(device, torch.long)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
     with parts.serving():
         out, stats = decode(

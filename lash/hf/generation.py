@@ -32,9 +32,9 @@ from lash import cuda_graphs
 from lash.cuda_graphs import MAX_GRAPH_ROWS, Capture, cuda_graph, graphs_for, outside_inference_mode
 from lash.decoding import DecodeState, Sampler, decode
 from lash.exit_rule import ExitRule
-from lash.generation import check_attention_mask, check_exit, check_sampling, decoding_mode, stopping
+from lash.generation import check_attention_mask, check_exit, check_prompts, check_sampling, decoding_mode, stopping
 from lash.hf.structure import DecoderParts, cache_keyword, decoder_parts
-from lash.validation import check_bool, check_int, check_threshold, check_token_ids
+from lash.validation import check_bool, check_int, check_threshold
 
 
 def _parts(model: nn.Module) -> DecoderParts:
@@ -249,16 +249,13 @@ def generate(
     check_exit(exit_layer, parts.num_layers, mode)
     check_int("max_new_tokens", max_new_tokens, 0)
     check_int("draft_tokens", draft_tokens, 1)
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long or 0 in input_ids.shape:
-        got = f"{input_ids.dtype} of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ValueError(f"input_ids must be a non-empty LongTensor (batch, prompt_len); got {got}")
     vocab_size = parts.parts.head.weight.shape[0]
-    check_token_ids(input_ids, vocab_size)
+    check_prompts(input_ids, vocab_size)
     check_bool("return_stats", return_stats)
     check_sampling(temperature, top_k, top_p, generator, vocab_size)
     check_attention_mask(attention_mask, input_ids)
     device = parts.parts.head.weight.device
-    input_ids = input_ids.to(device)
+    input_ids = input_ids.to(device, torch.long)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
     pad = model.generation_config.pad_token_id if pad_token_id is None else pad_token_id
     with parts.serving():

@@ -100,10 +100,18 @@ def test_bad_prompts():
     model = make_model()
     with pytest.raises(ValueError, match=r"token id 37 is outside \[0, 37\)"):
         generate(model, torch.tensor([[1, 37]]), 2)
-    with pytest.raises(ValueError, match="LongTensor"):
+    with pytest.raises(ValueError, match=r"non-empty integer tensor \(batch, prompt_len\); got torch.int64 of shape \(2,\)"):
         generate(model, torch.tensor([1, 2]), 2)
-    with pytest.raises(ValueError, match="LongTensor"):
+    with pytest.raises(ValueError, match="non-empty integer tensor"):
         generate(model, torch.zeros(2, 0, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match=r"non-empty integer tensor \(batch, prompt_len\); got torch.float32 of shape \(1, 3\)"):
+        generate(model, torch.ones(1, 3), 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_prompts_of_any_integer_dtype_decode_as_int64(dtype):
+    model, x = make_model(), prompts(2)
+    assert torch.equal(generate(model, x.to(dtype), 5), generate(model, x, 5))
 
 
 def test_tiny_temperature_samples_the_argmax_instead_of_failing():
