@@ -101,7 +101,9 @@ def test_corrupt_or_mismatched_checkpoint_is_a_clear_error_and_touches_nothing(t
     assert cli.main([*ARGS, "--dim", "32", "--out", str(tmp_path / "run"), "--resume", str(ckpt)]) == 2
     assert "does not fit the model" in capsys.readouterr().err
     assert cli.main([*ARGS, "--out", str(tmp_path / "run"), "--resume", str(tmp_path / "nope.pt")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert f"--resume {tmp_path / 'nope.pt'} does not exist: name the checkpoint file" in capsys.readouterr().err
+    assert cli.main([*ARGS, "--out", str(tmp_path / "run"), "--resume", str(tmp_path)]) == 2
+    assert f"--resume {tmp_path} is a directory" in capsys.readouterr().err
     assert ckpt.read_bytes() == good and (tmp_path / "run" / "metrics.json").read_bytes() == saved
 
 
