@@ -33,6 +33,17 @@ def test_replayed_graphs_decode_as_eager_decoding(traced, mode, batch):
     assert traced and torch.equal(graphed, eager) and stats == eager_stats
 
 
+def test_replays_sample_stop_and_return_the_prompt_as_eager_decoding(traced):
+    model, x = make_model(deep_scale=0.1), prompts(3)
+    eos = [int(t) for t in generate(model, x, 12, cuda_graphs=False)[:, PROMPT + 6]]
+    for call in ({"temperature": 0.8, "top_k": 10}, {"eos_token_id": eos}, {"speculative": True, "temperature": 1.0},
+                 {"max_new_tokens": 0}):  # fmt: skip
+        call = {"max_new_tokens": 12, **call}
+        runs = [generate(model, x, cuda_graphs=graphs, generator=torch.Generator().manual_seed(0), **call)
+                for graphs in (False, True)]  # fmt: skip
+        assert torch.equal(*runs), call
+
+
 def test_graphs_are_captured_once_per_model_batch_and_length_and_serve_new_weights(traced):
     model, x = make_model(deep_scale=0.1), prompts(2)
     call = {"max_new_tokens": 12, "speculative": True, "draft_tokens": 2}
