@@ -57,8 +57,9 @@ def train_or_load(args) -> tuple[DeepSupervisionTransformer, torch.Tensor, int]:
         # Every exit supervised, the exit layer weighted most: the exits then predict well.
         weights = {layer: (2.0 if layer == args.exit_layer else 1.0) for layer in range(1, args.layers + 1)}
         model = model.to(DEVICE)
+        # Not compiled: a few hundred steps take seconds eagerly, less than compiling them would.
         trainer = Trainer(TrainingConfig(layer_weights=weights), data.vocab_size, DEVICE, progress=False,
-                          precision="bf16" if ON_GPU else "fp32")  # fmt: skip
+                          precision="bf16" if ON_GPU else "fp32", compile=False)  # fmt: skip
         optimizer = trainer.create_optimizer(model, 1e-3)
         start, steps = time.perf_counter(), 0
         while steps < args.train_steps:
