@@ -13,7 +13,9 @@ lengths count as the same; :func:`release` frees what is kept).
 A graph replays what it captured: every Python value and every tensor address is fixed then. So
 everything that changes between replays is a device buffer the graph reads: the call's hidden
 states, positions and frozen flags are copied in, the first column it writes is a device scalar,
-attention reads the whole cache through a mask the graph builds from the columns' validity, and
+attention reads the cache through a mask the graph builds from the columns' validity (LASH
+graphs read the columns written so far rounded up to a power of two, one graph per such reach;
+a Hugging Face static cache is read whole), and
 LASH's stacked q/k/v and gate/value weights are rewritten in place at each call
 (:func:`lash.modules.inference_weights` with buffers), so a model trained between calls is
 served with its new weights. Parameters that move (``model.to``) start a new set of graphs.
@@ -86,7 +88,7 @@ class _Inputs(NamedTuple):
     frozen: torch.Tensor  # (B, 1) bool
 
 
-Body = Callable[[_Inputs, range, bool], Callable[[], torch.Tensor]]  # (inputs, layers, frozen?) → what a graph runs
+Body = Callable[[_Inputs, range, bool, int], Callable[[], torch.Tensor]]  # (inputs, layers, frozen?, reach) → what a graph runs
 
 
 class Graphs:
@@ -110,8 +112,9 @@ class Graphs:
         self.valid.zero_()
 
     def run(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState,
-            frozen: torch.Tensor | None, capture: Capture, body: Body) -> torch.Tensor:  # fmt: skip
-        """Copy a layer call's inputs in and replay its graph, captured from ``body`` on first use."""
+            frozen: torch.Tensor | None, capture: Capture, body: Body, reach: int) -> torch.Tensor:  # fmt: skip
+        """Copy a layer call's inputs in and replay its graph, captured from ``body`` on first use;
+        ``reach``: the cache columns its attention reads, one graph for each."""
         inputs = self.inputs[h.shape[1]]
         inputs.h.copy_(h)
         inputs.positions.copy_(positions)
@@ -119,10 +122,10 @@ class Graphs:
             inputs.frozen.copy_(frozen)
         self.valid[:, : state.valid.shape[1]].copy_(state.valid)  # those past the call's stay invalid (begin)
         self.first.fill_(start)
-        key = (layers.start, layers.stop, h.shape[1], frozen is not None)
+        key = (layers.start, layers.stop, h.shape[1], frozen is not None, reach)
         replay = self.replays.get(key)
         if replay is None:
-            replay = self.replays[key] = capture(body(inputs, layers, frozen is not None))
+            replay = self.replays[key] = capture(body(inputs, layers, frozen is not None, reach))
         return replay().clone()  # the graph's output buffer is overwritten by its next replay
 
 
@@ -185,14 +188,17 @@ class GraphedParts(LashParts):
             frozen: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         if h.shape[1] > MAX_GRAPH_ROWS:
             return super().run(h, start, positions, layers, state, frozen)
-        return self.graphs.run(h, start, positions, layers, state, frozen, self.capture, self._body)
+        # Attention reads the columns written so far, rounded up to a power of two: a call early in
+        # a long cache does not read all of it, and a few graphs cover every length.
+        reach = min(cache_columns(start + h.shape[1]), self.graphs.slots)
+        return self.graphs.run(h, start, positions, layers, state, frozen, self.capture, self._body, reach)
 
-    def _body(self, inputs: _Inputs, layers: range, frozen: bool) -> Callable[[], torch.Tensor]:
+    def _body(self, inputs: _Inputs, layers: range, frozen: bool, reach: int) -> Callable[[], torch.Tensor]:
         graphs, layer_call = self.graphs, super().layers
 
         def body() -> torch.Tensor:
             slots = graphs.first + graphs.steps[: inputs.h.shape[1]]  # (n,) on the device
-            return layer_call(inputs.h, slots, graphs.slots, inputs.positions, layers, graphs.cache, graphs.valid,
+            return layer_call(inputs.h, slots, reach, inputs.positions, layers, graphs.cache, graphs.valid,
                               inputs.frozen if frozen else None)  # fmt: skip
 
         return body

@@ -5,11 +5,11 @@ On the CPU the captures are FX traces (:func:`tests.lash.graphs.traced`)."""
 import pytest
 import torch
 
-from lash import cuda_graphs
+from lash import DeepSupervisionTransformer, cuda_graphs
 from lash.generation import generate
 
 from .graphs import traced  # noqa: F401 (a fixture)
-from .test_decoding import PROMPT, make_model, prompts, split_threshold
+from .test_decoding import DIM, HEADS, LAYERS, PROMPT, V, make_model, prompts, split_threshold
 
 MODES = [{}, {"routing_threshold": "split"}, {"routing_threshold": "split", "deep_fill": "propagate"},
          {"speculative": True, "draft_tokens": 3}]  # fmt: skip
@@ -42,6 +42,17 @@ def test_replays_sample_stop_and_return_the_prompt_as_eager_decoding(traced):
         runs = [generate(model, x, cuda_graphs=graphs, generator=torch.Generator().manual_seed(0), **call)
                 for graphs in (False, True)]  # fmt: skip
         assert torch.equal(*runs), call
+
+
+@pytest.mark.parametrize("mode", [{}, {"routing_threshold": 0.5}])
+def test_attention_reaches_further_as_the_cache_fills(traced, mode):
+    torch.manual_seed(0)
+    model = DeepSupervisionTransformer(V, DIM, LAYERS, HEADS, max_seq_len=160, exit_layer=2).double().eval()
+    x = prompts(2)
+    eager = generate(model, x, 130, cuda_graphs=False, **mode)
+    assert torch.equal(generate(model, x, 130, cuda_graphs=True, **mode), eager)
+    reaches = {key[-1] for key in cuda_graphs._GRAPHS[model].replays}
+    assert reaches == {64, 128, 256}  # columns written so far, rounded up: 6 + 130 crosses 64 and 128
 
 
 def test_graphs_are_captured_once_per_model_batch_and_length_and_serve_new_weights(traced):
