@@ -4,7 +4,10 @@
   4 layers, 4 heads, seq 32, batch 64, all exits supervised) for ``eager`` (the seed's reference
   model, :class:`lash.original.OriginalModel`, with ``F.cross_entropy`` on every exit's logits),
   ``lash`` (:class:`lash.DeepSupervisionTransformer` and ``Trainer.compute_loss``) or
-  ``lash-compile`` (the same loss under ``torch.compile``), in fp32 or bf16 autocast.
+  ``lash-compile`` (the same loss under ``torch.compile``), ``lash-default`` (what the Trainer runs
+  with no flags) or ``lash-graphed`` (LASH's eager step, forward, backward and a capturable fused
+  AdamW, captured as one CUDA graph: a measurement of what graph capture would give the default),
+  in fp32 or bf16 autocast.
 * :class:`RoutingConfig`, :func:`build`, :func:`threshold_for`: early-exit inference set-ups.
 """
 
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernel_bench import Unavailable
 from measure import DEVICE, ON_GPU, compiled
 from lash import DeepSupervisionTransformer, Trainer, TrainingConfig
 from lash.original import OriginalModel
@@ -24,7 +28,7 @@ from lash_kernels import values_checked
 
 DIM, LAYERS, HEADS, SEQ_LEN, BATCH = 64, 4, 4, 32, 64  # the seed configuration
 WEIGHTS = {layer: 1.0 / LAYERS for layer in range(1, LAYERS + 1)}  # every exit supervised
-TRAIN_PROVIDERS = ("eager", "lash", "lash-compile", "lash-default")
+TRAIN_PROVIDERS = ("eager", "lash", "lash-compile", "lash-default", "lash-graphed")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
@@ -55,6 +59,8 @@ def train_step_call(provider: str, vocab: int, precision: str = "fp32", batch: i
 
         if provider == "lash-compile":
             loss_fn = compiled(loss_fn)
+    elif provider == "lash-graphed":
+        return _graphed_step(vocab, precision, x, y)
     elif provider == "lash-default":  # what Trainer.train_epoch runs, no flags: on CUDA compiled, fused AdamW
         model = DeepSupervisionTransformer(vocab, DIM, LAYERS, HEADS, max_seq_len=SEQ_LEN).to(DEVICE)
         trainer = Trainer(TrainingConfig(layer_weights=WEIGHTS), vocab, DEVICE, progress=False, precision=precision)
@@ -72,6 +78,43 @@ def train_step_call(provider: str, vocab: int, precision: str = "fp32", batch: i
         loss = loss_fn()
         loss.backward()
         optimizer.step()
+        return loss
+
+    return step
+
+
+def _graphed_step(vocab: int, precision: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """LASH's eager training step captured whole as one CUDA graph (PyTorch's whole-network capture:
+    warm-up on a side stream, gradients set to None so that the backward allocates them in the
+    graph's pool, a capturable fused AdamW); each call replays it over the same batch."""
+    if not ON_GPU:
+        raise Unavailable("CUDA graphs need a CUDA device")
+    model = DeepSupervisionTransformer(vocab, DIM, LAYERS, HEADS, max_seq_len=SEQ_LEN).to(DEVICE)
+    trainer = Trainer(TrainingConfig(layer_weights=WEIGHTS), vocab, DEVICE, progress=False, precision=precision,
+                      compile=False)  # fmt: skip
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True, capturable=True)
+
+    def body() -> torch.Tensor:
+        with values_checked():  # the batch was checked once; inside a graph nothing may read it back
+            loss = trainer.compute_loss(model, x, y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            body()
+    torch.cuda.current_stream().wait_stream(stream)
+    optimizer.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = body()
+
+    def step() -> torch.Tensor:
+        graph.replay()
         return loss
 
     return step
