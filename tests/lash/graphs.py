@@ -10,9 +10,15 @@ import pytest
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from lash import cuda_graphs
-from lash.hf.generation import GraphedHFParts
 
 from .counting import OpCounter
+
+try:  # Hugging Face decoding's graphs, where transformers is installed (the "hf" extra)
+    from lash.hf.generation import GraphedHFParts
+
+    GRAPHED = (cuda_graphs.GraphedParts, GraphedHFParts)
+except ImportError:
+    GRAPHED = (cuda_graphs.GraphedParts,)
 
 
 @pytest.fixture
@@ -28,6 +34,6 @@ def traced(monkeypatch):
         return captures[-1]
 
     monkeypatch.setattr(cuda_graphs, "available", lambda device: True)
-    for parts in (cuda_graphs.GraphedParts, GraphedHFParts):
+    for parts in GRAPHED:
         monkeypatch.setattr(parts, "capture", staticmethod(capture))
     return captures
