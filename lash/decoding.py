@@ -240,9 +240,13 @@ def _early_exit(
         exited = rule.exits(confidence(logits))  # (B,)
         if exit_batching == "batch":
             exited = exited.all().expand_as(exited)
-        goes_deep, stopped = divmod(int(2 * (~exited).any() + record.done.all()), 2)  # the one host read of the step
-        if record.stop.eos is not None and stopped:  # every row stopped at an earlier token
-            return
+        # The one host read of the step: whether any row goes deep and, with an EOS, whether every row stopped.
+        if record.stop.eos is None:
+            goes_deep = not bool(exited.all())
+        else:
+            goes_deep, stopped = divmod(int(2 * (~exited).any() + record.done.all()), 2)
+            if stopped:  # every row stopped at an earlier token
+                return
         record.layer_evals += exit_layer
         if deep_fill == "propagate" and not goes_deep:
             parts.fill(h, col, state.positions[:, col : col + 1], deep, state)
