@@ -43,8 +43,9 @@ if TYPE_CHECKING:
 
 MAX_GRAPH_ROWS = MAX_PENDING + 1  # an early-exit deep step's rows at most
 # A capture turns a function of no arguments (it reads and writes fixed buffers) into a replay
-# that runs the same work again and returns its output.
-Capture = Callable[[Callable[[], torch.Tensor]], Callable[[], torch.Tensor]]
+# that runs the same work again and returns its output; the second argument is the memory pool
+# the graphs of one Graphs share (None off CUDA).
+Capture = Callable[[Callable[[], torch.Tensor], object], Callable[[], torch.Tensor]]
 
 
 def available(device: torch.device) -> bool:
@@ -52,17 +53,18 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def cuda_graph(body: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+def cuda_graph(body: Callable[[], torch.Tensor], pool: object) -> Callable[[], torch.Tensor]:
     """Capture ``body`` as a CUDA graph after one warm-up run (kernels compile, cuBLAS picks its
     algorithms). The warm-up writes what the first replay writes again: a layer call's writes
-    depend only on its inputs."""
+    depend only on its inputs. Graphs of one ``pool`` share memory: they never run at the same
+    time and none reads another's output, which each replay's caller copies out at once."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         body()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         out = body()
 
     def replay() -> torch.Tensor:
@@ -106,6 +108,7 @@ class Graphs:
             for n in range(1, MAX_GRAPH_ROWS + 1)
         }
         self.replays: dict[tuple, Callable[[], torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if like.is_cuda else None
 
     def begin(self) -> None:
         """Before a call: no column is valid yet."""
@@ -125,7 +128,7 @@ class Graphs:
         key = (layers.start, layers.stop, h.shape[1], frozen is not None, reach)
         replay = self.replays.get(key)
         if replay is None:
-            replay = self.replays[key] = capture(body(inputs, layers, frozen is not None, reach))
+            replay = self.replays[key] = capture(body(inputs, layers, frozen is not None, reach), self.pool)
         return replay().clone()  # the graph's output buffer is overwritten by its next replay
 
 

@@ -26,7 +26,7 @@ def traced(monkeypatch):
     """Graphs on the CPU, captured as FX traces; yields the list of captures."""
     captures = []
 
-    def capture(body):
+    def capture(body, pool):
         with OpCounter() as counter:  # the warm-up run, as on CUDA
             body()
         assert not counter.host_reads, counter.host_reads
