@@ -311,7 +311,7 @@ def _check_train_args(args: argparse.Namespace) -> None:
     if args.resume is not None and not args.resume.strip():
         raise ValueError("--resume is empty: name the checkpoint file to continue from")
     if args.resume is not None and not Path(args.resume).is_file():
-        what = "is a directory" if Path(args.resume).is_dir() else "does not exist"
+        what = "is a directory, not a checkpoint file" if Path(args.resume).is_dir() else "does not exist"
         raise ValueError(f"--resume {args.resume} {what}: name the checkpoint file to continue from")
     out = check_writable_dir("--out", args.out)
     if (out / CHECKPOINT).exists() and not (args.resume or args.overwrite):
