@@ -138,8 +138,8 @@ _STACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → i
 
 def cache_columns(slots: int) -> int:
     """The columns a graphed cache holds for a call that needs ``slots``: the next power of two
-    (at least 64), so that calls of similar lengths share one set of graphs. Attention reads them
-    all; those past the call's own are never valid."""
+    (at least 64), so that calls of similar lengths share one set of graphs. Those past the call's
+    own are never valid; LASH graphs' attention stops at their reach, a static cache's reads all."""
     return max(64, 1 << (slots - 1).bit_length())
 
 
