@@ -7,8 +7,8 @@ CUDA graph for every layer call of up to :data:`MAX_GRAPH_ROWS` tokens: a plain 
 a deep step with its pending tokens, a verify step. Each graph is captured on first use for its
 (layer range, tokens, frozen or not) and kept in :class:`Graphs` with the cache and the buffers
 it reads and writes, per model, batch and cache length: a later ``generate`` call with the same
-ones captures nothing (its cache's length is rounded up to a power of two, so calls of similar
-lengths count as the same; :func:`release` frees what is kept).
+ones captures nothing (its cache's length is rounded up, :func:`cache_columns`, so calls of
+similar lengths count as the same; :func:`release` frees what is kept).
 
 A graph replays what it captured: every Python value and every tensor address is fixed then. So
 everything that changes between replays is a device buffer the graph reads: the call's hidden
@@ -137,9 +137,12 @@ _STACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → i
 
 
 def cache_columns(slots: int) -> int:
-    """The columns a graphed cache holds for a call that needs ``slots``: the next power of two
-    (at least 64), so that calls of similar lengths share one set of graphs. Those past the call's
-    own are never valid; LASH graphs' attention stops at their reach, a static cache's reads all."""
+    """The columns a graphed cache holds for a call that needs ``slots``: the next power of two (at
+    least 64) up to 1024, then the next multiple of 1024, so that calls of similar lengths share
+    one set of graphs and a long cache grows by at most a quarter. Those past the call's own are
+    never valid; LASH graphs' attention stops at their reach, a static cache's reads all."""
+    if slots > 1024:
+        return -(-slots // 1024) * 1024
     return max(64, 1 << (slots - 1).bit_length())
 
 

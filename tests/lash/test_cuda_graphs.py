@@ -87,7 +87,7 @@ def test_calls_of_similar_lengths_share_graphs_and_release_frees_them(traced):
     cuda_graphs.release(model)
     generate(model, x, 9, cuda_graphs=True)
     assert len(traced) > captured
-    assert [cuda_graphs.cache_columns(n) for n in (1, 64, 65, 300)] == [64, 64, 128, 512]
+    assert [cuda_graphs.cache_columns(n) for n in (1, 64, 65, 300, 1024, 1025, 4100)] == [64, 64, 128, 512, 1024, 2048, 5120]
 
 
 def test_graphs_need_cuda():
