@@ -1,7 +1,9 @@
 """CUDA graphs for decoding: each short layer call of the engine replays a captured graph.
 
 A decoding step launches a dozen small kernels per layer; at batch 1 on a GPU their launch
-overhead, not the bytes of the weights, sets the speed. :class:`GraphedParts` (LASH models) and
+overhead, not the bytes of the weights, sets the speed. LASH calls run in row buckets of 1, 2,
+4, 8 and 16 (padded rows repeat the last real one), so a deep step with any number of pending
+tokens replays one of five graphs. :class:`GraphedParts` (LASH models) and
 :class:`lash.hf.generation.GraphedHFParts` (Hugging Face models over a ``StaticCache``) replay a
 CUDA graph for every layer call of up to :data:`MAX_GRAPH_ROWS` tokens: a plain or shallow step,
 a deep step with its pending tokens, a verify step. Each graph is captured on first use for its
@@ -101,6 +103,7 @@ class Graphs:
         self.key, self.cache, self.slots = key, cache, slots
         self.valid = torch.zeros(batch, slots, dtype=torch.bool, device=like.device)
         self.first = torch.zeros((), dtype=torch.long, device=like.device)
+        self.count = torch.ones((), dtype=torch.long, device=like.device)  # the call's real rows
         self.steps = torch.arange(MAX_GRAPH_ROWS, device=like.device)
         self.inputs = {
             n: _Inputs(like.new_zeros(batch, n, dim), self.valid.new_zeros(batch, n, dtype=torch.long),
@@ -115,21 +118,25 @@ class Graphs:
         self.valid.zero_()
 
     def run(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState,
-            frozen: torch.Tensor | None, capture: Capture, body: Body, reach: int) -> torch.Tensor:  # fmt: skip
-        """Copy a layer call's inputs in and replay its graph, captured from ``body`` on first use;
-        ``reach``: the cache columns its attention reads, one graph for each."""
-        inputs = self.inputs[h.shape[1]]
-        inputs.h.copy_(h)
-        inputs.positions.copy_(positions)
+            frozen: torch.Tensor | None, capture: Capture, body: Body, reach: int, rows: int) -> torch.Tensor:  # fmt: skip
+        """Copy a layer call's inputs in and replay its graph, captured from ``body`` on first use.
+
+        ``reach``: the cache columns its attention reads; ``rows`` (≥ the call's tokens): the rows
+        the graph runs, whose inputs past the call's own are left as they are (the body says what
+        the padded rows do). One graph for each (layers, rows, frozen or not, reach)."""
+        n, inputs = h.shape[1], self.inputs[rows]
+        inputs.h[:, :n].copy_(h)
+        inputs.positions[:, :n].copy_(positions)
         if frozen is not None:
             inputs.frozen.copy_(frozen)
         self.valid[:, : state.valid.shape[1]].copy_(state.valid)  # those past the call's stay invalid (begin)
         self.first.fill_(start)
-        key = (layers.start, layers.stop, h.shape[1], frozen is not None, reach)
+        self.count.fill_(n)
+        key = (layers.start, layers.stop, rows, frozen is not None, reach)
         replay = self.replays.get(key)
         if replay is None:
             replay = self.replays[key] = capture(body(inputs, layers, frozen is not None, reach), self.pool)
-        return replay().clone()  # the graph's output buffer is overwritten by its next replay
+        return replay()[:, :n].clone()  # the graph's output buffer is overwritten by its next replay
 
 
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → its Graphs
@@ -194,17 +201,22 @@ class GraphedParts(LashParts):
             frozen: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         if h.shape[1] > MAX_GRAPH_ROWS:
             return super().run(h, start, positions, layers, state, frozen)
-        # Attention reads the columns written so far, rounded up to a power of two: a call early in
-        # a long cache does not read all of it, and a few graphs cover every length.
+        # Attention reads the columns written so far, rounded up (cache_columns): a call early in a
+        # long cache does not read all of it, and a few graphs cover every length. Calls run in row
+        # buckets of 1, 2, 4, 8 or 16, the padded rows repeating the last real one.
         reach = min(cache_columns(start + h.shape[1]), self.graphs.slots)
-        return self.graphs.run(h, start, positions, layers, state, frozen, self.capture, self._body, reach)
+        rows = 1 << (h.shape[1] - 1).bit_length()
+        return self.graphs.run(h, start, positions, layers, state, frozen, self.capture, self._body, reach, rows)
 
     def _body(self, inputs: _Inputs, layers: range, frozen: bool, reach: int) -> Callable[[], torch.Tensor]:
         graphs, layer_call = self.graphs, super().layers
 
         def body() -> torch.Tensor:
-            slots = graphs.first + graphs.steps[: inputs.h.shape[1]]  # (n,) on the device
-            return layer_call(inputs.h, slots, reach, inputs.positions, layers, graphs.cache, graphs.valid,
+            # A padded row repeats the last real row: it writes the same keys and values to the same
+            # column, and its output is dropped.
+            rows = torch.minimum(graphs.steps[: inputs.h.shape[1]], graphs.count - 1)  # (rows,)
+            h, positions = inputs.h.index_select(1, rows), inputs.positions.index_select(1, rows)
+            return layer_call(h, graphs.first + rows, reach, positions, layers, graphs.cache, graphs.valid,
                               inputs.frozen if frozen else None)  # fmt: skip
 
         return body

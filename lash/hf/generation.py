@@ -193,7 +193,8 @@ class GraphedHFParts(HFParts):
             frozen: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         if start == 0 or h.shape[1] > MAX_GRAPH_ROWS:
             return super().run(h, start, positions, layers, state, frozen)
-        return self.graphs.run(h, start, positions, layers, state, frozen, self.capture, self._body, self.graphs.slots)
+        return self.graphs.run(h, start, positions, layers, state, frozen, self.capture, self._body, self.graphs.slots,
+                               h.shape[1])  # fmt: skip  # a static layer appends every row: no padding
 
     def _body(self, inputs, layers: range, frozen: bool, reach: int):  # a static cache's attention reads it whole
         graphs, layer_call = self.graphs, super().layers

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from lash import DeepSupervisionTransformer, cuda_graphs
+from lash.decoding import DecodeState
+from lash.decoding_parts import LashParts
 from lash.generation import generate
 
 from .graphs import traced  # noqa: F401 (a fixture)
@@ -53,6 +55,34 @@ def test_attention_reaches_further_as_the_cache_fills(traced, mode):
     assert torch.equal(generate(model, x, 130, cuda_graphs=True, **mode), eager)
     reaches = {key[-1] for key in cuda_graphs._GRAPHS[model].replays}
     assert reaches == {64, 128, 256}  # columns written so far, rounded up: 6 + 130 crosses 64 and 128
+
+
+def test_padded_row_buckets_decode_as_eager_decoding(traced, monkeypatch):
+    model, x = make_model(deep_scale=0.1), prompts(1)
+    calls = []
+    run = cuda_graphs.Graphs.run
+    monkeypatch.setattr(cuda_graphs.Graphs, "run", lambda self, h, *a: calls.append((h.shape[1], a[-1])) or run(self, h, *a))
+    for threshold in (split_threshold(model, x), 0.0):  # deep steps with 1 to 16 rows
+        eager = generate(model, x, 40, routing_threshold=threshold, cuda_graphs=False)
+        assert torch.equal(generate(model, x, 40, routing_threshold=threshold, cuda_graphs=True), eager)
+    assert any(n < rows for n, rows in calls if n > 1)  # some calls ran padded: 3 rows as 4, 6 as 8
+    assert {rows for _, rows in calls} <= {1, 2, 4, 8, 16}
+
+
+def test_a_padded_call_at_the_end_of_its_reach_writes_its_own_columns_only(traced):
+    model = make_model()
+    graphed, eager = cuda_graphs.GraphedParts(model), LashParts(model)
+    h = torch.randn(2, 3, DIM, dtype=torch.float64)  # 3 rows run as 4; the last column they write is 63 of 64
+    valid = torch.ones(2, 64, dtype=torch.bool)
+    positions = torch.arange(64).expand(2, 64)
+    outs, caches = [], []
+    for parts in (graphed, eager):
+        with parts.serving():
+            state = DecodeState(parts.new_cache(2, 64), valid, positions)
+            outs.append(parts.run(h, 61, positions[:, 61:], range(LAYERS), state))
+            caches.append(torch.stack(state.cache)[..., :64, :].clone())
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)  # 4 rows' GEMMs against 3 rows': rounding only
+    torch.testing.assert_close(caches[0], caches[1], rtol=1e-12, atol=1e-12)
 
 
 def test_graphs_are_captured_once_per_model_batch_and_length_and_serve_new_weights(traced):
