@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -39,6 +39,7 @@ import torch
 from lash.decoding import MAX_PENDING, DecodeState
 from lash.decoding_parts import LashParts, StaticCache
 from lash.modules import inference_weights
+from lash.validation import check_bool
 
 if TYPE_CHECKING:
     from lash.models import DeepSupervisionTransformer
@@ -53,6 +54,17 @@ Capture = Callable[[Callable[[], torch.Tensor], object], Callable[[], torch.Tens
 def available(device: torch.device) -> bool:
     """Whether layer calls on ``device`` can be captured (CUDA only)."""
     return device.type == "cuda"
+
+
+def wanted(graphs: bool | None, device: torch.device) -> bool:
+    """Whether a decoding call on ``device`` asks for graphs: ``graphs`` itself, or (``None``)
+    wherever they can be captured; ``ValueError`` for a non-bool, or ``True`` off CUDA."""
+    if graphs is None:
+        return available(device)
+    check_bool("cuda_graphs", graphs)
+    if graphs and not available(device):
+        raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}")
+    return graphs
 
 
 def cuda_graph(body: Callable[[], torch.Tensor], pool: object) -> Callable[[], torch.Tensor]:
@@ -76,14 +88,13 @@ def cuda_graph(body: Callable[[], torch.Tensor], pool: object) -> Callable[[], t
     return replay
 
 
-def outside_inference_mode() -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def outside_inference_mode() -> Iterator[None]:
     """Gradients off and ``torch.inference_mode`` off: the buffers graphs keep are then plain
     tensors, which a later call may update in place whether or not it runs in inference mode
     (an inference tensor may only be updated inside it)."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.inference_mode(False))
-    stack.enter_context(torch.no_grad())
-    return stack
+    with torch.inference_mode(False), torch.no_grad():
+        yield
 
 
 class _Inputs(NamedTuple):
@@ -183,11 +194,10 @@ class GraphedParts(LashParts):
 
     capture: Capture = staticmethod(cuda_graph)  # how a layer call becomes a replay
 
-    def serving(self) -> contextlib.AbstractContextManager:
-        stack = contextlib.ExitStack()
-        stack.enter_context(outside_inference_mode())
-        stack.enter_context(inference_weights(self.model, _STACKED.setdefault(self.model, {})))
-        return stack
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        with outside_inference_mode(), inference_weights(self.model, _STACKED.setdefault(self.model, {})):
+            yield
 
     def new_cache(self, batch: int, slots: int) -> StaticCache:
         self.graphs = graphs_for(self.model, batch, slots, lambda columns: super(GraphedParts, self).new_cache(batch, columns),

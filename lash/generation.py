@@ -198,9 +198,4 @@ def generate(
 
 def _parts(model: DeepSupervisionTransformer, device: torch.device, graphs: bool | None) -> LashParts:
     """The model's parts for the engine: graphed where ``graphs`` asks (``None``: wherever they can be)."""
-    if graphs is not None:
-        check_bool("cuda_graphs", graphs)
-        if graphs and not cuda_graphs.available(device):
-            raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}")
-    graphed = cuda_graphs.available(device) if graphs is None else graphs
-    return cuda_graphs.GraphedParts(model) if graphed else LashParts(model)
+    return cuda_graphs.GraphedParts(model) if cuda_graphs.wanted(graphs, device) else LashParts(model)

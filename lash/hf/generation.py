@@ -144,27 +144,23 @@ class HFParts:
 
 
 def _parts_for(model: nn.Module, cache_implementation: str | None, graphs: bool | None) -> HFParts:
-    """The model's parts for the engine; ``ValueError`` for a cache and graph choice that do not go together."""
-    if graphs is not None:
-        check_bool("cuda_graphs", graphs)
+    """The model's parts for the engine; ``ValueError`` for a cache and graph choice that do not go together.
+    Graphs need a static cache, which sliding-window layers do not take, and attention that takes
+    a 4-D mask; asked for (``True``) they must fit, by default (``None``) they are used where they fit."""
     parts = HFParts(model, cache_implementation or "dynamic")
-    device = parts.parts.head.weight.device
-    if graphs and not cuda_graphs.available(device):
-        raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}")
+    asked = cuda_graphs.wanted(graphs, parts.parts.head.weight.device)
+    attention = getattr(model.config, "_attn_implementation", None)
     if graphs and not parts.holes:
         raise ValueError(f"cuda_graphs=True needs a static cache, which {type(model).__name__}'s sliding-window layers do not take")
     if graphs and cache_implementation == "dynamic":
         raise ValueError("cuda_graphs=True needs cache_implementation='static' (or None)")
-    attention = getattr(model.config, "_attn_implementation", None)
     if graphs and attention not in GRAPHED_ATTENTION:
         raise ValueError(
             f"cuda_graphs=True needs attn_implementation 'sdpa' or 'eager'; the model uses {attention!r}, whose "
             "varying lengths are read on the host"
         )
-    if graphs is None:  # wherever they can be: on CUDA, over full-attention layers, unless a dynamic cache was asked for
-        graphs = (cuda_graphs.available(device) and parts.holes and cache_implementation != "dynamic"
-                  and attention in GRAPHED_ATTENTION)  # fmt: skip
-    return GraphedHFParts(model) if graphs else parts
+    fits = parts.holes and cache_implementation != "dynamic" and attention in GRAPHED_ATTENTION
+    return GraphedHFParts(model) if asked and fits else parts
 
 
 class GraphedHFParts(HFParts):
