@@ -284,15 +284,12 @@ def device_kernels(fn: Callable[[], object]) -> int | None:
     return sum(1 for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def host_syncs(step: Callable[[], object], warmup: int = 3) -> list[str]:
-    """The places where ``step`` synchronises with the host, found after ``warmup`` calls.
+def sync_warnings(step: Callable[[], object], warmup: int = 3) -> list[warnings.WarningMessage]:
+    """One warning for every time ``step`` synchronises with the host, after ``warmup`` calls.
 
     One call runs under ``torch.cuda.set_sync_debug_mode("warn")``; every synchronising CUDA
     operation (``.item()``, ``bool(tensor)``, a device-to-host copy, ``nonzero`` …) then warns from
     the Python line that issued it.
-
-    Returns:
-        The distinct ``dir/file:line`` places, in the order first hit; empty when there were none.
     """
     for _ in range(warmup):
         step()
@@ -305,11 +302,13 @@ def host_syncs(step: Callable[[], object], warmup: int = 3) -> list[str]:
         finally:
             torch.cuda.set_sync_debug_mode(0)
     synchronize()
-    places = [
-        f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}"
-        for w in caught
-        if "called a synchronizing" in str(w.message)  # not the "prototype feature" notice
-    ]
+    return [w for w in caught if "called a synchronizing" in str(w.message)]  # not the "prototype feature" notice
+
+
+def host_syncs(step: Callable[[], object], warmup: int = 3) -> list[str]:
+    """The places where ``step`` synchronises with the host (:func:`sync_warnings`): the distinct
+    ``dir/file:line`` places, in the order first hit; empty when there were none."""
+    places = [f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}" for w in sync_warnings(step, warmup)]
     return list(dict.fromkeys(places))
 
 
