@@ -1,29 +1,31 @@
-"""CUDA graphs for decoding: each short layer call of the engine replays a captured graph.
+"""CUDA graphs for decoding: each short step of the engine is one captured graph's replay.
 
 A decoding step launches a dozen small kernels per layer; at batch 1 on a GPU their launch
-overhead, not the bytes of the weights, sets the speed. LASH calls run in row buckets of 1, 2,
-4, 8 and 16 (padded rows repeat the last real one), so a deep step with any number of pending
-tokens replays one of five graphs. :class:`GraphedParts` (LASH models) and
-:class:`lash.hf.generation.GraphedHFParts` (Hugging Face models over a ``StaticCache``) replay a
-CUDA graph for every layer call of up to :data:`MAX_GRAPH_ROWS` tokens: a plain or shallow step,
-a deep step with its pending tokens, a verify step. Each graph is captured on first use for its
-(layer range, tokens, frozen or not) and kept in :class:`Graphs` with the cache and the buffers
-it reads and writes, per model, batch and cache length: a later ``generate`` call with the same
-ones captures nothing (its cache's length is rounded up, :func:`cache_columns`, so calls of
-similar lengths count as the same; :func:`release` frees what is kept).
+overhead, not the bytes of the weights, sets the speed. :class:`GraphedParts` (LASH models) and
+:class:`lash.hf.generation.GraphedHFParts` (Hugging Face models over a ``StaticCache``) replay one
+CUDA graph for each :meth:`lash.decoding.Parts.step` of up to :data:`MAX_GRAPH_ROWS` tokens: a plain
+or shallow step, a deep step with its pending tokens, a draft or verify step. The graph holds the
+whole step: the embedding (a step that starts from ids), the layers, the head and its statistics
+(argmax and confidence), so a generated token costs one replay and a few copies. LASH calls run
+in row buckets of 1, 2, 4, 8 and 16 (padded rows repeat the last real one), so a deep step with
+any number of pending tokens replays one of five graphs. Each graph is captured on first use
+for its :class:`GraphKey` and kept in :class:`Graphs` with the cache and the buffers it reads and
+writes, per model, batch and cache length: a later ``generate`` call with the same ones captures
+nothing (its cache's length is rounded up, :func:`cache_columns`, so calls of similar lengths
+count as the same; :func:`release` frees what is kept).
 
 A graph replays what it captured: every Python value and every tensor address is fixed then. So
 everything that changes between replays is a device buffer the graph reads: the call's hidden
-states, positions and frozen flags are copied in, the first column it writes is a device scalar,
+states or ids, positions and frozen flags are copied in, the first column it writes is a device scalar,
 attention reads the cache through a mask the graph builds from the columns' validity (LASH
 graphs read the columns written so far rounded up to a power of two, one graph per such reach;
 a Hugging Face static cache is read whole), and
 LASH's stacked q/k/v and gate/value weights are rewritten in place at each call
 (:func:`lash.modules.inference_weights` with buffers), so a model trained between calls is
 served with its new weights. Parameters that move (``model.to``) start a new set of graphs.
-
-Longer calls (a long prompt's prefill) run eagerly over the same cache; the head, the confidence
-and the sampler run eagerly too (a few kernels per token).
+A step's results are the graph's output buffers, which its next replay overwrites (the engine
+copies what it keeps). Longer calls (a long prompt's prefill) run eagerly over the same cache,
+and so does the sampler when it samples (greedy decoding takes the graph's argmax).
 """
 
 from __future__ import annotations
@@ -32,11 +34,11 @@ import contextlib
 import itertools
 import weakref
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 
-from lash.decoding import MAX_PENDING, DecodeState
+from lash.decoding import MAX_PENDING, DecodeState, Step, head_step
 from lash.decoding_parts import LashParts, StaticCache
 from lash.modules import inference_weights
 from lash.validation import check_bool
@@ -48,7 +50,7 @@ MAX_GRAPH_ROWS = MAX_PENDING + 1  # an early-exit deep step's rows at most
 # A capture turns a function of no arguments (it reads and writes fixed buffers) into a replay
 # that runs the same work again and returns its output; the second argument is the memory pool
 # the graphs of one Graphs share (None off CUDA).
-Capture = Callable[[Callable[[], torch.Tensor], object], Callable[[], torch.Tensor]]
+Capture = Callable[[Callable[[], Step], object], Callable[[], Step]]
 
 
 def available(device: torch.device) -> bool:
@@ -67,11 +69,11 @@ def wanted(graphs: bool | None, device: torch.device) -> bool:
     return graphs
 
 
-def cuda_graph(body: Callable[[], torch.Tensor], pool: object) -> Callable[[], torch.Tensor]:
+def cuda_graph(body: Callable[[], Step], pool: object) -> Callable[[], Step]:
     """Capture ``body`` as a CUDA graph after one warm-up run (kernels compile, cuBLAS picks its
     algorithms). The warm-up writes what the first replay writes again: a layer call's writes
     depend only on its inputs. Graphs of one ``pool`` share memory: they never run at the same
-    time and none reads another's output, which each replay's caller copies out at once."""
+    time, and a graph's outputs stay its own (they are alive while later graphs are captured)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -81,7 +83,7 @@ def cuda_graph(body: Callable[[], torch.Tensor], pool: object) -> Callable[[], t
     with torch.cuda.graph(graph, pool=pool):
         out = body()
 
-    def replay() -> torch.Tensor:
+    def replay() -> Step:
         graph.replay()
         return out
 
@@ -97,13 +99,36 @@ def outside_inference_mode() -> Iterator[None]:
         yield
 
 
-class _Inputs(NamedTuple):
+class Inputs(NamedTuple):
+    """A graph's input buffers for calls of ``n`` tokens."""
+
     h: torch.Tensor  # (B, n, D)
+    ids: torch.Tensor  # (B, n)
     positions: torch.Tensor  # (B, n)
     frozen: torch.Tensor  # (B, 1) bool
 
 
-Body = Callable[[_Inputs, range, bool, int], Callable[[], torch.Tensor]]  # (inputs, layers, frozen?, reach) → what a graph runs
+class GraphKey(NamedTuple):
+    """What one graph of a :class:`Graphs` is captured for."""
+
+    layers: tuple[int, int]  # start, stop
+    rows: int
+    frozen: bool
+    reach: int  # cache columns its attention reads
+    embed: bool  # ids in, else hidden states
+    heads: str  # the head on "none", the "last" token or "every" row
+
+
+class GraphedLayers(Protocol):
+    """What a graphed adapter gives :meth:`Graphs.step`: how it captures, its head, and its layers."""
+
+    capture: Capture
+
+    def head(self, h: torch.Tensor) -> torch.Tensor: ...
+
+    def graph_layers(self, inputs: Inputs, layers: range, frozen: bool, reach: int, embed: bool) -> Callable[[], torch.Tensor]:
+        """What a graph runs before the head: ``layers`` over ``inputs.ids`` embedded (``embed``) or
+        ``inputs.h``, with ``inputs.frozen`` where ``frozen``, reading ``reach`` cache columns."""
 
 
 class Graphs:
@@ -116,38 +141,53 @@ class Graphs:
         self.first = torch.zeros((), dtype=torch.long, device=like.device)
         self.count = torch.ones((), dtype=torch.long, device=like.device)  # the call's real rows
         self.steps = torch.arange(MAX_GRAPH_ROWS, device=like.device)
-        self.inputs = {
-            n: _Inputs(like.new_zeros(batch, n, dim), self.valid.new_zeros(batch, n, dtype=torch.long),
-                       self.valid.new_zeros(batch, 1))  # fmt: skip
-            for n in range(1, MAX_GRAPH_ROWS + 1)
-        }
-        self.replays: dict[tuple, Callable[[], torch.Tensor]] = {}
+        self.inputs = {}
+        for n in range(1, MAX_GRAPH_ROWS + 1):
+            ids = self.valid.new_zeros(batch, n, dtype=torch.long)
+            self.inputs[n] = Inputs(like.new_zeros(batch, n, dim), ids, ids.clone(), self.valid.new_zeros(batch, 1))
+        self.replays: dict[GraphKey, Callable[[], Step]] = {}
         self.pool = torch.cuda.graph_pool_handle() if like.is_cuda else None
 
     def begin(self) -> None:
         """Before a call: no column is valid yet."""
         self.valid.zero_()
 
-    def run(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState,
-            frozen: torch.Tensor | None, capture: Capture, body: Body, reach: int, rows: int) -> torch.Tensor:  # fmt: skip
-        """Copy a layer call's inputs in and replay its graph, captured from ``body`` on first use.
+    def step(self, parts: GraphedLayers, x: torch.Tensor, start: int, positions: torch.Tensor, layers: range,
+             state: DecodeState, frozen: torch.Tensor | None, heads: int, reach: int, rows: int) -> Step:  # fmt: skip
+        """:meth:`lash.decoding.Parts.step` as one graph replay: copy the call's inputs in and
+        replay its graph (embedding, layers, head and statistics), captured on first use.
 
         ``reach``: the cache columns its attention reads; ``rows`` (≥ the call's tokens): the rows
-        the graph runs, whose inputs past the call's own are left as they are (the body says what
-        the padded rows do). One graph for each (layers, rows, frozen or not, reach)."""
-        n, inputs = h.shape[1], self.inputs[rows]
-        inputs.h[:, :n].copy_(h)
+        the graph runs, whose inputs past the call's own are left as they are (the adapter's
+        layers say what the padded rows do). One graph for each (layers, rows, frozen or not,
+        reach, ids or states, head on none, the last or every token)."""
+        n, inputs, embed = x.shape[1], self.inputs[rows], not x.is_floating_point()
+        (inputs.ids if embed else inputs.h)[:, :n].copy_(x)
         inputs.positions[:, :n].copy_(positions)
         if frozen is not None:
             inputs.frozen.copy_(frozen)
         self.valid[:, : state.valid.shape[1]].copy_(state.valid)  # those past the call's stay invalid (begin)
         self.first.fill_(start)
         self.count.fill_(n)
-        key = (layers.start, layers.stop, rows, frozen is not None, reach)
+        key = GraphKey((layers.start, layers.stop), rows, frozen is not None, reach, embed, ("none", "last", "every")[min(heads, 2)])
         replay = self.replays.get(key)
         if replay is None:
-            replay = self.replays[key] = capture(body(inputs, layers, frozen is not None, reach), self.pool)
-        return replay()[:, :n].clone()  # the graph's output buffer is overwritten by its next replay
+            run_layers = parts.graph_layers(inputs, layers, key.frozen, reach, embed)
+            replay = self.replays[key] = parts.capture(self._with_head(run_layers, parts.head, key.heads), self.pool)
+        return Step(*(None if t is None else t[:, :n] for t in replay()))  # the graph's buffers (Parts.step)
+
+    def _with_head(self, run_layers: Callable[[], torch.Tensor], head: Callable[[torch.Tensor], torch.Tensor],
+                   heads: str) -> Callable[[], Step]:  # fmt: skip
+        """A graph's whole body: the layers, then the head and its statistics on none, the call's
+        last real token (``count - 1``) or every row."""
+
+        def body() -> Step:
+            h = run_layers()
+            if heads == "none":
+                return head_step(h, None)
+            return head_step(h, head(h if heads == "every" else h.index_select(1, (self.count - 1).view(1))))
+
+        return body
 
 
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → its Graphs
@@ -207,26 +247,27 @@ class GraphedParts(LashParts):
             buffer.zero_()
         return self.graphs.cache
 
-    def run(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState,
-            frozen: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        if h.shape[1] > MAX_GRAPH_ROWS:
-            return super().run(h, start, positions, layers, state, frozen)
+    def step(self, x: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState,
+             frozen: torch.Tensor | None = None, heads: int = 1) -> Step:  # fmt: skip
+        n = x.shape[1]
+        if n > MAX_GRAPH_ROWS:
+            return super().step(x, start, positions, layers, state, frozen, heads)
         # Attention reads the columns written so far, rounded up (cache_columns): a call early in a
         # long cache does not read all of it, and a few graphs cover every length. Calls run in row
         # buckets of 1, 2, 4, 8 or 16, the padded rows repeating the last real one.
-        reach = min(cache_columns(start + h.shape[1]), self.graphs.slots)
-        rows = 1 << (h.shape[1] - 1).bit_length()
-        return self.graphs.run(h, start, positions, layers, state, frozen, self.capture, self._body, reach, rows)
+        reach = min(cache_columns(start + n), self.graphs.slots)
+        rows = 1 << (n - 1).bit_length()
+        return self.graphs.step(self, x, start, positions, layers, state, frozen, heads, reach, rows)
 
-    def _body(self, inputs: _Inputs, layers: range, frozen: bool, reach: int) -> Callable[[], torch.Tensor]:
+    def graph_layers(self, inputs: Inputs, layers: range, frozen: bool, reach: int, embed: bool) -> Callable[[], torch.Tensor]:
         graphs, layer_call = self.graphs, super().layers
 
-        def body() -> torch.Tensor:
+        def run_layers() -> torch.Tensor:
             # A padded row repeats the last real row: it writes the same keys and values to the same
             # column, and its output is dropped.
             rows = torch.minimum(graphs.steps[: inputs.h.shape[1]], graphs.count - 1)  # (rows,)
-            h, positions = inputs.h.index_select(1, rows), inputs.positions.index_select(1, rows)
-            return layer_call(h, graphs.first + rows, reach, positions, layers, graphs.cache, graphs.valid,
-                              inputs.frozen if frozen else None)  # fmt: skip
+            h = self.embed(inputs.ids.index_select(1, rows)) if embed else inputs.h.index_select(1, rows)
+            return layer_call(h, graphs.first + rows, reach, inputs.positions.index_select(1, rows), layers, graphs.cache,
+                              graphs.valid, inputs.frozen if frozen else None)  # fmt: skip
 
-        return body
+        return run_layers

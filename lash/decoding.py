@@ -1,10 +1,11 @@
 """One decoding engine for every model LASH serves: plain, early-exit and self-speculative decoding.
 
 The engine holds the loops, the sampler (temperature, top-k, top-p), stopping (EOS, max tokens),
-left padding and the stats, once. A model takes part through :class:`Parts`: embed ids, run
-layers ``i..j`` over hidden states at given slots and positions with a cache, apply the shared
-head, forget cache columns. :mod:`lash.generation` adapts LASH models, :mod:`lash.hf.generation`
-Hugging Face causal LMs; both call :func:`decode`.
+left padding and the stats, once. A model takes part through :class:`Parts`: a step runs
+layers ``i..j`` over ids or hidden states at given slots and positions with a cache and gives
+the shared head's logits, argmax and confidence at its last tokens (:class:`Step`; one CUDA graph
+on a GPU); the cache can forget columns. :mod:`lash.generation` adapts LASH models,
+:mod:`lash.hf.generation` Hugging Face causal LMs; both call :func:`decode`.
 
 Modes:
 
@@ -51,7 +52,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -62,6 +63,23 @@ from lash.routing import compute_cost
 MAX_PENDING = 15  # exited tokens an early-exit row may owe the deep layers before a step fills them
 DEEP_FILLS = ("recompute", "propagate")
 EXIT_BATCHING = ("row", "batch")
+
+
+class Step(NamedTuple):
+    """A layer call's result: the last layer's states, and the shared head's logits with their
+    statistics at the tokens the call asked the head for (``None`` where it asked for none)."""
+
+    h: torch.Tensor  # (B, n, D)
+    logits: torch.Tensor | None  # (B, m, V)
+    top: torch.Tensor | None  # (B, m) the argmax: greedy's token
+    confidence: torch.Tensor | None  # (B, m) fp32 max softmax probability: early exit's test
+
+
+def head_step(h: torch.Tensor, logits: torch.Tensor | None) -> Step:
+    """The :class:`Step` of states ``h`` whose last tokens gave ``logits`` (``None``: no head)."""
+    if logits is None:
+        return Step(h, None, None, None)
+    return Step(h, logits, logits.argmax(-1), confidence(logits))
 
 
 class Parts(Protocol):
@@ -75,24 +93,44 @@ class Parts(Protocol):
     def new_cache(self, batch: int, slots: int) -> Any:
         """An empty cache for ``batch`` rows and ``slots`` columns."""
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """``(B, n)`` ids → ``(B, n, D)`` hidden states."""
-
-    def run(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState,
-            frozen: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        """Run ``layers`` over ``h`` (B, n, D) at cache columns ``start..start+n-1`` and ``positions``
-        (B, n), writing their keys and values into ``state.cache``; queries read every valid column
-        up to their own. Tokens where ``frozen`` (B, n) is set keep their input state after every
-        layer, so each layer caches what it projects from that state (propagation)."""
+    def step(self, x: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState,
+             frozen: torch.Tensor | None = None, heads: int = 1) -> Step:  # fmt: skip
+        """Run ``layers`` over ``x``: ids ``(B, n)``, embedded first, or hidden states ``(B, n, D)``,
+        at cache columns ``start..start+n-1`` and ``positions`` (B, n), writing their keys and
+        values into ``state.cache``; queries read every valid column up to their own. Tokens where
+        ``frozen`` (B, n) is set keep their input state after every layer, so each layer caches
+        what it projects from that state (propagation). The head runs on the last ``heads``
+        tokens: 0, 1 or ``n``. The result may be memory the next step over the same ``layers``
+        reuses (a graph's output buffers): copy what must outlive that."""
 
     def fill(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState) -> None:
         """Write the keys and values ``layers`` would have for the frozen states ``h`` (propagation)."""
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits of hidden states ``(..., D)`` → ``(..., V)`` (any layer: the head is shared)."""
-
     def keep(self, state: DecodeState, slots: int) -> None:
         """Forget every cache column from ``slots`` on (rejected drafts); static caches need nothing."""
+
+
+class LayerParts:
+    """A :class:`Parts` built from a model's embedding, layers and head, run one after another
+    (the adapters' eager path; :mod:`lash.cuda_graphs` replays the same as one graph)."""
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """``(B, n)`` ids → ``(B, n, D)`` hidden states."""
+        raise NotImplementedError
+
+    def run(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState,
+            frozen: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """:meth:`Parts.step`'s layers over hidden states: ``(B, n, D)`` → ``(B, n, D)``."""
+        raise NotImplementedError
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of hidden states ``(..., D)`` → ``(..., V)`` (any layer: the head is shared)."""
+        raise NotImplementedError
+
+    def step(self, x: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState,
+             frozen: torch.Tensor | None = None, heads: int = 1) -> Step:  # fmt: skip
+        h = self.run(x if x.is_floating_point() else self.embed(x), start, positions, layers, state, frozen)
+        return head_step(h, self.head(h[:, h.shape[1] - heads :]) if heads else None)
 
 
 @dataclass
@@ -115,13 +153,7 @@ class Sampler:
     generator: torch.Generator | None = None
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """``(..., V)`` logits → the ``(..., V)`` fp32 distribution tokens are drawn from.
-
-        Temperature 0 is a one-hot at the argmax, so the speculative rule reduces to exact
-        argmax matching.
-        """
-        if self.temperature == 0:
-            return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        """``(..., V)`` logits → the ``(..., V)`` fp32 distribution tokens are drawn from (sampling only)."""
         # Shift the maximum to 0 and keep it there: a temperature too small for fp32 (even one
         # that rounds to 0) then gives -inf for every other logit, never inf - inf or 0 / 0.
         shifted = logits.float() - logits.float().amax(-1, keepdim=True)  # (..., V), <= 0
@@ -138,16 +170,18 @@ class Sampler:
         return probs
 
     def draw(self, probs: torch.Tensor) -> torch.Tensor:
-        """One token per row of ``probs`` (B, V): ``(B,)``; greedy takes the argmax."""
-        if self.temperature == 0:
-            return probs.argmax(-1)
+        """One token per row of ``probs`` (B, V): ``(B,)``."""
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
 
-    def choose(self, logits: torch.Tensor) -> torch.Tensor:
-        """``(B, V)`` logits → ``(B,)`` tokens (greedy: their argmax, one launch)."""
-        if self.temperature == 0:
-            return logits.argmax(-1)
+    def choose(self, logits: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` tokens from ``(B, V)`` logits whose argmax is ``top`` (B,): greedy takes it."""
+        if self.greedy:
+            return top
         return self.draw(self.probabilities(logits))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
 
 @dataclass
@@ -218,9 +252,8 @@ def _plain(parts: Parts, state: DecodeState, record: _Record, sampler: Sampler) 
     while record.more:
         if record.stop.eos is not None and bool(record.done.all()):  # the one host read, only with an EOS
             return
-        x = record.tokens[:, col : col + 1]
-        h = parts.run(parts.embed(x), col, state.positions[:, col : col + 1], every, state)
-        record.add(sampler.choose(parts.head(h[:, -1])))
+        s = parts.step(record.tokens[:, col : col + 1], col, state.positions[:, col : col + 1], every, state)
+        record.add(sampler.choose(s.logits[:, -1], s.top[:, -1]))
         record.layer_evals += parts.num_layers
         col += 1
 
@@ -233,11 +266,10 @@ def _early_exit(
     shallow, deep = range(exit_layer), range(exit_layer, parts.num_layers)
     col = filled = record.start  # filled: the deep caches hold every column before it
     while record.more:
-        x = record.tokens[:, col : col + 1]
-        h = parts.run(parts.embed(x), col, state.positions[:, col : col + 1], shallow, state)
-        state.exit_states[:, col] = h[:, 0]
-        logits = parts.head(h[:, 0])  # (B, V)
-        exited = rule.exits(confidence(logits))  # (B,)
+        s = parts.step(record.tokens[:, col : col + 1], col, state.positions[:, col : col + 1], shallow, state)
+        state.exit_states[:, col] = s.h[:, 0]
+        logits, top = s.logits[:, 0], s.top[:, 0]  # (B, V), (B,)
+        exited = rule.exits(s.confidence[:, 0])  # (B,)
         if exit_batching == "batch":
             exited = exited.all().expand_as(exited)
         # The one host read of the step: whether any row goes deep and, with an EOS, whether every row stopped.
@@ -249,19 +281,20 @@ def _early_exit(
                 return
         record.layer_evals += exit_layer
         if deep_fill == "propagate" and not goes_deep:
-            parts.fill(h, col, state.positions[:, col : col + 1], deep, state)
+            parts.fill(s.h, col, state.positions[:, col : col + 1], deep, state)
             filled = col + 1
         elif goes_deep or col + 1 - filled > MAX_PENDING:
             n = col + 1 - filled
             block = state.exit_states[:, filled : col + 1]  # (B, n, D): the pending tokens and this one
             frozen = exited[:, None] if deep_fill == "propagate" else None  # exited rows keep their exit state
-            out = parts.run(block, filled, state.positions[:, filled : col + 1], deep, state, frozen)
+            d = parts.step(block, filled, state.positions[:, filled : col + 1], deep, state, frozen, heads=int(goes_deep))
             if goes_deep:
-                logits = torch.where(exited.unsqueeze(1), logits, parts.head(out[:, -1]))
+                logits = torch.where(exited.unsqueeze(1), logits, d.logits[:, 0])
+                top = torch.where(exited, top, d.top[:, 0])
             record.layer_evals += n * len(deep)
             filled = col + 1
         record.exited = record.exited + exited.sum()  # on the device, read once at the end
-        record.add(sampler.choose(logits))
+        record.add(sampler.choose(logits, top))
         col += 1
 
 
@@ -271,8 +304,8 @@ def _accepted(drafts, draft_probs, verify_probs, sampler: Sampler) -> tuple[torc
     Speculative sampling, row by row: row ``b`` keeps draft ``i`` with probability
     ``min(1, p_i(d)/q_i(d))``; at its first rejection it draws from ``norm(max(p_i - q_i, 0))``,
     after keeping all ``k`` from the full model's ``p_k``. Every row's tokens are then draws from
-    the full model (Leviathan et al., 2023); greedy, it keeps the drafts that equal the full
-    model's argmax and then takes that argmax.
+    the full model (Leviathan et al., 2023). (Greedy decoding needs none of this: it keeps the
+    drafts that equal the full model's argmax, then takes that argmax.)
 
     Args:
         drafts: ``(B, k)``; ``draft_probs``: ``(B, k, V)``; ``verify_probs``: ``(B, k+1, V)``.
@@ -283,10 +316,7 @@ def _accepted(drafts, draft_probs, verify_probs, sampler: Sampler) -> tuple[torc
     B, k = drafts.shape
     p = verify_probs[:, :k].gather(2, drafts.unsqueeze(2)).squeeze(2)  # (B, k)
     q = draft_probs.gather(2, drafts.unsqueeze(2)).squeeze(2)  # (B, k)
-    if sampler.temperature == 0:
-        keep = p > 0  # one-hot distributions: the draft is the full model's argmax
-    else:
-        keep = torch.rand(p.shape, generator=sampler.generator, device=p.device) * q < p
+    keep = torch.rand(p.shape, generator=sampler.generator, device=p.device) * q < p
     kept = keep.long().cumprod(dim=1).sum(dim=1)  # (B,) per-row accepted prefix length
     at = kept.view(B, 1, 1).expand(B, 1, verify_probs.shape[-1])
     p_m = verify_probs.gather(1, at)[:, 0]  # (B, V): the full model after each row's kept drafts
@@ -307,23 +337,31 @@ def _speculative(parts: Parts, state: DecodeState, record: _Record, sampler: Sam
     B, device = record.tokens.shape[0], record.tokens.device
     steps = torch.arange(draft_tokens + 1, device=device)
     generated = torch.full((B,), record.generated, device=device)  # per row
+    states = None
     while record.more:
         k = min(draft_tokens, stop.max_new_tokens - record.generated)
-        x, states, drafts, draft_probs = record.tokens[:, col : col + 1], [], [], []
+        draft_probs = []
         for i in range(k + 1):  # k drafts, then the draft layers for the last one (the verifier's input)
             at = col + i
-            states.append(parts.run(parts.embed(x), at, state.positions[:, at : at + 1], shallow, state))
-            if i < k:
-                draft_probs.append(sampler.probabilities(parts.head(states[-1][:, 0])))  # (B, V)
-                x = sampler.draw(draft_probs[-1]).unsqueeze(1)  # (B, 1)
-                drafts.append(x)
-        out = parts.run(torch.cat(states, dim=1), col, state.positions[:, col : col + k + 1], deep, state)
-        verify = sampler.probabilities(parts.head(out))  # (B, k+1, V)
-        drafted = torch.cat(drafts, dim=1) if k else record.tokens.new_empty(B, 0)  # (B, k)
-        if k:
-            kept, nxt = _accepted(drafted, torch.stack(draft_probs, dim=1), verify, sampler)
+            s = parts.step(record.tokens[:, at : at + 1], at, state.positions[:, at : at + 1], shallow, state, heads=int(i < k))
+            if states is None:
+                states = s.h.new_empty(B, draft_tokens + 1, s.h.shape[-1])  # (B, k+1, D): the verifier's input
+            states[:, i] = s.h[:, 0]  # copied: the next draft step may reuse the memory (Parts.step)
+            if i < k:  # the draft, written where it would go
+                if sampler.greedy:
+                    record.tokens[:, at + 1] = s.top[:, 0]
+                else:
+                    draft_probs.append(sampler.probabilities(s.logits[:, 0]))  # (B, V)
+                    record.tokens[:, at + 1] = sampler.draw(draft_probs[-1])
+        verify = parts.step(states[:, : k + 1], col, state.positions[:, col : col + k + 1], deep, state, heads=k + 1)
+        drafted = record.tokens[:, col + 1 : col + k + 1]  # (B, k)
+        if sampler.greedy:  # the drafts that equal the full model's argmax, then its argmax
+            kept = (drafted == verify.top[:, :k]).long().cumprod(dim=1).sum(dim=1)  # (B,)
+            nxt = verify.top.gather(1, kept[:, None])[:, 0]
+        elif k:
+            kept, nxt = _accepted(drafted, torch.stack(draft_probs, dim=1), sampler.probabilities(verify.logits), sampler)
         else:
-            kept, nxt = torch.zeros(B, dtype=torch.long, device=device), sampler.draw(verify[:, 0])
+            kept, nxt = torch.zeros(B, dtype=torch.long, device=device), sampler.choose(verify.logits[:, 0], verify.top[:, 0])
         if not parts.holes:  # one prefix for the batch, the fewest kept: a row that kept more takes its next draft
             fewest_kept = kept.min()
             after = torch.cat((drafted, nxt[:, None]), dim=1).gather(1, fewest_kept.view(1, 1).expand(B, 1))[:, 0]
@@ -340,8 +378,7 @@ def _speculative(parts: Parts, state: DecodeState, record: _Record, sampler: Sam
         packed = int((generated.min() * (draft_tokens + 1) + kept.max()) * 2 + done.all())
         packed, all_done = divmod(packed, 2)
         fewest, m = divmod(packed, draft_tokens + 1)
-        record.tokens[:, col + 1 : col + m + 1] = drafted[:, :m]
-        record.tokens[:, col + m + 1] = nxt
+        record.tokens[:, col + m + 1] = nxt  # after the first m drafts, already in place
         state.valid[:, col + 1 : col + m + 1] &= steps[1 : m + 1] <= kept[:, None]  # rejected drafts: holes
         state.valid[:, col + m + 1] = active  # a row with all its tokens adds no more
         ahead = torch.arange(state.positions.shape[1] - col - m - 1, device=device)
@@ -393,13 +430,13 @@ def decode(
     exit_for_stats = exit_layer if mode != "plain" else None
     if stop.max_new_tokens == 0:
         return input_ids, record.stats(parts.num_layers, exit_for_stats)
-    h = parts.run(parts.embed(input_ids), 0, positions[:, :T0], range(parts.num_layers), state)
-    record.add(sampler.choose(parts.head(h[:, -1])))  # the prompt is prefilled by every layer, not routed
+    s = parts.step(input_ids, 0, positions[:, :T0], range(parts.num_layers), state)
+    record.add(sampler.choose(s.logits[:, -1], s.top[:, -1]))  # the prompt is prefilled by every layer, not routed
     record.layer_evals += parts.num_layers
     if mode == "plain":
         _plain(parts, state, record, sampler)
     elif mode == "early_exit":
-        state.exit_states = h.new_empty(B, T0 + room, h.shape[-1])  # (B, S, D)
+        state.exit_states = s.h.new_empty(B, T0 + room, s.h.shape[-1])  # (B, S, D)
         _early_exit(parts, state, record, sampler, ExitRule(routing_threshold, exit_layer), deep_fill, exit_batching)
     else:
         _speculative(parts, state, record, sampler, exit_layer, draft_tokens)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from lash.decoding import DecodeState
+from lash.decoding import DecodeState, LayerParts
 from lash.modules import inference_weights
 from lash.modules.attention import LayerCache, additive_mask
 from lash_kernels import apply_rotary, values_checked
@@ -31,7 +31,7 @@ class StaticCache(NamedTuple):
     values: torch.Tensor  # (L, B, nh, S, hs)
 
 
-class LashParts:
+class LashParts(LayerParts):
     """:class:`lash.decoding.Parts` of a LASH model.
 
     Args:

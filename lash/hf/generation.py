@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from lash import cuda_graphs
-from lash.cuda_graphs import MAX_GRAPH_ROWS, Capture, cuda_graph, graphs_for, outside_inference_mode
-from lash.decoding import DecodeState, Sampler, decode
+from lash.cuda_graphs import MAX_GRAPH_ROWS, Capture, Inputs, cuda_graph, graphs_for, outside_inference_mode
+from lash.decoding import DecodeState, LayerParts, Sampler, Step, decode
 from lash.exit_rule import ExitRule
 from lash.generation import check_attention_mask, check_exit, check_prompts, check_sampling, decoding_mode, stopping
 from lash.hf.structure import DecoderParts, cache_keyword, decoder_parts
@@ -52,7 +52,7 @@ CACHES = ("dynamic", "static")
 GRAPHED_ATTENTION = ("sdpa", "eager")  # attention that takes a 4-D mask: no length read on the host
 
 
-class HFParts:
+class HFParts(LayerParts):
     """:class:`lash.decoding.Parts` of a Hugging Face causal LM.
 
     Args:
@@ -124,7 +124,8 @@ class HFParts:
         return h
 
     def fill(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState) -> None:
-        self.run(h, start, positions, layers, state, frozen=torch.ones(h.shape[:2], dtype=torch.bool, device=h.device))
+        frozen = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+        self.step(h, start, positions, layers, state, frozen, heads=0)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.parts.head(self.parts.norm(h))
@@ -185,22 +186,23 @@ class GraphedHFParts(HFParts):
         self.graphs.cache.reset()  # in place: the graphs keep reading the same tensors
         return self.graphs.cache
 
-    def run(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState,
-            frozen: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        if start == 0 or h.shape[1] > MAX_GRAPH_ROWS:
-            return super().run(h, start, positions, layers, state, frozen)
-        return self.graphs.run(h, start, positions, layers, state, frozen, self.capture, self._body, self.graphs.slots,
-                               h.shape[1])  # fmt: skip  # a static layer appends every row: no padding
+    def step(self, x: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState,
+             frozen: torch.Tensor | None = None, heads: int = 1) -> Step:  # fmt: skip
+        if start == 0 or x.shape[1] > MAX_GRAPH_ROWS:
+            return super().step(x, start, positions, layers, state, frozen, heads)
+        return self.graphs.step(self, x, start, positions, layers, state, frozen, heads, self.graphs.slots,
+                                x.shape[1])  # fmt: skip  # a static layer appends every row: no padding
 
-    def _body(self, inputs, layers: range, frozen: bool, reach: int):  # a static cache's attention reads it whole
+    def graph_layers(self, inputs: Inputs, layers: range, frozen: bool, reach: int, embed: bool):  # a static cache is read whole
         graphs, layer_call = self.graphs, super().layers
 
-        def body() -> torch.Tensor:  # every column's validity: the causal mask hides those ahead
+        def run_layers() -> torch.Tensor:  # every column's validity: the causal mask hides those ahead
             for i in layers:
                 graphs.cache.layers[i].cumulative_length.copy_(graphs.first)
-            return layer_call(inputs.h, inputs.positions, layers, graphs.cache, graphs.valid, inputs.frozen if frozen else None)
+            h = self.embed(inputs.ids) if embed else inputs.h
+            return layer_call(h, inputs.positions, layers, graphs.cache, graphs.valid, inputs.frozen if frozen else None)
 
-        return body
+        return run_layers
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from lash.decoding import DecodeState
 from lash.decoding_parts import LashParts
 from lash.generation import generate
 
+from .counting import OpCounter
 from .graphs import traced  # noqa: F401 (a fixture)
 from .test_decoding import DIM, HEADS, LAYERS, PROMPT, V, make_model, prompts, split_threshold
 
@@ -56,15 +57,15 @@ def test_attention_reaches_further_as_the_cache_fills(traced, mode):
     x = prompts(2)
     eager = generate(model, x, 130, cuda_graphs=False, **mode)
     assert torch.equal(generate(model, x, 130, cuda_graphs=True, **mode), eager)
-    reaches = {key[-1] for key in cuda_graphs._GRAPHS[model].replays}
+    reaches = {key.reach for key in cuda_graphs._GRAPHS[model].replays}
     assert reaches == {64, 128, 256}  # columns written so far, rounded up: 6 + 130 crosses 64 and 128
 
 
 def test_padded_row_buckets_decode_as_eager_decoding(traced, monkeypatch):
     model, x = make_model(deep_scale=0.1), prompts(1)
     calls = []
-    run = cuda_graphs.Graphs.run
-    monkeypatch.setattr(cuda_graphs.Graphs, "run", lambda self, h, *a: calls.append((h.shape[1], a[-1])) or run(self, h, *a))
+    step = cuda_graphs.Graphs.step
+    monkeypatch.setattr(cuda_graphs.Graphs, "step", lambda self, parts, x, *a: calls.append((x.shape[1], a[-1])) or step(self, parts, x, *a))
     for threshold in (split_threshold(model, x), 0.0):  # deep steps with 1 to 16 rows
         eager = generate(model, x, 40, routing_threshold=threshold, cuda_graphs=False)
         assert torch.equal(generate(model, x, 40, routing_threshold=threshold, cuda_graphs=True), eager)
@@ -82,7 +83,7 @@ def test_a_padded_call_at_the_end_of_its_reach_writes_its_own_columns_only(trace
     for parts in (graphed, eager):
         with parts.serving():
             state = DecodeState(parts.new_cache(2, 64), valid, positions)
-            outs.append(parts.run(h, 61, positions[:, 61:], range(LAYERS), state))
+            outs.append(parts.step(h, 61, positions[:, 61:], range(LAYERS), state, heads=3))
             caches.append(torch.stack(state.cache)[..., :64, :].clone())
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)  # 4 rows' GEMMs against 3 rows': rounding only
     torch.testing.assert_close(caches[0], caches[1], rtol=1e-12, atol=1e-12)
@@ -163,3 +164,19 @@ def test_graphs_serve_calls_in_and_out_of_inference_mode(traced, first_in_infere
     for inference in (first_in_inference_mode, not first_in_inference_mode):  # the same graphs and buffers
         with torch.inference_mode(inference):
             assert torch.equal(generate(model, x, 8, speculative=True, draft_tokens=2, cuda_graphs=True), eager)
+
+
+@pytest.mark.parametrize("mode, budget", [({}, 6), ({"routing_threshold": 0.0}, 13)])
+def test_a_graphed_step_is_one_replay_and_a_few_copies(traced, mode, budget):
+    """Kernels per generated token besides the replays (greedy, batch 1): a plain step copies its
+    inputs in (ids, positions, validity, first column, row count) and its token out; an exiting
+    step adds its exit state's copy, the exit test, the read and its count. The embedding, head,
+    confidence and argmax are inside the graph."""
+    model, x = make_model(), prompts(1)
+    kernels = []
+    for new in (8, 40):
+        generate(model, x, new, cuda_graphs=True, **mode)  # captures
+        with OpCounter() as counter:
+            generate(model, x, new, cuda_graphs=True, **mode)
+        kernels.append(len(counter.kernels))
+    assert (kernels[1] - kernels[0]) / 32 <= budget, kernels
