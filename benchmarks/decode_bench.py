@@ -99,7 +99,8 @@ def timed(fns: dict[str, object], repeats: int) -> dict[str, float]:
 
 
 def deep_steps(model, fn) -> int:
-    """How many calls reach the first deep layer while ``fn()`` decodes (the prefill included)."""
+    """How many calls reach the first deep layer while ``fn()`` decodes (the prefill included);
+    ``fn`` must decode eagerly: a graph's replay runs no forward hook."""
     calls = []
     handle = model.layers[model.exit_layer].register_forward_hook(lambda *a: calls.append(1))
     try:
@@ -143,7 +144,7 @@ def run(args) -> list[dict]:
         seconds_of = timed(calls, args.repeats)
         plain_time = seconds_of["plain"]
         for name, kwargs in modes:
-            call, seconds = calls[name], seconds_of[name]
+            seconds = seconds_of[name]
             _, stats = generate(model, prompt, args.new, return_stats=True, **kwargs)
             row = {"batch": batch, "mode": name, "tokens_per_s": batch * args.new / seconds,
                    "speedup_vs_plain": plain_time / seconds, **stats}  # fmt: skip
@@ -151,7 +152,8 @@ def run(args) -> list[dict]:
                 step_bytes = batch * bytes_per_token(model, args.prompt, args.new, batch, 0.0, 1.0)
                 row["of_roofline"] = step_bytes / bandwidth / (seconds / args.new)
             if "routing_threshold" in kwargs:
-                deep_share = (deep_steps(model, call) - 1) / args.new  # the prefill's call is not a step
+                # Counted eagerly: graphs take the same steps (tested) but run no hooks. The prefill is not a step.
+                deep_share = (deep_steps(model, lambda: generate(model, prompt, args.new, cuda_graphs=False, **kwargs)) - 1) / args.new
                 full = bytes_per_token(model, args.prompt, args.new, batch, 0.0, 1.0)
                 routed = bytes_per_token(model, args.prompt, args.new, batch, stats["shallow_ratio"], deep_share)
                 row.update(deep_step_share=deep_share, bytes_ideal=full / routed, of_bytes_ideal=row["speedup_vs_plain"] / (full / routed))
