@@ -69,7 +69,13 @@ class StandardTransformer(nn.Module):
         if not 1 <= x.shape[1] <= self.max_seq_len:
             raise ValueError(f"sequence length {x.shape[1]} is outside [1, max_seq_len={self.max_seq_len}]")
         check_token_ids(x, self.vocab_size)
-        return self.embedding(x.long())  # nn.Embedding refuses uint8, int8 and int16 ids
+        h = self.embedding(x.long())  # nn.Embedding refuses uint8, int8 and int16 ids
+        device = h.device.type
+        if torch.is_autocast_enabled(device):
+            # The residual stream in the autocast dtype (as Megatron-LM runs it by default): the
+            # fused add+norms then take and give bf16, and no cast surrounds any layer's GEMMs.
+            h = h.to(torch.get_autocast_dtype(device))
+        return h
 
     def hidden_states(self, x: torch.Tensor, layers: Iterable[int] | None = None) -> list[torch.Tensor]:
         """Hidden states after the given layers, running no layer deeper than the deepest asked.

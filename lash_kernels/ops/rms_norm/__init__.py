@@ -26,8 +26,9 @@ it, as with :func:`torch.nn.functional.rms_norm`. The gradient of the weight has
 dtype. The ops carry no autocast rule, so under autocast they receive their inputs unchanged and
 follow the same rule. Torch's own ``rms_norm`` is on CUDA autocast's fp32 list: it upcasts a
 bf16 input and returns fp32. LASH does not upcast, because its kernels already compute in fp32
-and an fp32 copy would double the memory traffic; in LASH's blocks the residual stream is fp32
-under autocast (embedding output), so ``add_rms_norm`` returns fp32 there just as torch does.
+and an fp32 copy would double the memory traffic. LASH's models run their residual stream in the
+autocast dtype (they cast the embedding output once), so ``add_rms_norm`` takes and returns bf16
+there and no cast surrounds it or the GEMMs that read its output.
 
 Layers: the Triton kernels, their launchers and the ``torch.library`` ops in
 :mod:`~lash_kernels.ops.rms_norm.kernels` → the public :func:`rms_norm`, :func:`add_rms_norm`
