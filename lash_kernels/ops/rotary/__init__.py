@@ -79,10 +79,10 @@ def apply_rotary_reference(
     Returns:
         ``(q · cos + rotate_half(q) · sin, k · cos + rotate_half(k) · sin)``.
     """
+    if positions is not None:  # the tokens' rows first: a decoding step widens one row, not the table
+        cos, sin = cos[positions], sin[positions]  # (T, D) or (B, T, D)
     if cos.shape[-1] * 2 == q.shape[-1]:  # half tables: c stands for cat(c, c)
         cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
-    if positions is not None:
-        cos, sin = cos[positions], sin[positions]  # (T, D) or (B, T, D)
     if cos.ndim == 3:  # (B, T, D) → (B, 1, T, D): one table per batch row, shared by its heads
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     rotated = []
