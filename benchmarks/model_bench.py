@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from kernel_bench import Unavailable
 from measure import DEVICE, ON_GPU, compiled
 from lash import DeepSupervisionTransformer, Trainer, TrainingConfig
+from lash.cuda_graphs import cuda_graph
 from lash.original import OriginalModel
 from lash_kernels import values_checked
 
@@ -84,9 +85,10 @@ def train_step_call(provider: str, vocab: int, precision: str = "fp32", batch: i
 
 
 def _graphed_step(vocab: int, precision: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """LASH's eager training step captured whole as one CUDA graph (PyTorch's whole-network capture:
-    warm-up on a side stream, gradients set to None so that the backward allocates them in the
-    graph's pool, a capturable fused AdamW); each call replays it over the same batch."""
+    """LASH's eager training step captured whole as one CUDA graph (PyTorch's whole-network capture,
+    through :func:`lash.cuda_graphs.cuda_graph`: gradients set to None in the step, so that the
+    backward allocates them in the graph's pool, and a capturable fused AdamW); each call replays it
+    over the same batch."""
     if not ON_GPU:
         raise Unavailable("CUDA graphs need a CUDA device")
     model = DeepSupervisionTransformer(vocab, DIM, LAYERS, HEADS, max_seq_len=SEQ_LEN).to(DEVICE)
@@ -95,29 +97,14 @@ def _graphed_step(vocab: int, precision: str, x: torch.Tensor, y: torch.Tensor) 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True, capturable=True)
 
     def body() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
         with values_checked():  # the batch was checked once; inside a graph nothing may read it back
             loss = trainer.compute_loss(model, x, y)
         loss.backward()
         optimizer.step()
         return loss
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            optimizer.zero_grad(set_to_none=True)
-            body()
-    torch.cuda.current_stream().wait_stream(stream)
-    optimizer.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = body()
-
-    def step() -> torch.Tensor:
-        graph.replay()
-        return loss
-
-    return step
+    return cuda_graph(body, None)
 
 
 @dataclass(frozen=True)

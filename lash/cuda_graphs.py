@@ -34,7 +34,7 @@ import contextlib
 import itertools
 import weakref
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeVar
 
 import torch
 
@@ -51,6 +51,7 @@ MAX_GRAPH_ROWS = MAX_PENDING + 1  # an early-exit deep step's rows at most
 # that runs the same work again and returns its output; the second argument is the memory pool
 # the graphs of one Graphs share (None off CUDA).
 Capture = Callable[[Callable[[], Step], object], Callable[[], Step]]
+Out = TypeVar("Out")
 
 
 def available(device: torch.device) -> bool:
@@ -69,11 +70,12 @@ def wanted(graphs: bool | None, device: torch.device) -> bool:
     return graphs
 
 
-def cuda_graph(body: Callable[[], Step], pool: object) -> Callable[[], Step]:
-    """Capture ``body`` as a CUDA graph after one warm-up run (kernels compile, cuBLAS picks its
-    algorithms). The warm-up writes what the first replay writes again: a layer call's writes
-    depend only on its inputs. Graphs of one ``pool`` share memory: they never run at the same
-    time, and a graph's outputs stay its own (they are alive while later graphs are captured)."""
+def cuda_graph(body: Callable[[], Out], pool: object) -> Callable[[], Out]:
+    """Capture ``body`` as a CUDA graph after one warm-up run on a side stream (kernels compile,
+    cuBLAS picks its algorithms, lazily made state such as an optimizer's is made). A decoding
+    step's warm-up writes what the first replay writes again: a layer call's writes depend only on
+    its inputs. Graphs of one ``pool`` share memory: they never run at the same time, and a
+    graph's outputs stay its own (they are alive while later graphs are captured)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -83,7 +85,7 @@ def cuda_graph(body: Callable[[], Step], pool: object) -> Callable[[], Step]:
     with torch.cuda.graph(graph, pool=pool):
         out = body()
 
-    def replay() -> Step:
+    def replay() -> Out:
         graph.replay()
         return out
 
