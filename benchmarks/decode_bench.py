@@ -43,10 +43,13 @@ from lash.generation import generate  # noqa: E402
 
 
 def train_or_load(args) -> tuple[DeepSupervisionTransformer, torch.Tensor, int]:
-    """The trained model (from the cache when there), validation sequences, and the vocabulary size."""
+    """The trained model (from the cache when there), validation sequences, and the vocabulary size.
+
+    Training saves a checkpoint every ``--eval-every`` steps next to the model, so a run that is
+    stopped (a time box) resumes where it was, exactly, the next time."""
     data = load_dataset("offline", args.train_samples, args.batch_size, args.seq_len, seed=0, max_vocab=args.vocab)
     key = hashlib.sha256(json.dumps([args.dim, args.layers, args.heads, args.vocab, args.train_steps, args.seq_len,
-                                     args.train_samples, args.exit_layer]).encode()).hexdigest()[:16]  # fmt: skip
+                                     args.train_samples, args.exit_layer, "cosine"]).encode()).hexdigest()[:16]  # fmt: skip
     path = Path(args.cache) / f"model-{key}.pt"
     model = DeepSupervisionTransformer(data.vocab_size, args.dim, args.layers, args.heads,
                                        max_seq_len=args.seq_len + args.new + 8, exit_layer=args.exit_layer)  # fmt: skip
@@ -54,24 +57,50 @@ def train_or_load(args) -> tuple[DeepSupervisionTransformer, torch.Tensor, int]:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         print(f"model loaded from {path}")
     else:
-        # Every exit supervised, the exit layer weighted most: the exits then predict well.
-        weights = {layer: (2.0 if layer == args.exit_layer else 1.0) for layer in range(1, args.layers + 1)}
-        model = model.to(DEVICE)
-        # Not compiled: a few hundred steps take seconds eagerly, less than compiling them would.
-        trainer = Trainer(TrainingConfig(layer_weights=weights), data.vocab_size, DEVICE, progress=False,
-                          precision="bf16" if ON_GPU else "fp32", compile=False)  # fmt: skip
-        optimizer = trainer.create_optimizer(model, 1e-3)
-        start, steps = time.perf_counter(), 0
-        while steps < args.train_steps:
-            steps += 1
-            trainer.train_epoch(model, data.train, optimizer, max_steps=trainer.global_step + min(args.train_steps - steps + 1, len(data.train)))
-            steps = trainer.global_step
-            print(f"trained {steps} steps, {time.perf_counter() - start:.0f} s; val {trainer.evaluate(model, data.val)['per_layer']}")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        train(model.to(DEVICE), data, args, path.with_suffix(".ckpt"))
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
+        path.with_suffix(".ckpt").unlink()
         print(f"model saved to {path}")
     model = model.to(DEVICE, torch.bfloat16 if ON_GPU else torch.float32).eval()  # decoded in bf16 on a GPU
     return model, data.val.inputs, data.vocab_size
+
+
+def train(model: DeepSupervisionTransformer, data, args, checkpoint: Path) -> None:
+    """Every exit supervised, the exit layer weighted most, so that the exits predict well; AdamW
+    with a cosine decay over the run, whose last steps bring the deep layers into line with the
+    shallow ones (this post-norm model's deep exits lag for the first few hundred steps)."""
+    weights = {layer: (2.0 if layer == args.exit_layer else 1.0) for layer in range(1, args.layers + 1)}
+    # Not compiled: eager steps start at once, and the run is short next to a compile on the CPU.
+    trainer = Trainer(TrainingConfig(layer_weights=weights), data.vocab_size, DEVICE, progress=False,
+                      precision="bf16" if ON_GPU else "fp32", compile=False, total_steps=args.train_steps)  # fmt: skip
+    optimizer = trainer.create_optimizer(model, 1e-3)
+    if checkpoint.is_file():
+        trainer.load_checkpoint(checkpoint)
+        print(f"resumed at step {trainer.global_step} from {checkpoint}")
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    while trainer.global_step < args.train_steps:
+        stop = min(trainer.global_step + args.eval_every, args.train_steps)
+        trainer.train_epoch(model, data.train, optimizer, max_steps=stop)
+        trainer.save_checkpoint(checkpoint)
+        print(f"trained {trainer.global_step} steps, {time.perf_counter() - start:.0f} s; {exit_agreement(model, data.val)}", flush=True)
+
+
+def exit_agreement(model: DeepSupervisionTransformer, val) -> str:
+    """Held-out next-token accuracy at the exit layer and the last layer, and how often the two
+    agree: the share of drafts that self-speculative decoding can expect to keep."""
+    x, y = val.inputs[:64].to(DEVICE), val.targets[:64].to(DEVICE)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        shallow, deep = (model.output_head(h).argmax(-1) for h in model.hidden_states(x, [model.exit_layer, model.num_layers]))
+    model.train(was_training)
+
+    def share(same: torch.Tensor) -> str:
+        return f"{same.float().mean().item():.1%}"
+
+    return (f"accuracy at layer {model.exit_layer} {share(shallow == y)}, at layer {model.num_layers} {share(deep == y)}, "
+            f"agreeing on {share(shallow == deep)}")  # fmt: skip
 
 
 def thresholds(model, val: torch.Tensor, shares: list[float]) -> dict[float, float]:
@@ -145,9 +174,12 @@ def run(args) -> list[dict]:
         plain_time = seconds_of["plain"]
         for name, kwargs in modes:
             seconds = seconds_of[name]
-            _, stats = generate(model, prompt, args.new, return_stats=True, **kwargs)
+            tokens, stats = generate(model, prompt, args.new, return_stats=True, **kwargs)
+            plain_tokens = tokens if name == "plain" else plain_tokens
             row = {"batch": batch, "mode": name, "tokens_per_s": batch * args.new / seconds,
                    "speedup_vs_plain": plain_time / seconds, **stats}  # fmt: skip
+            if kwargs.get("speculative"):  # greedy: the full model's tokens, exactly
+                row["same_tokens_as_plain"] = torch.equal(tokens, plain_tokens)
             if bandwidth and name == "plain":  # bytes a step must read, over the time the copy bandwidth needs for them
                 step_bytes = batch * bytes_per_token(model, args.prompt, args.new, batch, 0.0, 1.0)
                 row["of_roofline"] = step_bytes / bandwidth / (seconds / args.new)
@@ -229,6 +261,8 @@ def markdown(rows: list[dict], args) -> str:
         ideal = (f"{r['bytes_ideal']:.2f}× | {r['of_bytes_ideal']:.2f}" if "bytes_ideal" in r else "– | –")
         lines.append(f"| {r['batch']} | {r['mode']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_plain']:.2f}× | "
                      f"{r['shallow_ratio']:.0%} | {r['acceptance_rate']:.0%} | {r['executed_layer_ratio']:.2f} | {ideal} |")  # fmt: skip
+    differ = [f"{r['mode']} at batch {r['batch']}" for r in rows if r.get("same_tokens_as_plain") is False]
+    lines += ["", "Speculative tokens equal plain decoding's: " + ("every row." if not differ else "**not** in " + "; ".join(differ) + ".")]
     roofline = [f"{r['mode']} at batch {r['batch']}: {r['of_roofline']:.2f}" for r in rows if "of_roofline" in r]
     if roofline:
         lines += ["", "Share of the HBM roofline (a step's weight and cache bytes / copy bandwidth): " + "; ".join(roofline) + "."]
@@ -245,7 +279,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64, help="training sequence length")
     parser.add_argument("--batch-size", type=int, default=16, help="training batch")
     parser.add_argument("--train-samples", type=int, default=8000)
-    parser.add_argument("--train-steps", type=int, default=400)
+    parser.add_argument("--train-steps", type=int, default=1000)
+    parser.add_argument("--eval-every", type=int, default=100, help="training steps between checkpoints")
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])

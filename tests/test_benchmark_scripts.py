@@ -1,6 +1,7 @@
 """The GPU run's benchmark scripts run end to end on the CPU, small, and write what they promise:
-``decode_bench.py --dry-run`` and a short ``e2e_ashem.py``."""
+``decode_bench.py --dry-run`` and a short ``e2e_ashem.py``; a stopped decode_bench training resumes."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,7 +37,10 @@ def test_decode_bench_dry_run_writes_every_mode_with_its_ratios(tmp_path):
     for row in rows:
         assert row["tokens_per_s"] > 0 and {"shallow_ratio", "executed_layer_ratio", "acceptance_rate"} <= set(row)
         assert ("bytes_ideal" in row) == row["mode"].startswith("early exit")
-    assert "| batch | mode | tokens/s |" in (tmp_path / "out" / "decode.md").read_text()
+        assert ("same_tokens_as_plain" in row) == row["mode"].startswith("speculative")
+        assert row.get("same_tokens_as_plain", True) is True
+    table = (tmp_path / "out" / "decode.md").read_text()
+    assert "| batch | mode | tokens/s |" in table and "Speculative tokens equal plain decoding's: every row." in table
 
 
 @pytest.mark.slow
@@ -46,3 +51,33 @@ def test_e2e_ashem_times_both_paths_and_prints_the_ratio(tmp_path):
     for row in rows.values():
         assert row["total"] >= row["phase1"] + row["phase2"] - 1e-6 > 0 and row["phase1_tokens"] > 0
     assert "end to end, compiling included: LASH" in done.stdout
+
+
+def test_decode_bench_training_stopped_at_a_checkpoint_resumes_exactly(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import decode_bench
+    from lash import DeepSupervisionTransformer, Trainer
+    from lash.data import load_dataset
+
+    args = argparse.Namespace(layers=2, exit_layer=1, train_steps=4, eval_every=2)
+    data = load_dataset("offline", 32, 4, 8, seed=0, max_vocab=64)
+
+    def trained(seed: int, path: Path) -> dict:
+        torch.manual_seed(seed)
+        model = DeepSupervisionTransformer(data.vocab_size, 16, 2, 2, max_seq_len=8, exit_layer=1)
+        decode_bench.train(model, data, args, path)
+        return model.state_dict()
+
+    straight = trained(0, tmp_path / "straight.ckpt")
+    save = Trainer.save_checkpoint
+
+    def stop_after_saving(trainer, path, extra=None):
+        save(trainer, path, extra)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "save_checkpoint", stop_after_saving)
+        with pytest.raises(KeyboardInterrupt):
+            trained(0, tmp_path / "stopped.ckpt")
+    resumed = trained(1, tmp_path / "stopped.ckpt")  # another init: everything comes from the checkpoint
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
