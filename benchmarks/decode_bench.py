@@ -182,7 +182,8 @@ def run(args) -> list[dict]:
         for name, kwargs in modes:
             seconds = seconds_of[name]
             tokens, stats = generate(model, prompt, args.new, return_stats=True, **kwargs)
-            plain_tokens = tokens if name == "plain" else plain_tokens
+            if name == "plain":  # the first mode
+                plain_tokens = tokens
             row = {"batch": batch, "mode": name, "tokens_per_s": batch * args.new / seconds,
                    "speedup_vs_plain": plain_time / seconds, **stats}  # fmt: skip
             if kwargs.get("speculative"):  # greedy: the full model's tokens, exactly

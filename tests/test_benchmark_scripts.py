@@ -54,7 +54,7 @@ def test_e2e_ashem_times_both_paths_and_prints_the_ratio(tmp_path):
 
 
 def test_decode_bench_training_stopped_at_a_checkpoint_resumes_exactly(tmp_path, monkeypatch):
-    sys.path.insert(0, str(REPO / "benchmarks"))
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import decode_bench
     from lash import DeepSupervisionTransformer, Trainer
     from lash.data import load_dataset
