@@ -181,13 +181,14 @@ class Graphs:
     def _with_head(self, run_layers: Callable[[], torch.Tensor], head: Callable[[torch.Tensor], torch.Tensor],
                    heads: str) -> Callable[[], Step]:  # fmt: skip
         """A graph's whole body: the layers, then the head and its statistics on none, the call's
-        last real token (``count - 1``) or every row."""
+        last real token (``count - 1``) or every row; the states of every row, or else of that token."""
 
         def body() -> Step:
             h = run_layers()
-            if heads == "none":
-                return head_step(h, None)
-            return head_step(h, head(h if heads == "every" else h.index_select(1, (self.count - 1).view(1))))
+            if heads == "every":
+                return head_step(h, head(h))
+            h = h.index_select(1, (self.count - 1).view(1))  # the call's last real token
+            return head_step(h, head(h) if heads == "last" else None)
 
         return body
 

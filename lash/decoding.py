@@ -69,7 +69,7 @@ class Step(NamedTuple):
     """A layer call's result: the last layer's states, and the shared head's logits with their
     statistics at the tokens the call asked the head for (``None`` where it asked for none)."""
 
-    h: torch.Tensor  # (B, n, D)
+    h: torch.Tensor  # (B, max(m, 1), D) at the call's last tokens: those the head ran on (the last one when none)
     logits: torch.Tensor | None  # (B, m, V)
     top: torch.Tensor | None  # (B, m) the argmax: greedy's token
     confidence: torch.Tensor | None  # (B, m) fp32 max softmax probability: early exit's test
@@ -100,8 +100,10 @@ class Parts(Protocol):
         values into ``state.cache``; queries read every valid column up to their own. Tokens where
         ``frozen`` (B, n) is set keep their input state after every layer, so each layer caches
         what it projects from that state (propagation). The head runs on the last ``heads``
-        tokens: 0, 1 or ``n``. The result may be memory the next step over the same ``layers``
-        reuses (a graph's output buffers): copy what must outlive that."""
+        tokens: 0, 1 or ``n``; the states come back for those (the last token's when 0), so the
+        last layer may skip everything but the keys and values of the others. The result may be
+        memory the next step over the same ``layers`` reuses (a graph's output buffers): copy what
+        must outlive that."""
 
     def fill(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState) -> None:
         """Write the keys and values ``layers`` would have for the frozen states ``h`` (propagation)."""
@@ -119,8 +121,9 @@ class LayerParts:
         raise NotImplementedError
 
     def run(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState,
-            frozen: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        """:meth:`Parts.step`'s layers over hidden states: ``(B, n, D)`` → ``(B, n, D)``."""
+            frozen: torch.Tensor | None = None, outputs: int | None = None) -> torch.Tensor:  # fmt: skip
+        """:meth:`Parts.step`'s layers over hidden states: ``(B, n, D)`` → the last layer's states at
+        the last ``outputs`` tokens ``(B, outputs, D)`` (every token's for ``None``)."""
         raise NotImplementedError
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -129,8 +132,8 @@ class LayerParts:
 
     def step(self, x: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState,
              frozen: torch.Tensor | None = None, heads: int = 1) -> Step:  # fmt: skip
-        h = self.run(x if x.is_floating_point() else self.embed(x), start, positions, layers, state, frozen)
-        return head_step(h, self.head(h[:, h.shape[1] - heads :]) if heads else None)
+        h = self.run(x if x.is_floating_point() else self.embed(x), start, positions, layers, state, frozen, max(heads, 1))
+        return head_step(h, self.head(h) if heads else None)
 
 
 @dataclass

@@ -55,21 +55,28 @@ class LashParts(LayerParts):
         return self.model.embedding(ids)  # ids are checked once, by generate, or were generated
 
     def run(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState,
-            frozen: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+            frozen: torch.Tensor | None = None, outputs: int | None = None) -> torch.Tensor:  # fmt: skip
         end = start + h.shape[1]  # the columns after this call: attention reads no further
         slots = torch.arange(start, end, device=h.device)  # (n,)
-        return self.layers(h, slots, end, positions, layers, state.cache, state.valid, frozen)
+        return self.layers(h, slots, end, positions, layers, state.cache, state.valid, frozen, outputs)
 
     def layers(self, h: torch.Tensor, slots: torch.Tensor, end: int, positions: torch.Tensor, layers: range,
-               cache: StaticCache, valid: torch.Tensor, frozen: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+               cache: StaticCache, valid: torch.Tensor, frozen: torch.Tensor | None,
+               outputs: int | None = None) -> torch.Tensor:  # fmt: skip
         """:meth:`run` with the call's columns given as ``slots`` (n,), a device tensor: queries read
         the valid columns up to their own, among the first ``end``."""
+        n = h.shape[1]
         columns = torch.arange(end, device=h.device)  # (end,)
         allowed = (columns <= slots[:, None]) & valid[:, None, :end]  # (B, n, end): valid columns up to its own
         mask = additive_mask(allowed.unsqueeze(1), h.dtype)  # (B, 1, n, end), shared by the layers
         where = slots.expand(h.shape[0], -1)  # (B, n): every row writes the same columns
         start_h = h
         for i in layers:
+            if i == layers[-1] and outputs is not None and outputs < n:
+                # The last layer's queries, attention output and FFN only for the tokens whose states
+                # the caller wants (the head's); the others still write their keys and values.
+                mask, start_h = mask[:, :, n - outputs :], start_h[:, n - outputs :]
+                frozen = None if frozen is None else frozen[:, -outputs:]
             layer_cache = LayerCache(cache.keys[i][:, :, :end], cache.values[i][:, :, :end], where, mask)
             h = self.model.layers[i](h, positions, layer_cache)
             if frozen is not None:

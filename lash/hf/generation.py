@@ -93,9 +93,10 @@ class HFParts(LayerParts):
         return self.parts.embed(ids)
 
     def run(self, h: torch.Tensor, start: int, positions: torch.Tensor, layers: range, state: DecodeState,
-            frozen: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+            frozen: torch.Tensor | None = None, outputs: int | None = None) -> torch.Tensor:  # fmt: skip
         end = start + h.shape[1]  # the cache length after the call
-        return self.layers(h, positions, layers, state.cache, state.valid[:, :end], frozen)
+        h = self.layers(h, positions, layers, state.cache, state.valid[:, :end], frozen)  # a decoder layer runs every token
+        return h if outputs is None else h[:, h.shape[1] - outputs :]
 
     def layers(self, h: torch.Tensor, positions: torch.Tensor, layers: range, cache, valid: torch.Tensor,
                frozen: torch.Tensor | None) -> torch.Tensor:  # fmt: skip

@@ -32,7 +32,10 @@ class LayerCache(NamedTuple):
     keys: torch.Tensor  # (B, nh, S, hs), written in place
     values: torch.Tensor  # (B, nh, S, hs), written in place
     slots: torch.Tensor  # (B, n) int64: the column each of the call's n tokens writes, per row
-    mask: torch.Tensor  # (B, 1, n, S) float, 0 where a query reads a column and -inf where not
+    # (B, 1, m, S) float, 0 where a query reads a column and -inf where not. Its m rows are the
+    # queries of the call's last m tokens (m <= n): the earlier ones only write their keys and
+    # values, and the layer returns the last m tokens' states.
+    mask: torch.Tensor
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -129,8 +132,9 @@ class MultiHeadAttention(nn.Module):
         Args:
             x: hidden states of the tokens whose queries (and keys, values) this call computes.
             positions: ``(T,)`` or ``(B, T)`` positions of those tokens; ``None``: ``0..T-1``.
-            cache: with ``positions``, where the keys and values go and what the queries read;
-                ``None``: the tokens attend causally among themselves.
+            cache: with ``positions``, where the keys and values go and what the queries read
+                (its mask's rows: the last tokens whose states come back); ``None``: the tokens
+                attend causally among themselves.
         """
         return self.with_residual(x, positions, cache)[0]
 
@@ -150,5 +154,7 @@ class MultiHeadAttention(nn.Module):
             index = cache.slots[:, None, :, None].expand(B, self.num_heads, T, self.head_dim)
             cache.keys.scatter_(2, index, k)
             cache.values.scatter_(2, index, v)
+            queries = cache.mask.shape[-2]
+            q, x = q[:, :, T - queries :], x[:, T - queries :]  # the tokens whose states the caller wants
             y = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=cache.mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, D)), x  # (B, T, D) each
+        return self.o_proj(y.transpose(1, 2).flatten(2)), x  # (B, T or m, D) each

@@ -31,7 +31,8 @@ class TransformerBlock(nn.Module):
     def forward(
         self, h: torch.Tensor, positions: torch.Tensor | None = None, cache: LayerCache | None = None
     ) -> torch.Tensor:
-        """``(B, T, D)`` → ``(B, T, D)``; training and inference alike (see :meth:`MultiHeadAttention.forward`)."""
+        """``(B, T, D)`` → ``(B, T, D)``, or the last ``m`` tokens' ``(B, m, D)`` where the cache's
+        mask has ``m`` query rows; training and inference alike (see :meth:`MultiHeadAttention.forward`)."""
         # Residual add and norm fused: one pass over the activations instead of two. The residual
         # comes back through each projection, whose backward adds its gradient in the GEMM.
         attn, h = self.attn.with_residual(h, positions, cache)

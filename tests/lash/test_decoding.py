@@ -247,3 +247,37 @@ def test_each_row_keeps_its_own_drafts(draft_tokens):
              ["acceptance_rate"] for i in range(3)]  # fmt: skip
     assert min(alone) < max(alone)  # the rows differ
     assert rate > min(alone) and rate == pytest.approx(sum(alone) / 3, abs=0.1)
+
+
+def test_a_call_runs_its_last_layer_only_for_the_tokens_it_returns():
+    """A deep step's pending tokens need their keys and values from the last layer, not its output:
+    the last layer projects q, runs attention, o_proj and the FFN for the returned tokens alone."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lash.decoding import DecodeState
+    from lash.modules import inference_weights
+
+    model, n, start = make_model(), 5, 3
+    parts = decoding_parts.LashParts(model)
+    h = torch.randn(2, n, DIM, dtype=torch.float64)
+    positions = torch.arange(start, start + n).expand(2, n)
+    results, flops = {}, {}
+    with torch.no_grad(), inference_weights(model):
+        for outputs in (None, 1, 2):
+            state = DecodeState(parts.new_cache(2, 16), torch.ones(2, 16, dtype=torch.bool), torch.arange(16).expand(2, 16))
+            torch.manual_seed(1)  # the same earlier columns, which the queries read, in every call
+            state.cache.keys[:, :, :, :start].normal_()
+            state.cache.values[:, :, :, :start].normal_()
+            with FlopCounterMode(display=False) as counter:
+                results[outputs] = parts.run(h, start, positions, range(1, LAYERS), state, outputs=outputs), state.cache
+            flops[outputs] = counter.get_total_flops()
+    full, full_cache = results[None]
+    for outputs in (1, 2):
+        out, cache = results[outputs]
+        assert out.shape == (2, outputs, DIM)
+        torch.testing.assert_close(out, full[:, n - outputs :], rtol=1e-12, atol=1e-12)
+        assert torch.equal(cache.keys, full_cache.keys) and torch.equal(cache.values, full_cache.values)
+    ffn = model.layers[0].ffn.w2.weight.shape[1]
+    per_token = 2 * (DIM * DIM + 3 * DIM * ffn)  # o_proj and the FFN of the last layer
+    assert flops[None] - flops[1] >= (n - 1) * per_token
+    assert flops[1] - flops[2] <= -per_token
