@@ -340,6 +340,9 @@ def _speculative(parts: Parts, state: DecodeState, record: _Record, sampler: Sam
     B, device = record.tokens.shape[0], record.tokens.device
     steps = torch.arange(draft_tokens + 1, device=device)
     generated = torch.full((B,), record.generated, device=device)  # per row
+    # The position of each row's last token it keeps (its max_new_tokens-th): a row that is ahead
+    # drafts past it, and those drafts, dropped, may not reach past the model's positions.
+    last = state.positions[:, col - 1 : col] + stop.max_new_tokens  # (B, 1)
     states = None
     while record.more:
         k = min(draft_tokens, stop.max_new_tokens - record.generated)
@@ -385,7 +388,7 @@ def _speculative(parts: Parts, state: DecodeState, record: _Record, sampler: Sam
         state.valid[:, col + 1 : col + m + 1] &= steps[1 : m + 1] <= kept[:, None]  # rejected drafts: holes
         state.valid[:, col + m + 1] = active  # a row with all its tokens adds no more
         ahead = torch.arange(state.positions.shape[1] - col - m - 1, device=device)
-        state.positions[:, col + m + 1 :] = (state.positions[:, col] + gained)[:, None] + ahead  # each row's own
+        state.positions[:, col + m + 1 :] = torch.minimum((state.positions[:, col] + gained)[:, None] + ahead, last)  # each row's own
         record.length, record.generated, record.done = col + m + 2, fewest, done
         parts.keep(state, col + m + 1)
         record.layer_evals += (k + 1) * parts.num_layers

@@ -249,6 +249,17 @@ def test_each_row_keeps_its_own_drafts(draft_tokens):
     assert rate > min(alone) and rate == pytest.approx(sum(alone) / 3, abs=0.1)
 
 
+@pytest.mark.parametrize("draft_tokens", [2, 4])
+def test_rows_ahead_stay_within_the_models_positions(draft_tokens):
+    """A row that kept more drafts than another, or has all its tokens, drafts past its last kept
+    token; with the prompt and new tokens filling ``max_seq_len``, those positions must not run
+    past the RoPE tables (an IndexError here, an out-of-bounds read on CUDA)."""
+    model, x = make_model(deep_scale=0.1), prompts(3)
+    new = model.max_seq_len - PROMPT
+    out, stats = generate(model, x, new, speculative=True, draft_tokens=draft_tokens, return_stats=True)
+    assert torch.equal(out, generate(model, x, new)) and 0 < stats["acceptance_rate"] < 1
+
+
 def test_a_call_runs_its_last_layer_only_for_the_tokens_it_returns():
     """A deep step's pending tokens need their keys and values from the last layer, not its output:
     the last layer projects q, runs attention, o_proj and the FFN for the returned tokens alone."""
