@@ -10,9 +10,10 @@ whole step: the embedding (a step that starts from ids), the layers, the head an
 in row buckets of 1, 2, 4, 8 and 16 (padded rows repeat the last real one), so a deep step with
 any number of pending tokens replays one of five graphs. Each graph is captured on first use
 for its :class:`GraphKey` and kept in :class:`Graphs` with the cache and the buffers it reads and
-writes, per model, batch and cache length: a later ``generate`` call with the same ones captures
-nothing (its cache's length is rounded up, :func:`cache_columns`, so calls of similar lengths
-count as the same; :func:`release` frees what is kept).
+writes, per model, batch and cache length (up to :data:`MAX_SHAPES` of those per model): a later
+``generate`` call with the same ones captures nothing (its cache's length is rounded up,
+:func:`cache_columns`, so calls of similar lengths count as the same; :func:`release` frees what
+is kept).
 
 A graph replays what it captured: every Python value and every tensor address is fixed then. So
 everything that changes between replays is a device buffer the graph reads: the call's hidden
@@ -137,8 +138,8 @@ class Graphs:
     """The graphs of one model, batch and cache length, with the cache they write and the buffers
     they read: each call's inputs, the columns' validity and the first column it writes."""
 
-    def __init__(self, key: tuple, cache, batch: int, slots: int, dim: int, like: torch.Tensor) -> None:
-        self.key, self.cache, self.slots = key, cache, slots
+    def __init__(self, cache, batch: int, slots: int, dim: int, like: torch.Tensor) -> None:
+        self.cache, self.slots = cache, slots
         self.valid = torch.zeros(batch, slots, dtype=torch.bool, device=like.device)
         self.first = torch.zeros((), dtype=torch.long, device=like.device)
         self.count = torch.ones((), dtype=torch.long, device=like.device)  # the call's real rows
@@ -193,7 +194,17 @@ class Graphs:
         return body
 
 
-_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → its Graphs
+MAX_SHAPES = 4  # the (batch, cache length) pairs whose graphs a model keeps, the least recently used dropped first
+
+
+class _Kept(NamedTuple):
+    """A model's graphs, each for one batch and cache length, over the same weights."""
+
+    weights: tuple  # the parameters' and buffers' addresses and types, and whether CUDA autocast was on
+    shapes: dict  # (batch, columns) → Graphs, the least recently used first
+
+
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → _Kept
 _STACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → its stacked weights' buffers
 
 
@@ -208,16 +219,25 @@ def cache_columns(slots: int) -> int:
 
 
 def graphs_for(model: torch.nn.Module, batch: int, slots: int, new_cache: Callable[[int], object], dim: int) -> Graphs:
-    """The model's graphs for this batch and a call that needs ``slots`` cache columns: those held,
-    unless the batch, the column bucket (:func:`cache_columns`) or the weights' addresses and
-    types changed since they were captured (then new ones, over ``new_cache(columns)``)."""
+    """The model's graphs for this batch and a call that needs ``slots`` cache columns: those held
+    for the batch and column bucket (:func:`cache_columns`), else new ones, over
+    ``new_cache(columns)``. A model keeps them for up to :data:`MAX_SHAPES` batch and length pairs
+    (the modes of one batch may differ in length: speculative decoding's holes take more
+    columns), the least recently used dropped first, and drops them all once the weights'
+    addresses or types change."""
     tensors = list(itertools.chain(model.parameters(), model.buffers()))
     columns = cache_columns(slots)
-    key = (batch, columns, tuple((t.data_ptr(), t.dtype) for t in tensors), torch.is_autocast_enabled("cuda"))
-    held = _GRAPHS.get(model)
-    if held is None or held.key != key:
-        _GRAPHS.pop(model, None)  # the old graphs and cache go before the new ones are allocated
-        held = _GRAPHS[model] = Graphs(key, new_cache(columns), batch, columns, dim, tensors[0])
+    weights = (tuple((t.data_ptr(), t.dtype) for t in tensors), torch.is_autocast_enabled("cuda"))
+    kept = _GRAPHS.get(model)
+    if kept is None or kept.weights != weights:
+        _GRAPHS.pop(model, None)  # the old graphs and caches go before new ones are allocated
+        kept = _GRAPHS[model] = _Kept(weights, {})
+    held = kept.shapes.pop((batch, columns), None)
+    if held is None:
+        while len(kept.shapes) >= MAX_SHAPES:
+            kept.shapes.pop(next(iter(kept.shapes)))
+        held = Graphs(new_cache(columns), batch, columns, dim, tensors[0])
+    kept.shapes[(batch, columns)] = held  # the most recently used last
     return held
 
 

@@ -57,7 +57,7 @@ def test_attention_reaches_further_as_the_cache_fills(traced, mode):
     x = prompts(2)
     eager = generate(model, x, 130, cuda_graphs=False, **mode)
     assert torch.equal(generate(model, x, 130, cuda_graphs=True, **mode), eager)
-    reaches = {key.reach for key in cuda_graphs._GRAPHS[model].replays}
+    reaches = {key.reach for graphs in cuda_graphs._GRAPHS[model].shapes.values() for key in graphs.replays}
     assert reaches == {64, 128, 256}  # columns written so far, rounded up: 6 + 130 crosses 64 and 128
 
 
@@ -108,6 +108,27 @@ def test_graphs_are_captured_once_per_model_batch_and_length_and_serve_new_weigh
     model.float()  # the weights move: new graphs over them
     captured = len(traced)
     assert torch.equal(generate(model, x, cuda_graphs=True, **call), generate(model, x, cuda_graphs=False, **call))
+    assert len(traced) > captured
+
+
+def test_modes_that_need_other_cache_lengths_keep_their_graphs(traced, monkeypatch):
+    """At batch > 1 speculative decoding's holes take more cache columns than plain decoding: calls
+    that alternate between them (a benchmark's interleaved modes) replay, not capture anew, up to
+    MAX_SHAPES batch and length pairs, the least recently used dropped first."""
+    model, x = make_model(deep_scale=0.1), prompts(2)
+    calls = [{}, {"speculative": True, "draft_tokens": 4}]  # 64 and 256 cache columns
+    for call in calls:
+        generate(model, x, 30, cuda_graphs=True, **call)
+    captured = len(traced)
+    for call in calls * 2:
+        assert torch.equal(generate(model, x, 30, cuda_graphs=True, **call), generate(model, x, 30, cuda_graphs=False, **call))
+    assert len(traced) == captured and len(cuda_graphs._GRAPHS[model].shapes) == 2
+    monkeypatch.setattr(cuda_graphs, "MAX_SHAPES", 2)
+    generate(model, x[:1], 30, cuda_graphs=True)  # a third shape: plain decoding's (2, 64) goes
+    captured = len(traced)
+    generate(model, x, 30, cuda_graphs=True, **calls[1])
+    assert len(traced) == captured
+    generate(model, x, 30, cuda_graphs=True)
     assert len(traced) > captured
 
 
