@@ -147,8 +147,9 @@ class HFParts(LayerParts):
 
 def _parts_for(model: nn.Module, cache_implementation: str | None, graphs: bool | None) -> HFParts:
     """The model's parts for the engine; ``ValueError`` for a cache and graph choice that do not go together.
-    Graphs need a static cache, which sliding-window layers do not take, and attention that takes
-    a 4-D mask; asked for (``True``) they must fit, by default (``None``) they are used where they fit."""
+    Graphs need a static cache, which sliding-window layers do not take, attention that takes a
+    4-D mask, and RoPE frequencies that do not depend on the positions; asked for (``True``) they
+    must fit, by default (``None``) they are used where they fit."""
     parts = HFParts(model, cache_implementation or "dynamic")
     asked = cuda_graphs.wanted(graphs, parts.parts.head.weight.device)
     attention = getattr(model.config, "_attn_implementation", None)
@@ -161,8 +162,24 @@ def _parts_for(model: nn.Module, cache_implementation: str | None, graphs: bool 
             f"cuda_graphs=True needs attn_implementation 'sdpa' or 'eager'; the model uses {attention!r}, whose "
             "varying lengths are read on the host"
         )
-    fits = parts.holes and cache_implementation != "dynamic" and attention in GRAPHED_ATTENTION
+    rope = _host_chosen_rope(parts.parts.backbone)
+    if graphs and rope:
+        raise ValueError(
+            f"cuda_graphs=True needs RoPE whose frequencies do not depend on the positions; {type(model).__name__} uses "
+            f"{rope!r} RoPE, which picks them on the host from the longest position"
+        )
+    fits = parts.holes and cache_implementation != "dynamic" and attention in GRAPHED_ATTENTION and not rope
     return GraphedHFParts(model) if asked and fits else parts
+
+
+def _host_chosen_rope(backbone: nn.Module) -> str | None:
+    """The RoPE type of ``backbone`` whose frequencies are chosen on the host from the positions
+    (dynamic scaling, longrope: a host read, which a graph cannot capture), or ``None``."""
+    types = getattr(getattr(backbone, "rotary_emb", None), "rope_type", None)
+    for rope in types.values() if isinstance(types, dict) else [types]:
+        if isinstance(rope, str) and ("dynamic" in rope or rope == "longrope"):
+            return rope
+    return None
 
 
 class GraphedHFParts(HFParts):

@@ -86,6 +86,20 @@ def test_graphs_need_a_static_cache_and_attention_that_takes_a_mask(traced, fami
         generate(model, prompts(1), 2, exit_layer=1, **kwargs)
 
 
+@pytest.mark.parametrize("rope", ["dynamic", "longrope"])
+def test_rope_chosen_on_the_host_decodes_eagerly(traced, rope):
+    """Dynamic-scaling and longrope RoPE pick their frequencies on the host from the longest
+    position: a read no graph can capture. Such models decode eagerly by default; asking for
+    graphs is a ValueError naming the RoPE type."""
+    model, x = make_model(), prompts(1)
+    model.model.rotary_emb.rope_type = rope  # as a model configured with that scaling would have it
+    with pytest.raises(ValueError, match=f"uses '{rope}' RoPE"):
+        generate(model, x, 4, exit_layer=1, cuda_graphs=True)
+    if rope == "dynamic":  # longrope would need the rest of its configuration to run at all
+        generate(model, x, 4, exit_layer=1)
+        assert not traced
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("batch", [1, 3])
