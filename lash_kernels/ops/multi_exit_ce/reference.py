@@ -7,10 +7,10 @@ logits, which is what every other path avoids, and serves tests and benchmarks a
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 import numbers
 import operator
+import threading
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -31,7 +31,9 @@ class MultiExitCEOutput(NamedTuple):
     token_loss: torch.Tensor | None  # (K, N) fp32 detached per-token CE (0 where ignored), or None
 
 
-_VALUES_CHECKED = contextvars.ContextVar("lash_values_checked", default=False)
+# Thread-local, not a ContextVar: torch.compile traces (and guards on) a thread-local attribute,
+# where it cannot read a ContextVar in torch 2.11 (a fullgraph compile fails there; 2.14 can).
+_STATE = threading.local()
 
 
 @contextlib.contextmanager
@@ -43,16 +45,17 @@ def values_checked() -> Iterator[None]:
     (``torch._assert_async`` and the comparisons it needs) on every call. Shapes and dtypes are
     still checked; they cost the device nothing.
     """
-    token = _VALUES_CHECKED.set(True)
+    before = getattr(_STATE, "checked", False)
+    _STATE.checked = True
     try:
         yield
     finally:
-        _VALUES_CHECKED.reset(token)
+        _STATE.checked = before
 
 
 def values_need_checking() -> bool:
     """False inside :func:`values_checked`."""
-    return not _VALUES_CHECKED.get()
+    return not getattr(_STATE, "checked", False)
 
 
 def validate_inputs(
