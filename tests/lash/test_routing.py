@@ -107,7 +107,7 @@ def test_no_threshold_is_forward_and_zero_is_the_exit_layer():
     with torch.no_grad():
         full, all_logits = model(x), model.forward_all_layers(x)
     logits, stats = early_exit_forward(model, x, None, 2)
-    torch.testing.assert_close(logits, full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)  # fp32 logits of magnitude ~10: a few ulps
     assert stats["shallow_ratio"] == 0.0 and stats["compute_cost"] == 1.0
     ffn, head = 4 * DIM, 2 * DIM * V
     layer_tokens = 2 * (4 * DIM * DIM + 3 * DIM * ffn)

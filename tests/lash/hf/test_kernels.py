@@ -67,8 +67,10 @@ def test_lash_rms_norm_equals_the_familys_norm(family, x_dtype, w_dtype, backend
 def restore_rope():
     """Put back every family's own ``apply_rotary_pos_emb`` (use_lash_kernels swaps module globals)."""
     modules = {name: module for name, module in sys.modules.items() if name.startswith("transformers.models.")}
-    saved = {name: module.apply_rotary_pos_emb for name, module in modules.items()
-             if hasattr(module, "apply_rotary_pos_emb")}  # fmt: skip
+    # vars(), not hasattr: a lazy transformers module imports its submodules on an attribute lookup
+    # (some need packages this machine may not have, e.g. torchvision).
+    saved = {name: vars(module)["apply_rotary_pos_emb"] for name, module in modules.items()
+             if "apply_rotary_pos_emb" in vars(module)}  # fmt: skip
     yield
     for name, function in saved.items():
         sys.modules[name].apply_rotary_pos_emb = function
