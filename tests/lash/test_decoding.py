@@ -37,11 +37,17 @@ def prompts(batch, seed=0):
 
 
 def split_threshold(model, x, exit_layer=2):
-    """A threshold that some generated tokens reach and others do not."""
+    """A threshold that some generated tokens reach and others do not: the middle of the widest gap
+    between the middle half of their confidences, so that no token sits on it (a GPU's graphed and
+    eager steps may round a confidence differently, and a token at the threshold would then exit
+    in one and not the other)."""
     with torch.no_grad():
         out = generate(model, x, 12)
         conf = model.compute_confidence(model.hidden_states(out, [exit_layer])[0])[:, PROMPT:]
-    return float(conf.median())
+    ordered = conf.flatten().sort().values
+    middle = ordered[len(ordered) // 4 : 3 * len(ordered) // 4 + 1]
+    widest = int((middle[1:] - middle[:-1]).argmax())
+    return float((middle[widest] + middle[widest + 1]) / 2)
 
 
 @torch.no_grad()
