@@ -155,6 +155,7 @@ class MultiHeadAttention(nn.Module):
             cache.keys.scatter_(2, index, k)
             cache.values.scatter_(2, index, v)
             queries = cache.mask.shape[-2]
-            q, x = q[:, :, T - queries :], x[:, T - queries :]  # the tokens whose states the caller wants
+            if queries < T:  # only the last tokens' states are wanted
+                q, x = q[:, :, T - queries :], x[:, T - queries :]
             y = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=cache.mask)
         return self.o_proj(y.transpose(1, 2).flatten(2)), x  # (B, T or m, D) each
