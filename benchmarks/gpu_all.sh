@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
-# Everything LASH checks on a CUDA machine, most important first, each step time-boxed so that a
-# short lease still returns the earlier steps: at most 9.5 minutes in all (120 + 80 + 165 + 45 + 100 + 60 s).
-# Writes at most 8 files under OUT_DIR.
+# Everything LASH checks on a CUDA machine, each step time-boxed so that a short lease still
+# returns the earlier steps: at most 9.5 minutes in all (tests 120 s, decode 100 s, suite 165 + 45 s,
+# e2e 60 s, hf 80 s). Writes at most 8 files under OUT_DIR.
 #
-#   bash benchmarks/gpu_all.sh OUT_DIR
+#   bash benchmarks/gpu_all.sh OUT_DIR              # every step, in this order
+#   bash benchmarks/gpu_all.sh OUT_DIR decode e2e   # only these steps (a rerun of what a lease cut)
 #
+# Steps: tests (the gpu-marked tests: a figure from a broken kernel is worth nothing), decode
+# (early-exit and speculative decoding), suite (kernels, loss, routing, training step; then the
+# norm and RoPE rows again), e2e (the short ASHEM run end to end), hf (Hugging Face memory, RoPE).
 # Liger-Kernel and Cut Cross-Entropy are compared when importable (README, "Running the GPU suite").
 set -u
-out=${1:?usage: bash benchmarks/gpu_all.sh OUT_DIR}
+out=${1:?usage: bash benchmarks/gpu_all.sh OUT_DIR [tests|decode|suite|e2e|hf ...]}
+shift
+steps=${*:-tests decode suite e2e hf}
+for step in $steps; do
+    case $step in tests | decode | suite | e2e | hf) ;; *) echo "unknown step: $step (tests, decode, suite, e2e, hf)" >&2; exit 2 ;; esac
+done
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 {
@@ -16,27 +25,52 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 'triton', triton.__version__, 'transformers', transformers.__version__)"
     date -u
 } >"$out/env.txt" 2>&1
-workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
-# A test module whose optional import is missing on this machine must not stop the CUDA tests.
-LASH_KERNELS=triton timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
-    $workers tests/ >"$out/gpu_tests.txt" 2>&1
-{
-    for tokens in 1024 8192; do  # one logits chunk (256 MiB) holds all 4 × 1024 rows; 8192 tokens take 8
-        timeout 30 python3 benchmarks/hf_multi_exit_memory.py --device cuda --tokens $tokens
-    done
-    timeout 20 python3 benchmarks/hf_rope.py --json "$out/hf_rope.json"
-} >"$out/hf.txt" 2>&1
-timeout 165 python3 benchmarks/gpu_suite.py --out "$out/suite" --no-tests >"$out/suite.log" 2>&1
-# The norm and RoPE rows once more in a fresh process, each compared with the first run: a row that
-# moves more than 10% between two runs is not settled. Its table goes to the end of suite.log, its
-# files to a scratch folder, so OUT_DIR keeps to 8 files.
-timeout 45 python3 benchmarks/gpu_suite.py --out "$(mktemp -d)" --only kernels \
-    --compare "$out/suite/gpu_suite.json" >>"$out/suite.log" 2>&1
-# The benchmark's early-exit model, trained as on the CPU (1000 bf16 steps; one checkpoint, at the end:
-# nothing the machine keeps outlives the lease), then plain / early exit / speculative decoding.
-timeout 100 python3 benchmarks/decode_bench.py --repeats 2 --eval-every 1000 >"$out/decode.txt" 2>&1
-# The short ASHEM experiment end to end, compiling included: LASH's default path against an eager loop.
-timeout 60 python3 benchmarks/e2e_ashem.py --device cuda >>"$out/decode.txt" 2>&1
-tail -n 5 "$out"/gpu_tests.txt "$out"/hf.txt
-cat "$out/suite/gpu_suite.md" "$out/decode.txt" 2>/dev/null | tail -n 80
-grep "difference from the earlier run" "$out/suite.log"
+
+tests() {
+    local workers
+    workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
+    # A test module whose optional import is missing on this machine must not stop the CUDA tests.
+    LASH_KERNELS=triton timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
+        $workers tests/ >"$out/gpu_tests.txt" 2>&1
+    tail -n 5 "$out/gpu_tests.txt"
+}
+
+decode() {
+    # The benchmark's early-exit model, trained as on the CPU (1000 bf16 steps; one checkpoint, at the
+    # end: nothing the machine keeps outlives the lease), then plain / early exit / speculative
+    # decoding; its rows print as they finish, so a cut run keeps them.
+    timeout 100 python3 benchmarks/decode_bench.py --repeats 2 --eval-every 1000 >"$out/decode.txt" 2>&1
+    tail -n 40 "$out/decode.txt"
+}
+
+suite() {
+    timeout 165 python3 benchmarks/gpu_suite.py --out "$out/suite" --no-tests >"$out/suite.log" 2>&1
+    # The norm and RoPE rows once more in a fresh process, each compared with the first run: a row
+    # that moves more than 10% between two runs is not settled. Its table goes to the end of
+    # suite.log, its files to a scratch folder, so OUT_DIR keeps to 8 files.
+    timeout 45 python3 benchmarks/gpu_suite.py --out "$(mktemp -d)" --only kernels \
+        --compare "$out/suite/gpu_suite.json" >>"$out/suite.log" 2>&1
+    cat "$out/suite/gpu_suite.md" 2>/dev/null
+    grep "difference from the earlier run" "$out/suite.log"
+}
+
+e2e() {
+    # The short ASHEM experiment end to end, compiling included: LASH's default path against an eager loop.
+    timeout 60 python3 benchmarks/e2e_ashem.py --device cuda >"$out/e2e.txt" 2>&1
+    tail -n 20 "$out/e2e.txt"
+}
+
+hf() {
+    {
+        for tokens in 1024 8192; do # one logits chunk (256 MiB) holds all 4 × 1024 rows; 8192 tokens take 8
+            timeout 30 python3 benchmarks/hf_multi_exit_memory.py --device cuda --tokens $tokens
+        done
+        timeout 20 python3 benchmarks/hf_rope.py  # its table is its figures
+    } >"$out/hf.txt" 2>&1
+    tail -n 5 "$out/hf.txt"
+}
+
+for step in $steps; do
+    echo "== $step"
+    $step
+done

@@ -1,6 +1,6 @@
 """One command on a GPU: the CUDA tests, every benchmark subject, and one table of DESIGN.md's bars.
 
-    python benchmarks/gpu_suite.py --out DIR            # on a CUDA machine (gpu_all.sh gives it 195 s)
+    python benchmarks/gpu_suite.py --out DIR            # on a CUDA machine (gpu_all.sh gives it 165 s)
     python benchmarks/gpu_suite.py --out DIR --quick    # fewer shapes and dtypes
     python benchmarks/gpu_suite.py --out DIR --dry-run  # on the CPU: tiny shapes, checks the machinery
     python benchmarks/gpu_suite.py --out DIR --no-tests # the benchmarks alone

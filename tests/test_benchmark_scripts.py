@@ -1,5 +1,6 @@
 """The GPU run's benchmark scripts run end to end on the CPU, small, and write what they promise:
-``decode_bench.py --dry-run`` and a short ``e2e_ashem.py``; a stopped decode_bench training resumes."""
+``decode_bench.py --dry-run`` and a short ``e2e_ashem.py``; a stopped decode_bench training resumes;
+``gpu_all.sh`` runs the steps it is given into no more files than a device call brings back."""
 
 import argparse
 import json
@@ -81,3 +82,42 @@ def test_decode_bench_training_stopped_at_a_checkpoint_resumes_exactly(tmp_path,
             trained(0, tmp_path / "stopped.ckpt")
     resumed = trained(1, tmp_path / "stopped.ckpt")  # another init: everything comes from the checkpoint
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+
+
+def _gpu_all(tmp_path: Path, *steps: str) -> subprocess.CompletedProcess:
+    """``gpu_all.sh`` with ``python3`` and ``nvidia-smi`` stood in for by scripts that write what
+    the real ones would (a file wherever ``--out`` points) and log their arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho GPU\n")
+    (bin_dir / "python3").write_text(
+        '#!/bin/sh\necho "$*" >>"$CALLS"\nwhile [ $# -gt 0 ]; do\n'
+        '  if [ "$1" = --out ]; then mkdir -p "$2"; echo x >"$2/gpu_suite.md"; echo x >"$2/gpu_suite.json"; fi\n'
+        "  shift\ndone\n"
+    )
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(tmp_path / "calls")}
+    return subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_all.sh"), str(tmp_path / "out"), *steps],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def test_gpu_all_runs_every_step_into_at_most_eight_files_and_only_the_steps_named(tmp_path):
+    done = _gpu_all(tmp_path)
+    assert done.returncode == 0, done.stderr
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert len(files) <= 8, files  # what a device call brings back
+    calls = (tmp_path / "calls").read_text()
+    for script in ("pytest", "decode_bench.py", "gpu_suite.py", "e2e_ashem.py", "hf_multi_exit_memory.py", "hf_rope.py"):
+        assert script in calls
+    (tmp_path / "calls").unlink()
+    done = _gpu_all(tmp_path, "e2e", "decode")
+    assert done.returncode == 0, done.stderr
+    scripts = [line.split()[0] for line in (tmp_path / "calls").read_text().splitlines() if line.startswith("benchmarks/")]
+    assert scripts == ["benchmarks/e2e_ashem.py", "benchmarks/decode_bench.py"]
+
+
+def test_gpu_all_refuses_an_unknown_step_before_running_anything(tmp_path):
+    done = _gpu_all(tmp_path, "decode", "sutie")
+    assert done.returncode == 2 and "sutie" in done.stderr
+    assert not (tmp_path / "calls").exists()
