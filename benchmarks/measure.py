@@ -9,7 +9,8 @@ Plain functions, shared by the pytest-benchmark files and ``benchmarks/gpu_suite
   output and gradient the calls allocate is allocated at capture), and each timing replays the
   graph between two CUDA events, a number of replays sized to take about 20 ms, divided by
   replays × sets. A call that cannot be captured (one that reads a value back to the host) is
-  timed the same way over its eager calls, and the method it got is returned beside the timer.
+  timed between CUDA events over its eager calls, one input set after another, as few calls as
+  20 ms allow, and the method it got is returned beside the timer.
   On the CPU each timing is :func:`median_seconds`;
 * :func:`interleaved` takes one timing of each provider in turn, ``REPEATS`` times, so that
   drift in clocks or temperature hits all providers alike, and gives each provider's median and
@@ -209,12 +210,14 @@ def _event_timer(run: Callable[[], object], calls_per_run: int) -> Callable[[], 
 def device_timer(fn: Callable[[], object]) -> tuple[Callable[[], float], str]:
     """A timing function for ``fn`` (seconds per call, on the device) and how it times.
 
-    ``fn`` is a :class:`Rotation` or one call. On CUDA: warm-up rounds over every input set on
+    ``fn`` is a :class:`Rotation` or one call. On CUDA: warm-up calls of the first input set on
     the capture stream (compilation, autotuning, lazy initialisation stay out of the graph), the
-    last of them under :func:`host_syncs`; then one graph of a call per set, captured in its own
-    memory pool, which a timing replays. A call that synchronises with the host cannot be
-    captured; it is timed over rounds of eager calls instead. On the CPU a timing is
-    :func:`median_seconds`.
+    last of them under :func:`host_syncs`, and one call of every other set; then one graph of a
+    call per set, captured in its own memory pool, which a timing replays. A call that
+    synchronises with the host cannot be captured; it is timed by eager calls, one set after
+    another, as few as :data:`TIMING_S` allows: such a call is host-bound (Liger-Kernel's loss
+    takes over 0.1 s at the seed's width), and a timing of every set would outlast the suite's
+    time box. On the CPU a timing is :func:`median_seconds`.
     """
     if not ON_GPU:
         return (lambda: median_seconds(fn)), "wall clock, median of 3 calls"
@@ -225,9 +228,11 @@ def device_timer(fn: Callable[[], object]) -> tuple[Callable[[], float], str]:
             call()
 
     with on_capture_stream():
-        syncs = host_syncs(run_all, warmup=2)
-    if syncs:
-        return _event_timer(run_all, len(calls)), f"CUDA events around eager calls (host syncs at {', '.join(syncs)})"
+        syncs = host_syncs(calls[0], warmup=2)
+        if syncs:
+            return _event_timer(Rotation(calls), 1), f"CUDA events around eager calls (host syncs at {', '.join(syncs)})"
+        for call in calls[1:]:
+            call()
     graph = torch.cuda.CUDAGraph()
     # The outer context restores the caller's stream even if the capture fails part-way.
     with torch.cuda.stream(_capture_stream()), torch.cuda.graph(graph, stream=_capture_stream()):

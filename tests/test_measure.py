@@ -1,6 +1,7 @@
 """``benchmarks/measure.py``'s timing logic on the CPU: providers interleaved round by round, each
 one's median and spread, the rotation of input sets, the same-size copy's bytes, the host timer."""
 
+import contextlib
 import importlib
 import os
 from pathlib import Path
@@ -70,3 +71,32 @@ def test_cpu_timers_return_seconds_per_call(measure):
     host = measure.host_timer(lambda: calls.append(1), calls=7)
     assert len(calls) == 10  # the warm-up
     assert host() > 0 and len(calls) == 17
+
+
+def test_a_provider_that_syncs_with_the_host_is_timed_in_few_calls_over_its_sets(measure, monkeypatch):
+    """On CUDA a call that synchronises cannot be graphed; at 0.13 s a call (Liger-Kernel's loss at
+    the seed's width) it must be timed in a handful of calls, not rounds over all 64 input sets."""
+    calls = []
+
+    class Event:  # a CUDA event that reads the simulated clock: 0.13 s per call made
+        def __init__(self, enable_timing):
+            self.at = 0
+
+        def record(self):
+            self.at = len(calls)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return (end.at - self.at) * 130.0
+
+    monkeypatch.setattr(measure, "ON_GPU", True)
+    monkeypatch.setattr(measure, "on_capture_stream", contextlib.nullcontext)
+    monkeypatch.setattr(measure, "host_syncs", lambda step, warmup: [step() for _ in range(warmup + 1)] and ["liger/loss.py:132"])
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    timer, method = measure.device_timer(measure.Rotation(lambda i=i: calls.append(i) for i in range(64)))
+    assert "host syncs at liger/loss.py:132" in method
+    assert [timer() for _ in range(measure.REPEATS)] == [pytest.approx(0.13)] * measure.REPEATS
+    assert len(calls) <= 4 + measure.REPEATS  # warm-up and sync check, the calibration, the timings
+    assert len(set(calls[3:])) == len(calls) - 3  # the timed calls rotate through the sets
