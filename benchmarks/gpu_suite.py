@@ -78,12 +78,12 @@ def gpu_tests(suite: Suite) -> None:
     try:
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TESTS_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        suite.rows.append(Row(bar, "–", target, "FAIL", f"timed out after {TESTS_TIMEOUT_S} s"))
+        suite.add(Row(bar, "–", target, "FAIL", f"timed out after {TESTS_TIMEOUT_S} s"))
         return
     summary = (done.stdout.strip().splitlines() or ["no output"])[-1]
     suite.measurements["gpu_tests"] = {"returncode": done.returncode, "summary": summary, "tail": done.stdout[-4000:]}
     status = "PASS" if done.returncode == 0 else "FAIL"
-    suite.rows.append(Row(bar, summary, target, status, "" if status == "PASS" else "see gpu_suite.json: gpu_tests"))
+    suite.add(Row(bar, summary, target, status, "" if status == "PASS" else "see gpu_suite.json: gpu_tests"))
 
 
 def ceilings(suite: Suite) -> None:
@@ -149,7 +149,7 @@ def host_syncs(suite: Suite) -> None:
         places = measure.host_syncs(model_bench.train_step_call(provider, vocab))
         suite.measurements[f"host_syncs_{provider}"] = places
         status = "FAIL" if places else "PASS"
-        suite.rows.append(Row(bar, f"{len(places)} places", "0", status, "; ".join(places)))
+        suite.add(Row(bar, f"{len(places)} places", "0", status, "; ".join(places)))
 
 
 def _ce_shapes(suite: Suite) -> Iterator[tuple[tuple[int, int, int, int], str, bool]]:
@@ -228,9 +228,9 @@ def _fullgraph_row(suite: Suite, name: str, shape: tuple[int, int, int, int], dt
     ran = attempt(lambda: (kernel_bench.ce_call("lash-compile", *kernel_bench.ce_inputs(shape, dtype))(),
                             measure.synchronize()))
     if isinstance(ran, str):
-        suite.rows.append(Row(bar, "failed", target, "FAIL", ran))
+        suite.add(Row(bar, "failed", target, "FAIL", ran))
     else:
-        suite.rows.append(Row(bar, "ran", target, "PASS", f"dynamo {measure.compile_counts()}"))
+        suite.add(Row(bar, "ran", target, "PASS", f"dynamo {measure.compile_counts()}"))
 
 
 def _memory_bound(suite: Suite, op: str, label: str, size: tuple[int, ...], mode: str) -> None:
@@ -381,7 +381,6 @@ def main(argv: list[str] | None = None) -> None:
         # On a shared CPU, OpenMP threads competing with other processes time the contention.
         torch.set_num_threads(1)
     start = time.perf_counter()
-    suite = Suite(dry=args.dry_run, quick=args.quick)
     env = measure.environment()
 
     mode = "dry-run" if args.dry_run else ("quick" if args.quick else "full")
@@ -389,7 +388,8 @@ def main(argv: list[str] | None = None) -> None:
         mode += f", {args.only} only"
 
     def save() -> str:
-        """Write what has been measured so far, so a run cut short still leaves its finished sections."""
+        """Write what has been measured so far, so a run cut short still leaves its finished rows;
+        each file is replaced whole, so one cut while it is written keeps the previous version."""
         seconds = time.perf_counter() - start
         text = markdown(env, suite.rows, mode, seconds)
         result = {
@@ -400,9 +400,13 @@ def main(argv: list[str] | None = None) -> None:
             "rows": [asdict(r) for r in suite.rows],
             "measurements": suite.measurements,
         }
-        (args.out / "gpu_suite.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-        (args.out / "gpu_suite.md").write_text(text)
+        for name, content in (("gpu_suite.json", json.dumps(result, indent=2, default=str) + "\n"), ("gpu_suite.md", text)):
+            partial = args.out / f".{name}.partial"
+            partial.write_text(content)
+            os.replace(partial, args.out / name)
         return text
+
+    suite = Suite(dry=args.dry_run, quick=args.quick, on_row=save)
 
     kernels = [("RMSNorm / add+RMSNorm", lambda: norms(suite)), ("RoPE", lambda: rotary(suite))]
     # The flagship loss first, then the quick subjects, then those that wait on torch.compile.

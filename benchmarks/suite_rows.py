@@ -32,13 +32,20 @@ class Row:
 
 
 class Suite:
-    """Collects rows and raw measurements; ``dry`` marks every judged row DRY instead of PASS/FAIL."""
+    """Collects rows and raw measurements; ``dry`` marks every judged row DRY instead of PASS/FAIL.
 
-    def __init__(self, dry: bool, quick: bool) -> None:
-        self.dry, self.quick = dry, quick
+    ``on_row`` runs after every row is added: the suite saves its files there, so a run that its
+    time box stops keeps every row it finished, not only its finished sections."""
+
+    def __init__(self, dry: bool, quick: bool, on_row: Callable[[], None] = lambda: None) -> None:
+        self.dry, self.quick, self.on_row = dry, quick, on_row
         self.rows: list[Row] = []
         self.measurements: dict[str, dict] = {}
         self.seconds: dict[str, float] = {}  # per section, so gpu_all.sh's time box can be checked
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        self.on_row()
 
     def judge(self, bar: str, value: float, target: str, passes: Callable[[float], bool] | None, unit: str = "",
               note: str = "") -> None:
@@ -47,13 +54,13 @@ class Suite:
             status = "INFO"
         else:
             status = "DRY" if self.dry else ("PASS" if passes(value) else "FAIL")
-        self.rows.append(Row(bar, f"{value:.3g}{unit}", target, status, note))
+        self.add(Row(bar, f"{value:.3g}{unit}", target, status, note))
 
     def info(self, bar: str, measured: str, note: str = "") -> None:
-        self.rows.append(Row(bar, measured, "–", "INFO", note))
+        self.add(Row(bar, measured, "–", "INFO", note))
 
     def skip(self, bar: str, target: str, reason: str) -> None:
-        self.rows.append(Row(bar, "–", target, "SKIPPED", reason))
+        self.add(Row(bar, "–", target, "SKIPPED", reason))
 
     def section(self, name: str, fn: Callable[[], None]) -> None:
         """Run one subject; an exception becomes an ERROR row instead of ending the run."""
@@ -61,7 +68,7 @@ class Suite:
         try:
             fn()
         except Exception as error:  # noqa: BLE001 - one broken subject must not lose the others
-            self.rows.append(Row(name, "–", "–", "ERROR", measure.describe(error)))
+            self.add(Row(name, "–", "–", "ERROR", measure.describe(error)))
         self.seconds[name] = time.perf_counter() - start
         print(f"[{self.seconds[name]:6.1f} s] {name}", file=sys.stderr, flush=True)
 
@@ -130,7 +137,7 @@ def ratio_row(suite: Suite, bar: str, num: float | str, den: float | str, target
     for side in (num, den):
         if isinstance(side, str):
             status = "ERROR" if side.startswith("error") else "SKIPPED"
-            suite.rows.append(Row(bar, "–", target, status, side.split(": ", 1)[1]))
+            suite.add(Row(bar, "–", target, status, side.split(": ", 1)[1]))
             return None
     suite.judge(bar, num / den, target, passes, "×", note)
     return num / den

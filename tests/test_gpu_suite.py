@@ -113,3 +113,26 @@ print(suite_rows.markdown({"device": "d", "torch": "t", "date": "today"}, suite.
     assert "| steady: difference from the earlier run | 5% | ≤ 10% | PASS |" in table
     assert "| moved: difference from the earlier run | 22.2% | ≤ 10% | FAIL |" in table  # (0.9 - 0.7) / 0.9
     assert "| new: difference from the earlier run | – | ≤ 10% | SKIPPED |" in table
+
+
+def test_a_run_stopped_inside_a_section_keeps_the_rows_it_finished(tmp_path):
+    """The time box kills the suite wherever it is: every row written before then is on disk."""
+    code = f"""
+import sys
+sys.path.insert(0, "benchmarks")
+import gpu_suite
+
+def norms(suite):
+    suite.info("first norm row", "1")
+    raise SystemExit("killed by the time box")
+
+gpu_suite.norms = norms
+gpu_suite.main(["--dry-run", "--only", "kernels", "--out", {str(tmp_path)!r}])
+"""
+    env = {k: v for k, v in os.environ.items() if k != "LASH_KERNELS"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert "killed by the time box" in done.stderr
+    rows = json.loads((tmp_path / "gpu_suite.json").read_text())["rows"]
+    assert [row["bar"] for row in rows] == ["first norm row"]
+    assert "| first norm row | 1 |" in (tmp_path / "gpu_suite.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_suite.json", "gpu_suite.md"]  # no partial files left
