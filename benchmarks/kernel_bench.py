@@ -12,8 +12,9 @@ Providers:
 * ``lash``: the public op (Triton on a GPU, the torch path on the CPU);
 * ``eager``: its ``*_reference``; ``compile``: ``torch.compile`` of the reference (dynamo reset
   first, see :func:`measure.compiled`);
-* ``liger``: Liger-Kernel's functional op with the weight (``in_place=False``, so its backward
-  leaves the incoming gradient alone); for the loss, its fused linear cross-entropy once per exit;
+* ``liger``: Liger-Kernel's functional op with the weight, as its defaults run it (RMSNorm's
+  backward writes dX over the incoming gradient: the replays' values drift, not their time); for
+  the loss, its fused linear cross-entropy once per exit;
 * ``cce``: Cut Cross-Entropy's ``linear_cross_entropy`` once per exit;
 * ``matmuls`` (loss only): the bare head matmuls ``h·Wᵀ``, ``g·W``, ``gᵀ·h`` over all exits in the
   same dtype, the practical limit;
@@ -92,11 +93,11 @@ def _liger_op(op: str) -> Callable:
     from liger_kernel.transformers import functional
 
     if op == "rms_norm":
-        return lambda x, weight: functional.liger_rms_norm(x, weight, EPS, in_place=False)
+        return lambda x, weight: functional.liger_rms_norm(x, weight, EPS)
     if op == "add_rms_norm":
         if not hasattr(functional, "liger_fused_add_rms_norm"):
             raise Unavailable("this Liger-Kernel version has no fused add+RMSNorm (0.8.5 has)")
-        return lambda x, residual, weight: functional.liger_fused_add_rms_norm(x, residual, weight, EPS, in_place=False)
+        return lambda x, residual, weight: functional.liger_fused_add_rms_norm(x, residual, weight, EPS)
     return functional.liger_rope
 
 
@@ -128,8 +129,10 @@ def _inputs(op: str, provider: str, size: tuple[int, ...], dtype: torch.dtype, g
     """``(arguments, the ones to differentiate, the outputs' gradients)`` for one call of ``op`` at ``size``.
 
     RoPE's tables are built here, as half tables (``[T, D/2]``, standing for ``cat(c, c)``), or
-    as the ``[1, T, D]`` full tables Liger-Kernel takes. Without ``grad`` nothing requires a
-    gradient and the list of gradients is empty.
+    as the ``[1, T, D]`` full tables Liger-Kernel takes; q and k are ``(B, H, T, D)`` views of
+    ``(B, T, H, D)`` storage, as an attention layer's projections give them (Liger-Kernel copies
+    any other layout first). Without ``grad`` nothing requires a gradient and the list of
+    gradients is empty; the gradients have their tensors' strides.
     """
 
     def rand(*shape):
@@ -144,7 +147,7 @@ def _inputs(op: str, provider: str, size: tuple[int, ...], dtype: torch.dtype, g
         cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)  # (T, D/2) each
         if provider == "liger":
             cos, sin = (torch.cat((c, c), dim=-1)[None] for c in (cos, sin))  # (1, T, D) each
-        q, k = rand(b, h, t, d), rand(b, h, t, d)
+        q, k = (torch.randn(b, t, h, d, device=DEVICE, dtype=dtype).transpose(1, 2).requires_grad_(grad) for _ in "qk")
         return [q, k, cos, sin], [q, k], grads(q, k)
     rows, hidden = size
     weight = (torch.rand(hidden, device=DEVICE, dtype=dtype) + 0.5).requires_grad_(grad)
