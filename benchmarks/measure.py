@@ -61,6 +61,7 @@ L2_FLUSH_BYTES = 256 * 2**20
 MAX_INPUT_SETS = 64
 REPEATS = 5  # timings per provider, interleaved with the other providers'
 TIMING_S = 0.02  # device time one timing replays
+EAGER_METHOD = "CUDA events around eager calls"  # how device_timer times a call it cannot or may not graph
 HOST_CALLS = 200  # eager calls per host timing
 
 
@@ -207,7 +208,7 @@ def _event_timer(run: Callable[[], object], calls_per_run: int) -> Callable[[], 
     return lambda: elapsed(runs) / (runs * calls_per_run)
 
 
-def device_timer(fn: Callable[[], object]) -> tuple[Callable[[], float], str]:
+def device_timer(fn: Callable[[], object], eager: bool = False) -> tuple[Callable[[], float], str]:
     """A timing function for ``fn`` (seconds per call, on the device) and how it times.
 
     ``fn`` is a :class:`Rotation` or one call. On CUDA: warm-up calls of the first input set on
@@ -217,7 +218,8 @@ def device_timer(fn: Callable[[], object]) -> tuple[Callable[[], float], str]:
     synchronises with the host cannot be captured; it is timed by eager calls, one set after
     another, as few as :data:`TIMING_S` allows: such a call is host-bound (Liger-Kernel's loss
     takes over 0.1 s at the seed's width), and a timing of every set would outlast the suite's
-    time box. On the CPU a timing is :func:`median_seconds`.
+    time box. ``eager`` times any call that way: the like-for-like peer of one that syncs. On
+    the CPU a timing is :func:`median_seconds`.
     """
     if not ON_GPU:
         return (lambda: median_seconds(fn)), "wall clock, median of 3 calls"
@@ -229,8 +231,9 @@ def device_timer(fn: Callable[[], object]) -> tuple[Callable[[], float], str]:
 
     with on_capture_stream():
         syncs = host_syncs(calls[0], warmup=2)
-        if syncs:
-            return _event_timer(Rotation(calls), 1), f"CUDA events around eager calls (host syncs at {', '.join(syncs)})"
+        if syncs or eager:
+            why = f"host syncs at {', '.join(syncs)}" if syncs else "no host sync"
+            return _event_timer(Rotation(calls), 1), f"{EAGER_METHOD} ({why})"
         for call in calls[1:]:
             call()
     graph = torch.cuda.CUDAGraph()

@@ -97,18 +97,19 @@ def dry_compile(suite: Suite, record: dict, provider: str) -> bool:
     return suite.dry and "compile" in provider
 
 
-def side_by_side(suite: Suite, record: dict, builders: dict[str, Callable[[], Callable[[], object]]]) -> None:
+def side_by_side(suite: Suite, record: dict, builders: dict[str, Callable[[], Callable[[], object]]],
+                 eager: tuple[str, ...] = ()) -> None:
     """Time the calls each builder makes, interleaved (:func:`measure.interleaved`), into ``record``.
 
-    Every provider's timer is built first (inputs, warm-up, graph capture), then timed. Per
-    provider ``p``: ``p_s`` the median seconds per call (or why it did not run), ``p_spread``,
-    ``p_times_s`` and ``p_method``.
+    Every provider's timer is built first (inputs, warm-up, graph capture), then timed; the
+    providers named in ``eager`` by eager calls, never graphed. Per provider ``p``: ``p_s`` the
+    median seconds per call (or why it did not run), ``p_spread``, ``p_times_s`` and ``p_method``.
     """
     timers: dict[str, Callable[[], float]] = {}
     for name, build in builders.items():
         if dry_compile(suite, record, name):
             continue
-        built = attempt(lambda build=build: measure.device_timer(build()))
+        built = attempt(lambda build=build, name=name: measure.device_timer(build(), eager=name in eager))
         if isinstance(built, str):
             record[f"{name}_s"] = built
         else:

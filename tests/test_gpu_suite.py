@@ -136,3 +136,19 @@ gpu_suite.main(["--dry-run", "--only", "kernels", "--out", {str(tmp_path)!r}])
     assert [row["bar"] for row in rows] == ["first norm row"]
     assert "| first norm row | 1 |" in (tmp_path / "gpu_suite.md").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_suite.json", "gpu_suite.md"]  # no partial files left
+
+
+def test_a_loss_that_syncs_is_judged_against_lash_timed_the_same_way():
+    """Liger's and CCE's losses sync with the host, so they are timed by eager calls: their ratio is
+    taken to LASH's eager calls, not to LASH's graph replays (host time on one side only)."""
+    code = """
+import sys
+sys.path.insert(0, "benchmarks")
+import gpu_suite, measure
+record = {"liger_method": measure.EAGER_METHOD + " (host syncs at x.py:1)", "cce_method": "CUDA graph replay, 4 input sets"}
+print(gpu_suite._timed_alike(record, "liger")[0], gpu_suite._timed_alike(record, "cce")[0])
+"""
+    env = {k: v for k, v in os.environ.items() if k != "LASH_KERNELS"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["lash-eager", "lash"]
