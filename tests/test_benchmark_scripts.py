@@ -84,6 +84,28 @@ def test_decode_bench_training_stopped_at_a_checkpoint_resumes_exactly(tmp_path,
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
 
 
+def test_decode_bench_hugging_face_rows_end_with_model_generate_against_lash_plain(monkeypatch, capsys):
+    """The rows a GPU run adds, on a Llama shrunk from the benchmark's config: LASH's modes print
+    first, then ``model.generate`` timed beside LASH's plain decoding, and the table states the ratio."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import decode_bench
+
+    full = transformers.LlamaConfig
+    small = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 6,
+             "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+    monkeypatch.setattr(transformers, "LlamaConfig", lambda **kw: full(**{**kw, **small}))
+    args = argparse.Namespace(new=4, repeats=1, dim=64, layers=6, exit_layer=4, vocab=256, prompt=8, out=None)
+    rows = decode_bench.hf_rows(args)
+    assert [row["mode"] for row in rows][-1] == decode_bench.MODEL_GENERATE
+    assert rows[0]["mode"] == "hf llama-1b plain" and rows[0]["speedup_vs_plain"] == 1.0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == len(rows) and decode_bench.MODEL_GENERATE in printed[-1]  # model.generate, the slow one, last
+    table = decode_bench.markdown(rows, args)
+    ratio = 1 / rows[-1]["speedup_vs_plain"]
+    assert f"LASH's plain decoding is {ratio:.2f}× `model.generate`" in table
+
+
 def _gpu_all(tmp_path: Path, *steps: str) -> subprocess.CompletedProcess:
     """``gpu_all.sh`` with ``python3`` and ``nvidia-smi`` stood in for by scripts that write what
     the real ones would (a file wherever ``--out`` points) and log their arguments."""
