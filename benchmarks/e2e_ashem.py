@@ -148,15 +148,15 @@ def main() -> None:
     # Patience above the epoch count: both sides train every epoch.
     config = ASHEMConfig(phase1_max_epochs=args.epochs, phase2_max_epochs=args.epochs,
                          phase1_patience=args.epochs + 1, phase2_patience=args.epochs + 1)  # fmt: skip
-    rows = {"eager (lash.original, plain loop)": run_eager(config, data, args, device),
-            "LASH default path": run_lash(config, data, args, device)}  # fmt: skip
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{name}, torch {torch.__version__}; {args.samples} sequences ({data.source}), {args.epochs} epochs per phase")
     print("| path | total s | compile s | phase 1 s | phase 1 tokens/s | phase 2 s | phase 2 tokens/s | val PPL |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for path, r in rows.items():
+    print("|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    rows = {}
+    for path, run in (("eager (lash.original, plain loop)", run_eager), ("LASH default path", run_lash)):
+        rows[path] = r = run(config, data, args, device)  # each row printed when done: a time box keeps it
         print(f"| {path} | {r['total']:.1f} | {r['compile']:.1f} | {r['phase1']:.1f} | {r['phase1_tokens'] / r['phase1']:,.0f} "
-              f"| {r['phase2']:.1f} | {r['phase2_tokens'] / r['phase2']:,.0f} | {r['val_ppl']:.1f} |")  # fmt: skip
+              f"| {r['phase2']:.1f} | {r['phase2_tokens'] / r['phase2']:,.0f} | {r['val_ppl']:.1f} |", flush=True)  # fmt: skip
     eager, lash = rows.values()
     print(f"end to end, compiling included: LASH {eager['total'] / lash['total']:.2f}× the eager loop's speed (bar ≥ 3× on a GPU)")
     if args.json:

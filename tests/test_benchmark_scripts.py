@@ -127,11 +127,14 @@ def _gpu_all(tmp_path: Path, *steps: str) -> subprocess.CompletedProcess:
 def test_gpu_all_runs_every_step_into_at_most_eight_files_and_only_the_steps_named(tmp_path):
     done = _gpu_all(tmp_path)
     assert done.returncode == 0, done.stderr
-    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
-    assert len(files) <= 8, files  # what a device call brings back
     calls = (tmp_path / "calls").read_text()
-    for script in ("pytest", "decode_bench.py", "gpu_suite.py", "e2e_ashem.py", "hf_multi_exit_memory.py", "hf_rope.py"):
+    for script in ("pytest", "decode_bench.py", "gpu_suite.py", "e2e_ashem.py"):
         assert script in calls
+    assert "--compare" in calls  # the kernel rows' second run, against the first run's file
+    assert "hf_" not in calls  # the Hugging Face step runs only when named
+    assert _gpu_all(tmp_path, "hf").returncode == 0
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert len(files) <= 8, files  # what a device call brings back, every step run
     (tmp_path / "calls").unlink()
     done = _gpu_all(tmp_path, "e2e", "decode")
     assert done.returncode == 0, done.stderr
