@@ -129,10 +129,11 @@ LLM_ROUTING = RoutingConfig("llm", 32000, 2048, 24, 16, 1024, 4, 6, torch.bfloat
 def build(config: RoutingConfig, seed: int = 0) -> tuple[DeepSupervisionTransformer, torch.Tensor]:
     """A random model of ``config`` and a random ``(batch, seq_len)`` input, both on DEVICE."""
     torch.manual_seed(seed)
-    model = DeepSupervisionTransformer(
-        config.vocab, config.dim, config.layers, config.heads, max_seq_len=config.seq_len, exit_layer=config.exit_layer
-    )
-    model = model.to(DEVICE, config.dtype).eval()
+    with torch.device(DEVICE):  # initialised where it runs: the LLM-sized model takes 10-30 s on a CPU
+        model = DeepSupervisionTransformer(
+            config.vocab, config.dim, config.layers, config.heads, max_seq_len=config.seq_len, exit_layer=config.exit_layer
+        )
+    model = model.to(config.dtype).eval()
     x = torch.randint(0, config.vocab, (config.batch, config.seq_len), device=DEVICE)
     return model, x
 
