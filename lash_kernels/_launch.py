@@ -7,6 +7,7 @@ import functools
 from collections.abc import Callable
 
 import torch
+from torch._library.triton import set_wrap_triton_enabled
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
@@ -103,10 +104,19 @@ def through_op() -> bool:
 
 def call_op(op: Callable, eager: Callable, *args):
     """``op(*args)`` or ``eager(*args)`` (its twin's ``apply``, or the bare launcher of an op without
-    autograd), as :func:`through_op` decides."""
-    return op(*args) if through_op() else eager(*args)
+    autograd), as :func:`through_op` decides.
+
+    The eager call launches its kernels directly, as a ``triton_op`` does for real tensors: with
+    ``wrap_triton`` on, each launch would go through torch's higher-order op, which costs the host
+    about a millisecond and keeps every launch's constant arguments for the life of the process.
+    A twin's backward launches through ``call_op`` too, so it runs the same way."""
+    if through_op():
+        return op(*args)
+    with set_wrap_triton_enabled(False):
+        return eager(*args)
 
 
 def launch(kernel):
-    """The kernel as ``torch.compile`` can trace it; the interpreter runs it as it is."""
+    """The kernel as ``torch.compile`` can trace it (a direct launch outside tracing, see
+    :func:`call_op`); the interpreter runs it as it is."""
     return kernel if interpreting() else wrap_triton(kernel)

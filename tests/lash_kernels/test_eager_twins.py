@@ -4,6 +4,8 @@ Under the interpreter calls take the registered ops (``lash_kernels._launch.thro
 choice is forced both ways on the same inputs, and outputs and every gradient must be equal.
 """
 
+import sys
+
 import pytest
 import torch
 
@@ -42,3 +44,32 @@ def test_twin_function_equals_the_op(case, monkeypatch):
     assert op_kernels and not twin_kernels  # each path really taken
     for a, b in zip(op_out + op_grads, twin_out + twin_grads):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", sorted(_cases()))
+def test_the_twin_launches_its_kernels_directly_forward_and_backward(case, monkeypatch):
+    """On CUDA ``wrap_triton`` routes a launch through torch's higher-order op unless it is turned
+    off (about a millisecond of host time and a record kept per launch); an eager twin call, its
+    backward included, must launch with it off, as a ``triton_op`` does for real tensors."""
+    from torch._library.triton import is_wrap_triton_enabled
+
+    monkeypatch.setenv("LASH_KERNELS", "triton")
+    monkeypatch.setattr(_launch, "through_op", lambda: False)
+    wrapped = []
+
+    def recording_launch(kernel):
+        wrapped.append(is_wrap_triton_enabled())
+        return kernel
+
+    modules = [m for name, m in sys.modules.items() if name.startswith("lash_kernels.ops") and getattr(m, "launch", None) is _launch.launch]
+    assert len(modules) >= 4
+    for module in modules:
+        monkeypatch.setattr(module, "launch", recording_launch)
+    fn, inputs = _cases()[case]
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    forward_launches = len(wrapped)
+    outs = out if isinstance(out, tuple) else (out,)
+    torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
+    assert forward_launches > 0 and (len(wrapped) > forward_launches or case == "multi_exit_ce")  # its gradients come from the forward
+    assert not any(wrapped), wrapped
