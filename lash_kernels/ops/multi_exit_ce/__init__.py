@@ -42,7 +42,9 @@ sends them through the op without gradients, so no gradient work is done for the
 Numerics: statistics and reductions in fp32. bf16/fp16 operands feed ``tl.dot``/cuBLAS as they
 are (the chunked path's logits are in the input dtype, as in Liger-Kernel); fp32 operands use
 ``tf32x3`` dots in the fused kernels (three TF32 products, near-fp32 accuracy on tensor cores)
-and cuBLAS fp32 (under the user's ``allow_tf32`` setting) in the chunked path. Envelope:
+and cuBLAS fp32 (under the user's ``allow_tf32`` setting) in the chunked path. In fp16 the
+chunked path forms ``G`` over the largest per-token scale and rescales the gradients after, since
+``G`` itself would fall below fp16's smallest value at thousands of tokens. Envelope:
 ``K·N·D``, ``V·D`` < 2³¹ elements; any V.
 
 The result type, the input checks and the eager reference are in :mod:`.reference`.

@@ -130,6 +130,11 @@ def chunked_multi_exit_ce(
     safe_targets = torch.where(valid, targets.repeat(K), 0)  # (K·N,) gatherable everywhere
     g = g.reshape(rows)
     need_grad = need_grad_hiddens or need_grad_weight
+    # fp16 holds nothing below 6e-8, and G = g·(softmax − onehot), with g ≈ w_k / |valid| ≈ 1e-4 at
+    # 8K tokens, would round most of its entries to 0: in fp16 the row pass forms G / max(g), at
+    # most 1, and the gradients are brought back to scale after the last chunk.
+    g_max = g.amax().clamp(min=torch.finfo(torch.float32).tiny) if need_grad and compute_dtype == torch.float16 else None
+    g_rows = g / g_max if g_max is not None else g
     token_loss = torch.empty(rows, dtype=torch.float32, device=h.device)
     conf = torch.empty(rows if with_stats else 0, dtype=torch.float32, device=h.device)
     pred = torch.empty(rows if with_stats else 0, dtype=torch.int64, device=h.device)
@@ -142,7 +147,7 @@ def chunked_multi_exit_ce(
         h_c = h[start:end].to(compute_dtype)  # (C, D), a view when the dtype already matches
         logits = torch.mm(h_c, head.T, out=block[: end - start])  # (C, V)
         ce, c_conf, c_pred = row_pass(
-            logits, safe_targets[start:end], valid[start:end], g[start:end] if need_grad else None, with_stats
+            logits, safe_targets[start:end], valid[start:end], g_rows[start:end] if need_grad else None, with_stats
         )
         token_loss[start:end] = ce
         if with_stats:
@@ -152,6 +157,9 @@ def chunked_multi_exit_ce(
             torch.mm(logits, head, out=grad_h[start:end])  # logits now hold G
         if need_grad_weight:
             add_transposed_product(grad_w, logits, h_c)
+    if g_max is not None:
+        grad_h.mul_(g_max)
+        grad_w.mul_(g_max)
     loss = torch.dot(token_loss, g)  # Σ_k Σ_n g_kn · CE_kn = Σ_k w_k · (weighted) mean CE_k
     stats_shape = (K, N) if with_stats else (0,)
     return (

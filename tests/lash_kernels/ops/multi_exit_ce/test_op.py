@@ -99,6 +99,25 @@ def test_half_precision(kernels, dtype):
     assert_matches_reference(hiddens, weight, targets, [1.0, 0.5], TOL[dtype])
 
 
+def test_chunked_fp16_gradients_keep_what_rounds_below_fp16s_smallest_value():
+    """G = g·(softmax − onehot) with g ≈ w_k / |valid| falls below fp16's 6e-8 for most entries at
+    8K tokens (on a GPU's chunked path, where fp16 is the matmuls' dtype); a small exit weight
+    puts it there on a small shape. The gradients must still match float64."""
+    from lash_kernels.ops.multi_exit_ce.row_kernel import _triton_row_pass
+
+    n, D, v = 48, 16, 96
+    h, W = (torch.randn(1, n, D) * 0.01).half(), (torch.randn(v, D) * 100).half()
+    y = torch.randint(0, v, (n,))
+    g = chunked.token_scales(y, [5e-5], -100)
+    *_, grad_h, grad_w = chunked.chunked_multi_exit_ce(h, W, y, g, -100, False, True, True, _triton_row_pass, 32,
+                                                       torch.float16)  # fmt: skip
+    p = (h[0].double() @ W.double().T).softmax(-1)
+    G = g[0].double()[:, None] * (p - F.one_hot(y, v))
+    assert (G.abs() < 6e-8).float().mean() > 0.9  # what fp16 would have rounded away
+    for got, expected in ((grad_h[0], G @ W.double()), (grad_w, G.T @ h[0].double())):
+        assert ((got.double() - expected).abs().max() / expected.abs().max()) < 1e-2  # 5e-2 / 2.5e-2 when G is rounded
+
+
 def test_all_tokens_ignored_gives_zero_not_nan(kernels):
     hiddens, weight, targets = make_inputs(2, 24, ignored=1.0)
     out = multi_exit_cross_entropy(hiddens, weight, targets, [1.0, 1.0])
