@@ -150,8 +150,11 @@ def _rms_norm_backward_kernel(
                 s_hat = tl.load(S + rows64 * stride_s + c[None, :], mask=mask, other=0.0).to(tl.float32) * rstd[:, None]
                 g = dy * tl.load(W + c, mask=c < N, other=0.0).to(tl.float32)[None, :]
                 _write_ds(DS, DS_OUT, rows64, c, mask, g, s_hat, mean_g_s, rstd, stride_ds_out, N, HAS_DS_OUT)
-                # Same layout for the load and the store: each thread re-reads what it wrote.
+                # The load and the store may be laid out over the threads differently (they are
+                # at N 16384), so a thread can re-read what another wrote for the previous rows:
+                # the barrier orders that write before this read.
                 dw_ptr = DW_PARTIAL + pid * N + c
+                tl.debug_barrier()
                 tl.store(dw_ptr, tl.load(dw_ptr, mask=c < N) + tl.sum(dy * s_hat, axis=0), mask=c < N)
 
 
