@@ -80,6 +80,10 @@ SHAPES = {
     "llm-wide": StaticShape(
         "llm-wide", tokens=8192, hidden=4096, vocab=128256, exits=3, batch=4, seq=2048, heads=32, head_dim=128
     ),
+    # The GPU suite's norm and RoPE rows (16384 × 1024, 8 × 32 × 2048 × 128) and its loss at D 1024.
+    "bench": StaticShape(
+        "bench", tokens=16384, hidden=1024, vocab=65536, exits=4, batch=8, seq=2048, heads=32, head_dim=128
+    ),
     # The edge of the envelope: RMSNorm's widest row, RoPE's widest head, a Gemma-sized vocabulary.
     "max": StaticShape(
         "max", tokens=16384, hidden=16384, vocab=262144, exits=2, batch=1, seq=16384, heads=64, head_dim=256

@@ -104,7 +104,9 @@ def validate_inputs(
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise ValueError(f"ignore_index={ignore_index!r} must be an int")
     for k, w in enumerate(exit_weights):
-        if not math.isfinite(w) or w < 0:
+        # Comparisons, not math.isfinite: once dynamo has seen two sets of weights it traces them
+        # as symbolic floats, and math.isfinite of one is an error under fullgraph=True.
+        if not 0.0 <= w < math.inf:
             raise ValueError(f"exit_weights[{k}] = {w}; must be finite and >= 0")
     if token_weights is not None:
         check_token_weights(token_weights, (N,))

@@ -94,8 +94,11 @@ def add_rms_norm_reference(
 
 
 def _check_eps(eps: float) -> float:
-    """``eps`` as a float; ValueError unless it is a finite real number ≥ 0 (not a bool)."""
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+    """``eps`` as a float; ValueError unless it is a finite real number ≥ 0 (not a bool).
+
+    Comparisons, not ``math.isfinite``: once dynamo has seen two values it traces ``eps`` as a
+    symbolic float, and ``math.isfinite`` of one is an error under ``fullgraph=True``."""
+    if isinstance(eps, bool) or not isinstance(eps, (numbers.Real, torch.SymFloat)) or not 0.0 <= eps < math.inf:
         raise ValueError(f"eps={eps!r} must be a finite real number ≥ 0")
     return float(eps)
 

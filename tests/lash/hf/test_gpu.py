@@ -20,6 +20,7 @@ def _llama(dtype: torch.dtype) -> torch.nn.Module:
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=512, intermediate_size=1024, num_hidden_layers=LAYERS, num_attention_heads=4,
         num_key_value_heads=2, head_dim=128, max_position_embeddings=512,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,  # model.generate stops at no id that lash.hf ignores
     )  # fmt: skip
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).to("cuda", dtype)
@@ -73,4 +74,4 @@ def test_fp32_speculative_and_early_exit_generation_with_lash_kernels(monkeypatc
     assert torch.equal(plain, want) and torch.equal(fast, want)
     early, stats = generate(model, prompt, 24, exit_layer=2, routing_threshold=0.0, attention_mask=mask,
                             return_stats=True)  # fmt: skip
-    assert early.shape == want.shape and stats["shallow_ratio"] == 1.0
+    assert early.shape == want.shape and stats["shallow_ratio"] == 23 / 24  # the first new token comes from the prefill

@@ -253,6 +253,16 @@ def _check_compiled_block(dim, shape, dtype, device, rtol, atol):
     assert_compiles_like_eager(block, torch.randn(*shape, dim, device=device, dtype=dtype), rtol, atol)
 
 
+def test_a_fullgraph_compile_takes_a_new_eps(monkeypatch):
+    """Dynamo traces ``eps`` as a symbolic float once it has seen two values; the check must trace."""
+    monkeypatch.setenv("LASH_KERNELS", "torch")
+    torch._dynamo.reset()
+    x, w = torch.randn(4, 8), torch.rand(8) + 0.5
+    norm = torch.compile(lambda x, w, eps: rms_norm(x, w, eps), fullgraph=True)
+    for eps in (1e-6, 1e-5, 1e-4):
+        torch.testing.assert_close(norm(x, w, eps), rms_norm_reference(x, w, eps))
+
+
 def test_compiles_without_graph_breaks_cpu(monkeypatch):
     monkeypatch.setenv("LASH_KERNELS", "torch")
     _check_compiled_block(32, (2, 5), torch.float32, "cpu", 1e-5, 1e-5)

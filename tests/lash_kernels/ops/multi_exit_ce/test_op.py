@@ -413,6 +413,17 @@ def test_torch_path_compiles_without_graph_breaks(monkeypatch):
     torch.testing.assert_close(weight.grad.double(), grad_head, atol=1e-5, rtol=1e-5)
 
 
+def test_a_fullgraph_compile_takes_new_exit_weights(monkeypatch):
+    """Dynamo traces the weights as symbolic floats once it has seen two sets; the checks must trace."""
+    monkeypatch.setenv("LASH_KERNELS", "torch")
+    torch._dynamo.reset()
+    hiddens, weight, targets = make_inputs(2, 24, stacked=True)
+    step = torch.compile(lambda h, w, y, weights: multi_exit_cross_entropy(h, w, y, weights).loss, fullgraph=True)
+    for weights in ([1.0, 0.5], [0.5, 0.5], [0.2, 0.3]):
+        expected = multi_exit_cross_entropy_reference(hiddens, weight, targets, weights).loss
+        torch.testing.assert_close(step(hiddens, weight, targets, weights), expected)
+
+
 def test_torch_path_under_cpu_autocast(monkeypatch):
     monkeypatch.setenv("LASH_KERNELS", "torch")
     hiddens, weight, targets = make_inputs(2, 24)
@@ -431,6 +442,7 @@ def test_torch_path_under_cpu_autocast(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_on_gpu_matches_reference_and_compiles(monkeypatch, dtype, D):
     monkeypatch.setenv("LASH_KERNELS", "triton")
+    torch._dynamo.reset()  # a worker runs many of these compiles: each starts below the recompile limit
     K, n, vocab, weights = 3, 1000, 32000, [1.0, 0.0, 0.5]
     hiddens = torch.randn(K, n, D, device="cuda", dtype=dtype, requires_grad=True)
     weight = (torch.randn(vocab, D, device="cuda") / D**0.5).to(dtype).requires_grad_()
@@ -463,6 +475,7 @@ def test_triton_on_gpu_matches_reference_and_compiles(monkeypatch, dtype, D):
 def test_compiles_when_shapes_change_on_gpu(monkeypatch, D):
     """Dynamo recompiles with symbolic sizes once tokens, width or vocabulary change between calls."""
     monkeypatch.setenv("LASH_KERNELS", "triton")
+    torch._dynamo.reset()  # the sizes this test changes are the only ones dynamo has seen
     step = torch.compile(multi_exit_cross_entropy, fullgraph=True)
     for n, width, vocab in ((300, D, 5000), (517, D + 32, 5000), (411, D + 64, 6000)):
         hiddens = torch.randn(2, n, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
