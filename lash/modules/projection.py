@@ -50,8 +50,10 @@ def project(x: torch.Tensor, weights: tuple[torch.Tensor, ...], stacked: torch.T
     Returns:
         ``(y, residual)``: ``y`` of shape ``(..., ΣO_i)`` and ``x`` itself (a view, when training).
     """
-    if stacked is not None or not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
-        # Inference, or autocast (whose casts of x and the weights this function would bypass).
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
+    if stacked is not None or not needs_grad or torch.is_autocast_enabled(x.device.type):
+        # Inference or a frozen layer (ASHEM's phase 2; torch 2.11's dynamo fails on a Function
+        # none of whose inputs needs a gradient), or autocast (whose casts this function would bypass).
         weight = stacked if stacked is not None else torch.cat(weights)
         return F.linear(x, weight), x
     return _Projection.apply(x, *weights)

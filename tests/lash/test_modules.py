@@ -143,3 +143,19 @@ def test_projection_under_no_grad_or_autocast_is_plain_linear():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, residual = project(x, tuple(w.requires_grad_() for w in weights))
     assert residual is x and y.dtype == torch.bfloat16
+
+
+def test_a_frozen_layer_projects_plainly_and_compiles_in_one_graph():
+    """ASHEM's phase 2 freezes the lower layers: their projections need no gradient and go through
+    plain ``F.linear`` (torch 2.11's dynamo fails on a Function none of whose inputs needs one)."""
+    x, weights = torch.randn(3, 4), (torch.randn(2, 4), torch.randn(5, 4))
+    y, residual = project(x, weights)
+    assert residual is x and y.grad_fn is None
+    torch._dynamo.reset()
+    model = DeepSupervisionTransformer(vocab_size=37, dim=24, num_layers=3, num_heads=2)
+    for p in (*model.embedding.parameters(), *model.layers[0].parameters()):
+        p.requires_grad_(False)
+    forward = torch.compile(lambda ids: model.hidden_states(ids, [3])[0].sum(), fullgraph=True)
+    forward(torch.randint(0, 37, (2, 9))).backward()
+    frozen, trained = model.layers[0].parameters(), model.layers[2].parameters()
+    assert all(p.grad is None for p in frozen) and all(p.grad is not None for p in trained)
