@@ -34,9 +34,11 @@ tests() {
     local workers
     workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
     # A test module whose optional import is missing on this machine must not stop the CUDA tests.
-    LASH_KERNELS=triton timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
-        $workers tests/ >"$out/gpu_tests.txt" 2>&1
-    tail -n 5 "$out/gpu_tests.txt"
+    # SIGINT at the time box: pytest then still prints the failures so far and the slowest tests.
+    # Four workers share the 16 cores, so each compiles with four threads.
+    LASH_KERNELS=triton TORCHINDUCTOR_COMPILE_THREADS=4 timeout -s INT -k 15 120 python3 -m pytest -q -m gpu \
+        -p no:cacheprovider --continue-on-collection-errors --durations=15 $workers tests/ >"$out/gpu_tests.txt" 2>&1
+    tail -n 25 "$out/gpu_tests.txt"
 }
 
 decode() {
