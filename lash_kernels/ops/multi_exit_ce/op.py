@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from lash_kernels.dispatch import HAS_TRITON, backend, tensor_core_dots
-from lash_kernels.ops.multi_exit_ce.reference import IGNORE_INDEX, MultiExitCEOutput, validate_inputs
+from lash_kernels.ops.multi_exit_ce.reference import IGNORE_INDEX, MultiExitCEOutput, exit_weight_floats, validate_inputs
 from lash_kernels.ops.multi_exit_ce.regime import fused_regime
 from lash_kernels.ops.multi_exit_ce.torch_path import TorchMultiExitCE
 
@@ -86,7 +86,7 @@ def multi_exit_cross_entropy(
             tensors) a target outside ``[0, V)`` other than ``ignore_index`` or a token weight
             that is negative or not finite.
     """
-    weights = [float(w) for w in exit_weights]
+    weights = exit_weight_floats(exit_weights)
     if validate:
         validate_inputs(hiddens, weight, targets, weights, ignore_index, token_weights)
     ignore_index = operator.index(ignore_index)  # a Python int for the op (NumPy integers too)

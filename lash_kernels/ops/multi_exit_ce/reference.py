@@ -58,6 +58,14 @@ def values_need_checking() -> bool:
     return not getattr(_STATE, "checked", False)
 
 
+def exit_weight_floats(exit_weights: Sequence[float]) -> list[float]:
+    """``exit_weights`` as Python floats; ``ValueError`` naming them when one is not a number."""
+    try:
+        return [float(w) for w in exit_weights]
+    except (TypeError, ValueError):
+        raise ValueError(f"exit_weights must be a sequence of real numbers; got {exit_weights!r}") from None
+
+
 def validate_inputs(
     hiddens: Sequence[torch.Tensor] | torch.Tensor,
     weight: torch.Tensor,
@@ -180,7 +188,7 @@ def multi_exit_cross_entropy_reference(
     float64 when the inputs are float64 (which is how the tests get an exact yardstick); targets
     of any integer dtype are read as int64.
     """
-    weights = [float(w) for w in exit_weights]
+    weights = exit_weight_floats(exit_weights)
     if validate:
         validate_inputs(hiddens, weight, targets, weights, ignore_index, token_weights)
     ignore_index, targets = operator.index(ignore_index), targets.long()

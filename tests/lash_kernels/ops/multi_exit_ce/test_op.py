@@ -185,6 +185,7 @@ def test_confidence_and_predictions(kernels):
         (dict(targets=torch.zeros(N + 1, dtype=torch.long)), r"\(38,\)"),
         (dict(exit_weights=[1.0, -0.5]), r"exit_weights\[1\] = -0.5"),
         (dict(exit_weights=[1.0, float("nan")]), "finite"),
+        (dict(exit_weights=[1.0, None]), r"exit_weights must be a sequence of real numbers; got \[1.0, None\]"),
         (dict(exit_weights=[1.0, 1.0, 1.0]), "2 exits in hiddens but 3 exit_weights"),
         (dict(hiddens=[torch.randn(N, 24), torch.randn(N + 1, 24)]), r"\(38, 24\)"),
     ],
