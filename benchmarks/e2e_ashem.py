@@ -18,11 +18,14 @@ initialisation, so the validation perplexities are not a quality comparison.
     python benchmarks/e2e_ashem.py --device cuda --json OUT.json
 
 Prints per phase seconds and training tokens/s, and the ratio it exists for: eager wall time / LASH's.
+Where the default compiles (CUDA), LASH also runs with ``compile=False``, uncompiled Triton kernels:
+a run this short may not earn its compile back, and the two rows say whether it does.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import re
@@ -35,6 +38,7 @@ from lash import ASHEMConfig
 from lash.ashem import run_ashem, split_dev
 from lash.data import load_dataset
 from lash.original import OriginalModel
+from lash.parallel import compile_by_default
 
 
 class _CompileLog(logging.Handler):
@@ -55,14 +59,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_lash(config: ASHEMConfig, data, args, device: torch.device) -> dict:
+def run_lash(config: ASHEMConfig, data, args, device: torch.device, compile: bool | None = None) -> dict:
     handler = _CompileLog()
     logger = logging.getLogger("lash.parallel")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     start = time.perf_counter()
     result = run_ashem(config, data.train, data.val, data.vocab_size, args.dim, args.heads, device, seed=args.seed,
-                       progress=False, verbose=False)  # fmt: skip
+                       progress=False, verbose=False, compile=compile)  # fmt: skip
     _sync(device)
     total = time.perf_counter() - start
     logger.removeHandler(handler)
@@ -153,12 +157,18 @@ def main() -> None:
     print("| path | total s | compile s | phase 1 s | phase 1 tokens/s | phase 2 s | phase 2 tokens/s | val PPL |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     rows = {}
-    for path, run in (("eager (lash.original, plain loop)", run_eager), ("LASH default path", run_lash)):
+    # LASH with compiling off too where the default compiles (CUDA): a short run may not earn its compile back.
+    paths = [("eager (lash.original, plain loop)", run_eager), ("LASH default path", run_lash)]
+    if compile_by_default(device):
+        paths.append(("LASH, compile=False", functools.partial(run_lash, compile=False)))
+    for path, run in paths:
         rows[path] = r = run(config, data, args, device)  # each row printed when done: a time box keeps it
         print(f"| {path} | {r['total']:.1f} | {r['compile']:.1f} | {r['phase1']:.1f} | {r['phase1_tokens'] / r['phase1']:,.0f} "
               f"| {r['phase2']:.1f} | {r['phase2_tokens'] / r['phase2']:,.0f} | {r['val_ppl']:.1f} |", flush=True)  # fmt: skip
-    eager, lash = rows.values()
+    eager, lash, *uncompiled = rows.values()
     print(f"end to end, compiling included: LASH {eager['total'] / lash['total']:.2f}× the eager loop's speed (bar ≥ 3× on a GPU)")
+    if uncompiled:
+        print(f"LASH without compiling: {eager['total'] / uncompiled[0]['total']:.2f}× the eager loop's speed")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=name, torch=torch.__version__, args=vars(args), rows=rows), f, indent=1)
