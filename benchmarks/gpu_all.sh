@@ -63,7 +63,7 @@ suite() {
 }
 
 e2e() {
-    # The short ASHEM experiment end to end, compiling included: LASH's default path against an eager loop.
+    # The short ASHEM experiment end to end, capturing and compiling included: LASH's default path against an eager loop.
     timeout 90 python3 benchmarks/e2e_ashem.py --device cuda >"$out/e2e.txt" 2>&1
     tail -n 20 "$out/e2e.txt"
 }

@@ -4,10 +4,10 @@
   4 layers, 4 heads, seq 32, batch 64, all exits supervised) for ``eager`` (the seed's reference
   model, :class:`lash.original.OriginalModel`, with ``F.cross_entropy`` on every exit's logits),
   ``lash`` (:class:`lash.DeepSupervisionTransformer` and ``Trainer.compute_loss``) or
-  ``lash-compile`` (the same loss under ``torch.compile``), ``lash-default`` (what the Trainer runs
-  with no flags) or ``lash-graphed`` (LASH's eager step, forward, backward and a capturable fused
-  AdamW, captured as one CUDA graph: a measurement of what graph capture would give the default),
-  in fp32 or bf16 autocast.
+  ``lash-compile`` (the same loss under ``torch.compile``), ``lash-default`` (the Trainer's own
+  step with no flags: on CUDA forward and backward replayed from a CUDA graph, the fused AdamW
+  eager) or ``lash-graphed`` (forward, backward and a capturable fused AdamW captured together as
+  one CUDA graph: what capturing the optimizer too would add), in fp32 or bf16 autocast.
 * :class:`RoutingConfig`, :func:`build`, :func:`threshold_for`: early-exit inference set-ups.
 """
 
@@ -62,23 +62,33 @@ def train_step_call(provider: str, vocab: int, precision: str = "fp32", batch: i
             loss_fn = compiled(loss_fn)
     elif provider == "lash-graphed":
         return _graphed_step(vocab, precision, x, y)
-    elif provider == "lash-default":  # what Trainer.train_epoch runs, no flags: on CUDA compiled, fused AdamW
-        model = DeepSupervisionTransformer(vocab, DIM, LAYERS, HEADS, max_seq_len=SEQ_LEN).to(DEVICE)
-        trainer = Trainer(TrainingConfig(layer_weights=WEIGHTS), vocab, DEVICE, progress=False, precision=precision)
-        trainer_optimizer = trainer.create_optimizer(model, 1e-3)
-
-        def loss_fn():
-            with trainer._autocast(), values_checked():
-                return trainer.runner(x, y)
+    elif provider == "lash-default":
+        return _default_step(vocab, precision, x, y)
     else:
         raise ValueError(f"unknown provider {provider!r}")
-    optimizer = trainer_optimizer if provider == "lash-default" else torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn()
         loss.backward()
         optimizer.step()
+        return loss
+
+    return step
+
+
+def _default_step(vocab: int, precision: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """What ``Trainer.train_epoch`` runs for a batch, with no flags: ``Trainer.step`` (on CUDA the
+    step's CUDA graph replayed, :mod:`lash.step_graphs`; on the CPU eager) and
+    ``Trainer.optimizer_step`` (the fused AdamW on CUDA), gradient clipping off as in the other providers."""
+    model = DeepSupervisionTransformer(vocab, DIM, LAYERS, HEADS, max_seq_len=SEQ_LEN).to(DEVICE)
+    trainer = Trainer(TrainingConfig(layer_weights=WEIGHTS), vocab, DEVICE, progress=False, precision=precision, model=model)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> torch.Tensor:
+        loss = trainer.step(trainer.runner, (x, y), checked=True)  # the ids were checked once, as train_epoch does
+        trainer.optimizer_step(params, trainer.optimizer, grad_clip=None)
         return loss
 
     return step

@@ -193,7 +193,7 @@ def train_phase2(
     epoch 0's, so the routed model never gets worse on the dev slice either. Training stops after
     ``phase2_patience`` epochs without a better candidate. With ``checkpoint_path`` every epoch
     is saved there, and a call that finds the file continues from it (same final result).
-    ``compile`` is the :class:`Trainer`'s (default: on CUDA).
+    ``compile`` is the :class:`Trainer`'s (default: its device's fast path).
 
     Returns:
         ``train_losses`` (epochs 1…E), ``dev_losses`` and ``dev_ppls`` (hard tokens) and, with
@@ -323,7 +323,7 @@ def run_phase1(
 
     With ``checkpoint_path`` every epoch is saved there, and a call that finds the file continues
     from it to the same result. ``train_batches`` and ``dev_batches`` come from :func:`split_dev`.
-    ``compile`` is the :class:`Trainer`'s (default: on CUDA).
+    ``compile`` is the :class:`Trainer`'s (default: its device's fast path).
     """
     device = torch.device(device)
     torch.manual_seed(seed)
@@ -474,7 +474,7 @@ def run_ashem(
         seed: seed of the dev slice, the initialisation and the shuffling.
         progress: tqdm bars.
         verbose: one line per epoch and per phase.
-        compile: ``torch.compile`` the training steps (default: on CUDA, see :class:`Trainer`).
+        compile: the :class:`Trainer`'s ``compile`` (``None``, the default: on CUDA the steps replay CUDA graphs).
     """
     train, dev = split_dev(config, train_batches, seed)
     phase1 = run_phase1(config, train, dev, val_batches, vocab_size, dim, num_heads, device, seed, progress, verbose,

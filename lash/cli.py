@@ -90,7 +90,8 @@ def _add_data_args(p: argparse.ArgumentParser, samples: int) -> None:
                    "the offline corpus: 2048)")  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the training step (default: on CUDA, not on the CPU)")
+                   help="--compile: torch.compile the training step; --no-compile: run it eagerly (default: on CUDA "
+                   "the eager step replayed from CUDA graphs, on the CPU eager)")
     p.add_argument("--seed", type=int, default=42, help="seed of the data, the initialisation and the shuffling")
     p.add_argument("--threads", default="auto",
                    help="CPU threads: a number, or auto (the cores other processes leave free, checked every epoch)")

@@ -75,7 +75,8 @@ def cuda_graph(body: Callable[[], Out], pool: object) -> Callable[[], Out]:
     """Capture ``body`` as a CUDA graph after one warm-up run on a side stream (kernels compile,
     cuBLAS picks its algorithms, lazily made state such as an optimizer's is made). A decoding
     step's warm-up writes what the first replay writes again: a layer call's writes depend only on
-    its inputs. Graphs of one ``pool`` share memory: they never run at the same time, and a
+    its inputs (a training step's, :mod:`lash.step_graphs`, makes gradients its body drops before
+    the capture). Graphs of one ``pool`` share memory: they never run at the same time, and a
     graph's outputs stay its own (they are alive while later graphs are captured)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

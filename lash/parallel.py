@@ -23,11 +23,27 @@ DISTRIBUTED = ("ddp", "fsdp")
 log = logging.getLogger(__name__)
 
 
-def compile_by_default(device: torch.device) -> bool:
-    """Whether a trainer that was not told compiles its training step: on CUDA, where a small
-    model's step is bound by kernel launches, yes; on the CPU, where the compile would cost more
-    than it saves on a short run, no."""
-    return device.type == "cuda"
+FAST_PATHS = ("graphs", "compile", "eager")
+
+
+def fast_path(device: torch.device, compile: bool | None, world_size: int, grad_accum_steps: int) -> str:
+    """How a trainer runs its training step: ``"graphs"`` (the eager step replayed from CUDA
+    graphs, :mod:`lash.step_graphs`), ``"compile"`` (``torch.compile``) or ``"eager"``.
+
+    ``compile=True`` compiles and ``compile=False`` runs eagerly, on any device. By default
+    (``None``) a small model's step on CUDA is bound by kernel launches, and a graph removes them
+    at the cost of two steps' work, where compiling costs tens of seconds: graphs, wherever one
+    process trains with one micro-batch per optimizer step. Several processes (DDP's and FSDP2's
+    hooks) and gradient accumulation (gradients added up over micro-batches) compile instead. On
+    the CPU the default is eager: a short run pays more to compile than it saves.
+    """
+    if compile is not None:
+        return "compile" if compile else "eager"
+    if device.type != "cuda":
+        return "eager"
+    if world_size == 1 and grad_accum_steps == 1:
+        return "graphs"
+    return "compile"
 
 
 class _EndOfBackward(torch.autograd.Function):

@@ -12,8 +12,9 @@ FSDP2 with sharded data and all-reduced metrics (see :mod:`lash.distributed`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -82,8 +83,11 @@ class Trainer(TrainerState):
         ignore_index: target id that carries no loss.
         progress: show a tqdm bar per epoch (rank 0 only).
         precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast and a grad scaler).
-        compile: ``torch.compile`` the training step's forward and backward; ``None`` (default):
-            on CUDA yes, elsewhere no (:func:`lash.parallel.compile_by_default`).
+        compile: ``True``: ``torch.compile`` the training step's forward and backward; ``False``:
+            run it eagerly; ``None`` (default): the fast path for the device and set-up
+            (:func:`lash.parallel.fast_path`): on CUDA, one process and no accumulation, the
+            eager step replayed from CUDA graphs (:mod:`lash.step_graphs`); elsewhere on CUDA
+            compiled; on the CPU eager.
         grad_accum_steps: micro-batches per optimizer step.
         warmup_steps: linear learning-rate warm-up, in optimizer steps.
         total_steps: with it, cosine decay to ``min_lr_ratio`` at this step.
@@ -97,7 +101,8 @@ class Trainer(TrainerState):
     State, all public and kept by :class:`lash.trainer_state.TrainerState`: the progress counters
     that checkpoints carry, the fp16 ``scaler``, and what the last :meth:`create_optimizer` made:
     ``model``, ``optimizer``, ``scheduler``, ``runner`` (the model's loss, wrapped for DDP/FSDP2,
-    compiled once: :class:`lash.parallel.CompiledLoss`) and FSDP2's ``sharded_root``.
+    compiled once: :class:`lash.parallel.CompiledLoss`), ``graphs`` (the runner's captured steps,
+    :class:`lash.step_graphs.StepGraphs`, on the "graphs" fast path) and FSDP2's ``sharded_root``.
     ``state_dict()`` / ``load_state_dict()`` and ``save_checkpoint(path)`` / ``load_checkpoint(path)``
     cover that pair and the counters.
     """
@@ -233,16 +238,28 @@ class Trainer(TrainerState):
 
     def step(self, runner: nn.Module, batch: tuple[torch.Tensor, ...], sync: bool = True, checked: bool = False) -> torch.Tensor:
         """Forward and backward of one batch ``(x, y)`` or ``(x, y, w)``, checked on the CPU (unless
-        ``checked``: the caller did) and moved to the device; returns the detached loss.
-        ``sync=False`` (a micro-batch before the last of an accumulation) skips DDP's gradient all-reduce."""
+        ``checked``: the caller did) and moved to the device; returns the detached loss. The
+        trainer's own runner on the "graphs" fast path replays the step's CUDA graph
+        (:mod:`lash.step_graphs`). ``sync=False`` (a micro-batch before the last of an
+        accumulation) skips DDP's gradient all-reduce."""
         if not checked:
             _check_batch(batch, self.vocab_size, self.ignore_index)
-        x, y, *w = _to_device(batch, self.device)  # w: [] or [(B, T)]
+        forward_backward = functools.partial(self._forward_backward, runner, sync)
+        loss = None
+        if self.graphs is not None and runner is self.runner:
+            loss = self.graphs.step(batch, [p for p in runner.parameters() if p.requires_grad], forward_backward)
+        if loss is None:  # no graph, or none for this batch
+            loss = forward_backward(_to_device(batch, self.device))
+        self.batches_into_epoch += 1
+        return loss
+
+    def _forward_backward(self, runner: nn.Module, sync: bool, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The step's device work on a batch already on the device: the loss and its backward."""
+        x, y, *w = batch  # w: [] or [(B, T)]
         no_sync = getattr(runner, "no_sync", None)
         with contextlib.nullcontext() if sync or no_sync is None else no_sync(), self._autocast(), values_checked():
             loss = parallel.scale_for_ranks(runner(x, y, *w), y, self.ignore_index, self.world_size, *w)
         self.scaler.scale(loss / self.grad_accum_steps).backward()
-        self.batches_into_epoch += 1
         return loss.detach()
 
     def optimizer_step(self, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:

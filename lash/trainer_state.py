@@ -24,6 +24,7 @@ from lash.losses import multi_exit_loss
 from lash.models import StandardTransformer
 from lash.optim import create_optimizer
 from lash.parallel import DISTRIBUTED, PRECISIONS
+from lash.step_graphs import StepGraphs
 from lash.validation import check_device, check_int, check_optional_int, check_real
 from lash_kernels import IGNORE_INDEX
 
@@ -116,7 +117,8 @@ class TrainerState:
         self.config, self.vocab_size, self.ignore_index = config, vocab_size, ignore_index
         self.dist, self.device = init_distributed(device) if launched_by_torchrun() else (None, check_device("device", device))
         self.progress = progress and self.is_main
-        self.compile = parallel.compile_by_default(self.device) if compile is None else compile
+        self.fast_path = parallel.fast_path(self.device, compile, self.world_size, grad_accum_steps)
+        self.compile = self.fast_path == "compile"
         self.precision, self.grad_accum_steps, self.name = precision, grad_accum_steps, name
         self.schedule, self.distributed = (warmup_steps, total_steps, min_lr_ratio), distributed
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
@@ -124,6 +126,7 @@ class TrainerState:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.runner: nn.Module | None = None
+        self.graphs: StepGraphs | None = None  # the runner's captured steps, on the "graphs" fast path
         self.sharded_root: nn.Module | None = None  # gathered for evaluation
         # Progress through the data, saved in checkpoints so a resumed run continues exactly.
         self.epochs_trained, self.global_step, self.batches_into_epoch = 0, 0, 0
@@ -167,6 +170,7 @@ class TrainerState:
         check_model(model, self.config, self.vocab_size, self.device)
         # FSDP2 replaces the parameters: wrap before the optimizer sees them.
         self.runner, self.sharded_root = self._wrap(model)
+        self.graphs = StepGraphs(self.device) if self.fast_path == "graphs" else None
         self.optimizer, self.scheduler = create_optimizer(model, self.config, base_lr, weight_decay, *self.schedule)
         self.model = model
         return self.optimizer

@@ -51,7 +51,7 @@ def test_e2e_ashem_times_both_paths_and_prints_the_ratio(tmp_path):
     assert set(rows) == {"eager (lash.original, plain loop)", "LASH default path"}
     for row in rows.values():
         assert row["total"] >= row["phase1"] + row["phase2"] - 1e-6 > 0 and row["phase1_tokens"] > 0
-    assert "end to end, compiling included: LASH" in done.stdout
+    assert "end to end, capturing and compiling included: LASH" in done.stdout
 
 
 def test_decode_bench_training_stopped_at_a_checkpoint_resumes_exactly(tmp_path, monkeypatch):

@@ -32,9 +32,7 @@ def test_full_states_round_trip():
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
 
 
-def test_compile_is_the_default_on_cuda_only():
-    assert parallel.compile_by_default(torch.device("cuda", 0))
-    assert not parallel.compile_by_default(torch.device("cpu"))
+def test_compile_is_what_the_trainer_is_told_and_off_by_default_on_the_cpu():
     assert Trainer(TrainingConfig(layer_weights={1: 1}), 30, progress=False).compile is False
     assert Trainer(TrainingConfig(layer_weights={1: 1}), 30, progress=False, compile=True).compile is True
 
