@@ -5,8 +5,9 @@ small kernels, and on a GPU the host's launches, not the kernels' work, set the 
 :class:`StepGraphs`, the :class:`lash.trainer.Trainer`'s default on CUDA, captures the eager step
 (the forward, the loss and the backward: the very kernels an eager step launches) once per batch
 signature and then replays it, one launch for the lot. A capture costs two eager steps' work (a
-warm-up on a side stream, in which Triton kernels compile and cuBLAS picks its algorithms, then
-the capture) and no compiling, so even a short run earns it back.
+warm-up on a side stream, in which cuBLAS picks its algorithms, then the capture) and no
+compiling beyond Triton's own first compile of LASH's kernels, which runs before the warm-up for
+all of them at once (:func:`lash_kernels.compile_ahead`), so even a short run earns it back.
 
 A replay stands in for the eager step:
 
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 
 from lash.cuda_graphs import cuda_graph
+from lash_kernels import compile_ahead
 
 MAX_GRAPHS = 2  # a full batch and an epoch's ragged last batch
 log = logging.getLogger(__name__)
@@ -60,6 +62,17 @@ def _signature(batch: Sequence[torch.Tensor], params: Sequence[nn.Parameter]) ->
     """What a graph is captured for: the batch's shapes and dtypes, and the parameters that
     take gradients, by storage (a parameter moved or frozen is another signature)."""
     return tuple((t.shape, t.dtype) for t in batch), tuple(p.data_ptr() for p in params)
+
+
+def _compile_kernels(body: Callable[[], Outputs]) -> None:
+    """Compile the step's Triton kernels in parallel before its warm-up runs them one by one
+    (:func:`lash_kernels.compile_ahead`). Only a saving: if it fails, the warm-up compiles them
+    (and raises whatever is really wrong)."""
+    try:
+        compile_ahead(body)
+    except Exception as error:  # noqa: BLE001 - the warm-up that follows compiles, or fails, on its own
+        log.warning("compiling the training step's kernels ahead failed (%s: %s); they compile as the step "
+                    "reaches them", type(error).__name__, error)  # fmt: skip
 
 
 class StepGraphs:
@@ -115,6 +128,8 @@ class StepGraphs:
             loss = forward_backward(inputs)
             return loss, [p.grad for p in params]
 
+        if self.device.type == "cuda":
+            _compile_kernels(body)
         try:
             graph = _Graph(inputs, self.capture(body, self.pool))
         except RuntimeError as error:  # CUDA's capture errors, out of memory; a ValueError from the step stays one

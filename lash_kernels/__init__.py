@@ -3,10 +3,12 @@
 Every op has a pure-torch ``*_reference`` with identical semantics; :func:`backend` (in
 :mod:`lash_kernels.dispatch`) picks between them (``LASH_KERNELS=auto|triton|torch``). Beside the
 ops: the activation dtypes the kernels take (``KERNEL_DTYPES``) and the value checks a caller
-shares with them (:func:`values_checked`, :func:`values_need_checking`, :func:`check_token_weights`).
+shares with them (:func:`values_checked`, :func:`values_need_checking`, :func:`check_token_weights`),
+and :func:`compile_ahead`, which compiles the kernels a function launches in parallel before it runs.
 """
 
 from lash_kernels._launch import KERNEL_DTYPES
+from lash_kernels.compile_ahead import compile_ahead
 from lash_kernels.dispatch import backend
 from lash_kernels.ops.multi_exit_ce import (
     MultiExitCEOutput,
@@ -29,6 +31,7 @@ __all__ = [
     "apply_rotary_reference",
     "backend",
     "check_token_weights",
+    "compile_ahead",
     "multi_exit_cross_entropy",
     "multi_exit_cross_entropy_reference",
     "rms_norm",
