@@ -56,7 +56,7 @@ def _rotate_heads(
     # memory (cp.async on sm >= 80) while this one is rotated and stored.
     for j in tl.range(0, HEADS, num_stages=STAGES):
         h = (first_head + j).to(tl.int64)
-        m = mask & (h < n_heads)
+        m = tl.where(h < n_heads, mask, False)  # not `mask & (h < n_heads)`: Triton 3.9's interpreter makes that int32
         x_lo = tl.load(x_rows + h * stride_xh, mask=m, other=0.0).to(tl.float32)
         x_hi = tl.load(x_rows + h * stride_xh + HALF, mask=m, other=0.0).to(tl.float32)
         if EAGER_ROUNDING:  # products of two 16-bit floats are exact in fp32: one rounding each
