@@ -23,9 +23,6 @@ DISTRIBUTED = ("ddp", "fsdp")
 log = logging.getLogger(__name__)
 
 
-FAST_PATHS = ("graphs", "compile", "eager")
-
-
 def fast_path(device: torch.device, compile: bool | None, world_size: int, grad_accum_steps: int) -> str:
     """How a trainer runs its training step: ``"graphs"`` (the eager step replayed from CUDA
     graphs, :mod:`lash.step_graphs`), ``"compile"`` (``torch.compile``) or ``"eager"``.
