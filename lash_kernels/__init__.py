@@ -8,7 +8,7 @@ and :func:`compile_ahead`, which compiles the kernels a function launches in par
 """
 
 from lash_kernels._launch import KERNEL_DTYPES
-from lash_kernels.compile_ahead import compile_ahead
+from lash_kernels.parallel_compile import compile_ahead
 from lash_kernels.dispatch import backend
 from lash_kernels.ops.multi_exit_ce import (
     MultiExitCEOutput,

@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from lash_kernels.aot_types import ARCHS, Arch
-from lash_kernels.compile_ahead import compiling_only
+from lash_kernels.parallel_compile import compiling_only
 from lash_kernels.dispatch import interpreting
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activations the Triton kernels take
@@ -120,7 +120,7 @@ def call_op(op: Callable, eager: Callable, *args):
 def launch(kernel):
     """The kernel as ``torch.compile`` can trace it (a direct launch outside tracing, see
     :func:`call_op`); the interpreter runs it as it is; during a
-    :func:`lash_kernels.compile_ahead.compile_ahead` pass, a launch compiles it instead."""
+    :func:`lash_kernels.parallel_compile.compile_ahead` pass, a launch compiles it instead."""
     if interpreting():
         return kernel
     return compiling_only(kernel) or wrap_triton(kernel)

@@ -1,4 +1,4 @@
-"""compile_ahead: a function's launches become compiles on a thread pool, one kernel's in order.
+"""parallel_compile.compile_ahead: a function's launches become compiles on a thread pool, one kernel's in order.
 
 Real compiles need a GPU's driver; on the CPU the launcher sees stand-in kernels that record their
 ``warmup`` calls (Triton's compile-without-launch), with the interpreter's bypass turned off.
