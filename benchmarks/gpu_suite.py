@@ -141,6 +141,10 @@ def train_step(suite: Suite) -> None:
             suite.judge(f"{name}: device kernels per step (default path, optimizer included)", record["lash-default_kernels"],
                         "≤ 120", lambda n: n <= 120,
                         note=f"eager {record.get('eager_kernels')}, lash eager kernels {record.get('lash_kernels')}")  # fmt: skip
+    if not suite.dry:  # autocast's casts must not make the default path slower than fp32
+        fp32, bf16 = (suite.measurements[f"train_step_{p}"]["lash-default_s"] for p in ("fp32", "bf16"))
+        ratio_row(suite, "seed train step, default path: bf16 time / fp32 time", bf16, fp32, "≤ 1",
+                  lambda r: r <= 1, "each the median of its own do_bench run, one after the other")  # fmt: skip
 
 
 def host_syncs(suite: Suite) -> None:
