@@ -12,8 +12,8 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from lash_kernels.aot_types import ARCHS, Arch
-from lash_kernels.parallel_compile import compiling_only
 from lash_kernels.dispatch import interpreting
+from lash_kernels.parallel_compile import compiling_only
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activations the Triton kernels take
 
