@@ -6,7 +6,7 @@ epoch measured on a dev slice), mining the hard tokens by the phase-1 model's co
 measured each epoch), then the validation split at full depth. LASH runs it through
 :func:`lash.ashem.run_ashem` with no flags: whatever the :class:`lash.Trainer` does by default on
 this device (on CUDA, each step's forward and backward replayed from a CUDA graph and the fused
-AdamW). The baseline is the model of the
+AdamW; each evaluation and mining batch replayed from a graph too). The baseline is the model of the
 original description (:class:`lash.original.OriginalModel`) in a plain loop, as users hand-roll
 it: every layer's logits through the head, ``F.cross_entropy`` on the trained one, AdamW.
 
@@ -52,7 +52,8 @@ from lash.original import OriginalModel
 
 
 class _CompileLog(logging.Handler):
-    """Collects the seconds of every "first training step took X s" line LASH logs (a capture or a compile)."""
+    """Collects the seconds of every "first … took X s" line LASH logs (a step's, an evaluation or a
+    mining batch's capture, or a compile)."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from kernel_bench import Unavailable
 from measure import DEVICE, ON_GPU, compiled
 from lash import DeepSupervisionTransformer, Trainer, TrainingConfig
-from lash.cuda_graphs import cuda_graph
+from lash.captured import cuda_graph
 from lash.original import OriginalModel
 from lash_kernels import values_checked
 
@@ -96,7 +96,7 @@ def _default_step(vocab: int, precision: str, x: torch.Tensor, y: torch.Tensor) 
 
 def _graphed_step(vocab: int, precision: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
     """LASH's eager training step captured whole as one CUDA graph (PyTorch's whole-network capture,
-    through :func:`lash.cuda_graphs.cuda_graph`: gradients set to None in the step, so that the
+    through :func:`lash.captured.cuda_graph`: gradients set to None in the step, so that the
     backward allocates them in the graph's pool, and a capturable fused AdamW); each call replays it
     over the same batch."""
     if not ON_GPU:

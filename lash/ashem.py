@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from lash import captured
 from lash.checkpoint import rng_state, set_rng_state
 from lash.config import ASHEMConfig, TrainingConfig, create_standard_config
 from lash.data import TokenBatches
@@ -35,9 +36,11 @@ from lash.early_stopping import EarlyStopping, load_progress, save_progress
 from lash.evaluation import evaluate
 from lash.losses import exit_statistics
 from lash.models import DeepSupervisionTransformer
+from lash.parallel import fast_path
 from lash.trainer import Trainer
 from lash.utils import duration, log_progress
-from lash_kernels import IGNORE_INDEX
+from lash.validation import check_batch_ids
+from lash_kernels import IGNORE_INDEX, values_checked
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -85,14 +88,25 @@ class ScoredTokens(NamedTuple):
 
 
 @torch.no_grad()
-def score_tokens(model: DeepSupervisionTransformer, batches: Batches, device: str | torch.device = "cpu") -> ScoredTokens:
-    """The output layer's max softmax probability for every token of ``batches``, in their order."""
+def score_tokens(
+    model: DeepSupervisionTransformer, batches: Batches, device: str | torch.device = "cpu", graphs: bool | None = None
+) -> ScoredTokens:
+    """The output layer's max softmax probability for every token of ``batches``, in their order.
+    ``graphs``: replay each batch from a CUDA graph (:func:`lash.captured.forward`; default: on CUDA)."""
     device = torch.device(device)
+    graphs = captured.wanted(graphs, device)
     model.eval()
+
+    def confidence(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, y = batch
+        with values_checked():
+            h = model.hidden_states(x, [model.num_layers])
+            return exit_statistics(h, model.output_head.weight, y).confidence[0].view_as(x)
+
     xs, ys, confs = [], [], []
     for x, y in batches:
-        h = model.hidden_states(x.to(device), [model.num_layers])
-        confs.append(exit_statistics(h, model.output_head.weight, y.to(device)).confidence[0].view_as(x))
+        check_batch_ids(x, y, model.vocab_size, IGNORE_INDEX)
+        confs.append(captured.forward(model, graphs, "confidence", "mining batch", (x, y), confidence, device).clone())
         xs.append(x)
         ys.append(y)
     return ScoredTokens(torch.cat(xs), torch.cat(ys), torch.cat(confs).cpu())  # one copy back, not one per batch
@@ -154,12 +168,11 @@ def freeze_lower_layers(
         part.requires_grad_(False)
 
 
-def evaluate_on_hard_examples(
-    model: DeepSupervisionTransformer, examples: HardExamples, batch_size: int = 64, device: str | torch.device = "cpu"
-) -> dict[str, float]:
-    """Loss, perplexity and accuracy of the model's last layer on the hard tokens only."""
+def evaluate_on_hard_examples(model: DeepSupervisionTransformer, examples: HardExamples, batch_size: int = 64,
+                              device: str | torch.device = "cpu", graphs: bool | None = None) -> dict[str, float]:  # fmt: skip
+    """Loss, perplexity and accuracy of the model's last layer on the hard tokens only (``graphs`` as :func:`evaluate`'s)."""
     config = create_standard_config(model.num_layers)
-    stats = evaluate(model, examples.batches(batch_size), config, torch.device(device), IGNORE_INDEX)
+    stats = evaluate(model, examples.batches(batch_size), config, torch.device(device), IGNORE_INDEX, graphs=graphs)
     return {key: stats[key] for key in ("loss", "ppl", "acc", "tokens")}
 
 
@@ -204,13 +217,14 @@ def train_phase2(
     trainer = Trainer(_phase2_config(model, config), model.vocab_size, device, IGNORE_INDEX, progress, compile=compile,
                       name="phase 2")  # fmt: skip
     optimizer = trainer.create_optimizer(model, config.phase2_lr)
+    graphs = trainer.fast_path == "graphs"  # evaluation takes the steps' path
     dev_batches = dev_examples.batches(batch_size)
     routed = None if routing is None else TrainingConfig(
         layer_weights={model.num_layers: 1.0}, routing_threshold=routing[1], exit_layer=config.phase1_layers
     )  # fmt: skip
 
     def routing_loss() -> float | None:
-        return None if routed is None else evaluate(model, routing[0], routed, device)["loss"]
+        return None if routed is None else evaluate(model, routing[0], routed, device, graphs=graphs)["loss"]
 
     stopper = EarlyStopping(config.phase2_patience)
     saved = load_progress(trainer, checkpoint_path)
@@ -341,7 +355,7 @@ def run_phase1(
     )  # fmt: skip
     seconds = time.perf_counter() - start
     log_progress(f"phase 1 done: kept epoch {history['best_epoch']} of {history['total_epochs']}, {duration(seconds)}", verbose)
-    stats = evaluate(model, val_batches, trainer.config, device)
+    stats = evaluate(model, val_batches, trainer.config, device, graphs=trainer.fast_path == "graphs")
     return PhaseOne(model, _summary(stats) | _history(history, seconds), rng_state())
 
 
@@ -362,6 +376,7 @@ def run_phase2(
     """Mining, phase 2 and the evaluation, from where :func:`run_phase1` ended; returns the
     result and the phase-2 model. ``checkpoint_path`` and ``compile`` as in :func:`train_phase2`."""
     device = torch.device(device)
+    graphs = fast_path(device, compile, 1, 1) == "graphs"  # mining and evaluation take the steps' path
     batch_size = batch_size or train_batches.batch_size
     set_rng_state(phase1.rng)
     model1, seconds = phase1.model, {"phase1": phase1.summary["seconds"]}
@@ -370,7 +385,7 @@ def run_phase2(
     original = config.protocol == "original"
     # Scored in stored order: the hard examples' order then never depends on phase 1's epoch count.
     splits = {"val": val_batches} if original else {"train": train_batches.in_order(), "dev": dev_batches, "val": val_batches}
-    scored = {name: score_tokens(model1, batches, device) for name, batches in splits.items()}
+    scored = {name: score_tokens(model1, batches, device, graphs) for name, batches in splits.items()}
     mined_conf = scored["val" if original else "train"].confidence
     threshold = compute_confidence_threshold(mined_conf, config.hard_example_ratio)
     hard = {name: tokens.hard_examples(threshold) for name, tokens in scored.items()}
@@ -382,7 +397,7 @@ def run_phase2(
     else:
         train_hard, dev_hard, val_hard = hard["train"], hard["dev"], hard["val"]
         routing_check = (dev_batches, threshold)
-    hard_before = evaluate_on_hard_examples(model1, val_hard, batch_size, device)
+    hard_before = evaluate_on_hard_examples(model1, val_hard, batch_size, device, graphs)
 
     start = time.perf_counter()
     selection = "the validation hard tokens (original protocol)" if original else "the dev slice"
@@ -401,14 +416,14 @@ def run_phase2(
     log_progress(f"phase 2 done: kept epoch {history2['best_epoch']} of {history2['total_epochs']}"
                  f"{' (the starting model: phase 2 did not help)' if history2['best_epoch'] == 0 else ''}, "
                  f"{duration(seconds['phase2'])}", verbose)  # fmt: skip
-    hard_after = evaluate_on_hard_examples(model2, val_hard, batch_size, device)
+    hard_after = evaluate_on_hard_examples(model2, val_hard, batch_size, device, graphs)
 
     start = time.perf_counter()
-    phase2_stats = evaluate(model2, val_batches, create_standard_config(config.phase2_layers), device)
+    phase2_stats = evaluate(model2, val_batches, create_standard_config(config.phase2_layers), device, graphs=graphs)
     routed = TrainingConfig(
         layer_weights={config.phase2_layers: 1.0}, routing_threshold=threshold, exit_layer=config.phase1_layers
     )
-    routing = evaluate(model2, val_batches, routed, device)
+    routing = evaluate(model2, val_batches, routed, device, graphs=graphs)
     seconds["evaluation"] = time.perf_counter() - start
 
     counts, edges = torch.histogram(mined_conf.flatten().double(), bins=50, range=(0.0, 1.0))

@@ -35,14 +35,15 @@ import contextlib
 import itertools
 import weakref
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 
+from lash import captured
+from lash.captured import available, cuda_graph, wanted
 from lash.decoding import MAX_PENDING, DecodeState, Step, head_step
 from lash.decoding_parts import LashParts, StaticCache
 from lash.modules import inference_weights
-from lash.validation import check_bool
 
 if TYPE_CHECKING:
     from lash.models import DeepSupervisionTransformer
@@ -52,46 +53,6 @@ MAX_GRAPH_ROWS = MAX_PENDING + 1  # an early-exit deep step's rows at most
 # that runs the same work again and returns its output; the second argument is the memory pool
 # the graphs of one Graphs share (None off CUDA).
 Capture = Callable[[Callable[[], Step], object], Callable[[], Step]]
-Out = TypeVar("Out")
-
-
-def available(device: torch.device) -> bool:
-    """Whether layer calls on ``device`` can be captured (CUDA only)."""
-    return device.type == "cuda"
-
-
-def wanted(graphs: bool | None, device: torch.device) -> bool:
-    """Whether a decoding call on ``device`` asks for graphs: ``graphs`` itself, or (``None``)
-    wherever they can be captured; ``ValueError`` for a non-bool, or ``True`` off CUDA."""
-    if graphs is None:
-        return available(device)
-    check_bool("cuda_graphs", graphs)
-    if graphs and not available(device):
-        raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}")
-    return graphs
-
-
-def cuda_graph(body: Callable[[], Out], pool: object) -> Callable[[], Out]:
-    """Capture ``body`` as a CUDA graph after one warm-up run on a side stream (kernels compile,
-    cuBLAS picks its algorithms, lazily made state such as an optimizer's is made). A decoding
-    step's warm-up writes what the first replay writes again: a layer call's writes depend only on
-    its inputs (a training step's, :mod:`lash.step_graphs`, makes gradients its body drops before
-    the capture). Graphs of one ``pool`` share memory: they never run at the same time, and a
-    graph's outputs stay its own (they are alive while later graphs are captured)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        body()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = body()
-
-    def replay() -> Out:
-        graph.replay()
-        return out
-
-    return replay
 
 
 @contextlib.contextmanager
@@ -244,9 +205,11 @@ def graphs_for(model: torch.nn.Module, batch: int, slots: int, new_cache: Callab
 
 def release(model: torch.nn.Module) -> None:
     """Free what graphed decoding keeps for ``model`` between calls: its graphs, their cache and
-    buffers, and its stacked projection weights. The next graphed call captures anew."""
+    buffers, and its stacked projection weights; and its evaluation and mining graphs
+    (:func:`lash.captured.forward`). The next graphed call captures anew."""
     _GRAPHS.pop(model, None)
     _STACKED.pop(model, None)
+    captured.release(model)
 
 
 class GraphedParts(LashParts):

@@ -27,7 +27,7 @@ from lash.early_stopping import train_with_early_stopping
 from lash.evaluation import Batches
 from lash.models import StandardTransformer
 from lash.trainer_state import NonFiniteLossError, TrainerState, WeightedLoss, check_finite, check_model
-from lash.validation import check_optional_int, check_real, check_token_ids
+from lash.validation import check_batch_ids, check_optional_int, check_real
 from lash_kernels import check_token_weights, values_checked
 
 __all__ = ["NonFiniteLossError", "Trainer"]
@@ -44,8 +44,7 @@ def _check_batch(batch: tuple[torch.Tensor, ...], vocab_size: int, ignore_index:
         count = f"{len(batch)} tensors" if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}"
         raise ValueError(f"a training batch must be (x, y) or (x, y, w); got {count}")
     x, y, *w = batch
-    check_token_ids(x, vocab_size)
-    check_token_ids(y, vocab_size, "target value", ignore_index)
+    check_batch_ids(x, y, vocab_size, ignore_index)
     if w:
         check_token_weights(w[0], tuple(y.shape))
 
@@ -273,13 +272,15 @@ class Trainer(TrainerState):
         self._count_step(optimizer)
 
     def evaluate(self, model: StandardTransformer, val_batches: Batches) -> dict[str, Any]:
-        """:func:`lash.evaluation.evaluate` under this trainer's config, device, precision and sharding."""
+        """:func:`lash.evaluation.evaluate` under this trainer's config, device, precision and sharding,
+        replaying CUDA graphs on the "graphs" fast path."""
         check_model(model, self.config, self.vocab_size, self.device)
         sharded = self.sharded_root if model is self.model else None
         if sharded is not None:
             sharded.unshard()  # evaluation bypasses the root's forward hooks, so gather explicitly
         try:
-            return evaluation.evaluate(model, self._shard(val_batches), self.config, self.device, self.ignore_index, self.precision)
+            return evaluation.evaluate(model, self._shard(val_batches), self.config, self.device, self.ignore_index, self.precision,
+                                       graphs=self.fast_path == "graphs")  # fmt: skip
         finally:
             if sharded is not None:
                 sharded.reshard()

@@ -115,6 +115,13 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int, name: str = "token id", 
         raise ValueError(f"{name} {int(ids[bad][0])} is outside {allowed}")
 
 
+def check_batch_ids(x: torch.Tensor, y: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """:func:`check_token_ids` of a batch's input ids ``x`` and its targets ``y`` (which may also
+    be ``ignore_index``)."""
+    check_token_ids(x, vocab_size)
+    check_token_ids(y, vocab_size, "target value", ignore_index)
+
+
 def check_threshold(threshold: object) -> float | None:
     """Return ``threshold`` (``None``: routing off; else a float in [0, 1]), or raise ``ValueError``.
 

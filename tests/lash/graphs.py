@@ -12,7 +12,7 @@ import pytest
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import _disable_current_modes
 
-from lash import cuda_graphs
+from lash import captured, cuda_graphs
 
 from .counting import OpCounter
 
@@ -49,7 +49,7 @@ def traced(monkeypatch):
 
         return replay
 
-    monkeypatch.setattr(cuda_graphs, "available", lambda device: True)
+    monkeypatch.setattr(captured, "available", lambda device: True)
     for parts in GRAPHED:
         monkeypatch.setattr(parts, "capture", staticmethod(capture))
     return captures

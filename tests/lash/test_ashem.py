@@ -181,7 +181,7 @@ def test_phase2_keeps_the_best_epoch_whose_routing_is_no_worse(data, monkeypatch
         return {"loss": next(hard_losses), "ppl": 0.0}
 
     monkeypatch.setattr("lash.trainer.Trainer.evaluate", scripted_hard)
-    monkeypatch.setattr("lash.ashem.evaluate", lambda *args: {"loss": next(routing_losses)})
+    monkeypatch.setattr("lash.ashem.evaluate", lambda *args, **kwargs: {"loss": next(routing_losses)})
     config = ASHEMConfig(**{**TINY.__dict__, "phase2_max_epochs": 3, "phase2_patience": 3})
     history = train_phase2(model2, hard, hard, config, 32, progress=False, verbose=False, routing=(data.train, threshold))
     assert history["best_epoch"] == 1 and history["dev_routing_losses"] == [1.0, 0.9, 1.1, 0.95]

@@ -115,13 +115,13 @@ def test_frozen_parameters_make_a_new_signature_and_train_as_eager():
 
 def test_a_step_that_cannot_be_captured_says_why_once_and_trains_eagerly(caplog):
     data = batches([4, 4, 3])
-    with caplog.at_level(logging.WARNING, logger="lash.step_graphs"):
+    with caplog.at_level(logging.WARNING, logger="lash.captured"):
         graphed = train(data, StandIn(RuntimeError("operation not permitted when stream is capturing")))
     assert_same_training(graphed, train(data))
     assert graphed[0].graphs.failed == "RuntimeError: operation not permitted when stream is capturing"
     assert [r.getMessage() for r in caplog.records] == [
         "CUDA graphs: the training step could not be captured (RuntimeError: operation not permitted when stream "
-        "is capturing); training runs eagerly"
+        "is capturing); it runs eagerly"
     ]
 
 
@@ -131,7 +131,7 @@ def test_a_value_error_in_the_step_is_raised_not_taken_for_a_failed_capture():
 
 
 def test_each_capture_logs_its_first_steps_seconds(caplog):
-    with caplog.at_level(logging.INFO, logger="lash.step_graphs"):
+    with caplog.at_level(logging.INFO, logger="lash.captured"):
         trainer, _, _ = train(batches([4, 4, 3]), StandIn())
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2 and len(trainer.graphs.capture_seconds) == 2
