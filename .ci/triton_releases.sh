@@ -14,4 +14,4 @@ for version in 3.6.0 3.7.0 3.7.1 3.8.0 3.9.0; do
     PYTHONPATH="$target" python -m lash_kernels.aot_check --full
 done
 echo "kernel tests under the interpreter, triton $version:"
-PYTHONPATH="$target" python -m pytest -q -p no:cacheprovider tests/lash_kernels/ops
+PYTHONPATH="$target" python -m pytest -q -n auto -p no:cacheprovider tests/lash_kernels/ops

@@ -17,7 +17,7 @@ def test_ci_runs_the_readme_set_up_commands_in_a_fresh_venv():
     commands = _readme_commands()((ROOT / "README.md").read_text())
     assert commands == [
         'pip install -e ".[dev]" && python colab2.py',
-        'pip install -e ".[dev,hf]" && python -m pytest -q',
+        'pip install -e ".[dev,hf]" && python -m pytest -q -n auto',
     ]
     run = (ROOT / ".ci" / "run").read_text()
     assert "python3 -m venv" in run and ".ci/readme_commands.py README.md" in run
