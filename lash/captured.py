@@ -25,11 +25,12 @@ each model keeps in a set of its own while its weights stay where they are
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
 import weakref
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Generic, NamedTuple, TypeVar
 
 import torch
@@ -59,6 +60,15 @@ def wanted(graphs: bool | None, device: torch.device) -> bool:
     if graphs and not available(device):
         raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}")
     return graphs
+
+
+@contextlib.contextmanager
+def outside_inference_mode() -> Iterator[None]:
+    """Gradients off and ``torch.inference_mode`` off: the buffers graphs keep are then plain
+    tensors, which a later call may update in place whether or not it runs in inference mode
+    (an inference tensor may only be updated inside it)."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
 
 
 def cuda_graph(body: Callable[[], Out], pool: object) -> Callable[[], Out]:
@@ -201,7 +211,8 @@ def forward(model: torch.nn.Module, graphs: bool, key: Hashable, what: str, batc
         if kept is None or kept.weights != weights:
             _MODELS.pop(model, None)  # the old graphs' pool goes before a new one fills
             kept = _MODELS[model] = _Kept(weights, GraphSet(device, MAX_MODEL_GRAPHS, "forward", CAPTURE))
-        out = kept.graphs.run(key, batch, body, what)
+        with outside_inference_mode():  # a call in inference mode and one outside it share the buffers
+            out = kept.graphs.run(key, batch, body, what)
         if out is not None:
             return out
     return body(tuple(t.to(device) for t in batch))

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 import torch
 
 from lash import captured
-from lash.captured import available, cuda_graph, wanted
+from lash.captured import available, cuda_graph, outside_inference_mode, wanted
 from lash.decoding import MAX_PENDING, DecodeState, Step, head_step
 from lash.decoding_parts import LashParts, StaticCache
 from lash.modules import inference_weights
@@ -53,15 +53,6 @@ MAX_GRAPH_ROWS = MAX_PENDING + 1  # an early-exit deep step's rows at most
 # that runs the same work again and returns its output; the second argument is the memory pool
 # the graphs of one Graphs share (None off CUDA).
 Capture = Callable[[Callable[[], Step], object], Callable[[], Step]]
-
-
-@contextlib.contextmanager
-def outside_inference_mode() -> Iterator[None]:
-    """Gradients off and ``torch.inference_mode`` off: the buffers graphs keep are then plain
-    tensors, which a later call may update in place whether or not it runs in inference mode
-    (an inference tensor may only be updated inside it)."""
-    with torch.inference_mode(False), torch.no_grad():
-        yield
 
 
 class Inputs(NamedTuple):

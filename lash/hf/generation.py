@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from lash import cuda_graphs
-from lash.captured import cuda_graph
-from lash.cuda_graphs import MAX_GRAPH_ROWS, Capture, Inputs, graphs_for, outside_inference_mode
+from lash.captured import cuda_graph, outside_inference_mode
+from lash.cuda_graphs import MAX_GRAPH_ROWS, Capture, Inputs, graphs_for
 from lash.decoding import DecodeState, LayerParts, Sampler, Step, decode
 from lash.exit_rule import ExitRule
 from lash.generation import check_attention_mask, check_exit, check_prompts, check_sampling, decoding_mode, stopping

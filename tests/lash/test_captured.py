@@ -121,6 +121,17 @@ def test_mined_confidence_is_each_batchs_own_and_equals_eager_mining(stand_in):
     assert not torch.equal(graphed.confidence[:8], graphed.confidence[8:16])  # a replay's buffer was copied out
 
 
+@pytest.mark.parametrize("first_inside", [True, False])
+def test_graphs_serve_calls_in_and_out_of_inference_mode(stand_in, first_inside):
+    model, data = model_and_data()
+    eager = evaluate(model, data, ROUTED, CPU, graphs=False)
+    for inside in (first_inside, not first_inside, first_inside):
+        with torch.inference_mode(inside):
+            assert evaluate(model, data, ROUTED, CPU) == eager
+            assert torch.equal(score_tokens(model, data, CPU).confidence, score_tokens(model, data, CPU, graphs=False).confidence)
+    assert stand_in.captures == 4
+
+
 def test_a_bad_id_is_a_value_error_before_anything_is_captured(stand_in):
     model, data = model_and_data()
     x, y = next(iter(data))
