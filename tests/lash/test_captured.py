@@ -51,14 +51,14 @@ def stand_in(monkeypatch):
     return capture
 
 
-def model_and_data(seed=0, sequences=23, batch_size=8):
+def model_and_data(seed=0, sequences=23, batch_size=8, vocab=V, dim=16, heads=2):
     torch.manual_seed(seed)
-    model = DeepSupervisionTransformer(V, dim=16, num_layers=3, num_heads=2)
+    model = DeepSupervisionTransformer(vocab, dim=dim, num_layers=3, num_heads=heads)
     g = torch.Generator().manual_seed(seed + 1)
-    seqs = torch.randint(0, V, (sequences, 11), generator=g)
+    seqs = torch.randint(0, vocab, (sequences, 11), generator=g)
     y = seqs[:, 1:].clone()
     y[torch.rand(y.shape, generator=g) < 0.2] = -100  # unlabelled tokens
-    return model, TokenBatches(seqs[:, :-1], y, batch_size)  # batches of 8, 8 and a ragged 7
+    return model, TokenBatches(seqs[:, :-1], y, batch_size)  # by default batches of 8, 8 and a ragged 7
 
 
 @pytest.mark.parametrize("config", [PLAIN, ROUTED], ids=["plain", "routed"])
@@ -183,14 +183,14 @@ def flat(stats: dict) -> dict:
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_graphed_evaluation_and_mining_on_cuda_match_eager(precision):
-    model, data = model_and_data(sequences=70, batch_size=16)  # batches of 16 and a ragged 6
+    model, data = model_and_data(sequences=70, batch_size=16, vocab=512, dim=64, heads=4)  # batches of 16 and a ragged 6
     model.cuda()
     cuda = torch.device("cuda")
     for config in (PLAIN, ROUTED):
         eager = flat(evaluate(model, data, config, cuda, precision=precision, graphs=False))
         for _ in range(2):  # a capture, then replays
-            assert flat(evaluate(model, data, config, cuda, precision=precision)) == pytest.approx(eager, rel=1e-5)
+            assert flat(evaluate(model, data, config, cuda, precision=precision)) == pytest.approx(eager, rel=1e-4)
     kept = captured._MODELS[model].graphs
     assert kept.failed is None and len(kept.graphs) == 4  # two shapes for each config
     graphed, eager = score_tokens(model, data, cuda), score_tokens(model, data, cuda, graphs=False)
-    torch.testing.assert_close(graphed.confidence, eager.confidence, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(graphed.confidence, eager.confidence, rtol=1e-4, atol=1e-6)
