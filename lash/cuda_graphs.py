@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 import torch
 
 from lash import captured
-from lash.captured import available, cuda_graph, outside_inference_mode, wanted
+from lash.captured import cuda_graph, outside_inference_mode
 from lash.decoding import MAX_PENDING, DecodeState, Step, head_step
 from lash.decoding_parts import LashParts, StaticCache
 from lash.modules import inference_weights

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lash import cuda_graphs
+from lash import captured, cuda_graphs
 from lash.decoding import DEEP_FILLS, EXIT_BATCHING, Sampler, Stop, decode
 from lash.decoding_parts import LashParts
 from lash.exit_rule import ExitRule
@@ -198,4 +198,4 @@ def generate(
 
 def _parts(model: DeepSupervisionTransformer, device: torch.device, graphs: bool | None) -> LashParts:
     """The model's parts for the engine: graphed where ``graphs`` asks (``None``: wherever they can be)."""
-    return cuda_graphs.GraphedParts(model) if cuda_graphs.wanted(graphs, device) else LashParts(model)
+    return cuda_graphs.GraphedParts(model) if captured.wanted(graphs, device) else LashParts(model)

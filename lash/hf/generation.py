@@ -28,7 +28,7 @@ import contextlib
 import torch
 from torch import nn
 
-from lash import cuda_graphs
+from lash import captured
 from lash.captured import cuda_graph, outside_inference_mode
 from lash.cuda_graphs import MAX_GRAPH_ROWS, Capture, Inputs, graphs_for
 from lash.decoding import DecodeState, LayerParts, Sampler, Step, decode
@@ -152,7 +152,7 @@ def _parts_for(model: nn.Module, cache_implementation: str | None, graphs: bool 
     4-D mask, and RoPE frequencies that do not depend on the positions; asked for (``True``) they
     must fit, by default (``None``) they are used where they fit."""
     parts = HFParts(model, cache_implementation or "dynamic")
-    asked = cuda_graphs.wanted(graphs, parts.parts.head.weight.device)
+    asked = captured.wanted(graphs, parts.parts.head.weight.device)
     attention = getattr(model.config, "_attn_implementation", None)
     if graphs and not parts.holes:
         raise ValueError(f"cuda_graphs=True needs a static cache, which {type(model).__name__}'s sliding-window layers do not take")
