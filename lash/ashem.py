@@ -94,7 +94,7 @@ def score_tokens(
     """The output layer's max softmax probability for every token of ``batches``, in their order.
     ``graphs``: replay each batch from a CUDA graph (:func:`lash.captured.forward`; default: on CUDA)."""
     device = torch.device(device)
-    graphs = captured.wanted(graphs, device)
+    kept = captured.model_graphs(model, captured.wanted(graphs, device), device)
     model.eval()
 
     def confidence(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -106,7 +106,7 @@ def score_tokens(
     xs, ys, confs = [], [], []
     for x, y in batches:
         check_batch_ids(x, y, model.vocab_size, IGNORE_INDEX)
-        confs.append(captured.forward(model, graphs, "confidence", "mining batch", (x, y), confidence, device).clone())
+        confs.append(captured.forward(kept, "confidence", "mining batch", (x, y), confidence, device).clone())
         xs.append(x)
         ys.append(y)
     return ScoredTokens(torch.cat(xs), torch.cat(ys), torch.cat(confs).cpu())  # one copy back, not one per batch

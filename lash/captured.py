@@ -19,7 +19,7 @@ for the pool; the reason is logged once). A ``ValueError`` from the function sta
 
 Users: :class:`lash.step_graphs.StepGraphs` (the trainer's forward and backward), and
 :func:`forward` (evaluation, :func:`lash.evaluation.evaluate`, and ASHEM's mining), whose graphs
-each model keeps in a set of its own while its weights stay where they are
+each model keeps in a set of its own (:func:`model_graphs`) while its weights stay where they are
 (:func:`lash.cuda_graphs.release` frees them, with decoding's).
 """
 
@@ -199,20 +199,30 @@ _MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → _K
 CAPTURE: Capture = cuda_graph  # how :func:`forward` captures (tests set a stand-in)
 
 
-def forward(model: torch.nn.Module, graphs: bool, key: Hashable, what: str, batch: Sequence[torch.Tensor],
+def model_graphs(model: torch.nn.Module, graphs: bool, device: torch.device) -> GraphSet | None:
+    """The set that keeps ``model``'s forward graphs, for one pass of :func:`forward` calls over its
+    batches, or None without ``graphs``. Looked up once per pass (its weights stay where they are
+    during one): a model's graphs are dropped, all of them, when its weights have moved or changed
+    dtype since they were captured."""
+    if not graphs:
+        return None
+    weights = tuple((t.data_ptr(), t.dtype) for t in itertools.chain(model.parameters(), model.buffers()))
+    kept = _MODELS.get(model)
+    if kept is None or kept.weights != weights:
+        _MODELS.pop(model, None)  # the old graphs' pool goes before a new one fills
+        kept = _MODELS[model] = _Kept(weights, GraphSet(device, MAX_MODEL_GRAPHS, "forward", CAPTURE))
+    return kept.graphs
+
+
+def forward(graphs: GraphSet | None, key: Hashable, what: str, batch: Sequence[torch.Tensor],
             body: Callable[[tuple[torch.Tensor, ...]], torch.Tensor], device: torch.device) -> torch.Tensor:  # fmt: skip
-    """``body`` (a forward of ``model`` without gradients, one output tensor) over ``batch`` moved
-    to ``device``: with ``graphs``, replayed from the model's graph of ``key`` and the batch's
-    signature (read the result before the model's next graphed call), else eagerly. A model's
-    graphs are dropped, all of them, when its weights move or change dtype."""
-    if graphs:
-        weights = tuple((t.data_ptr(), t.dtype) for t in itertools.chain(model.parameters(), model.buffers()))
-        kept = _MODELS.get(model)
-        if kept is None or kept.weights != weights:
-            _MODELS.pop(model, None)  # the old graphs' pool goes before a new one fills
-            kept = _MODELS[model] = _Kept(weights, GraphSet(device, MAX_MODEL_GRAPHS, "forward", CAPTURE))
+    """``body`` (a forward of a model without gradients, one output tensor) over ``batch`` moved to
+    ``device``: replayed from the graph of ``key`` and the batch's signature in ``graphs`` (the
+    model's, :func:`model_graphs`; read the result before the model's next graphed call), else
+    eagerly."""
+    if graphs is not None:
         with outside_inference_mode():  # a call in inference mode and one outside it share the buffers
-            out = kept.graphs.run(key, batch, body, what)
+            out = graphs.run(key, batch, body, what)
         if out is not None:
             return out
     return body(tuple(t.to(device) for t in batch))

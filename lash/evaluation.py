@@ -72,7 +72,7 @@ def evaluate(
         ValueError: no batch held a labelled token, or a batch holds an id outside the vocabulary.
     """
     config.validate_for(model.num_layers)
-    graphs = captured.wanted(graphs, device)
+    kept = captured.model_graphs(model, captured.wanted(graphs, device), device)
     was_training = model.training
     model.eval()
     rule = config.exit_rule
@@ -101,7 +101,7 @@ def evaluate(
     key = ("evaluate", rule, out, exit_, ignore_index, precision)
     for x, y in batches:
         check_batch_ids(x, y, model.vocab_size, ignore_index)  # here, so that a CPU batch's ids are read on the CPU
-        total += captured.forward(model, graphs, key, "evaluation batch", (x, y), batch_sums, device)
+        total += captured.forward(kept, key, "evaluation batch", (x, y), batch_sums, device)
     model.train(was_training)
     sums = all_reduce_sum(total).tolist()
     per_loss, per_hits, (loss, hits, exited_tokens, n) = sums[:L], sums[L : 2 * L], sums[2 * L :]
