@@ -110,13 +110,16 @@ def _rotary_kernel(
 ):
     """One program: BLOCK_T positions of one batch row, HEADS heads of q or of k.
 
-    The grid is (position blocks, batch, head chunks): many small programs, so an SM holds
-    several and their pipelined loads. The tables are the same for every head: one load per
-    program, reused by its HEADS heads (and served from L2 to the other chunks).
+    The grid is (position blocks × batch rows, head chunks): many small programs, so an SM holds
+    several and their pipelined loads. The rows share the first axis with the position blocks
+    (the row is the slower index): CUDA caps the second axis at 65535 programs. The tables are
+    the same for every head: one load per program, reused by its HEADS heads (and served from L2
+    to the other chunks).
     """
-    pid_t = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    pid_h = tl.program_id(2)
+    t_blocks = tl.cdiv(T, BLOCK_T)
+    pid_b = tl.program_id(0) // t_blocks
+    pid_t = tl.program_id(0) % t_blocks
+    pid_h = tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_H)
     mask = (t < T)[:, None] & (d < HALF)[None, :]
@@ -159,7 +162,7 @@ class _Plan(NamedTuple):
     heads: int
     num_warps: int
     stages: int
-    grid: tuple[int, int, int]
+    grid: tuple[int, int]
 
 
 NUM_WARPS = 4
@@ -178,7 +181,7 @@ def _plan(t: int, b: int, hq: int, hk: int, half: int, sms: int) -> _Plan:
     block_t = max(1, 1024 // block_h)
     blocks = triton.cdiv(t, block_t) * b
     heads = next((h for h in (4, 2) if blocks * (triton.cdiv(hq, h) + triton.cdiv(hk, h)) >= MIN_PROGRAMS_PER_SM * sms), 1)
-    grid = (triton.cdiv(t, block_t), b, triton.cdiv(hq, heads) + triton.cdiv(hk, heads))
+    grid = (blocks, triton.cdiv(hq, heads) + triton.cdiv(hk, heads))
     return _Plan(block_t, block_h, heads, NUM_WARPS, min(4, heads + 1), grid)
 
 

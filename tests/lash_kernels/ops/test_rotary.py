@@ -171,6 +171,25 @@ def test_half_tables_with_positions_and_several_heads_per_program(monkeypatch, k
         assert_close_scaled(actual, want, torch.bfloat16, name)
 
 
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_batch_rows_and_position_blocks_share_the_grids_first_axis(monkeypatch, kernels):
+    """3 rows of 37 positions in tiles of 32: 6 programs on the first axis, each with its own row
+    and block. The second axis holds head chunks only, so a batch of 70,000 rows stays within
+    CUDA's cap of 65535 there."""
+    monkeypatch.setenv("LASH_KERNELS", kernels)
+    b, h, t, d = 3, 2, 37, 64
+    assert rotary_kernels._plan(t, b, h, h, d // 2, 4).grid == (b * 2, 2 * h)  # a head a program: too few for more
+    assert rotary_kernels._plan(1, 70_000, 32, 8, 64, 132).grid == (70_000, 10)
+    q, k = _make(b, h, t, d, torch.float32, "contiguous"), _make(b, h, t, d, torch.float32, "transposed")
+    cos, sin = _tables(t, d, "random")
+    q_rot, k_rot = apply_rotary(q, k, cos, sin)
+    gq, gk = torch.randn_like(q_rot), torch.randn_like(k_rot)
+    torch.autograd.backward([q_rot, k_rot], [gq, gk])
+    expected = _expected(q, k, cos, sin, gq, gk)
+    for name, actual, want in zip(("q_rot", "k_rot", "dq", "dk"), (q_rot, k_rot, q.grad, k.grad), expected):
+        assert_close_scaled(actual, want, torch.float32, name)
+
+
 def _eager(x, cos, sin):
     """What a Hugging Face model computes: the formula in x's dtype, tables cast to it."""
     cos, sin = cos.to(x.dtype).unsqueeze(1), sin.to(x.dtype).unsqueeze(1)
