@@ -43,8 +43,11 @@ Numerics: statistics and reductions in fp32. bf16/fp16 operands feed ``tl.dot``/
 are (the chunked path's logits are in the input dtype, as in Liger-Kernel); fp32 operands use
 ``tf32x3`` dots in the fused kernels (three TF32 products, near-fp32 accuracy on tensor cores)
 and cuBLAS fp32 (under the user's ``allow_tf32`` setting) in the chunked path. In fp16 the
-chunked path forms ``G`` over the largest per-token scale and rescales the gradients after, since
-``G`` itself would fall below fp16's smallest value at thousands of tokens. Envelope:
+chunked path forms ``G`` over its largest ``g`` (``G`` itself would fall below fp16's smallest
+value at thousands of tokens), and both regimes keep an fp16 ``∂loss/∂h`` at that scale: at its
+size, about 1e-6 at 8K tokens, it would be subnormal in fp16 and lose about 3% of its norm before
+a GradScaler's loss scale reaches it. The backward multiplies it by that scale and the factor
+together, so it is rounded to fp16 once, at its final size, as eager autocast's is. Envelope:
 ``K·N·D``, ``V·D`` < 2³¹ elements; any V.
 
 The result type, the input checks and the eager reference are in :mod:`.reference`.

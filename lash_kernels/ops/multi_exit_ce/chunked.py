@@ -118,9 +118,10 @@ def chunked_multi_exit_ce(
         compute_dtype: dtype of the matmuls and of the ``[C, V]`` block (fp32 on the CPU).
 
     Returns:
-        ``(loss, token_loss, confidence, predictions, grad_h, grad_w)``: loss () fp32
+        ``(loss, token_loss, confidence, predictions, grad_h, grad_w, h_scale)``: loss () fp32
         ``Σ g·CE``; token_loss (K, N) fp32; statistics (K, N) fp32 / int64 or empty; grad_h
-        (K, N, D) in ``compute_dtype`` and grad_w (V, D) fp32, each empty when not needed.
+        (K, N, D) in ``compute_dtype`` and grad_w (V, D) fp32, each empty when not needed;
+        h_scale, in fp16 with ``grad_h``, the () fp32 factor it still needs, else empty.
     """
     K, N, D = hiddens.shape
     V = weight.shape[0]
@@ -132,7 +133,8 @@ def chunked_multi_exit_ce(
     need_grad = need_grad_hiddens or need_grad_weight
     # fp16 holds nothing below 6e-8, and G = g·(softmax − onehot), with g ≈ w_k / |valid| ≈ 1e-4 at
     # 8K tokens, would round most of its entries to 0: in fp16 the row pass forms G / max(g), at
-    # most 1, and the gradients are brought back to scale after the last chunk.
+    # most 1. dW, in fp32, is brought back to scale after the last chunk; dH stays at that scale
+    # (scaled to size it would be subnormal in fp16) and max(g) goes to the backward with it.
     g_max = g.amax().clamp(min=torch.finfo(torch.float32).tiny) if need_grad and compute_dtype == torch.float16 else None
     g_rows = g / g_max if g_max is not None else g
     token_loss = torch.empty(rows, dtype=torch.float32, device=h.device)
@@ -158,7 +160,6 @@ def chunked_multi_exit_ce(
         if need_grad_weight:
             add_transposed_product(grad_w, logits, h_c)
     if g_max is not None:
-        grad_h.mul_(g_max)
         grad_w.mul_(g_max)
     loss = torch.dot(token_loss, g)  # Σ_k Σ_n g_kn · CE_kn = Σ_k w_k · (weighted) mean CE_k
     stats_shape = (K, N) if with_stats else (0,)
@@ -169,6 +170,7 @@ def chunked_multi_exit_ce(
         pred.view(stats_shape),
         grad_h.view((K, N, D) if need_grad_hiddens else (0,)),
         grad_w,
+        g_max if g_max is not None and need_grad_hiddens else torch.empty(0, device=h.device),
     )
 
 

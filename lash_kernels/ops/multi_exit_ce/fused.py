@@ -14,7 +14,8 @@ order them); with token weights, a fifth before the merge scales them to a maxim
    forms ``G = w_k·t_n·(softmax − onehot)`` (not yet divided by Σt), keeps its split's fp32
    ``Gᵀ·h`` in registers and adds ``G·W`` to the fp32 ``dH`` with atomics (last-bit order varies);
 4. ``_fused_finish_kernel``: sums the partial sums and the splits' ``dW`` in a fixed order,
-   divides by Σt, casts ``dW`` and ``dH`` to the inputs' dtypes, writes loss and per-exit means.
+   divides by Σt (an fp16 ``dH`` by its largest ``w_k`` only, the rest left to the backward),
+   casts ``dW`` and ``dH`` to the inputs' dtypes, writes loss and per-exit means.
 
 Without gradients step 3 and the gradient part of 4 are skipped. Head matmuls: 4 (one recompute).
 Splits aim at ≥ 4 programs per SM. fp32 operands take ``tf32x3`` dots (three TF32 products:
@@ -282,6 +283,8 @@ def _fused_finish_kernel(
     gh_ptr,  # [K·N·D] out: ∂loss/∂h in the hidden states' dtype (NEED_H)
     loss_ptr,  # [] fp32 out: the loss
     per_exit_ptr,  # [K] fp32 out: unweighted mean CE of every exit
+    hs_ptr,  # [] fp32 out (DEFER_H): the factor left for the backward, max_k w_k / Σt
+    h_unit,  # (DEFER_H) 1 / max_k w_k, or 1 when every weight is 0
     programs,  # P
     K,  # exits
     splits,  # T
@@ -289,13 +292,16 @@ def _fused_finish_kernel(
     h_size,  # K·N·D
     NEED_W: tl.constexpr,  # finish ∂loss/∂W
     NEED_H: tl.constexpr,  # finish ∂loss/∂h
+    DEFER_H: tl.constexpr,  # fp16 ∂loss/∂h: written over the factor hs, which the backward applies
     BLOCK: tl.constexpr,  # gradient elements per program
     BLOCK_P: tl.constexpr,  # per-program sums read per step
 ):
     """Programs ``[0, w)`` finish ``dW`` tiles, ``[w, w + h)`` ``dH`` tiles, the last one the loss.
 
     Each divides by ``Σ t`` (clamped to fp32's smallest normal: with no label every sum is 0,
-    and so is the result), summed from the merge kernel's per-program sums.
+    and so is the result), summed from the merge kernel's per-program sums. With ``DEFER_H``,
+    ``dH`` is written at ``1 / hs`` of its size, where fp16 keeps all its bits (see
+    :mod:`lash_kernels.ops.multi_exit_ce`), and the last program writes ``hs``.
     """
     pid = tl.program_id(0)
     width = 3 + K
@@ -312,10 +318,12 @@ def _fused_finish_kernel(
     elif pid < w_programs + h_programs:
         offs = (pid - w_programs).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < h_size
-        grad = tl.load(ghf_ptr + offs, mask=mask, other=0.0) * scale
+        grad = tl.load(ghf_ptr + offs, mask=mask, other=0.0) * (h_unit if DEFER_H else scale)
         tl.store(gh_ptr + offs, grad.to(gh_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(loss_ptr, _sum_column(part_ptr, programs, width, 2, BLOCK_P) * scale)
+        if DEFER_H:
+            tl.store(hs_ptr, scale / h_unit)
         count = tl.maximum(_sum_column(part_ptr, programs, width, 1, BLOCK_P), 1.0)
         for j in range(K):
             tl.store(per_exit_ptr + j, _sum_column(part_ptr, programs, width, 3 + j, BLOCK_P) / count)
@@ -377,8 +385,9 @@ def _fused_launch_shape(rows: int, V: int, forward: dict, grad: dict, sms: int) 
 def run_fused(hiddens, weight, targets, token_weights, exit_weights, ignore_index, with_stats, need_h, need_w):
     """The fused regime (module docstring): forward, merge, grad and finish kernels.
 
-    Returns ``(loss, per_exit, token_loss, confidence, predictions, grad_h, grad_w)``, the
-    gradients in the inputs' dtypes (empty when not needed)."""
+    Returns ``(loss, per_exit, token_loss, confidence, predictions, grad_h, grad_w, h_scale)``, the
+    gradients in the inputs' dtypes (empty when not needed); ``h_scale``, () fp32, is the factor
+    an fp16 ``grad_h`` still needs (empty when it needs none)."""
     K, N, D = hiddens.shape
     V, rows = weight.shape[0], K * N
     h, device = hiddens.view(rows, D), hiddens.device
@@ -415,15 +424,18 @@ def run_fused(hiddens, weight, targets, token_weights, exit_weights, ignore_inde
         )  # fmt: skip
     loss, per_exit = torch.empty((), **f32), torch.empty(K, **f32)
     grad_h = torch.empty((K, N, D) if need_h else (0,), dtype=hiddens.dtype, device=device)
+    defer_h = need_h and hiddens.dtype == torch.float16
+    h_scale = torch.empty(() if defer_h else (0,), **f32)
     grad_w = torch.empty((V, D) if need_w else (0,), dtype=weight.dtype, device=device)
     block = FINISH_CONFIG["BLOCK"]
     finish_programs = (triton.cdiv(V * D, block) if need_w else 0) + (triton.cdiv(rows * D, block) if need_h else 0) + 1
     launch(_fused_finish_kernel)[(finish_programs,)](
-        sums, grad_w32, grad_w, grad_h32, grad_h, loss, per_exit, merge_programs, K, splits_n, V * D, rows * D,
-        NEED_W=need_w, NEED_H=need_h, **FINISH_CONFIG,
+        sums, grad_w32, grad_w, grad_h32, grad_h, loss, per_exit, h_scale, 1.0 / (max(exit_weights) or 1.0),
+        merge_programs, K, splits_n, V * D, rows * D, NEED_W=need_w, NEED_H=need_h, DEFER_H=defer_h, **FINISH_CONFIG,
     )  # fmt: skip
     stats_shape = (K, N) if with_stats else (0,)
-    return loss, per_exit, token_loss.view(K, N), conf.view(stats_shape), pred.view(stats_shape), grad_h, grad_w
+    return (loss, per_exit, token_loss.view(K, N), conf.view(stats_shape), pred.view(stats_shape), grad_h, grad_w,
+            h_scale)  # fmt: skip
 
 
 def fused_variants(shape, dtype: torch.dtype, arch: int) -> list:
@@ -466,8 +478,9 @@ def fused_variants(shape, dtype: torch.dtype, arch: int) -> list:
         config_variant(
             "multi_exit_ce.fused_finish", _fused_finish_kernel,
             dict(part_ptr=f32, gwp_ptr=f32, gw_ptr=act, ghf_ptr=f32, gh_ptr=act, loss_ptr=f32, per_exit_ptr=f32,
-                 programs="i32", K="i32", splits="i32", w_size="i32", h_size="i32"),
-            FINISH_CONFIG | dict(num_stages=1), dict(NEED_W=True, NEED_H=True), finish_programs,
+                 hs_ptr=f32, h_unit="fp32", programs="i32", K="i32", splits="i32", w_size="i32", h_size="i32"),
+            FINISH_CONFIG | dict(num_stages=1), dict(NEED_W=True, NEED_H=True, DEFER_H=dtype == torch.float16),
+            finish_programs,
             dict(programs=merge_programs, K=K, splits=splits_n, w_size=V * D, h_size=rows * D),
         ),
         *token_weight_variants(shape),

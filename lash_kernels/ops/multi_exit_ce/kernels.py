@@ -31,26 +31,36 @@ def _multi_exit_ce(
     need_grad_hiddens: bool,
     need_grad_weight: bool,
     chunked: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, per_exit, token_loss, confidence, predictions, grad_h, grad_w)``; see the two regimes."""
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
+    """``(loss, per_exit, token_loss, confidence, predictions, grad_h, grad_w, h_scale)``; see the
+    two regimes (``h_scale``: the factor an fp16 ``grad_h`` still needs, or empty)."""
     run = run_chunked if chunked or hiddens.numel() == 0 else run_fused  # no tokens: no kernel to launch
-    loss, per_exit, token_loss, conf, pred, grad_h, grad_w = run(
+    loss, per_exit, token_loss, conf, pred, grad_h, grad_w, h_scale = run(
         hiddens, weight, targets, token_weights, exit_weights, ignore_index, with_stats, need_grad_hiddens,
         need_grad_weight,
     )  # fmt: skip
     # Gradients in the input dtypes, formed now; the backward only scales them.
-    return loss, per_exit, token_loss, conf, pred, grad_h.to(hiddens.dtype), grad_w.to(weight.dtype)
+    return loss, per_exit, token_loss, conf, pred, grad_h.to(hiddens.dtype), grad_w.to(weight.dtype), h_scale
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(output[5], output[6])
+    ctx.save_for_backward(*output[5:])
     # Only the loss is differentiable: no zero-filled gradients for the other six outputs.
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, *_):
-    grads = [g if need else None for g, need in zip(ctx.saved_tensors, ctx.needs_input_grad[:2])]
+    grad_h, grad_w, h_scale = ctx.saved_tensors
+    grads = [g if need else None for g, need in zip((grad_h, grad_w), ctx.needs_input_grad[:2])]
+    if grads[0] is not None and h_scale.numel():  # an fp16 dH still short of its factor: the loss
+        # scale meets it first, so the product is rounded to fp16 once, at its final size
+        grads[0] = grad_h * (grad_loss * h_scale)
+        if grads[1] is not None:
+            grads[1] = grad_w * grad_loss.to(grad_w.dtype)
+        return (*grads, *(None,) * 8)
     wanted = [g for g in grads if g is not None]
     if len({g.dtype for g in wanted}) == 1:  # one launch scales both
         scaled = iter(torch._foreach_mul(wanted, grad_loss.to(wanted[0].dtype)))

@@ -94,15 +94,15 @@ def _triton_row_pass(logits, targets, valid, g, with_stats):
 
 
 def run_chunked(hiddens, weight, targets, token_weights, exit_weights, ignore_index, with_stats, need_h, need_w):
-    """The chunked regime: cuBLAS matmuls in the input dtype (fp32 off CUDA) and ``_row_kernel``.
+    """The chunked regime: cuBLAS matmuls in the input dtype and ``_row_kernel``.
 
-    Returns ``(loss, per_exit, token_loss, confidence, predictions, grad_h, grad_w)``."""
-    dtype = hiddens.dtype if hiddens.is_cuda else torch.float32  # CPU: the interpreter's tests
+    Returns ``(loss, per_exit, token_loss, confidence, predictions, grad_h, grad_w, h_scale)``
+    (``h_scale``: see :func:`chunked_multi_exit_ce`)."""
     chunk = gpu_chunk_rows(weight.shape[1])
     chunk = chunk if not interpreting() else 32  # several chunks on the tests' small shapes
     g = token_scales(targets, exit_weights, ignore_index, token_weights)  # (K, N)
     loss, token_loss, *rest = chunked_multi_exit_ce(
-        hiddens, weight, targets, g, ignore_index, with_stats, need_h, need_w, _triton_row_pass, chunk, dtype
+        hiddens, weight, targets, g, ignore_index, with_stats, need_h, need_w, _triton_row_pass, chunk, hiddens.dtype
     )
     return loss, per_exit_means(token_loss, targets, ignore_index), token_loss, *rest
 

@@ -46,7 +46,7 @@ class TorchMultiExitCE(torch.autograd.Function):
         # Statistics and reductions in fp32, whatever autocast would pick for the matmuls.
         with torch.autocast(hiddens.device.type, enabled=False):
             g = token_scales(targets, exit_weights, ignore_index, token_weights)  # (K, N)
-            loss, token_loss, conf, pred, grad_h, grad_w = chunked_multi_exit_ce(
+            loss, token_loss, conf, pred, grad_h, grad_w, _ = chunked_multi_exit_ce(  # fp32: dH at its size
                 hiddens, weight, targets, g, ignore_index, with_stats, need_h, need_w,
                 torch_row_pass, chunk_rows(weight.shape[0]), torch.float32,
             )  # fmt: skip

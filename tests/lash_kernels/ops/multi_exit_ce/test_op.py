@@ -102,20 +102,40 @@ def test_half_precision(kernels, dtype):
 def test_chunked_fp16_gradients_keep_what_rounds_below_fp16s_smallest_value():
     """G = g·(softmax − onehot) with g ≈ w_k / |valid| falls below fp16's 6e-8 for most entries at
     8K tokens (on a GPU's chunked path, where fp16 is the matmuls' dtype); a small exit weight
-    puts it there on a small shape. The gradients must still match float64."""
+    puts it there on a small shape. The gradients must still match float64: ``dW`` in fp32 at its
+    size, ``dH`` at ``1 / h_scale`` of it, the factor the backward applies."""
     from lash_kernels.ops.multi_exit_ce.row_kernel import _triton_row_pass
 
     n, D, v = 48, 16, 96
     h, W = (torch.randn(1, n, D) * 0.01).half(), (torch.randn(v, D) * 100).half()
     y = torch.randint(0, v, (n,))
     g = chunked.token_scales(y, [5e-5], -100)
-    *_, grad_h, grad_w = chunked.chunked_multi_exit_ce(h, W, y, g, -100, False, True, True, _triton_row_pass, 32,
-                                                       torch.float16)  # fmt: skip
+    *_, grad_h, grad_w, h_scale = chunked.chunked_multi_exit_ce(h, W, y, g, -100, False, True, True,
+                                                                _triton_row_pass, 32, torch.float16)  # fmt: skip
+    assert grad_h.dtype == torch.float16 and grad_w.dtype == torch.float32 and h_scale == g.max()
     p = (h[0].double() @ W.double().T).softmax(-1)
     G = g[0].double()[:, None] * (p - F.one_hot(y, v))
     assert (G.abs() < 6e-8).float().mean() > 0.9  # what fp16 would have rounded away
-    for got, expected in ((grad_h[0], G @ W.double()), (grad_w, G.T @ h[0].double())):
+    for got, expected in ((grad_h[0].double() * h_scale.double(), G @ W.double()), (grad_w, G.T @ h[0].double())):
         assert ((got.double() - expected).abs().max() / expected.abs().max()) < 1e-2  # 5e-2 / 2.5e-2 when G is rounded
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fp16_hidden_gradients_keep_their_precision_under_a_loss_scale(kernels, device):
+    """A GradScaler multiplies the loss by 2¹⁵ or so, and eager autocast's gradients keep fp16's 11
+    bits because they are scaled before they are rounded to fp16. The op forms ``dH`` in the
+    forward, before it sees that scale: at 8K tokens and a head of std 0.02 its values lie in
+    fp16's subnormal range (below 6.1e-5), where rounding them would cost about 3% of their norm
+    (small exit weights put them there on this small shape). Scaled in the backward, they must
+    match float64 to fp16's precision."""
+    hiddens, weight, targets = make_inputs(2, 40, dtype=torch.float16, stacked=True)
+    exit_weights, loss_scale = [2e-3, 1e-3], 2.0**15
+    expected = torch.stack(float64_reference(hiddens.unbind(0), weight, targets, exit_weights)[2]) * loss_scale
+    hiddens = hiddens.detach().to(device).requires_grad_()
+    out = multi_exit_cross_entropy(hiddens, weight.detach().to(device), targets.to(device), exit_weights)
+    out.loss.backward(torch.tensor(loss_scale, device=device))
+    assert expected.abs().max() / loss_scale < 6.1e-5  # the unscaled gradients are subnormal in fp16
+    assert ((hiddens.grad.cpu().double() - expected).norm() / expected.norm()) < 1e-3
 
 
 def test_all_tokens_ignored_gives_zero_not_nan(kernels):
