@@ -56,6 +56,35 @@ def device_floats(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return _DEVICE_FLOATS[key]
 
 
+def cdiv(a: int, b: int) -> int:
+    """``⌈a / b⌉`` for launchers' host code: ``triton.cdiv`` is a constexpr function there, whose
+    wrapper costs the host microseconds a call (Triton 3.9); this one works on SymInts too."""
+    return (a + b - 1) // b
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two ≥ ``n`` (0 for 0), as ``triton.next_power_of_2`` but at a plain
+    function's cost; ``n`` is made an int (a SymInt is specialised: it sizes a tile)."""
+    n = int(n)
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def cached_plan(plan: Callable) -> Callable:
+    """``plan`` (a launch plan from sizes and an arch, all hashable) memoised: a persistent grid's
+    plan weighs occupancy for several pipeline depths, tens of µs of host time a call. Sizes
+    that are SymInts (``torch.compile`` with dynamic shapes) bypass the cache."""
+    cached = functools.lru_cache(maxsize=256)(plan)
+
+    @functools.wraps(plan)
+    def lookup(*args):
+        if any(isinstance(a, torch.SymInt) for a in args):
+            return plan(*args)
+        return cached(*args)
+
+    lookup.cache_clear = cached.cache_clear  # for tests that change the constants a plan reads
+    return lookup
+
+
 @functools.cache
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors to fill on CUDA; when interpreting, programs run one by one, so few."""
@@ -91,8 +120,26 @@ def resident_programs(arch: Arch, num_warps: int, shared_bytes: int, regs: int) 
 def twin_function(forward: Callable, setup_context: Callable, backward: Callable) -> type[torch.autograd.Function]:
     """The ``autograd.Function`` twin of a ``lash::`` triton_op: the op's body, ``setup_context``
     and backward, called without the op's dispatch, which costs the host about three times as
-    much per call (a custom op's Python dispatch against a Function's)."""
-    methods = dict(forward=staticmethod(forward), setup_context=staticmethod(setup_context), backward=staticmethod(backward))
+    much per call (a custom op's Python dispatch against a Function's).
+
+    The body and ``setup_context`` run in one ``forward(ctx, *args)``: a Function that defines
+    ``setup_context`` has ``apply`` bind its arguments through ``inspect.signature`` on every
+    call, about 40 µs of host time on a 2-core CPU, more than the rest of the call."""
+
+    def forward_with_ctx(ctx, *args):
+        output = forward(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    def call(cls, *args):
+        """``apply``, or the bare body when no gradient can flow (no grad mode, or no input
+        that requires one): autograd's bookkeeping then records nothing and costs the host
+        about as much as the body."""
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return cls.apply(*args)
+        return forward(*args)
+
+    methods = dict(forward=staticmethod(forward_with_ctx), backward=staticmethod(backward), call=classmethod(call))
     return type(f"{forward.__name__.strip('_')}_function", (torch.autograd.Function,), methods)
 
 
@@ -104,7 +151,7 @@ def through_op() -> bool:
 
 
 def call_op(op: Callable, eager: Callable, *args):
-    """``op(*args)`` or ``eager(*args)`` (its twin's ``apply``, or the bare launcher of an op without
+    """``op(*args)`` or ``eager(*args)`` (its twin's ``call``, or the bare launcher of an op without
     autograd), as :func:`through_op` decides.
 
     The eager call launches its kernels directly, as a ``triton_op`` does for real tensors: with

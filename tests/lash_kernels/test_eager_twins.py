@@ -4,6 +4,7 @@ Under the interpreter calls take the registered ops (``lash_kernels._launch.thro
 choice is forced both ways on the same inputs, and outputs and every gradient must be equal.
 """
 
+import inspect
 import sys
 
 import pytest
@@ -73,3 +74,32 @@ def test_the_twin_launches_its_kernels_directly_forward_and_backward(case, monke
     torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
     assert forward_launches > 0 and (len(wrapped) > forward_launches or case == "multi_exit_ce")  # its gradients come from the forward
     assert not any(wrapped), wrapped
+
+
+@pytest.mark.parametrize("case", sorted(_cases()))
+def test_a_twin_call_records_no_graph_it_does_not_need(case, monkeypatch):
+    """A twin call without inputs that require gradients runs the op's bare body: no autograd
+    ``apply``, whose bookkeeping costs the host about as much as a small op's body. One that
+    records a graph binds no signature (a Function with a ``setup_context`` has ``apply`` run
+    ``inspect.signature`` on every call: about 40 µs on a 2-core CPU)."""
+    from lash_kernels.ops.multi_exit_ce import kernels as ce_kernels
+    from lash_kernels.ops.rms_norm import kernels as norm_kernels
+    from lash_kernels.ops.rotary import kernels as rotary_kernels
+    from lash_kernels.ops.swiglu import kernels as swiglu_kernels
+
+    monkeypatch.setenv("LASH_KERNELS", "triton")
+    fn, inputs = _cases()[case]
+    expected = fn(*inputs)
+    monkeypatch.setattr(_launch, "through_op", lambda: False)
+    monkeypatch.setattr(inspect, "signature", lambda *a, **k: pytest.fail("a signature was bound"))
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    assert fn(*leaves) is not None  # apply, with a graph to record
+    twins = [norm_kernels.RMSNormFunction, norm_kernels.AddRMSNormFunction, rotary_kernels.RotaryFunction,
+             swiglu_kernels.SwigluFunction, ce_kernels.MultiExitCEFunction]  # fmt: skip
+    for twin in twins:
+        monkeypatch.setattr(twin, "apply", classmethod(lambda cls, *args: pytest.fail(f"{cls.__name__}.apply ran")))
+    for got, want in zip(*(out if isinstance(out, tuple) else (out,) for out in (fn(*inputs), expected))):
+        assert torch.equal(got, want) and got.grad_fn is None
+    with torch.no_grad():
+        fn(*leaves)
+

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lash_kernels._launch import device_floats, launch, sm_count
+from lash_kernels._launch import cdiv, device_floats, launch, next_power_of_2, sm_count
 from lash_kernels.aot_types import ARCHS, config_variant, pointer
 from lash_kernels.dispatch import interpreting
 from lash_kernels.ops.multi_exit_ce.regime import FORWARD_TILES, GRAD_TILES, tile_key
@@ -332,9 +332,10 @@ def _fused_finish_kernel(
 def _fused_configs(D: int, dtype: torch.dtype) -> tuple[dict, dict]:
     """Launch configs of ``_fused_forward_kernel`` and ``_fused_grad_kernel``; the launcher and
     :func:`static_variants` both read them. Fixed tiles rather than autotuning (no first-call
-    stall); one small tile under the interpreter. ``int(D)``: under ``torch.compile`` with
-    dynamic shapes D arrives as a SymInt, and the tiles need a number (it specialises D)."""
-    block_d = max(16, triton.next_power_of_2(int(D)))
+    stall); one small tile under the interpreter. Under ``torch.compile`` with dynamic shapes D
+    may arrive as a SymInt; ``next_power_of_2`` makes it a number, as the tiles need (it
+    specialises D)."""
+    block_d = max(16, next_power_of_2(D))
     if interpreting():
         config = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=block_d, num_warps=1, num_stages=1)
         return config, config
@@ -347,7 +348,7 @@ def _fused_configs(D: int, dtype: torch.dtype) -> tuple[dict, dict]:
 
 def _merge_config(D: int) -> dict:
     """Rows per program of the merge kernel: 4096 elements of h (and of W[y]) per program."""
-    block_d = max(16, triton.next_power_of_2(int(D)))
+    block_d = max(16, next_power_of_2(D))
     block_r = 16 if interpreting() else max(1, 4096 // block_d)
     return dict(BLOCK_R=block_r, BLOCK_D=block_d, num_warps=1 if interpreting() else 4)
 
@@ -365,20 +366,20 @@ def _dot_args(dtype: torch.dtype) -> dict:
 
 def _splits(tiles: int, other_tiles: int, programs: int) -> int:
     """How many ways to split ``tiles`` so that ``splits × other_tiles`` reaches ``programs``."""
-    return max(1, min(tiles, triton.cdiv(programs, max(other_tiles, 1))))
+    return max(1, min(tiles, cdiv(programs, max(other_tiles, 1))))
 
 
 def _fused_launch_shape(rows: int, V: int, forward: dict, grad: dict, sms: int) -> tuple[int, int, int, int]:
     """(vocab splits S, columns per split) of the forward grid and (token splits T, rows per
     split) of the grad grid, each aiming at ``PROGRAMS_PER_SM`` programs per SM."""
     programs = PROGRAMS_PER_SM * sms
-    row_tiles, vocab_tiles = triton.cdiv(rows, forward["BLOCK_N"]), triton.cdiv(V, forward["BLOCK_V"])
-    per_split_v = triton.cdiv(vocab_tiles, _splits(vocab_tiles, row_tiles, programs))
-    row_tiles, vocab_tiles = triton.cdiv(rows, grad["BLOCK_N"]), triton.cdiv(V, grad["BLOCK_V"])
-    per_split_n = triton.cdiv(row_tiles, _splits(row_tiles, vocab_tiles, programs))
+    row_tiles, vocab_tiles = cdiv(rows, forward["BLOCK_N"]), cdiv(V, forward["BLOCK_V"])
+    per_split_v = cdiv(vocab_tiles, _splits(vocab_tiles, row_tiles, programs))
+    row_tiles, vocab_tiles = cdiv(rows, grad["BLOCK_N"]), cdiv(V, grad["BLOCK_V"])
+    per_split_n = cdiv(row_tiles, _splits(row_tiles, vocab_tiles, programs))
     return (
-        triton.cdiv(triton.cdiv(V, forward["BLOCK_V"]), per_split_v), per_split_v * forward["BLOCK_V"],
-        triton.cdiv(row_tiles, per_split_n), per_split_n * grad["BLOCK_N"],
+        cdiv(cdiv(V, forward["BLOCK_V"]), per_split_v), per_split_v * forward["BLOCK_V"],
+        cdiv(row_tiles, per_split_n), per_split_n * grad["BLOCK_N"],
     )  # fmt: skip
 
 
@@ -397,14 +398,14 @@ def run_fused(hiddens, weight, targets, token_weights, exit_weights, ignore_inde
     f32 = dict(dtype=torch.float32, device=device)
     part_max, part_sum = torch.empty((splits_v, rows), **f32), torch.empty((splits_v, rows), **f32)
     part_arg = torch.empty((splits_v, rows) if with_stats else (0,), dtype=torch.int32, device=device)
-    launch(_fused_forward_kernel)[(triton.cdiv(rows, forward["BLOCK_N"]), splits_v)](
+    launch(_fused_forward_kernel)[(cdiv(rows, forward["BLOCK_N"]), splits_v)](
         h, weight, part_max, part_sum, part_arg, rows, V, D, split_cols, WITH_STATS=with_stats,
         **forward, **_dot_args(h.dtype),
     )  # fmt: skip
     lse, token_loss = torch.empty(rows, **f32), torch.empty(rows, **f32)
     conf = torch.empty(rows if with_stats else 0, **f32)
     pred = torch.empty(rows if with_stats else 0, dtype=torch.int64, device=device)
-    merge_programs = triton.cdiv(rows, merge["BLOCK_R"])
+    merge_programs = cdiv(rows, merge["BLOCK_R"])
     sums = torch.empty((merge_programs, 3 + K), **f32)
     grad_h32 = torch.empty((rows, D) if need_h else (0,), **f32)
     weights = device_floats(exit_weights, h)
@@ -418,7 +419,7 @@ def run_fused(hiddens, weight, targets, token_weights, exit_weights, ignore_inde
     )  # fmt: skip
     grad_w32 = torch.empty((splits_n, V, D) if need_w else (0,), **f32)
     if need_h or need_w:
-        launch(_fused_grad_kernel)[(triton.cdiv(V, grad["BLOCK_V"]), splits_n)](
+        launch(_fused_grad_kernel)[(cdiv(V, grad["BLOCK_V"]), splits_n)](
             h, weight, targets, tw, weights, lse, grad_h32, grad_w32, rows, N, V, D, split_rows, ignore_index,
             HAS_TOKEN_WEIGHTS=token_weights is not None, NEED_H=need_h, NEED_W=need_w, **grad, **_dot_args(h.dtype),
         )  # fmt: skip
@@ -428,7 +429,7 @@ def run_fused(hiddens, weight, targets, token_weights, exit_weights, ignore_inde
     h_scale = torch.empty(() if defer_h else (0,), **f32)
     grad_w = torch.empty((V, D) if need_w else (0,), dtype=weight.dtype, device=device)
     block = FINISH_CONFIG["BLOCK"]
-    finish_programs = (triton.cdiv(V * D, block) if need_w else 0) + (triton.cdiv(rows * D, block) if need_h else 0) + 1
+    finish_programs = (cdiv(V * D, block) if need_w else 0) + (cdiv(rows * D, block) if need_h else 0) + 1
     launch(_fused_finish_kernel)[(finish_programs,)](
         sums, grad_w32, grad_w, grad_h32, grad_h, loss, per_exit, h_scale, 1.0 / (max(exit_weights) or 1.0),
         merge_programs, K, splits_n, V * D, rows * D, NEED_W=need_w, NEED_H=need_h, DEFER_H=defer_h, **FINISH_CONFIG,
@@ -448,8 +449,8 @@ def fused_variants(shape, dtype: torch.dtype, arch: int) -> list:
     forward, grad = _fused_configs(D, dtype)
     merge = _merge_config(D)
     splits_v, split_cols, splits_n, split_rows = _fused_launch_shape(rows, V, forward, grad, ARCHS[arch].sms)
-    merge_programs = triton.cdiv(rows, merge["BLOCK_R"])
-    finish_programs = triton.cdiv(V * D, FINISH_CONFIG["BLOCK"]) + triton.cdiv(rows * D, FINISH_CONFIG["BLOCK"]) + 1
+    merge_programs = cdiv(rows, merge["BLOCK_R"])
+    finish_programs = cdiv(V * D, FINISH_CONFIG["BLOCK"]) + cdiv(rows * D, FINISH_CONFIG["BLOCK"]) + 1
     ints = dict(rows_total=rows, N=N, V=V, D=D)
     labels = dict(y_ptr=i64, tw_ptr=f32, ew_ptr=f32)
     return [
@@ -457,7 +458,7 @@ def fused_variants(shape, dtype: torch.dtype, arch: int) -> list:
             "multi_exit_ce.fused_forward", _fused_forward_kernel,
             dict(h_ptr=act, w_ptr=act, max_ptr=f32, sum_ptr=f32, arg_ptr=pointer(torch.int32), rows_total="i32",
                  V="i32", D="i32", split_cols="i32"),
-            forward, dots | dict(WITH_STATS=True), triton.cdiv(rows, forward["BLOCK_N"]) * splits_v,
+            forward, dots | dict(WITH_STATS=True), cdiv(rows, forward["BLOCK_N"]) * splits_v,
             dict(rows_total=rows, V=V, D=D, split_cols=split_cols),
         ),
         config_variant(
@@ -473,7 +474,7 @@ def fused_variants(shape, dtype: torch.dtype, arch: int) -> list:
             dict(h_ptr=act, w_ptr=act, **labels, lse_ptr=f32, gh_ptr=f32, gw_ptr=f32, rows_total="i32", N="i32",
                  V="i32", D="i32", split_rows="i32", ignore_index="i32"),
             grad, dots | dict(HAS_TOKEN_WEIGHTS=False, NEED_H=True, NEED_W=True),
-            triton.cdiv(V, grad["BLOCK_V"]) * splits_n, ints | dict(split_rows=split_rows),
+            cdiv(V, grad["BLOCK_V"]) * splits_n, ints | dict(split_rows=split_rows),
         ),
         config_variant(
             "multi_exit_ce.fused_finish", _fused_finish_kernel,

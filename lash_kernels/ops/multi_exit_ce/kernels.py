@@ -79,7 +79,7 @@ def multi_exit_ce_call(hiddens, weight, targets, token_weights, exit_weights, ig
                        chunked):  # fmt: skip
     """``(loss, per_exit, token_loss, confidence, predictions)`` through :data:`multi_exit_ce_op` or
     its twin (``call_op``); only the loss is differentiable."""
-    return call_op(multi_exit_ce_op, MultiExitCEFunction.apply, hiddens, weight, targets, token_weights, exit_weights,
+    return call_op(multi_exit_ce_op, MultiExitCEFunction.call, hiddens, weight, targets, token_weights, exit_weights,
                    ignore_index, with_stats, need_h, need_w, chunked)[:5]  # fmt: skip
 
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lash_kernels._launch import launch
+from lash_kernels._launch import launch, next_power_of_2
 from lash_kernels.aot_types import config_variant, pointer
 from lash_kernels.dispatch import interpreting
 from lash_kernels.ops.multi_exit_ce.chunked import chunked_multi_exit_ce, gpu_chunk_rows, per_exit_means, token_scales
@@ -76,7 +76,7 @@ def _row_config(V: int) -> dict:
     """Vocab entries per step and warps of the row kernel: 8 fp32 lanes per thread."""
     if interpreting():
         return dict(BLOCK_V=64, num_warps=1, num_stages=1)
-    block_v = min(4096, triton.next_power_of_2(int(V)))  # a number even for a SymInt V (compile)
+    block_v = min(4096, next_power_of_2(V))  # a number even for a SymInt V (compile)
     return dict(BLOCK_V=block_v, num_warps=max(1, min(16, block_v // 256)), num_stages=1)
 
 

@@ -146,7 +146,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     if backend(x.device) == "torch":
         return rms_norm_reference(x, weight, eps)
     _check_kernel(x=x, weight=weight)
-    return call_op(kernels.rms_norm_op, kernels.RMSNormFunction.apply, x, weight, eps)[0]
+    return call_op(kernels.rms_norm_op, kernels.RMSNormFunction.call, x, weight, eps)[0]
 
 
 def add_rms_norm(
@@ -171,7 +171,7 @@ def add_rms_norm(
     if backend(x.device) == "torch":
         return add_rms_norm_reference(x, residual, weight, eps)
     _check_kernel(x=x, residual=residual, weight=weight)
-    y, s, _ = call_op(kernels.add_rms_norm_op, kernels.AddRMSNormFunction.apply, x, residual, weight, eps)
+    y, s, _ = call_op(kernels.add_rms_norm_op, kernels.AddRMSNormFunction.call, x, residual, weight, eps)
     return y, s
 
 

@@ -18,7 +18,16 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from lash_kernels._launch import call_op, device_arch, launch, resident_programs, twin_function
+from lash_kernels._launch import (
+    cached_plan,
+    call_op,
+    cdiv,
+    device_arch,
+    launch,
+    next_power_of_2,
+    resident_programs,
+    twin_function,
+)
 from lash_kernels.aot_types import ARCHS, LAUNCH_STAGES, Arch, KernelVariant, pointer
 
 BACKWARD_MAX_ROW = 8192  # widest row the backward keeps whole in registers; wider rows go in slices
@@ -218,6 +227,7 @@ SCRATCH_SMEM = 256  # shared memory Triton adds to a pipelined kernel's buffers 
 FORWARD_REGS = 64  # registers per thread the forward is planned for (python -m lash_kernels.aot_check reads them)
 
 
+@cached_plan
 def _forward_plan(m: int, n: int, itemsize: int, inputs: int, arch: Arch) -> _ForwardPlan:
     """Tile, pipeline depth and persistent grid of the forward for ``m`` rows of hidden size ``n``.
 
@@ -229,7 +239,7 @@ def _forward_plan(m: int, n: int, itemsize: int, inputs: int, arch: Arch) -> _Fo
     is what stays resident on every SM (threads, registers, shared memory), never more than
     there are blocks: one wave, with no tail.
     """
-    block_n = triton.next_power_of_2(n)
+    block_n = next_power_of_2(n)
     per_warp = 32 * 16  # elements one warp holds
     num_warps = max(1, min(32, block_n // per_warp))
     block_m = max(1, per_warp // block_n)
@@ -238,7 +248,7 @@ def _forward_plan(m: int, n: int, itemsize: int, inputs: int, arch: Arch) -> _Fo
     if block_bytes > arch.smem_per_block // 2:  # rows wider than 8K: no room to buffer; registers only
         stages = 1
     per_sm = resident_programs(arch, num_warps, max(stages - 1, 0) * block_bytes + SCRATCH_SMEM, FORWARD_REGS)
-    return _ForwardPlan(block_m, block_n, num_warps, stages, min(triton.cdiv(m, block_m), arch.sms * per_sm))
+    return _ForwardPlan(block_m, block_n, num_warps, stages, min(cdiv(m, block_m), arch.sms * per_sm))
 
 
 class _BackwardPlan(NamedTuple):
@@ -258,6 +268,7 @@ def _backward_regs(per_thread: int) -> int:
     return 7 * per_thread + 8
 
 
+@cached_plan
 def _backward_plan(m: int, n: int, itemsize: int, inputs: int, arch: Arch) -> _BackwardPlan:
     """Tile, pipeline depth and persistent grid of the backward for ``m`` rows of hidden size ``n``,
     reading ``inputs`` row tensors (dy and s, and the incoming ds for add_rms_norm).
@@ -268,10 +279,10 @@ def _backward_plan(m: int, n: int, itemsize: int, inputs: int, arch: Arch) -> _B
     programs of every SM, each walking a contiguous band of rows. Rows wider than
     ``BACKWARD_MAX_ROW`` go in slices of half that, unpipelined (kernel docstring).
     """
-    block_n = triton.next_power_of_2(n)
+    block_n = next_power_of_2(n)
     if block_n > BACKWARD_MAX_ROW:
         block_n = BACKWARD_MAX_ROW // 2
-        block_m, col_blocks, num_warps, stages, per_sm = 1, triton.cdiv(n, block_n), max(1, min(16, block_n // 256)), 1, 1
+        block_m, col_blocks, num_warps, stages, per_sm = 1, cdiv(n, block_n), max(1, min(16, block_n // 256)), 1, 1
     else:
         block_m, col_blocks = max(1, 1024 // block_n), 1
         per_thread = 8 if block_n <= 1024 else 16
@@ -285,9 +296,9 @@ def _backward_plan(m: int, n: int, itemsize: int, inputs: int, arch: Arch) -> _B
         fitting = [k for k in (4, 3, 2) if (k - 1) * stage_bytes + SCRATCH_SMEM <= arch.smem_per_block]
         stages = max(fitting, key=lambda k: (resident(k) >= 2, resident(k) * (k - 1)), default=1)
         per_sm = resident(stages)
-    programs = min(triton.cdiv(m, block_m), arch.sms * per_sm)
-    rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
-    return _BackwardPlan(block_m, block_n, col_blocks, num_warps, stages, triton.cdiv(m, rows_per_program), rows_per_program)
+    programs = min(cdiv(m, block_m), arch.sms * per_sm)
+    rows_per_program = cdiv(cdiv(m, programs), block_m) * block_m
+    return _BackwardPlan(block_m, block_n, col_blocks, num_warps, stages, cdiv(m, rows_per_program), rows_per_program)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -347,7 +358,7 @@ def _backward(
     )  # fmt: skip
     dweight = torch.empty_like(weight)
     block_p, sum_n = SUM_TILE
-    launch(_sum_rows_kernel)[(triton.cdiv(n, sum_n),)](dw_partial, dweight, plan.programs, n, BLOCK_P=block_p, BLOCK_N=sum_n)
+    launch(_sum_rows_kernel)[(cdiv(n, sum_n),)](dw_partial, dweight, plan.programs, n, BLOCK_P=block_p, BLOCK_N=sum_n)
     return ds, dweight
 
 
@@ -390,7 +401,7 @@ def static_variants(shape, dtype: torch.dtype, arch: int) -> list:
     variants.append(KernelVariant(
         "rms_norm.dw_sum", _sum_rows_kernel,
         dict(PARTIAL=f32, OUT=f32, P="i32", N="i32", BLOCK_P="constexpr", BLOCK_N="constexpr"),
-        dict(BLOCK_P=block_p, BLOCK_N=sum_n), 4, LAUNCH_STAGES, triton.cdiv(n, sum_n), dict(N=n, P=back.programs),
+        dict(BLOCK_P=block_p, BLOCK_N=sum_n), 4, LAUNCH_STAGES, cdiv(n, sum_n), dict(N=n, P=back.programs),
     ))  # fmt: skip
     return variants
 

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from lash_kernels._launch import call_op, launch, sm_count, twin_function
+from lash_kernels._launch import call_op, cdiv, launch, next_power_of_2, sm_count, twin_function
 from lash_kernels.aot_types import ARCHS, KernelVariant, pointer
 
 @triton.jit
@@ -177,11 +177,11 @@ def _plan(t: int, b: int, hq: int, hk: int, half: int, sms: int) -> _Plan:
     ``MIN_PROGRAMS_PER_SM`` programs per SM, else 2 or 1. The tile depends on D only, so a
     dynamic sequence length under torch.compile does not specialise the graph.
     """
-    block_h = triton.next_power_of_2(half)
+    block_h = next_power_of_2(half)
     block_t = max(1, 1024 // block_h)
-    blocks = triton.cdiv(t, block_t) * b
-    heads = next((h for h in (4, 2) if blocks * (triton.cdiv(hq, h) + triton.cdiv(hk, h)) >= MIN_PROGRAMS_PER_SM * sms), 1)
-    grid = (blocks, triton.cdiv(hq, heads) + triton.cdiv(hk, heads))
+    blocks = cdiv(t, block_t) * b
+    heads = next((h for h in (4, 2) if blocks * (cdiv(hq, h) + cdiv(hk, h)) >= MIN_PROGRAMS_PER_SM * sms), 1)
+    grid = (blocks, cdiv(hq, heads) + cdiv(hk, heads))
     return _Plan(block_t, block_h, heads, NUM_WARPS, min(4, heads + 1), grid)
 
 
@@ -299,4 +299,4 @@ RotaryFunction = twin_function(_rotary, _setup_rotary, _rotary_grad)
 
 def rotary_call(q, k, cos, sin, positions, inverse: bool, eager_rounding: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The rotation, differentiable, through :data:`rotary_op` or its twin (``call_op``)."""
-    return call_op(rotary_op, RotaryFunction.apply, q, k, cos, sin, positions, inverse, eager_rounding)
+    return call_op(rotary_op, RotaryFunction.call, q, k, cos, sin, positions, inverse, eager_rounding)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from lash_kernels._launch import call_op, launch, sm_count, twin_function
+from lash_kernels._launch import call_op, cdiv, launch, next_power_of_2, sm_count, twin_function
 from lash_kernels.aot_types import ARCHS, KernelVariant, pointer
 
 
@@ -70,11 +70,11 @@ def _plan(m: int, f: int, sms: int) -> _Plan:
     programs (down to ``MIN_TILE``), as wide as the row allows up to 1024 columns; up to 4 warps,
     each thread with at least 8 elements, so 16-bit loads still come 128 bits at a time."""
     tile = MAX_TILE
-    while tile > MIN_TILE and triton.cdiv(m * f, tile) < PROGRAMS_PER_SM * sms:
+    while tile > MIN_TILE and cdiv(m * f, tile) < PROGRAMS_PER_SM * sms:
         tile //= 2
-    block_f = min(triton.next_power_of_2(f), 1024, tile)
+    block_f = min(next_power_of_2(f), 1024, tile)
     block_m = tile // block_f
-    return _Plan(block_m, block_f, max(1, min(4, tile // 256)), (triton.cdiv(m, block_m), triton.cdiv(f, block_f)))
+    return _Plan(block_m, block_f, max(1, min(4, tile // 256)), (cdiv(m, block_m), cdiv(f, block_f)))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -127,7 +127,7 @@ SwigluFunction = twin_function(_swiglu, _setup_swiglu, _swiglu_grad)
 
 def swiglu_call(h: torch.Tensor) -> torch.Tensor:
     """The product, differentiable, through :data:`swiglu_op` or its twin (``call_op``)."""
-    return call_op(swiglu_op, SwigluFunction.apply, h)
+    return call_op(swiglu_op, SwigluFunction.call, h)
 
 
 def static_variants(shape, dtype: torch.dtype, arch: int) -> list:
