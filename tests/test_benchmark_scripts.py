@@ -1,6 +1,7 @@
 """The GPU run's benchmark scripts run end to end on the CPU, small, and write what they promise:
 ``decode_bench.py --dry-run`` and a short ``e2e_ashem.py``; a stopped decode_bench training resumes;
-``gpu_all.sh`` runs the steps it is given into no more files than a device call brings back."""
+``gpu_all.sh`` runs the steps it is given into no more files than a device call brings back;
+``cpu_host_time.py`` prints its rows."""
 
 import argparse
 import json
@@ -146,3 +147,10 @@ def test_gpu_all_refuses_an_unknown_step_before_running_anything(tmp_path):
     done = _gpu_all(tmp_path, "decode", "sutie")
     assert done.returncode == 2 and "sutie" in done.stderr
     assert not (tmp_path / "calls").exists()
+
+
+def test_cpu_host_time_prints_every_row_with_launches_stubbed():
+    out = _run("cpu_host_time.py", "--rounds", "1", "--calls", "3").stdout
+    rows = [line for line in out.splitlines() if line.endswith(" µs")]
+    assert len(rows) == 9 and all(float(line.split()[-2]) > 0 for line in rows)
+    assert "rms_norm forward+backward 8×1024" in out and "multi-exit CE forward+backward N256 D64 V2048 K4" in out
