@@ -47,20 +47,19 @@ def _multi_exit_ce(
 
 def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(*output[5:])
-    # Only the loss is differentiable: no zero-filled gradients for the other six outputs.
+    # Only the loss is differentiable: no zero-filled gradients for the other seven outputs.
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, *_):
     grad_h, grad_w, h_scale = ctx.saved_tensors
-    grads = [g if need else None for g, need in zip((grad_h, grad_w), ctx.needs_input_grad[:2])]
-    if grads[0] is not None and h_scale.numel():  # an fp16 dH still short of its factor: the loss
-        # scale meets it first, so the product is rounded to fp16 once, at its final size
-        grads[0] = grad_h * (grad_loss * h_scale)
-        if grads[1] is not None:
-            grads[1] = grad_w * grad_loss.to(grad_w.dtype)
-        return (*grads, *(None,) * 8)
+    need_h, need_w = ctx.needs_input_grad[:2]
+    if h_scale.numel():  # an fp16 dH short of its factor: the loss scale meets the factor first, so
+        # the product is rounded to fp16 once, at its final size (package docstring, "Numerics")
+        return (grad_h * (grad_loss * h_scale) if need_h else None,
+                grad_w * grad_loss.to(grad_w.dtype) if need_w else None, *(None,) * 8)  # fmt: skip
+    grads = [g if need else None for g, need in zip((grad_h, grad_w), (need_h, need_w))]
     wanted = [g for g in grads if g is not None]
     if len({g.dtype for g in wanted}) == 1:  # one launch scales both
         scaled = iter(torch._foreach_mul(wanted, grad_loss.to(wanted[0].dtype)))
