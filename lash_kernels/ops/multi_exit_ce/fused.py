@@ -305,7 +305,8 @@ def _fused_finish_kernel(
     """
     pid = tl.program_id(0)
     width = 3 + K
-    scale = 1.0 / tl.maximum(_sum_column(part_ptr, programs, width, 0, BLOCK_P), 1.1754943508222875e-38)
+    total = _sum_column(part_ptr, programs, width, 0, BLOCK_P)  # Σ t
+    scale = 1.0 / tl.maximum(total, 1.1754943508222875e-38)
     w_programs = tl.cdiv(w_size, BLOCK) if NEED_W else 0
     h_programs = tl.cdiv(h_size, BLOCK) if NEED_H else 0
     if pid < w_programs:
@@ -322,8 +323,8 @@ def _fused_finish_kernel(
         tl.store(gh_ptr + offs, grad.to(gh_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(loss_ptr, _sum_column(part_ptr, programs, width, 2, BLOCK_P) * scale)
-        if DEFER_H:
-            tl.store(hs_ptr, scale / h_unit)
+        if DEFER_H:  # 0 without a labelled token (dH is 0 then), never 1 / tiny
+            tl.store(hs_ptr, tl.where(total > 0, scale / h_unit, 0.0))
         count = tl.maximum(_sum_column(part_ptr, programs, width, 1, BLOCK_P), 1.0)
         for j in range(K):
             tl.store(per_exit_ptr + j, _sum_column(part_ptr, programs, width, 3 + j, BLOCK_P) / count)

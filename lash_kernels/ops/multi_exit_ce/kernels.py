@@ -55,11 +55,14 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_loss, *_):
     grad_h, grad_w, h_scale = ctx.saved_tensors
     need_h, need_w = ctx.needs_input_grad[:2]
-    if h_scale.numel():  # an fp16 dH short of its factor: the loss scale meets the factor first, so
-        # the product is rounded to fp16 once, at its final size (package docstring, "Numerics")
-        return (grad_h * (grad_loss * h_scale) if need_h else None,
-                grad_w * grad_loss.to(grad_w.dtype) if need_w else None, *(None,) * 8)  # fmt: skip
     grads = [g if need else None for g, need in zip((grad_h, grad_w), (need_h, need_w))]
+    if h_scale.numel() or any(g is not None and g.dtype == torch.float16 for g in grads):
+        # fp16: multiplied in fp32 (a GradScaler's first scale, 2¹⁶, is above fp16's largest
+        # value) and rounded once; an fp16 dH also takes the factor it was kept short of
+        # (package docstring, "Numerics")
+        factor_h = grad_loss * h_scale if h_scale.numel() else grad_loss
+        return (*(None if g is None else (g.float() * f).to(g.dtype) for g, f in zip(grads, (factor_h, grad_loss))),
+                *(None,) * 8)  # fmt: skip
     wanted = [g for g in grads if g is not None]
     if len({g.dtype for g in wanted}) == 1:  # one launch scales both
         scaled = iter(torch._foreach_mul(wanted, grad_loss.to(wanted[0].dtype)))

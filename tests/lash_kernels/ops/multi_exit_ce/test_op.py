@@ -138,10 +138,13 @@ def test_fp16_hidden_gradients_keep_their_precision_under_a_loss_scale(kernels, 
     assert ((hiddens.grad.cpu().double() - expected).norm() / expected.norm()) < 1e-3
 
 
-def test_all_tokens_ignored_gives_zero_not_nan(kernels):
-    hiddens, weight, targets = make_inputs(2, 24, ignored=1.0)
-    out = multi_exit_cross_entropy(hiddens, weight, targets, [1.0, 1.0])
-    out.loss.backward()
+@pytest.mark.parametrize("dtype, loss_scale", [(torch.float32, 1.0), (torch.float16, 2.0**16)])
+def test_all_tokens_ignored_gives_zero_not_nan(kernels, dtype, loss_scale):
+    """fp16 under a GradScaler's first scale too: its deferred factor (over no labelled token)
+    must not turn the zero gradient into 0 · inf."""
+    hiddens, weight, targets = make_inputs(2, 24, dtype=dtype, ignored=1.0)
+    out = multi_exit_cross_entropy(hiddens, weight, targets, [3.0, 1.0])
+    out.loss.backward(torch.tensor(loss_scale))
     assert out.loss.item() == 0.0 and not out.per_exit.any()
     assert all(not h.grad.any() for h in hiddens) and not weight.grad.any()
 
