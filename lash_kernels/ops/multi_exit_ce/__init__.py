@@ -42,12 +42,14 @@ sends them through the op without gradients, so no gradient work is done for the
 Numerics: statistics and reductions in fp32. bf16/fp16 operands feed ``tl.dot``/cuBLAS as they
 are (the chunked path's logits are in the input dtype, as in Liger-Kernel); fp32 operands use
 ``tf32x3`` dots in the fused kernels (three TF32 products, near-fp32 accuracy on tensor cores)
-and cuBLAS fp32 (under the user's ``allow_tf32`` setting) in the chunked path. In fp16 the
-chunked path forms ``G`` over its largest ``g`` (``G`` itself would fall below fp16's smallest
-value at thousands of tokens), and both regimes keep an fp16 ``∂loss/∂h`` at that scale: at its
-size, about 1e-6 at 8K tokens, it would be subnormal in fp16 and lose about 3% of its norm before
-a GradScaler's loss scale reaches it. The backward multiplies it by that scale and the factor
-together, so it is rounded to fp16 once, at its final size, as eager autocast's is. Envelope:
+and cuBLAS fp32 (under the user's ``allow_tf32`` setting) in the chunked path. fp16 keeps its
+bits where eager autocast does, which rounds gradients only after a GradScaler has scaled them:
+``G`` is rounded to fp16 for the matmuls over its largest ``g`` (chunked; ``G`` itself would fall
+below fp16's smallest value at thousands of tokens) or times ``4096 / max_k w_k`` (fused);
+``∂loss/∂h`` is kept over the largest ``g`` (at its size, about 1e-6 at 8K tokens, it would be
+subnormal and lose about 3% of its norm), and an fp16 head's ``∂loss/∂W`` stays in fp32 (most
+of its entries, the rows of rare classes, are subnormal in fp16 too). The backward multiplies
+them by the loss scale (and ``∂loss/∂h`` by its factor) in fp32 and rounds once. Envelope:
 ``K·N·D``, ``V·D`` < 2³¹ elements; any V.
 
 The result type, the input checks and the eager reference are in :mod:`.reference`.

@@ -38,6 +38,7 @@ from lash_kernels.ops.multi_exit_ce.regime import FORWARD_TILES, GRAD_TILES, til
 from lash_kernels.ops.multi_exit_ce.token_weights import scaled_token_weights, token_weight_variants
 
 PROGRAMS_PER_SM = 4  # fused grids aim for this many programs per streaming multiprocessor
+G_UNIT = 4096.0  # fp16: G over its largest exit weight, times this, keeps most classes' entries normal, none above 4096
 
 
 @triton.jit
@@ -205,6 +206,7 @@ def _fused_grad_kernel(
     D,  # hidden size
     split_rows,  # rows per token split, a multiple of BLOCK_N
     ignore_index,  # target value of tokens without a label
+    g_unit,  # G's factor before it is rounded to the dots' dtype (G_UNIT / max_k w_k in fp16, else 1)
     HAS_TOKEN_WEIGHTS: tl.constexpr,  # t_n from tw_ptr (else 1 at labelled tokens)
     NEED_H: tl.constexpr,  # form ∂loss/∂h
     NEED_W: tl.constexpr,  # form ∂loss/∂W
@@ -220,7 +222,9 @@ def _fused_grad_kernel(
     registers, the ``[BLOCK_V, D]`` head gradient accumulates there over the split's rows
     (each written once, so ``dW`` is deterministic), and each ``G · W_cols`` partial of the
     hidden-state gradient is added to ``dH`` with atomics (V / BLOCK_V adds per element).
-    ``G`` is scaled by ``w_k · t_n``; the finish kernel divides by ``Σ t``.
+    ``G`` is scaled by ``w_k · t_n`` and by ``g_unit`` (in fp16 ``w_k·t_n·p`` lies below fp16's
+    normal range for most classes, and it is rounded to fp16 for the dots); the finish kernel
+    divides by ``Σ t`` and by ``g_unit``.
     """
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     split = tl.program_id(1)
@@ -241,7 +245,7 @@ def _fused_grad_kernel(
             t = tl.where(labelled, tl.load(tw_ptr + n, mask=row_mask, other=0.0).to(tl.float32), 0.0)
         else:
             t = labelled.to(tl.float32)
-        g = t * tl.load(ew_ptr + rows // N, mask=row_mask, other=0.0)  # 0 on padded rows: G = 0 there
+        g = t * tl.load(ew_ptr + rows // N, mask=row_mask, other=0.0) * g_unit  # 0 on padded rows: G = 0 there
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
         h_mask = row_mask[:, None] & d_mask[None, :]
         h = tl.load(h_ptr + rows64[:, None] * D + dims[None, :], mask=h_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
@@ -278,13 +282,14 @@ def _sum_column(
 def _fused_finish_kernel(
     part_ptr,  # [P, 3 + K] fp32 per-program sums of the merge kernel
     gwp_ptr,  # [T, V·D] fp32 token splits' head gradients (NEED_W)
-    gw_ptr,  # [V·D] out: ∂loss/∂W in the head's dtype (NEED_W)
+    gw_ptr,  # [V·D] out: ∂loss/∂W in the head's dtype, fp32 for an fp16 head (NEED_W)
     ghf_ptr,  # [K·N·D] fp32 Σt·∂loss/∂h (NEED_H)
     gh_ptr,  # [K·N·D] out: ∂loss/∂h in the hidden states' dtype (NEED_H)
     loss_ptr,  # [] fp32 out: the loss
     per_exit_ptr,  # [K] fp32 out: unweighted mean CE of every exit
     hs_ptr,  # [] fp32 out (DEFER_H): the factor left for the backward, max_k w_k / Σt
     h_unit,  # (DEFER_H) 1 / max_k w_k, or 1 when every weight is 0
+    g_unit,  # the grad kernel's factor of G, divided out here
     programs,  # P
     K,  # exits
     splits,  # T
@@ -307,6 +312,7 @@ def _fused_finish_kernel(
     width = 3 + K
     total = _sum_column(part_ptr, programs, width, 0, BLOCK_P)  # Σ t
     scale = 1.0 / tl.maximum(total, 1.1754943508222875e-38)
+    unit = 1.0 / g_unit
     w_programs = tl.cdiv(w_size, BLOCK) if NEED_W else 0
     h_programs = tl.cdiv(h_size, BLOCK) if NEED_H else 0
     if pid < w_programs:
@@ -315,11 +321,11 @@ def _fused_finish_kernel(
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for s in range(splits):  # a fixed order: deterministic
             acc += tl.load(gwp_ptr + s * w_size + offs, mask=mask, other=0.0)
-        tl.store(gw_ptr + offs, (acc * scale).to(gw_ptr.dtype.element_ty), mask=mask)
+        tl.store(gw_ptr + offs, (acc * (scale * unit)).to(gw_ptr.dtype.element_ty), mask=mask)
     elif pid < w_programs + h_programs:
         offs = (pid - w_programs).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < h_size
-        grad = tl.load(ghf_ptr + offs, mask=mask, other=0.0) * (h_unit if DEFER_H else scale)
+        grad = tl.load(ghf_ptr + offs, mask=mask, other=0.0) * ((h_unit if DEFER_H else scale) * unit)
         tl.store(gh_ptr + offs, grad.to(gh_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(loss_ptr, _sum_column(part_ptr, programs, width, 2, BLOCK_P) * scale)
@@ -388,8 +394,8 @@ def run_fused(hiddens, weight, targets, token_weights, exit_weights, ignore_inde
     """The fused regime (module docstring): forward, merge, grad and finish kernels.
 
     Returns ``(loss, per_exit, token_loss, confidence, predictions, grad_h, grad_w, h_scale)``, the
-    gradients in the inputs' dtypes (empty when not needed); ``h_scale``, () fp32, is the factor
-    an fp16 ``grad_h`` still needs (empty when it needs none)."""
+    gradients in the inputs' dtypes (an fp16 head's in fp32; empty when not needed);
+    ``h_scale``, () fp32, is the factor an fp16 ``grad_h`` still needs (empty when it needs none)."""
     K, N, D = hiddens.shape
     V, rows = weight.shape[0], K * N
     h, device = hiddens.view(rows, D), hiddens.device
@@ -419,21 +425,24 @@ def run_fused(hiddens, weight, targets, token_weights, exit_weights, ignore_inde
         HAS_TOKEN_WEIGHTS=token_weights is not None, WITH_STATS=with_stats, NEED_H=need_h, **merge,
     )  # fmt: skip
     grad_w32 = torch.empty((splits_n, V, D) if need_w else (0,), **f32)
+    w_max = max(exit_weights) or 1.0
+    g_unit = G_UNIT / w_max if hiddens.dtype == torch.float16 else 1.0
     if need_h or need_w:
         launch(_fused_grad_kernel)[(cdiv(V, grad["BLOCK_V"]), splits_n)](
-            h, weight, targets, tw, weights, lse, grad_h32, grad_w32, rows, N, V, D, split_rows, ignore_index,
+            h, weight, targets, tw, weights, lse, grad_h32, grad_w32, rows, N, V, D, split_rows, ignore_index, g_unit,
             HAS_TOKEN_WEIGHTS=token_weights is not None, NEED_H=need_h, NEED_W=need_w, **grad, **_dot_args(h.dtype),
         )  # fmt: skip
     loss, per_exit = torch.empty((), **f32), torch.empty(K, **f32)
     grad_h = torch.empty((K, N, D) if need_h else (0,), dtype=hiddens.dtype, device=device)
     defer_h = need_h and hiddens.dtype == torch.float16
     h_scale = torch.empty(() if defer_h else (0,), **f32)
-    grad_w = torch.empty((V, D) if need_w else (0,), dtype=weight.dtype, device=device)
+    w_dtype = torch.float32 if weight.dtype == torch.float16 else weight.dtype  # see kernels._multi_exit_ce
+    grad_w = torch.empty((V, D) if need_w else (0,), dtype=w_dtype, device=device)
     block = FINISH_CONFIG["BLOCK"]
     finish_programs = (cdiv(V * D, block) if need_w else 0) + (cdiv(rows * D, block) if need_h else 0) + 1
     launch(_fused_finish_kernel)[(finish_programs,)](
-        sums, grad_w32, grad_w, grad_h32, grad_h, loss, per_exit, h_scale, 1.0 / (max(exit_weights) or 1.0),
-        merge_programs, K, splits_n, V * D, rows * D, NEED_W=need_w, NEED_H=need_h, DEFER_H=defer_h, **FINISH_CONFIG,
+        sums, grad_w32, grad_w, grad_h32, grad_h, loss, per_exit, h_scale, 1.0 / w_max, g_unit, merge_programs, K,
+        splits_n, V * D, rows * D, NEED_W=need_w, NEED_H=need_h, DEFER_H=defer_h, **FINISH_CONFIG,
     )  # fmt: skip
     stats_shape = (K, N) if with_stats else (0,)
     return (loss, per_exit, token_loss.view(K, N), conf.view(stats_shape), pred.view(stats_shape), grad_h, grad_w,
@@ -473,14 +482,14 @@ def fused_variants(shape, dtype: torch.dtype, arch: int) -> list:
         config_variant(
             "multi_exit_ce.fused_grad", _fused_grad_kernel,
             dict(h_ptr=act, w_ptr=act, **labels, lse_ptr=f32, gh_ptr=f32, gw_ptr=f32, rows_total="i32", N="i32",
-                 V="i32", D="i32", split_rows="i32", ignore_index="i32"),
+                 V="i32", D="i32", split_rows="i32", ignore_index="i32", g_unit="fp32"),
             grad, dots | dict(HAS_TOKEN_WEIGHTS=False, NEED_H=True, NEED_W=True),
             cdiv(V, grad["BLOCK_V"]) * splits_n, ints | dict(split_rows=split_rows),
         ),
         config_variant(
             "multi_exit_ce.fused_finish", _fused_finish_kernel,
-            dict(part_ptr=f32, gwp_ptr=f32, gw_ptr=act, ghf_ptr=f32, gh_ptr=act, loss_ptr=f32, per_exit_ptr=f32,
-                 hs_ptr=f32, h_unit="fp32", programs="i32", K="i32", splits="i32", w_size="i32", h_size="i32"),
+            dict(part_ptr=f32, gwp_ptr=f32, gw_ptr=f32 if dtype == torch.float16 else act, ghf_ptr=f32, gh_ptr=act, loss_ptr=f32, per_exit_ptr=f32,
+                 hs_ptr=f32, h_unit="fp32", g_unit="fp32", programs="i32", K="i32", splits="i32", w_size="i32", h_size="i32"),
             FINISH_CONFIG | dict(num_stages=1), dict(NEED_W=True, NEED_H=True, DEFER_H=dtype == torch.float16),
             finish_programs,
             dict(programs=merge_programs, K=K, splits=splits_n, w_size=V * D, h_size=rows * D),

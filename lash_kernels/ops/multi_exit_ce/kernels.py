@@ -35,18 +35,22 @@ def _multi_exit_ce(
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 ]:
     """``(loss, per_exit, token_loss, confidence, predictions, grad_h, grad_w, h_scale)``; see the
-    two regimes (``h_scale``: the factor an fp16 ``grad_h`` still needs, or empty)."""
+    two regimes (``h_scale``: the factor an fp16 ``grad_h`` still needs, or empty). An fp16 head's
+    ``grad_w`` stays in fp32, where its small entries (rare classes' rows) keep their bits until
+    the backward has multiplied it by the loss scale."""
     run = run_chunked if chunked or hiddens.numel() == 0 else run_fused  # no tokens: no kernel to launch
     loss, per_exit, token_loss, conf, pred, grad_h, grad_w, h_scale = run(
         hiddens, weight, targets, token_weights, exit_weights, ignore_index, with_stats, need_grad_hiddens,
         need_grad_weight,
     )  # fmt: skip
-    # Gradients in the input dtypes, formed now; the backward only scales them.
-    return loss, per_exit, token_loss, conf, pred, grad_h.to(hiddens.dtype), grad_w.to(weight.dtype), h_scale
+    # Gradients in the input dtypes (an fp16 head's in fp32), formed now; the backward only scales them.
+    grad_w = grad_w if weight.dtype == torch.float16 else grad_w.to(weight.dtype)
+    return loss, per_exit, token_loss, conf, pred, grad_h.to(hiddens.dtype), grad_w, h_scale
 
 
 def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(*output[5:])
+    ctx.dtypes = inputs[0].dtype, inputs[1].dtype  # of the hidden states and the head
     # Only the loss is differentiable: no zero-filled gradients for the other seven outputs.
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
@@ -56,12 +60,12 @@ def _backward(ctx, grad_loss, *_):
     grad_h, grad_w, h_scale = ctx.saved_tensors
     need_h, need_w = ctx.needs_input_grad[:2]
     grads = [g if need else None for g, need in zip((grad_h, grad_w), (need_h, need_w))]
-    if h_scale.numel() or any(g is not None and g.dtype == torch.float16 for g in grads):
+    if torch.float16 in ctx.dtypes:
         # fp16: multiplied in fp32 (a GradScaler's first scale, 2¹⁶, is above fp16's largest
-        # value) and rounded once; an fp16 dH also takes the factor it was kept short of
-        # (package docstring, "Numerics")
-        factor_h = grad_loss * h_scale if h_scale.numel() else grad_loss
-        return (*(None if g is None else (g.float() * f).to(g.dtype) for g, f in zip(grads, (factor_h, grad_loss))),
+        # value) and rounded once, at its final size; dH also takes the factor it was kept
+        # short of (package docstring, "Numerics")
+        factors = grad_loss * h_scale if h_scale.numel() else grad_loss, grad_loss
+        return (*(None if g is None else (g.float() * f).to(dtype) for g, f, dtype in zip(grads, factors, ctx.dtypes)),
                 *(None,) * 8)  # fmt: skip
     wanted = [g for g in grads if g is not None]
     if len({g.dtype for g in wanted}) == 1:  # one launch scales both
