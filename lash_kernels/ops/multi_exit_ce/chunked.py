@@ -115,7 +115,7 @@ def chunked_multi_exit_ce(
         need_grad_hiddens, need_grad_weight: form ``dH`` / ``dW`` (else they come back empty).
         row_pass: turns a logits chunk into CE/statistics and, in place, into G.
         chunk: rows (exit-tokens) per chunk.
-        compute_dtype: dtype of the matmuls and of the ``[C, V]`` block (fp32 on the CPU).
+        compute_dtype: dtype of the matmuls and of the ``[C, V]`` block (fp32 in the torch path).
 
     Returns:
         ``(loss, token_loss, confidence, predictions, grad_h, grad_w, h_scale)``: loss () fp32

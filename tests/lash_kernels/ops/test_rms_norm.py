@@ -23,10 +23,11 @@ LAYOUTS = ["contiguous", "row_strided", "strided_hidden"]
 @pytest.fixture(autouse=True)
 def fresh_plans():
     """Launch plans are cached per size; tests here change the constants they read."""
-    for plan in (rms_norm_module._forward_plan, rms_norm_module._backward_plan):
+    plans = (rms_norm_module._forward_plan, rms_norm_module._backward_plan)
+    for plan in plans:
         plan.cache_clear()
     yield
-    for plan in (rms_norm_module._forward_plan, rms_norm_module._backward_plan):
+    for plan in plans:
         plan.cache_clear()
 
 
