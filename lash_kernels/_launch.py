@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from collections.abc import Callable
 
 import torch
-from torch._library.triton import set_wrap_triton_enabled
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
@@ -77,7 +77,7 @@ def cached_plan(plan: Callable) -> Callable:
 
     @functools.wraps(plan)
     def lookup(*args):
-        if any(isinstance(a, torch.SymInt) for a in args):
+        if torch.SymInt in map(type, args):  # a third of a generator's host cost
             return plan(*args)
         return cached(*args)
 
@@ -135,8 +135,10 @@ def twin_function(forward: Callable, setup_context: Callable, backward: Callable
         """``apply``, or the bare body when no gradient can flow (no grad mode, or no input
         that requires one): autograd's bookkeeping then records nothing and costs the host
         about as much as the body."""
-        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            return cls.apply(*args)
+        if torch.is_grad_enabled():
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.requires_grad:
+                    return cls.apply(*args)
         return forward(*args)
 
     methods = dict(forward=staticmethod(forward_with_ctx), backward=staticmethod(backward), call=classmethod(call))
@@ -150,24 +152,33 @@ def through_op() -> bool:
     return torch.compiler.is_compiling() or interpreting()
 
 
+_direct = threading.local()  # .on: this thread is inside an eager call_op, whose launches go straight to Triton
+
+
 def call_op(op: Callable, eager: Callable, *args):
     """``op(*args)`` or ``eager(*args)`` (its twin's ``call``, or the bare launcher of an op without
     autograd), as :func:`through_op` decides.
 
-    The eager call launches its kernels directly, as a ``triton_op`` does for real tensors: with
-    ``wrap_triton`` on, each launch would go through torch's higher-order op, which costs the host
+    The eager call launches its kernels directly, as a ``triton_op`` does for real tensors: through
+    ``wrap_triton``, each launch would go through torch's higher-order op, which costs the host
     about a millisecond and keeps every launch's constant arguments for the life of the process.
-    A twin's backward launches through ``call_op`` too, so it runs the same way."""
+    A thread-local flag tells :func:`launch` so (torch's ``set_wrap_triton_enabled`` does the same
+    as a context manager at about five times the host cost). A twin's backward, which autograd may run on
+    another thread, launches through ``call_op`` too, so it runs the same way."""
     if through_op():
         return op(*args)
-    with set_wrap_triton_enabled(False):
+    outer = getattr(_direct, "on", False)
+    _direct.on = True
+    try:
         return eager(*args)
+    finally:
+        _direct.on = outer
 
 
 def launch(kernel):
-    """The kernel as ``torch.compile`` can trace it (a direct launch outside tracing, see
-    :func:`call_op`); the interpreter runs it as it is; during a
-    :func:`lash_kernels.parallel_compile.compile_ahead` pass, a launch compiles it instead."""
+    """The kernel as ``torch.compile`` can trace it, or as it is inside an eager :func:`call_op`
+    and under the interpreter; during a :func:`lash_kernels.parallel_compile.compile_ahead` pass,
+    a launch compiles it instead."""
     if interpreting():
         return kernel
-    return compiling_only(kernel) or wrap_triton(kernel)
+    return compiling_only(kernel) or (kernel if getattr(_direct, "on", False) else wrap_triton(kernel))

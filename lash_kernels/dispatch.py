@@ -42,12 +42,14 @@ def backend(device: torch.device | str | None = None) -> str:
         RuntimeError: Triton was asked for but cannot run here (not installed, or CPU tensors
             without the interpreter).
     """
-    choice = os.environ.get("LASH_KERNELS", "auto").strip().lower()
-    if choice not in BACKENDS:
-        raise ValueError(f"LASH_KERNELS={choice!r}; allowed values are {', '.join(BACKENDS)}")
+    choice = os.environ.get("LASH_KERNELS", "auto")
+    if choice not in BACKENDS:  # every eager op call asks: the usual spellings skip the normalising
+        choice = choice.strip().lower()
+        if choice not in BACKENDS:
+            raise ValueError(f"LASH_KERNELS={choice!r}; allowed values are {', '.join(BACKENDS)}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    on_cuda = torch.device(device).type == "cuda"
+    on_cuda = (device if isinstance(device, torch.device) else torch.device(device)).type == "cuda"
     if choice == "torch":
         return "torch"
     if choice == "auto":

@@ -49,18 +49,19 @@ def test_twin_function_equals_the_op(case, monkeypatch):
 
 @pytest.mark.parametrize("case", sorted(_cases()))
 def test_the_twin_launches_its_kernels_directly_forward_and_backward(case, monkeypatch):
-    """On CUDA ``wrap_triton`` routes a launch through torch's higher-order op unless it is turned
-    off (about a millisecond of host time and a record kept per launch); an eager twin call, its
-    backward included, must launch with it off, as a ``triton_op`` does for real tensors."""
-    from torch._library.triton import is_wrap_triton_enabled
-
+    """On CUDA ``wrap_triton`` routes a launch through torch's higher-order op (about a
+    millisecond of host time and a record kept per launch); an eager twin call, its backward
+    included, must launch the kernel itself, as a ``triton_op`` does for real tensors. Here the
+    launcher decides as on CUDA (not interpreting), and the kernels still run in the interpreter."""
     monkeypatch.setenv("LASH_KERNELS", "triton")
-    monkeypatch.setattr(_launch, "through_op", lambda: False)
-    wrapped = []
+    monkeypatch.setattr(_launch, "interpreting", lambda: False)
+    monkeypatch.setattr(_launch, "wrap_triton", lambda kernel: pytest.fail("a launch went through wrap_triton"))
+    direct = []
 
     def recording_launch(kernel):
-        wrapped.append(is_wrap_triton_enabled())
-        return kernel
+        launched = _launch.launch(kernel)
+        direct.append(launched is kernel)
+        return launched
 
     modules = [m for name, m in sys.modules.items() if name.startswith("lash_kernels.ops") and getattr(m, "launch", None) is _launch.launch]
     assert len(modules) >= 4
@@ -69,11 +70,12 @@ def test_the_twin_launches_its_kernels_directly_forward_and_backward(case, monke
     fn, inputs = _cases()[case]
     leaves = [t.clone().requires_grad_() for t in inputs]
     out = fn(*leaves)
-    forward_launches = len(wrapped)
+    forward_launches = len(direct)
     outs = out if isinstance(out, tuple) else (out,)
     torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
-    assert forward_launches > 0 and (len(wrapped) > forward_launches or case == "multi_exit_ce")  # its gradients come from the forward
-    assert not any(wrapped), wrapped
+    assert forward_launches > 0 and (len(direct) > forward_launches or case == "multi_exit_ce")  # its gradients come from the forward
+    assert all(direct), direct
+    assert not getattr(_launch._direct, "on", False)  # the flag does not outlive the call
 
 
 @pytest.mark.parametrize("case", sorted(_cases()))
