@@ -336,27 +336,29 @@ def _fused_finish_kernel(
             tl.store(per_exit_ptr + j, _sum_column(part_ptr, programs, width, 3 + j, BLOCK_P) / count)
 
 
-def _fused_configs(D: int, dtype: torch.dtype) -> tuple[dict, dict]:
-    """Launch configs of ``_fused_forward_kernel`` and ``_fused_grad_kernel``; the launcher and
-    :func:`static_variants` both read them. Fixed tiles rather than autotuning (no first-call
-    stall); one small tile under the interpreter. Under ``torch.compile`` with dynamic shapes D
-    may arrive as a SymInt; ``next_power_of_2`` makes it a number, as the tiles need (it
-    specialises D)."""
+def _interpreter_tiles(rows: int) -> tuple[int, int]:
+    """Interpreter tiles (rows, vocab columns): 16 × 32, so tests' small shapes span several, or 64 × 64 above
+    1024 rows (K·N): its time goes by tiles (a seed-size step's loss, 8192 rows: 84 s → 12 s, 2-core CPU)."""
+    return (16, 32) if rows <= 1024 else (64, 64)
+
+
+def _fused_configs(D: int, dtype: torch.dtype, rows: int) -> tuple[dict, dict]:
+    """Launch configs of ``_fused_forward_kernel`` and ``_fused_grad_kernel`` (the launcher and
+    :func:`static_variants` read them): fixed tiles, no autotuning stall; :func:`_interpreter_tiles`
+    when interpreting. ``next_power_of_2`` makes a SymInt D (dynamic shapes) a number."""
     block_d = max(16, next_power_of_2(D))
     if interpreting():
-        config = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=block_d, num_warps=1, num_stages=1)
-        return config, config
+        block_n, block_v = _interpreter_tiles(rows)
+        return (dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=1, num_stages=1),) * 2
     key = tile_key(D, dtype)
-    return tuple(
-        dict(BLOCK_N=n, BLOCK_V=v, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
-        for n, v, warps, stages in (FORWARD_TILES[key], GRAD_TILES[key])
-    )
+    return tuple(dict(BLOCK_N=n, BLOCK_V=v, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+                 for n, v, warps, stages in (FORWARD_TILES[key], GRAD_TILES[key]))  # fmt: skip
 
 
-def _merge_config(D: int) -> dict:
+def _merge_config(D: int, rows: int) -> dict:
     """Rows per program of the merge kernel: 4096 elements of h (and of W[y]) per program."""
     block_d = max(16, next_power_of_2(D))
-    block_r = 16 if interpreting() else max(1, 4096 // block_d)
+    block_r = _interpreter_tiles(rows)[0] if interpreting() else max(1, 4096 // block_d)
     return dict(BLOCK_R=block_r, BLOCK_D=block_d, num_warps=1 if interpreting() else 4)
 
 
@@ -399,8 +401,8 @@ def run_fused(hiddens, weight, targets, token_weights, exit_weights, ignore_inde
     K, N, D = hiddens.shape
     V, rows = weight.shape[0], K * N
     h, device = hiddens.view(rows, D), hiddens.device
-    forward, grad = _fused_configs(D, hiddens.dtype)
-    merge = _merge_config(D)
+    forward, grad = _fused_configs(D, hiddens.dtype, rows)
+    merge = _merge_config(D, rows)
     splits_v, split_cols, splits_n, split_rows = _fused_launch_shape(rows, V, forward, grad, sm_count(device))
     f32 = dict(dtype=torch.float32, device=device)
     part_max, part_sum = torch.empty((splits_v, rows), **f32), torch.empty((splits_v, rows), **f32)
@@ -456,8 +458,8 @@ def fused_variants(shape, dtype: torch.dtype, arch: int) -> list:
     rows = K * N
     act, f32, i64 = pointer(dtype), pointer(torch.float32), pointer(torch.int64)
     dots = dict(DOT_PRECISION=_dot_args(dtype)["DOT_PRECISION"], UPCAST_DOT=False)
-    forward, grad = _fused_configs(D, dtype)
-    merge = _merge_config(D)
+    forward, grad = _fused_configs(D, dtype, rows)
+    merge = _merge_config(D, rows)
     splits_v, split_cols, splits_n, split_rows = _fused_launch_shape(rows, V, forward, grad, ARCHS[arch].sms)
     merge_programs = cdiv(rows, merge["BLOCK_R"])
     finish_programs = cdiv(V * D, FINISH_CONFIG["BLOCK"]) + cdiv(rows * D, FINISH_CONFIG["BLOCK"]) + 1

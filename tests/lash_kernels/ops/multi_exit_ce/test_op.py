@@ -99,6 +99,22 @@ def test_half_precision(kernels, dtype):
     assert_matches_reference(hiddens, weight, targets, [1.0, 0.5], TOL[dtype])
 
 
+def test_many_rows_take_the_interpreters_large_tiles_and_match_float64(monkeypatch):
+    """Above 1024 rows (K·N) the interpreter runs the fused kernels with 64 × 64 tiles, as the
+    step-count test's seed-size loss does: they must give float64's answers too, at odd sizes."""
+    monkeypatch.setenv("LASH_KERNELS", "triton")
+    tiles = []
+    pick = fused._interpreter_tiles
+    monkeypatch.setattr(fused, "_interpreter_tiles", lambda rows: tiles.append(pick(rows)) or tiles[-1])
+    rows, D, vocab = 521, 24, 101
+    hiddens = torch.randn(2, rows, D).requires_grad_()
+    weight = (torch.randn(vocab, D) / D**0.5).requires_grad_()
+    targets = torch.randint(0, vocab, (rows,))
+    targets[torch.rand(rows) < 0.2] = -100
+    assert_matches_reference(hiddens, weight, targets, [0.6, 1.0], TOL[torch.float32])
+    assert tiles and set(tiles) == {(64, 64)}
+
+
 def test_chunked_fp16_gradients_keep_what_rounds_below_fp16s_smallest_value():
     """G = g·(softmax − onehot) with g ≈ w_k / |valid| falls below fp16's 6e-8 for most entries at
     8K tokens (on a GPU's chunked path, where fp16 is the matmuls' dtype); a small exit weight
