@@ -4,12 +4,13 @@ On a GPU a small op's eager call is bound by the host: the Python around its ker
 the autograd Function, launch plans, output allocation) and Triton's launches. This script times
 the first part without a GPU. Each op runs on CPU tensors along the path an eager CUDA call takes
 (the twin ``autograd.Function``, :func:`lash_kernels._launch.call_op`), with every Triton launch
-replaced by a no-op: ``TRITON_INTERPRET=1`` only lets the ops take CPU tensors. The shapes are
-the GPU suite's host rows (``benchmarks/gpu_suite.py``, ``host_time``) in fp32.
-"Forward" calls take inputs that need no gradient; "forward+backward" adds a sum and
-``backward()``, as the suite's rows do. Each figure is the fastest of several interleaved rounds,
-µs per call. For scale, two rows of torch alone: one allocation, and autograd's round trip
-through one multiply (forward, sum, ``backward()``), which every forward+backward row pays too.
+replaced by a no-op: ``TRITON_INTERPRET=1`` only lets the ops take CPU tensors. The calls are the
+GPU suite's host rows themselves (``benchmarks/gpu_suite.py``, ``host_time``: the builders of
+``kernel_bench``), in fp32: "forward" calls take inputs that need no gradient; "forward+backward"
+is one ``torch.autograd.grad`` from the outputs, with dense gradients, to the inputs. Each figure
+is the fastest of several interleaved rounds, µs per call. For scale, two rows of torch alone:
+one allocation, and autograd's round trip through one multiply (forward, then
+``torch.autograd.grad`` as above), which every forward+backward row pays too.
 
     PYTHONPATH=. python benchmarks/cpu_host_time.py [--rounds 12] [--calls 300]
 """
@@ -28,13 +29,8 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402 - after the environment the ops read at import
 
-from lash_kernels import (  # noqa: E402
-    _launch,
-    add_rms_norm,
-    apply_rotary,
-    multi_exit_cross_entropy,
-    rms_norm,
-)
+import kernel_bench  # noqa: E402
+from lash_kernels import _launch  # noqa: E402
 
 
 class _NoLaunch:
@@ -55,38 +51,15 @@ def stub_launches() -> None:
     _launch.interpreting = lambda: False
 
 
-def forward_backward(call: Callable[[], torch.Tensor]) -> Callable[[], None]:
-    def run() -> None:
-        call().sum().backward()
-
-    return run
-
-
 def calls() -> dict[str, Callable[[], object]]:
-    """The suite's host rows (``gpu_suite.host_time``), fp32."""
-    x, r, w = torch.randn(8, 1024), torch.randn(8, 1024), torch.rand(1024) + 0.5
-    xg, rg, wg = (t.clone().requires_grad_() for t in (x, r, w))
-    q, k = torch.randn(1, 4, 16, 64), torch.randn(1, 4, 16, 64)
-    qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
-    angles = torch.arange(16)[:, None] * torch.rand(32)[None, :]
-    cos, sin = angles.cos(), angles.sin()
-    n, d, v, exits = 256, 64, 2048, 4
-    hiddens = torch.randn(exits, n, d, requires_grad=True)
-    head = (torch.randn(v, d) / d**0.5).requires_grad_()
-    targets = torch.randint(0, v, (n,))
-    return {
+    """Torch's two rows, then the suite's host rows (``kernel_bench.host_rows``) in fp32."""
+    x, w = torch.randn(8, 1024, requires_grad=True), torch.rand(1024, requires_grad=True)
+    gy = torch.randn(8, 1024)
+    rows = {
         "one torch.empty": lambda: torch.empty(8, 1024),
-        "torch x·w forward+backward 8×1024": forward_backward(lambda: xg * wg),
-        "rms_norm forward 8×1024": lambda: rms_norm(x, w),
-        "rms_norm forward+backward 8×1024": forward_backward(lambda: rms_norm(xg, wg)),
-        "add_rms_norm forward 8×1024": lambda: add_rms_norm(x, r, w),
-        "add_rms_norm forward+backward 8×1024": forward_backward(lambda: add_rms_norm(xg, rg, wg)[0]),
-        "apply_rotary forward 1×4×16×64": lambda: apply_rotary(q, k, cos, sin),
-        "apply_rotary forward+backward 1×4×16×64": forward_backward(lambda: apply_rotary(qg, kg, cos, sin)[0]),
-        f"multi-exit CE forward+backward N{n} D{d} V{v} K{exits}": lambda: multi_exit_cross_entropy(
-            hiddens, head, targets, [1.0] * exits, validate=False
-        ).loss.backward(),
+        "torch x·w forward+backward 8×1024": lambda: torch.autograd.grad(x * w, [x, w], gy),
     }
+    return rows | {label: build() for label, build in kernel_bench.host_rows(torch.float32).items()}
 
 
 def measure(rounds: int, per_round: int) -> dict[str, float]:

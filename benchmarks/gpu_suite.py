@@ -297,16 +297,8 @@ def rotary(suite: Suite) -> None:
 def host_time(suite: Suite) -> None:
     """Host time per eager call of each LASH op, on inputs so small that the device keeps up."""
     dtype = torch.bfloat16 if ON_GPU else torch.float32
-    builders = {}
-    for op, size in (("rms_norm", (8, 1024)), ("add_rms_norm", (8, 1024)), ("apply_rotary", (1, 4, 16, 64))):
-        for mode in ("forward", "forward+backward"):
-            label = f"{op} {mode} {'×'.join(map(str, size))}"
-            builders[label] = functools.partial(kernel_bench.op_call, op, "lash", size, mode, dtype)
-    n, d, v, k = 256, 64, 2048, 4  # the seed's width D 64, fewer tokens and classes
-    builders[f"multi-exit CE forward+backward N{n} D{d} V{v} K{k}"] = functools.partial(
-        kernel_bench.ce_calls, "lash", (n, d, v, k), dtype)
     target, calls = f"≤ {HOST_US} µs", 10 if suite.dry else measure.HOST_CALLS
-    for label, build in builders.items():
+    for label, build in kernel_bench.host_rows(dtype).items():
         bar = f"host time per eager call: {label} {kernel_bench.dtype_name(dtype)}"
         result = attempt(lambda build=build: measure.interleaved({"lash": measure.host_timer(build(), calls)})["lash"])
         if isinstance(result, str):

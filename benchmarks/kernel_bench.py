@@ -258,3 +258,18 @@ def ce_memory_floor_bytes(shape: tuple[int, int, int, int], dtype: torch.dtype) 
     """``(K·N·D + V·D)`` elements of ``dtype``: the gradients' size, what O(N·D + V·D) is stated against."""
     n, d, v, k = shape
     return (k * n * d + v * d) * torch.finfo(dtype).bits // 8
+
+
+# ---------------------------------------------------------------- host time per eager call
+
+
+def host_rows(dtype: torch.dtype) -> dict[str, Callable[[], Rotation]]:
+    """The host-time rows, label → builder of LASH's calls: inputs so small that a GPU keeps up
+    with the host. The GPU suite times them with launches; ``cpu_host_time.py`` without."""
+    rows = {}
+    for op, size in (("rms_norm", (8, 1024)), ("add_rms_norm", (8, 1024)), ("apply_rotary", (1, 4, 16, 64))):
+        for mode in ("forward", "forward+backward"):
+            rows[f"{op} {mode} {'×'.join(map(str, size))}"] = functools.partial(op_call, op, "lash", size, mode, dtype)
+    n, d, v, k = 256, 64, 2048, 4  # the seed's width D 64, fewer tokens and classes
+    rows[f"multi-exit CE forward+backward N{n} D{d} V{v} K{k}"] = functools.partial(ce_calls, "lash", (n, d, v, k), dtype)
+    return rows
