@@ -104,7 +104,7 @@ def _swiglu(h: torch.Tensor) -> torch.Tensor:
 
 def _swiglu_backward(h: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
     """Launch the backward; returns ``(dgate | dvalue)`` shaped and typed like ``h``, contiguous."""
-    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    dh = torch.empty_like(h, memory_format=torch.contiguous_format)
     _run(_rows(h), _rows(dout), dh)
     return dh
 
