@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import threading
@@ -41,19 +42,36 @@ def check_one_device(**tensors: torch.Tensor | None) -> None:
         raise ValueError(f"{first[0]} is on {first[1]}; LASH's ops compute on CPU or CUDA tensors")
 
 
-_DEVICE_FLOATS: dict = {}  # (values, device) → fp32 tensor
+_DEVICE_FLOATS: collections.OrderedDict = collections.OrderedDict()  # (values, device) → [fp32 tensor, read by a graph]
+DEVICE_FLOATS_KEPT = 64  # sets kept that no CUDA graph reads, the most recently used
+
+
+def _capturing(like: torch.Tensor) -> bool:
+    return like.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def device_floats(values: list[float], like: torch.Tensor) -> torch.Tensor:
     """``values`` as an fp32 tensor on ``like``'s device, copied there once per set of values (a
     copy per call would make the host wait). While tracing (fake tensors, ``torch.compile``) it
-    is built afresh and becomes a constant of the graph."""
+    is built afresh and becomes a constant of the graph.
+
+    A set read while a CUDA graph is captured stays for good, since the graph reads its memory at
+    every replay; of the others, the ``DEVICE_FLOATS_KEPT`` most recently used stay, so values
+    that change every call (a schedule of exit weights) do not pile up on the device."""
     if torch.compiler.is_compiling() or is_fake(like):
         return torch.tensor(values, dtype=torch.float32, device=like.device)
     key = (tuple(values), like.device)
-    if key not in _DEVICE_FLOATS:
-        _DEVICE_FLOATS[key] = torch.tensor(values, dtype=torch.float32, device=like.device)
-    return _DEVICE_FLOATS[key]
+    entry = _DEVICE_FLOATS.get(key)
+    if entry is None:
+        entry = _DEVICE_FLOATS[key] = [torch.tensor(values, dtype=torch.float32, device=like.device), False]
+        unread = [k for k, (_, in_graph) in _DEVICE_FLOATS.items() if not in_graph]
+        for stale in unread[: max(0, len(unread) - DEVICE_FLOATS_KEPT)]:
+            del _DEVICE_FLOATS[stale]
+    else:
+        _DEVICE_FLOATS.move_to_end(key)
+    if _capturing(like):
+        entry[1] = True
+    return entry[0]
 
 
 def cdiv(a: int, b: int) -> int:
