@@ -25,9 +25,15 @@ BACKENDS = ("auto", "triton", "torch")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``), as read
+    when ``lash_kernels`` was imported: ``triton.jit`` reads it as it decorates the kernels, so a
+    later change would not switch them; and an eager call asks several times (an environment
+    read costs the host about half a microsecond)."""
+    return _INTERPRETING
 
 
 def backend(device: torch.device | str | None = None) -> str:
