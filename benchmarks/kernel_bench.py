@@ -271,5 +271,6 @@ def host_rows(dtype: torch.dtype) -> dict[str, Callable[[], Rotation]]:
         for mode in ("forward", "forward+backward"):
             rows[f"{op} {mode} {'×'.join(map(str, size))}"] = functools.partial(op_call, op, "lash", size, mode, dtype)
     n, d, v, k = 256, 64, 2048, 4  # the seed's width D 64, fewer tokens and classes
-    rows[f"multi-exit CE forward+backward N{n} D{d} V{v} K{k}"] = functools.partial(ce_calls, "lash", (n, d, v, k), dtype)
+    rows[f"multi-exit CE forward+backward N{n} D{d} V{v} K{k}"] = functools.partial(
+        ce_calls, "lash", (n, d, v, k), dtype)
     return rows

@@ -42,7 +42,7 @@ def check_one_device(**tensors: torch.Tensor | None) -> None:
         raise ValueError(f"{first[0]} is on {first[1]}; LASH's ops compute on CPU or CUDA tensors")
 
 
-_DEVICE_FLOATS: collections.OrderedDict = collections.OrderedDict()  # (values, device) → [fp32 tensor, read by a graph]
+_DEVICE_FLOATS: collections.OrderedDict = collections.OrderedDict()  # (values, device) → [fp32 tensor, in a graph]
 DEVICE_FLOATS_KEPT = 64  # sets kept that no CUDA graph reads, the most recently used
 
 
@@ -180,9 +180,9 @@ def call_op(op: Callable, eager: Callable, *args):
     The eager call launches its kernels directly, as a ``triton_op`` does for real tensors: through
     ``wrap_triton``, each launch would go through torch's higher-order op, which costs the host
     about a millisecond and keeps every launch's constant arguments for the life of the process.
-    A thread-local flag tells :func:`launch` so (torch's ``set_wrap_triton_enabled`` does the same
-    as a context manager at about five times the host cost). A twin's backward, which autograd may run on
-    another thread, launches through ``call_op`` too, so it runs the same way."""
+    A thread-local flag tells :func:`launch` so (torch's ``set_wrap_triton_enabled`` does the
+    same as a context manager at about five times the host cost). A twin's backward, which
+    autograd may run on another thread, launches through ``call_op`` too, so it runs the same way."""
     if through_op():
         return op(*args)
     outer = getattr(_direct, "on", False)
