@@ -5,8 +5,8 @@ the autograd Function, launch plans, output allocation) and Triton's launches. T
 the first part without a GPU. Each op runs on CPU tensors along the path an eager CUDA call takes
 (the twin ``autograd.Function``, :func:`lash_kernels._launch.call_op`), with every Triton launch
 replaced by a no-op: ``TRITON_INTERPRET=1`` only lets the ops take CPU tensors. The calls are the
-GPU suite's host rows themselves (``benchmarks/gpu_suite.py``, ``host_time``: the builders of
-``kernel_bench``), in fp32: "forward" calls take inputs that need no gradient; "forward+backward"
+GPU suite's host rows themselves (``kernel_bench.host_rows``, which ``gpu_suite.host_time`` times
+with launches), in fp32: "forward" calls take inputs that need no gradient; "forward+backward"
 is one ``torch.autograd.grad`` from the outputs, with dense gradients, to the inputs. Each figure
 is the fastest of several interleaved rounds, µs per call. For scale, two rows of torch alone:
 one allocation, and autograd's round trip through one multiply (forward, then
